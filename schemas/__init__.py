@@ -1,0 +1,108 @@
+"""Versioned table schemas of the project, defined once as JSON next to this file.
+
+The JSON files are the contract (readable from any language); this module turns them into
+Arrow schemas and checks what readers are handed. Every Parquet file we write carries
+``cbir.schema`` and ``cbir.schema_version`` in its metadata so a reader can refuse a file it does
+not understand, naming the mismatch, instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_DIR = Path(__file__).resolve().parent
+METADATA_NAME = b"cbir.schema"
+METADATA_VERSION = b"cbir.schema_version"
+METADATA_DIM = b"cbir.descriptor_dim"
+
+# The versions this code writes and can read.
+CURRENT_VERSIONS = {"descriptors": 1, "errors": 1, "idmap": 1, "manifest": 1}
+
+
+class SchemaMismatchError(ValueError):
+    """A table or manifest does not match the schema version this code understands."""
+
+
+@cache
+def definition(name: str, version: int | None = None) -> dict[str, Any]:
+    """The JSON definition of schema ``name`` (current version unless given)."""
+    version = CURRENT_VERSIONS[name] if version is None else version
+    path = SCHEMA_DIR / f"{name}.v{version}.json"
+    if not path.exists():
+        raise SchemaMismatchError(f"unknown schema {name!r} version {version}")
+    return json.loads(path.read_text())
+
+
+_SIMPLE_TYPES = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+}
+
+
+def _arrow_type(field: dict[str, Any], dim: int | None) -> pa.DataType:
+    if field["type"] == "fixed_size_list<float32>":
+        if dim is None:
+            raise ValueError(f"schema field {field['name']!r} needs the descriptor dimension")
+        return pa.list_(pa.float32(), dim)
+    return _SIMPLE_TYPES[field["type"]]
+
+
+def arrow_schema(name: str, *, dim: int | None = None) -> pa.Schema:
+    """The Arrow schema of table ``name`` at its current version (``dim`` for descriptors)."""
+    spec = definition(name)
+    fields = [
+        pa.field(f["name"], _arrow_type(f, dim), nullable=f["nullable"]) for f in spec["fields"]
+    ]
+    metadata = {METADATA_NAME: name.encode(), METADATA_VERSION: str(spec["version"]).encode()}
+    if dim is not None:
+        metadata[METADATA_DIM] = str(dim).encode()
+    return pa.schema(fields, metadata=metadata)
+
+
+def descriptor_dim(schema: pa.Schema) -> int:
+    """Descriptor dimension recorded in a descriptors table's schema."""
+    field = schema.field("descriptor")
+    if not pa.types.is_fixed_size_list(field.type):
+        raise SchemaMismatchError(f"descriptor column has type {field.type}, expected a fixed-size list")
+    return field.type.list_size
+
+
+def check_schema(name: str, schema: pa.Schema, *, source: str = "table") -> None:
+    """Raise :class:`SchemaMismatchError` unless ``schema`` is a version of ``name`` we read."""
+    meta = schema.metadata or {}
+    found_name = meta.get(METADATA_NAME, b"").decode() or None
+    found_version = meta.get(METADATA_VERSION, b"").decode() or None
+    if found_name != name:
+        raise SchemaMismatchError(f"{source}: expected a {name!r} table, found schema {found_name!r}")
+    if found_version != str(CURRENT_VERSIONS[name]):
+        raise SchemaMismatchError(
+            f"{source}: {name!r} schema version {found_version} is not supported "
+            f"(this code reads version {CURRENT_VERSIONS[name]})"
+        )
+    dim = descriptor_dim(schema) if name == "descriptors" else None
+    expected = arrow_schema(name, dim=dim)
+    for field in expected:
+        if field.name not in schema.names:
+            raise SchemaMismatchError(f"{source}: missing column {field.name!r}")
+        if not schema.field(field.name).type.equals(field.type):
+            raise SchemaMismatchError(
+                f"{source}: column {field.name!r} has type {schema.field(field.name).type}, "
+                f"expected {field.type}"
+            )
+
+
+def check_manifest_version(manifest: dict[str, Any], *, source: str = "manifest") -> None:
+    """Refuse a manifest written by an incompatible version of the code."""
+    version = manifest.get("schema_version")
+    if version != CURRENT_VERSIONS["manifest"]:
+        raise SchemaMismatchError(
+            f"{source}: manifest schema version {version!r} is not supported "
+            f"(this code reads version {CURRENT_VERSIONS['manifest']})"
+        )

@@ -1,0 +1,115 @@
+"""Descriptor extraction on Apache Beam: a thin adapter over ``retrieval.extraction``.
+
+    shard specs ─► (shard, image) pairs ─► Reshuffle ─► read + decode ─┬─► RunInference (GeM) ─┐
+                                                                       └─► error rows ─────────┴─► group by shard ─► write shard + manifest
+
+Reshuffle spreads single images (not whole shards) over the workers, so a few large shards never
+leave workers idle; RunInference loads one model per worker and batches; grouping by shard id
+brings each shard's rows back together so it is written data-first and committed by one worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from retrieval.corpus import ShardSpec
+from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
+from retrieval.extraction import LoadedImage, descriptor_row, load_image, model_error
+from retrieval.images import DecodeLimits
+from retrieval.shards import descriptor_shards
+from retrieval.shards.descriptor_shards import ErrorRow
+
+
+class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
+    """RunInference handler for GeM: one extractor per worker, per-image failures kept as rows."""
+
+    def __init__(self, config: GeMConfig, threads: int | None = None, max_batch_size: int = 8):
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        self._config = config
+        self._threads = threads
+
+    def load_model(self) -> GeMExtractor:
+        configure_tf_threads(self._threads)
+        return GeMExtractor(self._config)
+
+    def run_inference(self, batch: Sequence[LoadedImage], model: GeMExtractor,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        for loaded in batch:
+            try:
+                yield PredictionResult(loaded, descriptor_row(loaded, model.describe(loaded.image)))
+            except Exception as exc:  # one bad image must not fail its batch
+                yield PredictionResult(loaded, model_error(loaded, exc))
+
+    def get_num_bytes(self, batch: Sequence[LoadedImage]) -> int:
+        return sum(loaded.image.pixels.nbytes for loaded in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "retrieval.gem"
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, output: str, model_info: dict[str, Any]):
+        self._output = output
+        self._model_info = model_info
+
+    def process(self, element: tuple[str, Iterable[Any]], specs: dict[str, ShardSpec]):
+        shard_id, results = element
+        rows, errors = [], []
+        for result in results:
+            (errors if isinstance(result, ErrorRow) else rows).append(result)
+        manifest = descriptor_shards.write_shard(self._output, specs[shard_id], rows, errors,
+                                                 self._model_info)
+        yield shard_id, manifest["rows"], manifest["errors"]
+
+
+def _failed_batch_rows(failure: tuple[Sequence[tuple[str, LoadedImage]], BaseException]):
+    batch, exc = failure
+    for shard_id, loaded in batch:
+        yield shard_id, model_error(loaded, exc)
+
+
+def build_extraction(pipeline: beam.Pipeline, specs: Sequence[ShardSpec], output: str, *,
+                     config: GeMConfig, model_info: dict[str, Any], limits: DecodeLimits,
+                     threads_per_worker: int | None) -> beam.PCollection:
+    """Add the extraction of ``specs`` to ``pipeline``; returns (shard, rows, errors) per shard."""
+    shard_specs = pipeline | "Shards" >> beam.Create([(s.shard_id, s) for s in specs])
+    loaded = (
+        shard_specs
+        | "Images" >> beam.FlatMap(lambda kv: [(kv[0], ref) for ref in kv[1].refs])
+        | "Spread" >> beam.Reshuffle()
+        | "ReadDecode" >> beam.MapTuple(
+            lambda shard, ref: (shard, load_image(ref, max_side=config.max_side, limits=limits)))
+    )
+    decoded = loaded | "Decoded" >> beam.Filter(lambda kv: isinstance(kv[1], LoadedImage))
+    undecodable = loaded | "Undecodable" >> beam.Filter(lambda kv: isinstance(kv[1], ErrorRow))
+    handler = KeyedModelHandler(GeMModelHandler(config, threads_per_worker))
+    described, dead_letters = decoded | "GeM" >> RunInference(handler).with_exception_handling()
+    rows = described | "Rows" >> beam.MapTuple(lambda shard, result: (shard, result.inference))
+    failed = dead_letters.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows)
+    return (
+        (rows, undecodable, failed)
+        | "All" >> beam.Flatten()
+        | "ByShard" >> beam.GroupByKey()
+        | "Write" >> beam.ParDo(_WriteShard(output, model_info), specs=beam.pvalue.AsDict(shard_specs))
+    )
+
+
+def run_extraction(specs: Sequence[ShardSpec], output: str, *, config: GeMConfig,
+                   model_info: dict[str, Any], limits: DecodeLimits, options: PipelineOptions,
+                   threads_per_worker: int | None = None) -> None:
+    """Run the extraction of ``specs`` to completion."""
+    if not specs:
+        return
+    with beam.Pipeline(options=options) as pipeline:
+        build_extraction(pipeline, specs, output, config=config, model_info=model_info,
+                         limits=limits, threads_per_worker=threads_per_worker)

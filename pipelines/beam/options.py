@@ -1,0 +1,31 @@
+"""Beam pipeline options for the two ways this project runs Beam.
+
+Locally we use the portable FnApiRunner directly: the default DirectRunner first tries to
+download the Prism runner binary, which cannot work offline and costs time. ``workers`` > 1
+starts that many SDK worker processes (``multi_processing``), each running its own model copy
+with ``threads`` TensorFlow threads. Anything else (``--runner=DataflowRunner --project=...``)
+is passed through untouched as ``extra_args``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+def pipeline_options(workers: int = 1, extra_args: Sequence[str] | str = ()) -> PipelineOptions:
+    if isinstance(extra_args, str):
+        extra_args = shlex.split(extra_args)
+    args = list(extra_args)
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=FnApiRunner")
+        args.append(f"--direct_num_workers={max(1, workers)}")
+        args.append("--direct_running_mode=" + ("multi_processing" if workers > 1 else "in_memory"))
+    return PipelineOptions(args)
+
+
+def is_local(options: PipelineOptions) -> bool:
+    runner = options.get_all_options().get("runner") or ""
+    return runner in ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "")

@@ -1,0 +1,252 @@
+"""The ``retrieval`` command line. Run ``retrieval --help`` or ``retrieval <command> --help``."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DESCRIPTION = """\
+Batch indexing and evaluation for instance-level image retrieval.
+
+The indexing pipeline, one command per stage, each reading and writing URIs
+(local paths, gs://, s3://):
+
+  retrieval extract  --input IMAGES --output DESC       images -> GeM descriptor shards (Parquet)
+  retrieval train    --descriptors DESC --output CB     codebook on a uniform sample
+  retrieval index    --descriptors DESC --codebook CB --output SHARDS   one index per shard
+  retrieval merge    --shards SHARDS --output INDEX     one searchable index + id map
+  retrieval search   --index INDEX --queries QDESC --output RESULTS.parquet
+
+and the whole default pipeline on a benchmark folder, with a report:
+
+  retrieval evaluate --benchmark ../shared/benchmarks/oxford-dev --out reports/oxford-dev
+  retrieval demo
+
+Every stage skips the shards a previous run already committed, writes summary.json
+(inputs = indexed + failed), and takes --config FILE (TOML or JSON) for repeatable runs.
+"""
+
+DEMO_BENCHMARK = "oxford-dev"
+
+
+def _runner_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runner")
+    group.add_argument("--config", metavar="FILE",
+                       help="TOML or JSON file of settings (flags given here override it)")
+    group.add_argument("--runner", choices=["beam", "local"],
+                       help="beam: Apache Beam, locally on the FnApiRunner with --workers "
+                            "processes, or on Dataflow via --beam-args (default); local: one "
+                            "process, no Beam (debugging, baselines)")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="parallel worker processes for local Beam runs (default: CPU cores)")
+    group.add_argument("--threads-per-worker", type=int, metavar="N", dest="threads_per_worker",
+                       help="TensorFlow threads per worker (default: cores / workers)")
+    group.add_argument("--beam-args", metavar="ARGS", dest="beam_args",
+                       help="extra Beam pipeline options, quoted, e.g. \"--runner=DataflowRunner "
+                            "--project=P --region=R --temp_location=gs://B/tmp\"")
+
+
+def _extract_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("descriptor")
+    group.add_argument("--backbone", metavar="SPEC",
+                       help="efficientnet-lite0 (default, offline ImageNet weights), "
+                            "keras:<Application>[@weights], hub:<handle>, savedmodel:<path>")
+    group.add_argument("--image-size", type=int, dest="image_size", metavar="PX",
+                       help="longer image side at scale 1 (default 362, chosen on oxford-dev)")
+    group.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")],
+                       metavar="S1,S2", help="multi-scale factors, e.g. 0.707,1,1.414 (default 1)")
+    group.add_argument("--gem-p", type=float, dest="gem_p", metavar="P",
+                       help="GeM pooling exponent (default 3)")
+    group.add_argument("--shard-size", type=int, dest="shard_size", metavar="N",
+                       help="images per shard, the unit of work and of re-runs (default 256)")
+    group.add_argument("--max-pixels", type=int, dest="max_pixels", metavar="N",
+                       help="reject images whose declared width x height exceeds N (default 1e8)")
+    group.add_argument("--max-bytes", type=int, dest="max_bytes", metavar="N",
+                       help="reject files larger than N bytes (default 64 MiB)")
+
+
+def _index_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("index")
+    group.add_argument("--index-factory", dest="index_factory", metavar="STR",
+                       help="faiss index_factory string, or 'auto' (default): IDMap2,Flat up "
+                            "to 20k vectors, OPQ-IVF-PQ beyond (see retrieval/index/factory.py)")
+    group.add_argument("--sample-size", type=int, dest="sample_size", metavar="N",
+                       help="training sample size (default: chosen from the factory)")
+    group.add_argument("--seed", type=int, help="seed of the uniform training sample (default 0)")
+    group.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="retrieval", description=DESCRIPTION, formatter_class=fmt)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", formatter_class=fmt, help="images -> descriptor shards",
+                       description=textwrap.dedent("""\
+        Describe every image under --input with GeM and write Parquet shards to --output.
+
+        --input is a prefix (folder, gs://bucket/dir, s3://bucket/dir) listed recursively for
+        .jpg/.jpeg/.png/.webp/.bmp/.tif/.gif files, or a manifest file (.csv or .parquet with
+        a 'uri' column and an optional 'id' column). Image ids are the path relative to the
+        prefix without extension. Shards already committed with the same inputs and model are
+        skipped. Images that cannot be read or decoded become error rows
+        (part-XXXXX.errors.parquet) with a reason; the job still succeeds."""))
+    p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest file")
+    p.add_argument("--output", required=True, metavar="URI", help="descriptor shard folder")
+    _extract_options(p)
+    _runner_options(p)
+
+    p = sub.add_parser("train", formatter_class=fmt, help="train the index codebook",
+                       description="Train an empty faiss index (codebook) on a seeded uniform "
+                                   "random sample of all descriptor shards.")
+    p.add_argument("--descriptors", required=True, metavar="URI")
+    p.add_argument("--output", required=True, metavar="URI", help="codebook folder")
+    _index_options(p)
+    _runner_options(p)
+
+    p = sub.add_parser("index", formatter_class=fmt, help="build one index per descriptor shard",
+                       description="Add each descriptor shard, under global int64 ids, to a copy "
+                                   "of the trained codebook; writes part-XXXXX.faissindex and "
+                                   "an id map per shard.")
+    p.add_argument("--descriptors", required=True, metavar="URI")
+    p.add_argument("--codebook", required=True, metavar="URI")
+    p.add_argument("--output", required=True, metavar="URI", help="shard index folder")
+    _runner_options(p)
+
+    p = sub.add_parser("merge", formatter_class=fmt, help="merge shard indexes into one",
+                       description="Merge the shard indexes into index.faissindex + "
+                                   "idmap.parquet (index id -> image id, uri).")
+    p.add_argument("--shards", required=True, metavar="URI", help="shard index folder")
+    p.add_argument("--output", required=True, metavar="URI", help="merged index folder")
+
+    p = sub.add_parser("search", formatter_class=fmt, help="search the index with query descriptors",
+                       description="Search the merged index with every descriptor under "
+                                   "--queries (a descriptor shard folder, e.g. from `retrieval "
+                                   "extract` on the query images) and write the top --k results "
+                                   "per query as Parquet (query_id, rank, id, uri, score).")
+    p.add_argument("--index", required=True, metavar="URI", help="merged index folder")
+    p.add_argument("--queries", required=True, metavar="URI", help="query descriptor folder")
+    p.add_argument("--output", required=True, metavar="URI", help="results .parquet file")
+    p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
+    p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
+
+    for name, helptext in (("evaluate", "run the whole pipeline on a benchmark and report"),
+                           ("demo", f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}")):
+        p = sub.add_parser(name, formatter_class=fmt, help=helptext, description=textwrap.dedent(f"""\
+            {helptext[0].upper() + helptext[1:]}.
+
+            Runs extract -> train -> index -> merge -> search for every query -> metrics, and
+            writes report.json, report.md and report.html to --out. A benchmark folder holds
+            images/ and gt.json (see ../shared/benchmarks/README.md): mAP as in Revisited
+            Oxford/Paris (junk and the query ignored), mAP per landmark, mP@1/5/10, and the
+            UKBench N-S score when every group has 4 images. results[0] is the default
+            pipeline; further rows show exact search and PQ compression."""))
+        if name == "evaluate":
+            p.add_argument("--benchmark", required=True, metavar="DIR",
+                           help="folder with images/ and gt.json")
+        p.add_argument("--out", metavar="DIR", required=name == "evaluate",
+                       help="output folder (work files and report)"
+                            + ("" if name == "evaluate" else f" (default reports/{DEMO_BENCHMARK})"))
+        _extract_options(p)
+        _index_options(p)
+        _runner_options(p)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from pipelines.config import build_config, read_config_file
+
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    config = build_config(values)
+    return build_config(vars(args), config)
+
+
+def demo_benchmark() -> Path:
+    """../shared/benchmarks/oxford-dev relative to the repository (or the current folder)."""
+    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidate = base.parent / "shared" / "benchmarks" / DEMO_BENCHMARK
+        if (candidate / "gt.json").exists():
+            return candidate
+    raise SystemExit(f"cannot find ../shared/benchmarks/{DEMO_BENCHMARK}; use `retrieval evaluate`")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _search(args: argparse.Namespace) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retrieval import storage
+    from retrieval.index.search import DEFAULT_NPROBE, load_index
+    from retrieval.shards import descriptor_shards
+
+    index = load_index(args.index, nprobe=args.nprobe or DEFAULT_NPROBE)
+    query_ids, _, vectors = descriptor_shards.read_all(args.queries)
+    scores, found = index.search(vectors, args.k)
+    rows: dict[str, list[Any]] = {"query_id": [], "rank": [], "id": [], "uri": [], "score": []}
+    for qid, row_scores, row_found in zip(query_ids, scores, found, strict=True):
+        for rank, (score, i) in enumerate(zip(row_scores, row_found, strict=True)):
+            if i < 0:
+                break
+            for key, value in (("query_id", qid), ("rank", rank), ("id", index.ids[i]),
+                               ("uri", index.uris[i]), ("score", float(score))):
+                rows[key].append(value)
+    sink = io.BytesIO()
+    pq.write_table(pa.table(rows), sink)
+    storage.write_bytes(args.output, sink.getvalue())
+    print(f"{len(query_ids)} queries, top {min(args.k, index.index.ntotal)} each -> {args.output}")
+
+
+def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
+    from pipelines.evaluate import evaluate_benchmark
+
+    report = evaluate_benchmark(benchmark, out, _config(args))
+    acc = report["accounting"]
+    print(f"\n{report['benchmark']}: {acc['inputs']} inputs = {acc['indexed']} indexed + "
+          f"{acc['failed']} failed; {report['queries']} queries")
+    for result in report["results"]:
+        ns = f"  N-S {result['ns_score']:.2f}" if result.get("ns_score") is not None else ""
+        print(f"  {result['name']:<12} {result['index']:<24} mAP {result['mAP']:6.2f}  "
+              f"landmark mAP {result['landmark_mAP']:6.2f}  mP@10 {result['mP@10']:6.2f}{ns}")
+    print(f"report: {Path(out) / 'report.html'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines import stages
+
+    if args.command == "extract":
+        summary = stages.extract(args.input, args.output, _config(args))
+        print(f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
+              f"failed -> {args.output}")
+    elif args.command == "train":
+        _print_json(stages.train(args.descriptors, args.output, _config(args)))
+    elif args.command == "index":
+        _print_json(stages.index(args.descriptors, args.codebook, args.output, _config(args)))
+    elif args.command == "merge":
+        _print_json(stages.merge(args.shards, args.output))
+    elif args.command == "search":
+        _search(args)
+    elif args.command == "evaluate":
+        _evaluate(args.benchmark, args.out, args)
+    elif args.command == "demo":
+        _evaluate(str(demo_benchmark()), args.out or f"reports/{DEMO_BENCHMARK}", args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``retrieval evaluate``: the whole default pipeline on a benchmark folder, then a report.
+
+    images/ ─► extract ─► train ─► index (per shard) ─► merge ─► search every query ─► metrics
+                                                                                          │
+    variants (exact search, PQ compression) on the same descriptors ─────────────────────┘
+
+``results[0]`` is what the default pipeline (``retrieval search``) answers; the other rows use
+the same descriptors with another index, so the report shows what compression costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines import stages
+from pipelines.config import RunConfig
+from retrieval import storage
+from retrieval.evaluation.ground_truth import Benchmark, load_benchmark
+from retrieval.evaluation.metrics import evaluate_rankings
+from retrieval.evaluation.report import write_report
+from retrieval.extraction import failures
+from retrieval.index import factory as factories
+from retrieval.index.search import load_index
+from retrieval.shards import descriptor_shards
+from retrieval.shards.manifest import utc_now
+
+log = logging.getLogger(__name__)
+
+# Rankings are complete up to this many images (benchmarks are scored on full rankings).
+MAX_RANKING = 10_000
+
+
+def build_index(descriptors: str, root: str, config: RunConfig, timings: dict[str, float],
+                prefix: str = "") -> str:
+    """train -> index -> merge under ``root``; returns the merged index folder."""
+    for stage, fn in (
+        ("train", lambda: stages.train(descriptors, storage.join(root, "codebook"), config)),
+        ("index", lambda: stages.index(descriptors, storage.join(root, "codebook"),
+                                       storage.join(root, "index_shards"), config)),
+        ("merge", lambda: stages.merge(storage.join(root, "index_shards"),
+                                       storage.join(root, "index"))),
+    ):
+        start = time.perf_counter()
+        fn()
+        timings[f"{prefix}{stage}_s"] = round(time.perf_counter() - start, 3)
+    return storage.join(root, "index")
+
+
+def rank_queries(index_dir: str, benchmark: Benchmark, vectors_by_id: dict[str, np.ndarray],
+                 nprobe: int) -> tuple[dict[str, list[str]], str]:
+    """Full rankings for every query; a query whose image failed gets an empty ranking."""
+    index = load_index(index_dir, nprobe=nprobe)
+    query_ids = sorted({q.id for q in benchmark.queries})
+    present = [q for q in query_ids if q in vectors_by_id]
+    rankings: dict[str, list[str]] = {q: [] for q in query_ids}
+    if present:
+        _, found = index.search(np.stack([vectors_by_id[q] for q in present]),
+                                min(index.index.ntotal, MAX_RANKING))
+        rankings.update(zip(present, index.ranked_ids(found), strict=True))
+    return rankings, index.manifest["factory"]
+
+
+def evaluate_benchmark(benchmark_dir: str, out: str, config: RunConfig) -> dict[str, Any]:
+    """Run the default pipeline on ``benchmark_dir`` and write report.{json,md,html} to ``out``."""
+    benchmark = load_benchmark(benchmark_dir)
+    images = str(Path(benchmark_dir) / "images")
+    descriptors = storage.join(out, "descriptors")
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    extract_summary = stages.extract(images, descriptors, config)
+    timings["extract_s"] = round(time.perf_counter() - start, 3)
+    default_index = build_index(descriptors, storage.join(out, "default"), config, timings)
+
+    ids, _, vectors = descriptor_shards.read_all(descriptors)
+    vectors_by_id = dict(zip(ids, vectors, strict=True))
+    n, d = vectors.shape
+    variants = [("gem+" + _label(config.index_factory, n, d), default_index)]
+    for name, factory in (("gem+exact", "IDMap2,Flat"), ("gem+pq", factories.compressed_factory(n, d))):
+        chosen = factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
+        if factory == chosen:
+            continue
+        root = storage.join(out, "variants", name.split("+")[1])
+        variant_config = replace(config, index_factory=factory, runner="local")
+        variants.append((name, build_index(descriptors, root, variant_config, timings, f"{name}:")))
+
+    results, all_rankings = [], {}
+    start = time.perf_counter()
+    for name, index_dir in variants:
+        rankings, factory = rank_queries(index_dir, benchmark, vectors_by_id, config.nprobe)
+        metrics = evaluate_rankings(rankings, benchmark)
+        results.append({"name": name, "index": factory, **metrics.as_dict()})
+        all_rankings[name] = rankings
+    timings["search_and_score_s"] = round(time.perf_counter() - start, 3)
+
+    report = {
+        "benchmark": benchmark.name,
+        "images": len(benchmark.images),
+        "queries": len(benchmark.queries),
+        "accounting": {k: extract_summary[k] for k in ("inputs", "indexed", "failed")},
+        "results": results,
+        "model": extract_summary["model"],
+        "timings": {**timings, "extract_images_per_s": round(
+            extract_summary["indexed"] / max(timings["extract_s"], 1e-9), 2)},
+        "failures": [vars(e) for e in failures(descriptors)],
+        "config": config.as_dict(),
+        "environment": {"python": platform.python_version(), "machine": platform.machine()},
+        "created": utc_now(),
+    }
+    write_report(report, out, benchmark=benchmark, rankings=all_rankings)
+    return report
+
+
+def _label(factory: str, n: int, d: int) -> str:
+    chosen = factories.default_factory(n, d) if factory == "auto" else factory
+    return "exact" if chosen.endswith("Flat") and "PQ" not in chosen else "pq"

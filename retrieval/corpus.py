@@ -1,0 +1,124 @@
+"""What to index: listing a corpus into image references and cutting it into shards.
+
+Image ids are stable across runs and machines: the path relative to the corpus root without its
+extension (or the id column of a manifest). Shards are cut from the id-sorted listing, so the same
+listing always maps to the same shard ids, and a shard's ``input_digest`` says whether a committed
+shard still describes the same inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from retrieval import storage
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image. ``problem`` is set when the listing itself rejects it (duplicate id)."""
+
+    id: str
+    uri: str
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A unit of work: a deterministic shard id and the inputs it owns."""
+
+    shard_id: str
+    refs: tuple[ImageRef, ...]
+
+    @property
+    def input_digest(self) -> str:
+        """SHA-256 over the (id, uri) pairs; a committed shard with another digest is stale."""
+        h = hashlib.sha256()
+        for ref in self.refs:
+            h.update(f"{ref.id}\t{ref.uri}\n".encode())
+        return h.hexdigest()
+
+
+def _strip_scheme(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def image_id(uri: str, root: str) -> str:
+    """Path of ``uri`` relative to ``root``, without extension, with '/' separators."""
+    rel = posixpath.relpath(_strip_scheme(uri).replace("\\", "/"),
+                            _strip_scheme(root).replace("\\", "/").rstrip("/") or "/")
+    return posixpath.splitext(rel)[0]
+
+
+def list_corpus(source: str) -> list[ImageRef]:
+    """The images of a corpus, sorted by id.
+
+    ``source`` is either a prefix (local folder, ``gs://bucket/dir``, ``s3://bucket/dir``) listed
+    recursively for image files, or a manifest file (CSV with a ``uri`` column and an optional
+    ``id`` column, or Parquet with the same columns). Relative URIs in a manifest are resolved
+    against the manifest's folder. Two inputs with the same id cannot both be indexed: every one
+    after the first (in URI order) is kept with a ``duplicate_id`` problem so it is reported, not
+    dropped.
+    """
+    if source.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(source):
+        refs = _read_manifest(source)
+    else:
+        uris = storage.list_files(source, suffixes=IMAGE_SUFFIXES)
+        refs = [ImageRef(image_id(u, source), u) for u in uris]
+    return _mark_duplicates(refs)
+
+
+def _is_dir(uri: str) -> bool:
+    fs, path = storage.filesystem(uri)
+    return fs.isdir(path)
+
+
+def _read_manifest(uri: str) -> list[ImageRef]:
+    data = storage.read_bytes(uri)
+    if uri.lower().endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(data))
+        rows = table.to_pylist()
+    else:
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    if not rows:
+        return []
+    if "uri" not in rows[0]:
+        raise ValueError(f"{uri}: a manifest needs a 'uri' column (found {sorted(rows[0])})")
+    base = posixpath.dirname(uri) if "://" in uri else storage.filesystem(uri)[1].rsplit("/", 1)[0]
+    refs = []
+    for row in rows:
+        image_uri = str(row["uri"]).strip()
+        if "://" not in image_uri and not image_uri.startswith("/"):
+            image_uri = storage.join(base, image_uri)
+        given = row.get("id")
+        ref_id = str(given).strip() if given not in (None, "") else image_id(image_uri, base)
+        refs.append(ImageRef(ref_id, image_uri))
+    return refs
+
+
+def _mark_duplicates(refs: list[ImageRef]) -> list[ImageRef]:
+    refs = sorted(refs, key=lambda r: (r.id, r.uri))
+    out: list[ImageRef] = []
+    for ref in refs:
+        if out and out[-1].id == ref.id:
+            ref = ImageRef(ref.id, ref.uri, problem=f"duplicate_id: id {ref.id!r} is also {out[-1].uri}")
+        out.append(ref)
+    return out
+
+
+def plan_shards(refs: list[ImageRef], shard_size: int) -> list[ShardSpec]:
+    """Cut the id-sorted listing into shards of at most ``shard_size`` inputs."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    return [
+        ShardSpec(f"part-{i // shard_size:05d}", tuple(refs[i : i + shard_size]))
+        for i in range(0, len(refs), shard_size)
+    ]

@@ -1,0 +1,199 @@
+"""Benchmark ground truth: which images exist, which are queries, and what counts as a hit.
+
+A benchmark folder holds ``gt.json`` and ``images/`` (format in
+``shared/benchmarks/README.md``). Loading validates the file up front, because a typo in a
+ground-truth id would otherwise surface as a silently lower mAP, not as an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+GT_FILENAME = "gt.json"
+IMAGES_DIRNAME = "images"
+# Extensions tried, in order, when the image is not stored as `<id>.jpg`.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+UKBENCH_GROUP_SIZE = 4
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query: its expected positives, and the junk images that must not be scored."""
+
+    id: str
+    landmark: str
+    positives: frozenset[str]
+    junk: frozenset[str]
+
+
+@dataclass
+class Benchmark:
+    """The images of a benchmark and its queries.
+
+    ``root`` is the benchmark folder (the one holding ``images/``); it is None for a
+    benchmark built in memory, which can be evaluated but has no image files to show.
+    """
+
+    name: str
+    images: list[str]
+    queries: list[Query]
+    root: Path | None = None
+
+    @cached_property
+    def _image_set(self) -> frozenset[str]:
+        return frozenset(self.images)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._image_set
+
+    def query_keys(self) -> dict[str, Query]:
+        """Every query under a unique key: its id, or ``"<id>@<landmark>"`` for an image that
+        is a query of several landmarks.
+
+        Query ids are not unique: in Oxford5k a photo showing two landmarks is a good image of
+        both (oxford-dev has ``all_souls_000183`` for all_souls and radcliffe_camera), so it is
+        a query twice, with different positives. Per-query scores are keyed by this key.
+        """
+        counts = Counter(q.id for q in self.queries)
+        return {(q.id if counts[q.id] == 1 else f"{q.id}@{q.landmark}"): q for q in self.queries}
+
+    def image_path(self, image_id: str) -> Path:
+        """Path of an image file: ``<root>/images/<id>.jpg``, or the file that exists with
+        another usual extension (.jpeg, .png).
+
+        If no file exists, the ``.jpg`` path is returned anyway, so that the caller's open()
+        raises a FileNotFoundError naming the expected file.
+        """
+        if self.root is None:
+            raise ValueError(f"benchmark {self.name!r} has no root folder, so no image files")
+        if image_id not in self:
+            raise KeyError(f"{image_id!r} is not an image of benchmark {self.name!r}")
+        folder = self.root / IMAGES_DIRNAME
+        for ext in IMAGE_EXTENSIONS:
+            candidate = folder / f"{image_id}{ext}"
+            if candidate.is_file():
+                return candidate
+        return folder / f"{image_id}{IMAGE_EXTENSIONS[0]}"
+
+    def ukbench_groups(self) -> list[frozenset[str]] | None:
+        """The UKBench groups (each query with its 3 positives), or None if the benchmark
+        is not UKBench-shaped.
+
+        UKBench-shaped means: every query has exactly 3 positives, each query's group of 4 is
+        the same set for all its members, and every member is itself a query, so that the
+        groups partition the queries. Only then is the N-S score (0..4) meaningful.
+        """
+        if not self.queries:
+            return None
+        by_id = {q.id: q for q in self.queries}
+        if len(by_id) != len(self.queries):  # an image that is a query twice
+            return None
+        groups: dict[frozenset[str], None] = {}  # ordered set, first-seen order
+        for query in self.queries:
+            group = frozenset({query.id, *query.positives})
+            if len(query.positives) != UKBENCH_GROUP_SIZE - 1 or len(group) != UKBENCH_GROUP_SIZE:
+                return None
+            for member in group:
+                other = by_id.get(member)
+                if other is None or frozenset({other.id, *other.positives}) != group:
+                    return None
+            groups[group] = None
+        return list(groups)
+
+
+def load_benchmark(path: str | Path) -> Benchmark:
+    """Read and validate ``<path>/gt.json`` (``path`` may also be the gt.json file itself).
+
+    The benchmark's name is its folder's name. Raises ValueError naming the first problem
+    found: a missing key, a duplicate image or query, or a query/positive/junk id not among
+    the images.
+    """
+    path = Path(path)
+    gt_file = path if path.is_file() else path / GT_FILENAME
+    root = gt_file.parent
+    try:
+        with gt_file.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {GT_FILENAME} in {root}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{gt_file}: not valid JSON: {exc}") from exc
+    return parse_benchmark(data, name=root.name, root=root, source=str(gt_file))
+
+
+def parse_benchmark(
+    data: Any, *, name: str, root: Path | None = None, source: str = "gt.json"
+) -> Benchmark:
+    """Build a validated Benchmark from the decoded gt.json content (see load_benchmark)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object at top level")
+    images = _string_list(data, "images", source)
+    _require_unique(images, f"{source}: duplicate image id")
+    image_set = frozenset(images)
+
+    raw_queries = data.get("queries")
+    if not isinstance(raw_queries, list):
+        raise ValueError(f"{source}: 'queries' must be a list")
+    queries = [_parse_query(raw, i, image_set, source) for i, raw in enumerate(raw_queries)]
+    # The same image may be a query of several landmarks (see Benchmark.query_keys), but not
+    # twice for the same landmark.
+    _require_unique(
+        (f"{q.id}@{q.landmark}" for q in queries), f"{source}: duplicate query (id@landmark)"
+    )
+    return Benchmark(name=name, images=images, queries=queries, root=root)
+
+
+def _parse_query(raw: Any, index: int, image_set: frozenset[str], source: str) -> Query:
+    where = f"{source}: queries[{index}]"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object")
+    query_id = raw.get("id")
+    if not isinstance(query_id, str):
+        raise ValueError(f"{where}: 'id' must be a string")
+    where = f"{source}: query {query_id!r}"
+    landmark = raw.get("landmark")
+    if not isinstance(landmark, str):
+        raise ValueError(f"{where}: 'landmark' must be a string")
+    positives = frozenset(_string_list(raw, "positives", where))
+    junk = frozenset(_string_list(raw, "junk", where, default=[]))
+
+    if query_id not in image_set:
+        raise ValueError(f"{where}: the query id is not in 'images'")
+    for kind, ids in (("positive", positives), ("junk", junk)):
+        unknown = sorted(ids - image_set)
+        if unknown:
+            raise ValueError(f"{where}: {kind} ids not in 'images': {_preview(unknown)}")
+    if query_id in positives:
+        raise ValueError(f"{where}: the query lists itself as a positive")
+    both = sorted(positives & junk)
+    if both:
+        raise ValueError(f"{where}: ids both positive and junk: {_preview(both)}")
+    return Query(id=query_id, landmark=landmark, positives=positives, junk=junk)
+
+
+def _string_list(
+    obj: dict[str, Any], key: str, where: str, default: list[str] | None = None
+) -> list[str]:
+    value = obj.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: {key!r} must be a list of strings")
+    return value
+
+
+def _require_unique(ids: Iterable[str], message: str) -> None:
+    seen: set[str] = set()
+    for image_id in ids:
+        if image_id in seen:
+            raise ValueError(f"{message} {image_id!r}")
+        seen.add(image_id)
+
+
+def _preview(ids: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f" (and {len(ids) - limit} more)" if len(ids) > limit else "")

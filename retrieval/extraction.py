@@ -1,0 +1,152 @@
+"""The extraction stage as plain functions over one image, one shard and one corpus.
+
+Runners compose these: the in-process runner loops over shards; the Beam runner spreads images
+over workers (``pipelines/beam/extract.py``). Whatever goes wrong with one image becomes an
+:class:`ErrorRow` with the stage and a stable kind, so every input is accounted for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from retrieval import storage
+from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
+from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
+from retrieval.shards import descriptor_shards
+from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
+from retrieval.summary import write_summary
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 256
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An input that was read and decoded, ready for the model."""
+
+    ref: ImageRef
+    sha256: str
+    image: DecodedImage
+
+
+def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedImage | ErrorRow:
+    """Read and decode one input, or say why not."""
+    if ref.problem:
+        kind, _, message = ref.problem.partition(": ")
+        return ErrorRow(ref.id, ref.uri, "list", kind, message)
+    try:
+        data = storage.read_bytes(ref.uri, max_bytes=limits.max_bytes)
+    except FileNotFoundError:
+        return ErrorRow(ref.id, ref.uri, "read", "missing", "the object does not exist")
+    except storage.FileTooLargeError as exc:
+        return ErrorRow(ref.id, ref.uri, "read", "too_large", str(exc))
+    except Exception as exc:  # after retries: permissions, network, ...
+        return ErrorRow(ref.id, ref.uri, "read", "read_failed", f"{type(exc).__name__}: {exc}")
+    try:
+        image = decode_image(data, max_side=max_side, limits=limits)
+    except ImageError as exc:
+        return ErrorRow(ref.id, ref.uri, "decode", exc.kind, exc.message)
+    except Exception as exc:  # a decoder bug must cost one image, not the job
+        return ErrorRow(ref.id, ref.uri, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
+    return LoadedImage(ref, storage.sha256_bytes(data), image)
+
+
+def descriptor_row(loaded: LoadedImage, descriptor: Any) -> DescriptorRow:
+    ref = loaded.ref
+    return DescriptorRow(ref.id, ref.uri, loaded.sha256, loaded.image.width, loaded.image.height,
+                         descriptor)
+
+
+def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
+    return ErrorRow(loaded.ref.id, loaded.ref.uri, "extract", "model_error",
+                    f"{type(exc).__name__}: {exc}")
+
+
+def extract_shard(spec: ShardSpec, extractor: Any, limits: DecodeLimits
+                  ) -> tuple[list[DescriptorRow], list[ErrorRow]]:
+    """Describe every input of a shard in this process (the plain loop, no runner)."""
+    rows: list[DescriptorRow] = []
+    errors: list[ErrorRow] = []
+    for ref in spec.refs:
+        loaded = load_image(ref, max_side=extractor.config.max_side, limits=limits)
+        if isinstance(loaded, ErrorRow):
+            errors.append(loaded)
+            continue
+        try:
+            rows.append(descriptor_row(loaded, extractor.describe(loaded.image)))
+        except Exception as exc:
+            errors.append(model_error(loaded, exc))
+    return rows, errors
+
+
+@dataclass
+class ExtractionPlan:
+    """The shards of a corpus, and which of them still need work."""
+
+    input: str
+    output: str
+    shards: list[ShardSpec]
+    pending: list[ShardSpec] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> int:
+        return sum(len(s.refs) for s in self.shards)
+
+
+def plan_extraction(source: str, output: str, model_info: dict[str, Any], *,
+                    shard_size: int = DEFAULT_SHARD_SIZE) -> ExtractionPlan:
+    """List the corpus, cut it into shards, and find the ones not yet committed in ``output``."""
+    shards = plan_shards(list_corpus(source), shard_size)
+    pending = [s for s in shards if not descriptor_shards.is_committed(output, s, model_info)]
+    log.info("%s: %d images in %d shards, %d to do", source, sum(len(s.refs) for s in shards),
+             len(shards), len(pending))
+    return ExtractionPlan(source, output, shards, pending)
+
+
+def summarize_extraction(plan: ExtractionPlan, model_info: dict[str, Any],
+                         timings: dict[str, float]) -> dict[str, Any]:
+    """Check every planned shard is committed and write ``summary.json`` for the stage."""
+    rows = failed = 0
+    kinds: Counter[str] = Counter()
+    missing = []
+    for spec in plan.shards:
+        manifest = descriptor_shards.manifests.committed(
+            plan.output, spec.shard_id, expect=descriptor_shards.expected_manifest(spec, model_info))
+        if manifest is None:
+            missing.append(spec.shard_id)
+            continue
+        rows += manifest["rows"]
+        failed += manifest["errors"]
+        if manifest["errors"]:
+            kinds.update(e.error_kind for e in descriptor_shards.read_errors(plan.output, manifest))
+    if missing:
+        raise RuntimeError(f"shards not committed after the run: {missing[:10]}")
+    return write_summary(plan.output, "extract", inputs=plan.inputs, indexed=rows, failed=failed,
+                         timings=timings, shards=len(plan.shards),
+                         shards_skipped=len(plan.shards) - len(plan.pending),
+                         failures_by_kind=dict(kinds), model=model_info, input=plan.input)
+
+
+def run_local(plan: ExtractionPlan, extractor: Any, limits: DecodeLimits,
+              progress: Iterable[ShardSpec] | None = None) -> None:
+    """Extract the pending shards one after another in this process."""
+    for spec in progress if progress is not None else plan.pending:
+        rows, errors = extract_shard(spec, extractor, limits)
+        descriptor_shards.write_shard(plan.output, spec, rows, errors, extractor.info())
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - start
+
+
+def failures(output: str) -> Sequence[ErrorRow]:
+    """All error rows of the committed shards under ``output``."""
+    return [e for m in descriptor_shards.list_shards(output) if m["errors"]
+            for e in descriptor_shards.read_errors(output, m)]

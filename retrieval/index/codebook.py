@@ -1,0 +1,118 @@
+"""Training the codebook: one empty, trained faiss index shared by every shard.
+
+The training sample is drawn uniformly at random across all shards (seeded), not from the first
+rows: listings are usually ordered (by landmark, date, crawl), so the first N rows are a biased
+sample and the coarse quantizer would fit only part of the corpus.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import storage
+from retrieval.index import factory as factories
+from retrieval.index.faiss_io import write_index
+from retrieval.shards import descriptor_shards
+from retrieval.shards.manifest import utc_now
+from retrieval.summary import write_summary
+
+log = logging.getLogger(__name__)
+
+CODEBOOK_FILE = "codebook.faissindex"
+CODEBOOK_MANIFEST = "codebook.json"
+SAMPLE_FILE = "training_sample.parquet"
+
+
+def uniform_sample(total: int, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct positions out of ``total``, uniformly at random, sorted."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=min(size, total), replace=False))
+
+
+def with_id_map(factory: str) -> str:
+    """Shards are added under global ids; only IVF indexes store ids themselves."""
+    if "IVF" in factory or factory.startswith("IDMap"):
+        return factory
+    return "IDMap2," + factory
+
+
+def new_index(factory: str, d: int) -> faiss.Index:
+    return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+
+
+def train_codebook(descriptors: str, output: str, *, factory: str = "auto",
+                   sample_size: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Train an empty index on a uniform sample of the descriptors; write it and its manifest."""
+    start = time.perf_counter()
+    shard_manifests = descriptor_shards.list_shards(descriptors)
+    if not shard_manifests:
+        raise FileNotFoundError(f"no committed descriptor shards under {descriptors}")
+    counts = [m["rows"] for m in shard_manifests]
+    total, d = sum(counts), int(shard_manifests[0]["dim"])
+    models = {m["model"]["config_hash"] for m in shard_manifests}
+    if len(models) > 1:
+        raise ValueError(f"{descriptors}: shards come from {len(models)} different model configs")
+    if total == 0:
+        raise ValueError(f"{descriptors}: no descriptors to train on (every input failed)")
+    if factory == "auto":
+        factory = factories.default_factory(total, d)
+    factory = with_id_map(factory)
+    size = sample_size or factories.training_sample_size(factory, total)
+    positions = uniform_sample(total, size, seed)
+
+    # Walk the shards once, keeping only the sampled rows of each.
+    vectors, ids = [], []
+    offset = 0
+    for manifest, count in zip(shard_manifests, counts, strict=True):
+        local = positions[(positions >= offset) & (positions < offset + count)] - offset
+        if len(local):
+            shard = descriptor_shards.read_shard(descriptors, manifest)
+            vectors.append(shard.vectors[local])
+            ids += [shard.ids[i] for i in local]
+        offset += count
+    sample = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
+
+    index = new_index(factory, d)
+    if not index.is_trained:
+        log.info("training %s on %d of %d vectors", factory, len(sample), total)
+        index.train(sample)
+    train_s = time.perf_counter() - start
+    data = write_index(storage.join(output, CODEBOOK_FILE), index)
+    sample_table = pa.table({"position": pa.array(positions, pa.int64()), "id": pa.array(ids, pa.string())})
+    sink = io.BytesIO()
+    pq.write_table(sample_table, sink)
+    storage.write_bytes(storage.join(output, SAMPLE_FILE), sink.getvalue())
+    manifest = {
+        "schema_version": 1,
+        "kind": "codebook",
+        "codebook_id": storage.sha256_bytes(data)[:16],
+        "factory": factory,
+        "metric": "inner_product",
+        "dim": d,
+        "vectors": total,
+        "sample_size": len(sample),
+        "seed": seed,
+        "sha256": storage.sha256_bytes(data),
+        "descriptors": descriptors,
+        "model": shard_manifests[0]["model"],
+        "created": utc_now(),
+    }
+    storage.write_json(storage.join(output, CODEBOOK_MANIFEST), manifest)
+    write_summary(output, "train", inputs=total, indexed=total, failed=0,
+                  timings={"train_s": train_s}, factory=factory, sample_size=len(sample))
+    return manifest
+
+
+def read_codebook_manifest(codebook: str) -> dict[str, Any]:
+    manifest = storage.read_json(storage.join(codebook, CODEBOOK_MANIFEST))
+    if manifest.get("kind") != "codebook":
+        raise ValueError(f"{codebook}: not a codebook folder")
+    return manifest

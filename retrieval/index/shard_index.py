@@ -1,0 +1,107 @@
+"""Per-shard indexes: a copy of the trained codebook plus one shard's vectors under global ids.
+
+Global ids are positions in the deterministic (shard id, row) order of the descriptor shards, so
+shard indexes merge without shifting ids and any worker can build any shard independently.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from retrieval import storage
+from retrieval.index.codebook import CODEBOOK_FILE, read_codebook_manifest
+from retrieval.index.faiss_io import read_index, write_index
+from retrieval.shards import descriptor_shards
+from retrieval.shards import manifest as manifests
+from retrieval.summary import write_summary
+
+KIND = "index"
+
+
+@dataclass(frozen=True)
+class ShardIndexTask:
+    """Build the index of one descriptor shard: which shard, its first global id, which codebook."""
+
+    descriptors: str
+    shard_manifest: dict[str, Any]
+    id_offset: int
+    codebook: str
+    codebook_id: str
+
+    @property
+    def shard_id(self) -> str:
+        return self.shard_manifest["shard"]
+
+    def expect(self) -> dict[str, Any]:
+        return {"kind": KIND, "codebook_id": self.codebook_id, "id_offset": self.id_offset,
+                "descriptors_sha256": self.shard_manifest["files"]["data"]["sha256"]}
+
+
+def index_uri(directory: str, shard_id: str) -> str:
+    return storage.join(directory, f"{shard_id}.faissindex")
+
+
+def idmap_uri(directory: str, shard_id: str) -> str:
+    return storage.join(directory, f"{shard_id}.idmap.parquet")
+
+
+def plan_shard_indexes(descriptors: str, codebook: str) -> list[ShardIndexTask]:
+    """One task per committed descriptor shard, with global id offsets in shard order."""
+    codebook_id = read_codebook_manifest(codebook)["codebook_id"]
+    tasks, offset = [], 0
+    for manifest in descriptor_shards.list_shards(descriptors):
+        tasks.append(ShardIndexTask(descriptors, manifest, offset, codebook, codebook_id))
+        offset += manifest["rows"]
+    return tasks
+
+
+def pending(tasks: list[ShardIndexTask], output: str) -> list[ShardIndexTask]:
+    return [t for t in tasks if manifests.committed(output, t.shard_id, expect=t.expect()) is None]
+
+
+def idmap_table(index_ids: np.ndarray, ids: list[str], uris: list[str], shard: str) -> pa.Table:
+    schema = schemas.arrow_schema("idmap")
+    return pa.table({"index_id": pa.array(index_ids, pa.int64()), "id": pa.array(ids, pa.string()),
+                     "uri": pa.array(uris, pa.string()),
+                     "shard": pa.array([shard] * len(ids), pa.string())}, schema=schema)
+
+
+def build_shard_index(task: ShardIndexTask, output: str) -> dict[str, Any]:
+    """Add one shard's vectors to a copy of the trained index; write index, id map, manifest."""
+    shard = descriptor_shards.read_shard(task.descriptors, task.shard_manifest)
+    index = read_index(storage.join(task.codebook, CODEBOOK_FILE))
+    ids = np.arange(task.id_offset, task.id_offset + len(shard.ids), dtype=np.int64)
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(shard.vectors), ids)
+    data = write_index(index_uri(output, task.shard_id), index)
+    sink = io.BytesIO()
+    pq.write_table(idmap_table(ids, shard.ids, shard.uris, task.shard_id), sink)
+    idmap = sink.getvalue()
+    storage.write_bytes(idmap_uri(output, task.shard_id), idmap)
+    return manifests.commit(output, task.shard_id, {
+        **task.expect(),
+        "codebook": task.codebook,
+        "rows": len(ids),
+        "files": {"index": manifests.file_entry(index_uri(output, task.shard_id), data, len(ids)),
+                  "idmap": manifests.file_entry(idmap_uri(output, task.shard_id), idmap, len(ids))},
+    })
+
+
+def summarize_shard_indexes(tasks: list[ShardIndexTask], output: str, skipped: int,
+                            timings: dict[str, float]) -> dict[str, Any]:
+    rows = 0
+    for task in tasks:
+        manifest = manifests.committed(output, task.shard_id, expect=task.expect())
+        if manifest is None:
+            raise RuntimeError(f"shard index {task.shard_id} not committed after the run")
+        rows += manifest["rows"]
+    inputs = sum(t.shard_manifest["rows"] for t in tasks)
+    return write_summary(output, "index", inputs=inputs, indexed=rows, failed=inputs - rows,
+                         timings=timings, shards=len(tasks), shards_skipped=skipped)

@@ -1,0 +1,189 @@
+"""Descriptor shards: ``part-XXXXX.parquet`` (descriptors), ``part-XXXXX.errors.parquet`` and the
+manifest, written in that order. Every planned input lands in exactly one of the two tables.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from retrieval import storage
+from retrieval.corpus import ShardSpec
+from retrieval.shards import manifest as manifests
+
+KIND = "descriptors"
+
+
+@dataclass(frozen=True)
+class DescriptorRow:
+    id: str
+    uri: str
+    sha256: str
+    width: int
+    height: int
+    descriptor: np.ndarray
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    id: str
+    uri: str
+    stage: str
+    error_kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class DescriptorShard:
+    """A committed shard read back: ids, uris and an (n, dim) float32 matrix, in shard order."""
+
+    shard_id: str
+    ids: list[str]
+    uris: list[str]
+    vectors: np.ndarray
+    manifest: dict[str, Any]
+
+
+def data_uri(directory: str, shard_id: str) -> str:
+    return storage.join(directory, f"{shard_id}.parquet")
+
+
+def errors_uri(directory: str, shard_id: str) -> str:
+    return storage.join(directory, f"{shard_id}.errors.parquet")
+
+
+def expected_manifest(spec: ShardSpec, model_info: dict[str, Any]) -> dict[str, Any]:
+    """What a committed manifest must say for ``spec`` to be skipped on a re-run."""
+    return {"kind": KIND, "input_digest": spec.input_digest,
+            "model.config_hash": model_info["config_hash"],
+            "model.weights_sha256": model_info["weights_sha256"]}
+
+
+def is_committed(directory: str, spec: ShardSpec, model_info: dict[str, Any]) -> bool:
+    return manifests.committed(directory, spec.shard_id,
+                               expect=expected_manifest(spec, model_info)) is not None
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def descriptor_table(rows: Sequence[DescriptorRow], model_id: str, dim: int) -> pa.Table:
+    schema = schemas.arrow_schema("descriptors", dim=dim)
+    flat = np.asarray([r.descriptor for r in rows], np.float32).reshape(-1)
+    return pa.table(
+        {
+            "id": pa.array([r.id for r in rows], pa.string()),
+            "uri": pa.array([r.uri for r in rows], pa.string()),
+            "sha256": pa.array([r.sha256 for r in rows], pa.string()),
+            "width": pa.array([r.width for r in rows], pa.int32()),
+            "height": pa.array([r.height for r in rows], pa.int32()),
+            "model_id": pa.array([model_id] * len(rows), pa.string()),
+            "descriptor": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
+        },
+        schema=schema,
+    )
+
+
+def error_table(errors: Sequence[ErrorRow]) -> pa.Table:
+    schema = schemas.arrow_schema("errors")
+    columns = {name: pa.array([getattr(e, name) for e in errors], pa.string()) for name in schema.names}
+    return pa.table(columns, schema=schema)
+
+
+def write_shard(
+    directory: str,
+    spec: ShardSpec,
+    rows: Sequence[DescriptorRow],
+    errors: Sequence[ErrorRow],
+    model_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Write a shard's two tables, then commit its manifest. Returns the manifest.
+
+    Refuses to commit a shard whose rows and errors do not account for every planned input
+    exactly once: a lost image must fail loudly here rather than vanish from the index.
+    """
+    planned = [r.id for r in spec.refs]
+    order = {ref_id: i for i, ref_id in enumerate(planned)}
+    produced = [r.id for r in rows] + [e.id for e in errors]
+    if sorted(produced) != sorted(planned):
+        missing = sorted(set(planned) - set(produced))[:5]
+        extra = sorted(set(produced) - set(planned))[:5]
+        raise RuntimeError(f"{spec.shard_id}: accounting mismatch: {len(planned)} inputs, "
+                           f"{len(rows)} rows + {len(errors)} errors; missing {missing}, extra {extra}")
+    rows = sorted(rows, key=lambda r: order[r.id])
+    errors = sorted(errors, key=lambda e: order[e.id])
+
+    dim = int(model_info["dim"])
+    data = _parquet_bytes(descriptor_table(rows, model_info["id"], dim))
+    error_data = _parquet_bytes(error_table(errors))
+    data_path, errors_path = data_uri(directory, spec.shard_id), errors_uri(directory, spec.shard_id)
+    storage.write_bytes(data_path, data)
+    storage.write_bytes(errors_path, error_data)
+    return manifests.commit(directory, spec.shard_id, {
+        "kind": KIND,
+        "input_digest": spec.input_digest,
+        "inputs": len(planned),
+        "rows": len(rows),
+        "errors": len(errors),
+        "dim": dim,
+        "files": {
+            "data": manifests.file_entry(data_path, data, len(rows)),
+            "errors": manifests.file_entry(errors_path, error_data, len(errors)),
+        },
+        "model": model_info,
+    })
+
+
+def _read_checked(uri: str, entry: dict[str, Any], schema_name: str) -> pa.Table:
+    data = storage.read_bytes(uri)
+    if storage.sha256_bytes(data) != entry["sha256"]:
+        raise OSError(f"{uri}: checksum does not match its manifest (partial or altered file)")
+    table = pq.read_table(io.BytesIO(data))
+    schemas.check_schema(schema_name, table.schema, source=uri)
+    return table
+
+
+def read_shard(directory: str, manifest: dict[str, Any]) -> DescriptorShard:
+    shard_id = manifest["shard"]
+    table = _read_checked(data_uri(directory, shard_id), manifest["files"]["data"], "descriptors")
+    dim = schemas.descriptor_dim(table.schema)
+    column = table.column("descriptor").combine_chunks()
+    vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return DescriptorShard(shard_id, table.column("id").to_pylist(), table.column("uri").to_pylist(),
+                           vectors, manifest)
+
+
+def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
+    shard_id = manifest["shard"]
+    table = _read_checked(errors_uri(directory, shard_id), manifest["files"]["errors"], "errors")
+    return [ErrorRow(**row) for row in table.to_pylist()]
+
+
+def list_shards(directory: str) -> list[dict[str, Any]]:
+    """Manifests of the committed descriptor shards under ``directory``, by shard id."""
+    return manifests.list_manifests(directory, kind=KIND)
+
+
+def read_all(directory: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Every descriptor under ``directory`` in (shard, row) order: ids, uris, (n, dim) vectors."""
+    ids: list[str] = []
+    uris: list[str] = []
+    blocks = []
+    for manifest in list_shards(directory):
+        shard = read_shard(directory, manifest)
+        ids += shard.ids
+        uris += shard.uris
+        blocks.append(shard.vectors)
+    if not blocks:
+        raise FileNotFoundError(f"no committed descriptor shards under {directory}")
+    return ids, uris, np.concatenate(blocks)

@@ -1,0 +1,191 @@
+"""Reading and writing URIs (local paths, gs://, s3://, anything fsspec knows), with retries.
+
+Everything in the project that touches storage goes through these few functions, so runners and
+stages never care where data lives. Object stores are flaky at scale: transient errors are retried
+with exponential backoff and jitter; "not found" and "permission denied" are not retried because
+waiting does not fix them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that retrying cannot fix.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    ValueError,
+)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay_s: float = 0.2,
+    max_delay_s: float = 10.0,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying transient errors with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as exc:  # object-store clients raise many unrelated types
+            if attempt == attempts:
+                raise
+            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what,
+                        type(exc).__name__, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path within it."""
+    return url_to_fs(uri)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme of ``base``."""
+    if is_local(base) and not base.startswith("file://"):
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def with_scheme(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn an fsspec path back into a full URI (``bucket/key`` -> ``s3://bucket/key``)."""
+    return fs.unstrip_protocol(path) if not _is_local_fs(fs) else path
+
+
+def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
+    """Read a whole object. With ``max_bytes``, raise ``FileTooLargeError`` beyond that size."""
+
+    def read() -> bytes:
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as f:
+            if max_bytes is None:
+                return f.read()
+            data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise FileTooLargeError(f"{uri}: larger than the {max_bytes}-byte limit")
+            return data
+
+    return with_retries(read, what=f"read {uri}")
+
+
+class FileTooLargeError(ValueError):
+    """An input is over the configured byte limit (checked before it is fully read)."""
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write an object atomically: readers see the old state or the whole new object.
+
+    Object stores publish a PUT atomically; on a local disk we write a temporary file and rename
+    it, so a crash never leaves a half-written manifest or shard that looks complete.
+    """
+
+    def write() -> None:
+        fs, path = filesystem(uri)
+        if _is_local_fs(fs):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+
+    with_retries(write, what=f"write {uri}")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.exists(path), what=f"stat {uri}")
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if _is_local_fs(fs):
+        os.makedirs(path, exist_ok=True)
+
+
+def list_files(prefix: str, *, suffixes: Iterable[str] | None = None) -> list[str]:
+    """All files under ``prefix`` (recursively), as full URIs, sorted; optionally by suffix."""
+    fs, path = filesystem(prefix)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+
+    def find() -> list[str]:
+        fs.invalidate_cache()
+        return fs.find(path)
+
+    found = with_retries(find, what=f"list {prefix}")
+    uris = [with_scheme(fs, p) for p in found if not wanted or p.lower().endswith(wanted)]
+    return sorted(uris)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(uri: str, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of an object, streamed."""
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_copy(uri: str, directory: str) -> str:
+    """Copy a file or folder to a local directory (for libraries that only read local paths)."""
+    fs, path = filesystem(uri)
+    if _is_local_fs(fs):
+        return path
+    target = os.path.join(directory, posixpath.basename(path.rstrip("/")))
+    with_retries(lambda: fs.get(path, target, recursive=True), what=f"copy {uri}")
+    return target
+
+
+def storage_info() -> dict[str, Any]:
+    """Versions of the storage libraries, for reports."""
+    return {"fsspec": fsspec.__version__}

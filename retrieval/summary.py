@@ -1,0 +1,28 @@
+"""``summary.json``: what a stage consumed and produced. The numbers must add up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from retrieval import storage
+from retrieval.shards.manifest import utc_now
+
+
+class AccountingError(RuntimeError):
+    """inputs != indexed + failed: something was lost or counted twice."""
+
+
+def write_summary(directory: str, stage: str, *, inputs: int, indexed: int, failed: int,
+                  timings: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+    if inputs != indexed + failed:
+        raise AccountingError(f"{stage}: {inputs} inputs but {indexed} indexed + {failed} failed")
+    summary = {"stage": stage, "inputs": inputs, "indexed": indexed, "failed": failed,
+               "timings": {k: round(v, 3) for k, v in (timings or {}).items()},
+               **extra, "created": utc_now()}
+    storage.write_json(storage.join(directory, "summary.json"), summary)
+    return summary
+
+
+def format_accounting(summary: dict[str, Any]) -> str:
+    return (f"{summary['stage']}: {summary['inputs']} inputs = {summary['indexed']} indexed "
+            f"+ {summary['failed']} failed")
