@@ -40,47 +40,103 @@ DEMO_BENCHMARK = "oxford-dev"
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runner")
-    group.add_argument("--config", metavar="FILE",
-                       help="TOML or JSON file of settings (flags given here override it)")
-    group.add_argument("--runner", choices=["beam", "local"],
-                       help="beam: Apache Beam, locally on the FnApiRunner with --workers "
-                            "processes, or on Dataflow via --beam-args (default); local: one "
-                            "process, no Beam (debugging, baselines)")
-    group.add_argument("--workers", type=int, metavar="N",
-                       help="parallel worker processes for local Beam runs (default: CPU cores)")
-    group.add_argument("--threads-per-worker", type=int, metavar="N", dest="threads_per_worker",
-                       help="TensorFlow threads per worker (default: cores / workers)")
-    group.add_argument("--beam-args", metavar="ARGS", dest="beam_args",
-                       help="extra Beam pipeline options, quoted, e.g. \"--runner=DataflowRunner "
-                            "--project=P --region=R --temp_location=gs://B/tmp\"")
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML or JSON file of settings (flags given here override it)",
+    )
+    group.add_argument(
+        "--runner",
+        choices=["beam", "local"],
+        help="beam: Apache Beam, locally on the FnApiRunner with --workers "
+        "processes, or on Dataflow via --beam-args (default); local: one "
+        "process, no Beam (debugging, baselines)",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="parallel worker processes for local Beam runs (default: CPU cores)",
+    )
+    group.add_argument(
+        "--threads-per-worker",
+        type=int,
+        metavar="N",
+        dest="threads_per_worker",
+        help="TensorFlow threads per worker (default: cores / workers)",
+    )
+    group.add_argument(
+        "--beam-args",
+        metavar="ARGS",
+        dest="beam_args",
+        help='extra Beam pipeline options, quoted, e.g. "--runner=DataflowRunner '
+        '--project=P --region=R --temp_location=gs://B/tmp"',
+    )
 
 
 def _extract_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("descriptor")
-    group.add_argument("--backbone", metavar="SPEC",
-                       help="efficientnet-lite0 (default, offline ImageNet weights), "
-                            "keras:<Application>[@weights], hub:<handle>, savedmodel:<path>")
-    group.add_argument("--image-size", type=int, dest="image_size", metavar="PX",
-                       help="longer image side at scale 1 (default 362, chosen on oxford-dev)")
-    group.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")],
-                       metavar="S1,S2", help="multi-scale factors, e.g. 0.707,1,1.414 (default 1)")
-    group.add_argument("--gem-p", type=float, dest="gem_p", metavar="P",
-                       help="GeM pooling exponent (default 3)")
-    group.add_argument("--shard-size", type=int, dest="shard_size", metavar="N",
-                       help="images per shard, the unit of work and of re-runs (default 256)")
-    group.add_argument("--max-pixels", type=int, dest="max_pixels", metavar="N",
-                       help="reject images whose declared width x height exceeds N (default 1e8)")
-    group.add_argument("--max-bytes", type=int, dest="max_bytes", metavar="N",
-                       help="reject files larger than N bytes (default 64 MiB)")
+    group.add_argument(
+        "--backbone",
+        metavar="SPEC",
+        help="efficientnet-lite0 (default, offline ImageNet weights), "
+        "keras:<Application>[@weights], hub:<handle>, savedmodel:<path>",
+    )
+    group.add_argument(
+        "--image-size",
+        type=int,
+        dest="image_size",
+        metavar="PX",
+        help="longer image side at scale 1 (default 362, chosen on oxford-dev)",
+    )
+    group.add_argument(
+        "--scales",
+        type=lambda s: [float(x) for x in s.split(",")],
+        metavar="S1,S2",
+        help="multi-scale factors, e.g. 0.707,1,1.414 (default 1)",
+    )
+    group.add_argument(
+        "--gem-p", type=float, dest="gem_p", metavar="P", help="GeM pooling exponent (default 3)"
+    )
+    group.add_argument(
+        "--shard-size",
+        type=int,
+        dest="shard_size",
+        metavar="N",
+        help="images per shard, the unit of work and of re-runs (default 256)",
+    )
+    group.add_argument(
+        "--max-pixels",
+        type=int,
+        dest="max_pixels",
+        metavar="N",
+        help="reject images whose declared width x height exceeds N (default 1e8)",
+    )
+    group.add_argument(
+        "--max-bytes",
+        type=int,
+        dest="max_bytes",
+        metavar="N",
+        help="reject files larger than N bytes (default 64 MiB)",
+    )
 
 
 def _index_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("index")
-    group.add_argument("--index-factory", dest="index_factory", metavar="STR",
-                       help="faiss index_factory string, or 'auto' (default): IDMap2,Flat up "
-                            "to 20k vectors, OPQ-IVF-PQ beyond (see retrieval/index/factory.py)")
-    group.add_argument("--sample-size", type=int, dest="sample_size", metavar="N",
-                       help="training sample size (default: chosen from the factory)")
+    group.add_argument(
+        "--index-factory",
+        dest="index_factory",
+        metavar="STR",
+        help="faiss index_factory string, or 'auto' (default): IDMap2,Flat up "
+        "to 20k vectors, OPQ-IVF-PQ beyond (see retrieval/index/factory.py)",
+    )
+    group.add_argument(
+        "--sample-size",
+        type=int,
+        dest="sample_size",
+        metavar="N",
+        help="training sample size (default: chosen from the factory)",
+    )
     group.add_argument("--seed", type=int, help="seed of the uniform training sample (default 0)")
     group.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
 
@@ -91,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("extract", formatter_class=fmt, help="images -> descriptor shards",
-                       description=textwrap.dedent("""\
+    p = sub.add_parser(
+        "extract",
+        formatter_class=fmt,
+        help="images -> descriptor shards",
+        description=textwrap.dedent("""\
         Describe every image under --input with GeM and write Parquet shards to --output.
 
         --input is a prefix (folder, gs://bucket/dir, s3://bucket/dir) listed recursively for
@@ -100,49 +159,72 @@ def build_parser() -> argparse.ArgumentParser:
         a 'uri' column and an optional 'id' column). Image ids are the path relative to the
         prefix without extension. Shards already committed with the same inputs and model are
         skipped. Images that cannot be read or decoded become error rows
-        (part-XXXXX.errors.parquet) with a reason; the job still succeeds."""))
+        (part-XXXXX.errors.parquet) with a reason; the job still succeeds."""),
+    )
     p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest file")
     p.add_argument("--output", required=True, metavar="URI", help="descriptor shard folder")
     _extract_options(p)
     _runner_options(p)
 
-    p = sub.add_parser("train", formatter_class=fmt, help="train the index codebook",
-                       description="Train an empty faiss index (codebook) on a seeded uniform "
-                                   "random sample of all descriptor shards.")
+    p = sub.add_parser(
+        "train",
+        formatter_class=fmt,
+        help="train the index codebook",
+        description="Train an empty faiss index (codebook) on a seeded uniform "
+        "random sample of all descriptor shards.",
+    )
     p.add_argument("--descriptors", required=True, metavar="URI")
     p.add_argument("--output", required=True, metavar="URI", help="codebook folder")
     _index_options(p)
     _runner_options(p)
 
-    p = sub.add_parser("index", formatter_class=fmt, help="build one index per descriptor shard",
-                       description="Add each descriptor shard, under global int64 ids, to a copy "
-                                   "of the trained codebook; writes part-XXXXX.faissindex and "
-                                   "an id map per shard.")
+    p = sub.add_parser(
+        "index",
+        formatter_class=fmt,
+        help="build one index per descriptor shard",
+        description="Add each descriptor shard, under global int64 ids, to a copy "
+        "of the trained codebook; writes part-XXXXX.faissindex and "
+        "an id map per shard.",
+    )
     p.add_argument("--descriptors", required=True, metavar="URI")
     p.add_argument("--codebook", required=True, metavar="URI")
     p.add_argument("--output", required=True, metavar="URI", help="shard index folder")
     _runner_options(p)
 
-    p = sub.add_parser("merge", formatter_class=fmt, help="merge shard indexes into one",
-                       description="Merge the shard indexes into index.faissindex + "
-                                   "idmap.parquet (index id -> image id, uri).")
+    p = sub.add_parser(
+        "merge",
+        formatter_class=fmt,
+        help="merge shard indexes into one",
+        description="Merge the shard indexes into index.faissindex + "
+        "idmap.parquet (index id -> image id, uri).",
+    )
     p.add_argument("--shards", required=True, metavar="URI", help="shard index folder")
     p.add_argument("--output", required=True, metavar="URI", help="merged index folder")
 
-    p = sub.add_parser("search", formatter_class=fmt, help="search the index with query descriptors",
-                       description="Search the merged index with every descriptor under "
-                                   "--queries (a descriptor shard folder, e.g. from `retrieval "
-                                   "extract` on the query images) and write the top --k results "
-                                   "per query as Parquet (query_id, rank, id, uri, score).")
+    p = sub.add_parser(
+        "search",
+        formatter_class=fmt,
+        help="search the index with query descriptors",
+        description="Search the merged index with every descriptor under "
+        "--queries (a descriptor shard folder, e.g. from `retrieval "
+        "extract` on the query images) and write the top --k results "
+        "per query as Parquet (query_id, rank, id, uri, score).",
+    )
     p.add_argument("--index", required=True, metavar="URI", help="merged index folder")
     p.add_argument("--queries", required=True, metavar="URI", help="query descriptor folder")
     p.add_argument("--output", required=True, metavar="URI", help="results .parquet file")
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
 
-    for name, helptext in (("evaluate", "run the whole pipeline on a benchmark and report"),
-                           ("demo", f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}")):
-        p = sub.add_parser(name, formatter_class=fmt, help=helptext, description=textwrap.dedent(f"""\
+    for name, helptext in (
+        ("evaluate", "run the whole pipeline on a benchmark and report"),
+        ("demo", f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}"),
+    ):
+        p = sub.add_parser(
+            name,
+            formatter_class=fmt,
+            help=helptext,
+            description=textwrap.dedent(f"""\
             {helptext[0].upper() + helptext[1:]}.
 
             Runs extract -> train -> index -> merge -> search for every query -> metrics, and
@@ -150,13 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
             images/ and gt.json (see ../shared/benchmarks/README.md): mAP as in Revisited
             Oxford/Paris (junk and the query ignored), mAP per landmark, mP@1/5/10, and the
             UKBench N-S score when every group has 4 images. results[0] is the default
-            pipeline; further rows show exact search and PQ compression."""))
+            pipeline; further rows show exact search and PQ compression."""),
+        )
         if name == "evaluate":
-            p.add_argument("--benchmark", required=True, metavar="DIR",
-                           help="folder with images/ and gt.json")
-        p.add_argument("--out", metavar="DIR", required=name == "evaluate",
-                       help="output folder (work files and report)"
-                            + ("" if name == "evaluate" else f" (default reports/{DEMO_BENCHMARK})"))
+            p.add_argument(
+                "--benchmark", required=True, metavar="DIR", help="folder with images/ and gt.json"
+            )
+        p.add_argument(
+            "--out",
+            metavar="DIR",
+            required=name == "evaluate",
+            help="output folder (work files and report)"
+            + ("" if name == "evaluate" else f" (default reports/{DEMO_BENCHMARK})"),
+        )
         _extract_options(p)
         _index_options(p)
         _runner_options(p)
@@ -200,8 +288,13 @@ def _search(args: argparse.Namespace) -> None:
         for rank, (score, i) in enumerate(zip(row_scores, row_found, strict=True)):
             if i < 0:
                 break
-            for key, value in (("query_id", qid), ("rank", rank), ("id", index.ids[i]),
-                               ("uri", index.uris[i]), ("score", float(score))):
+            for key, value in (
+                ("query_id", qid),
+                ("rank", rank),
+                ("id", index.ids[i]),
+                ("uri", index.uris[i]),
+                ("score", float(score)),
+            ):
                 rows[key].append(value)
     sink = io.BytesIO()
     pq.write_table(pa.table(rows), sink)
@@ -214,25 +307,48 @@ def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
 
     report = evaluate_benchmark(benchmark, out, _config(args))
     acc = report["accounting"]
-    print(f"\n{report['benchmark']}: {acc['inputs']} inputs = {acc['indexed']} indexed + "
-          f"{acc['failed']} failed; {report['queries']} queries")
+    print(
+        f"\n{report['benchmark']}: {acc['inputs']} inputs = {acc['indexed']} indexed + "
+        f"{acc['failed']} failed; {report['queries']} queries"
+    )
     for result in report["results"]:
         ns = f"  N-S {result['ns_score']:.2f}" if result.get("ns_score") is not None else ""
-        print(f"  {result['name']:<12} {result['index']:<24} mAP {result['mAP']:6.2f}  "
-              f"landmark mAP {result['landmark_mAP']:6.2f}  mP@10 {result['mP@10']:6.2f}{ns}")
+        print(
+            f"  {result['name']:<12} {result['index']:<24} mAP {result['mAP']:6.2f}  "
+            f"landmark mAP {result['landmark_mAP']:6.2f}  mP@10 {result['mP@10']:6.2f}{ns}"
+        )
     print(f"report: {Path(out) / 'report.html'}")
 
 
+def _attach_beam_args(argv: list[str]) -> list[str]:
+    """``--beam-args "--runner=X ..."`` -> ``--beam-args=--runner=X ...``: argparse would take a
+    value that starts with one of our own flags (--runner, --workers) for that flag."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--beam-args" and i + 1 < len(argv):
+            out.append(f"--beam-args={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(_attach_beam_args(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from pipelines import stages
 
     if args.command == "extract":
         summary = stages.extract(args.input, args.output, _config(args))
-        print(f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
-              f"failed -> {args.output}")
+        print(
+            f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
+            f"failed -> {args.output}"
+        )
     elif args.command == "train":
         _print_json(stages.train(args.descriptors, args.output, _config(args)))
     elif args.command == "index":

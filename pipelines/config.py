@@ -69,8 +69,17 @@ class RunConfig:
 # Flat names (as on the command line) -> where they live in RunConfig.
 _GEM_KEYS = {"backbone": "backbone", "image_size": "image_size", "scales": "scales", "gem_p": "p"}
 _LIMIT_KEYS = {f.name for f in fields(DecodeLimits)}
-_TOP_KEYS = {"runner", "workers", "threads_per_worker", "beam_args", "shard_size", "index_factory",
-             "sample_size", "seed", "nprobe"}
+_TOP_KEYS = {
+    "runner",
+    "workers",
+    "threads_per_worker",
+    "beam_args",
+    "shard_size",
+    "index_factory",
+    "sample_size",
+    "seed",
+    "nprobe",
+}
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -106,5 +115,6 @@ def build_config(values: dict[str, Any], base: RunConfig | None = None) -> RunCo
         top["beam_args"] = tuple(shlex.split(top["beam_args"]))
     elif "beam_args" in top:
         top["beam_args"] = tuple(top["beam_args"])
-    return replace(config, gem=replace(config.gem, **gem), limits=replace(config.limits, **limits),
-                   **top)
+    return replace(
+        config, gem=replace(config.gem, **gem), limits=replace(config.limits, **limits), **top
+    )

@@ -37,15 +37,25 @@ log = logging.getLogger(__name__)
 MAX_RANKING = 10_000
 
 
-def build_index(descriptors: str, root: str, config: RunConfig, timings: dict[str, float],
-                prefix: str = "") -> str:
+def build_index(
+    descriptors: str, root: str, config: RunConfig, timings: dict[str, float], prefix: str = ""
+) -> str:
     """train -> index -> merge under ``root``; returns the merged index folder."""
     for stage, fn in (
         ("train", lambda: stages.train(descriptors, storage.join(root, "codebook"), config)),
-        ("index", lambda: stages.index(descriptors, storage.join(root, "codebook"),
-                                       storage.join(root, "index_shards"), config)),
-        ("merge", lambda: stages.merge(storage.join(root, "index_shards"),
-                                       storage.join(root, "index"))),
+        (
+            "index",
+            lambda: stages.index(
+                descriptors,
+                storage.join(root, "codebook"),
+                storage.join(root, "index_shards"),
+                config,
+            ),
+        ),
+        (
+            "merge",
+            lambda: stages.merge(storage.join(root, "index_shards"), storage.join(root, "index")),
+        ),
     ):
         start = time.perf_counter()
         fn()
@@ -53,22 +63,30 @@ def build_index(descriptors: str, root: str, config: RunConfig, timings: dict[st
     return storage.join(root, "index")
 
 
-def rank_queries(index_dir: str, benchmark: Benchmark, vectors_by_id: dict[str, np.ndarray],
-                 nprobe: int) -> tuple[dict[str, list[str]], str]:
+def rank_queries(
+    index_dir: str, benchmark: Benchmark, vectors_by_id: dict[str, np.ndarray], nprobe: int
+) -> tuple[dict[str, list[str]], str]:
     """Full rankings for every query; a query whose image failed gets an empty ranking."""
     index = load_index(index_dir, nprobe=nprobe)
     query_ids = sorted({q.id for q in benchmark.queries})
     present = [q for q in query_ids if q in vectors_by_id]
     rankings: dict[str, list[str]] = {q: [] for q in query_ids}
     if present:
-        _, found = index.search(np.stack([vectors_by_id[q] for q in present]),
-                                min(index.index.ntotal, MAX_RANKING))
+        _, found = index.search(
+            np.stack([vectors_by_id[q] for q in present]), min(index.index.ntotal, MAX_RANKING)
+        )
         rankings.update(zip(present, index.ranked_ids(found), strict=True))
     return rankings, index.manifest["factory"]
 
 
-def evaluate_benchmark(benchmark_dir: str, out: str, config: RunConfig) -> dict[str, Any]:
-    """Run the default pipeline on ``benchmark_dir`` and write report.{json,md,html} to ``out``."""
+def evaluate_benchmark(
+    benchmark_dir: str, out: str, config: RunConfig, *, variants: bool = True
+) -> dict[str, Any]:
+    """Run the default pipeline on ``benchmark_dir`` and write report.{json,md,html} to ``out``.
+
+    With ``variants`` the report also scores exact search and PQ compression of the same
+    descriptors (whichever of them is not the default).
+    """
     benchmark = load_benchmark(benchmark_dir)
     images = str(Path(benchmark_dir) / "images")
     descriptors = storage.join(out, "descriptors")
@@ -82,18 +100,23 @@ def evaluate_benchmark(benchmark_dir: str, out: str, config: RunConfig) -> dict[
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     vectors_by_id = dict(zip(ids, vectors, strict=True))
     n, d = vectors.shape
-    variants = [("gem+" + _label(config.index_factory, n, d), default_index)]
-    for name, factory in (("gem+exact", "IDMap2,Flat"), ("gem+pq", factories.compressed_factory(n, d))):
-        chosen = factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
-        if factory == chosen:
+    chosen = (
+        factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
+    )
+    indexes = [("gem+" + _label(chosen), default_index)]
+    for name, factory in (
+        ("gem+exact", "IDMap2,Flat"),
+        ("gem+pq", factories.compressed_factory(n, d)),
+    ):
+        if not variants or factory == chosen:
             continue
         root = storage.join(out, "variants", name.split("+")[1])
         variant_config = replace(config, index_factory=factory, runner="local")
-        variants.append((name, build_index(descriptors, root, variant_config, timings, f"{name}:")))
+        indexes.append((name, build_index(descriptors, root, variant_config, timings, f"{name}:")))
 
     results, all_rankings = [], {}
     start = time.perf_counter()
-    for name, index_dir in variants:
+    for name, index_dir in indexes:
         rankings, factory = rank_queries(index_dir, benchmark, vectors_by_id, config.nprobe)
         metrics = evaluate_rankings(rankings, benchmark)
         results.append({"name": name, "index": factory, **metrics.as_dict()})
@@ -107,8 +130,12 @@ def evaluate_benchmark(benchmark_dir: str, out: str, config: RunConfig) -> dict[
         "accounting": {k: extract_summary[k] for k in ("inputs", "indexed", "failed")},
         "results": results,
         "model": extract_summary["model"],
-        "timings": {**timings, "extract_images_per_s": round(
-            extract_summary["indexed"] / max(timings["extract_s"], 1e-9), 2)},
+        "timings": timings,
+        "throughput": {
+            "extract_images_per_s": round(
+                extract_summary["indexed"] / max(timings["extract_s"], 1e-9), 2
+            )
+        },
         "failures": [vars(e) for e in failures(descriptors)],
         "config": config.as_dict(),
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
@@ -118,6 +145,5 @@ def evaluate_benchmark(benchmark_dir: str, out: str, config: RunConfig) -> dict[
     return report
 
 
-def _label(factory: str, n: int, d: int) -> str:
-    chosen = factories.default_factory(n, d) if factory == "auto" else factory
-    return "exact" if chosen.endswith("Flat") and "PQ" not in chosen else "pq"
+def _label(factory: str) -> str:
+    return "exact" if factory.endswith("Flat") and "IVF" not in factory else "pq"

@@ -14,8 +14,9 @@ from retrieval.shards.manifest import MANIFEST_SUFFIX
 class ShardProgress:
     """``with ShardProgress(output, total, "extract"):`` shows committed shards while work runs."""
 
-    def __init__(self, output: str, total: int, desc: str, *, already: int = 0,
-                 interval_s: float = 1.0):
+    def __init__(
+        self, output: str, total: int, desc: str, *, already: int = 0, interval_s: float = 1.0
+    ):
         self._output, self._total, self._already = output, total, already
         self._bar = tqdm(total=total, desc=desc, unit="shard", initial=already, leave=True)
         self._stop = threading.Event()
@@ -36,8 +37,12 @@ class ShardProgress:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self._stop.set()
         self._thread.join()
         self._bar.n = min(self._total, self._count())

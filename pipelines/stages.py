@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipelines.config import RunConfig
 from pipelines.progress import ShardProgress
 from retrieval import storage
+from retrieval.descriptors.gem import model_info
 from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, summarize_extraction
 from retrieval.index import shard_index
 from retrieval.index.codebook import train_codebook
@@ -25,18 +26,10 @@ from retrieval.summary import format_accounting
 log = logging.getLogger(__name__)
 
 
-def model_info(config: RunConfig) -> dict[str, Any]:
-    """Describe the model without keeping it: needed to decide which shards are up to date."""
-    from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
-
-    configure_tf_threads(config.threads)
-    return GeMExtractor(config.gem).info()
-
-
 def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
     """List ``source``, describe every image not yet in a committed shard, summarize."""
     start = time.perf_counter()
-    info = model_info(config)
+    info = model_info(config.gem)
     plan = plan_extraction(source, output, info, shard_size=config.shard_size)
     storage.makedirs(output)
     run_start = time.perf_counter()
@@ -46,12 +39,18 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
         from pipelines.beam.extract import run_extraction
         from pipelines.beam.options import pipeline_options
 
-        with ShardProgress(output, len(plan.shards), "extract",
-                           already=len(plan.shards) - len(plan.pending)):
-            run_extraction(plan.pending, output, config=config.gem, model_info=info,
-                           limits=config.limits,
-                           options=pipeline_options(config.workers, config.beam_args),
-                           threads_per_worker=config.threads)
+        with ShardProgress(
+            output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
+        ):
+            run_extraction(
+                plan.pending,
+                output,
+                config=config.gem,
+                model_info=info,
+                limits=config.limits,
+                options=pipeline_options(config.workers, config.beam_args),
+                threads_per_worker=config.threads,
+            )
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
     summary = summarize_extraction(plan, info, timings)
     log.info(format_accounting(summary))
@@ -61,16 +60,23 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
 def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
     if not plan.pending:
         return
-    from retrieval.descriptors.gem import GeMExtractor
+    from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
 
+    configure_tf_threads(config.threads)
     extractor = GeMExtractor(config.gem)
-    run_local(plan, extractor, config.limits,
-              progress=tqdm(plan.pending, desc="extract", unit="shard"))
+    run_local(
+        plan, extractor, config.limits, progress=tqdm(plan.pending, desc="extract", unit="shard")
+    )
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
-    return train_codebook(descriptors, output, factory=config.index_factory,
-                          sample_size=config.sample_size, seed=config.seed)
+    return train_codebook(
+        descriptors,
+        output,
+        factory=config.index_factory,
+        sample_size=config.sample_size,
+        seed=config.seed,
+    )
 
 
 def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> dict[str, Any]:
@@ -87,10 +93,12 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
         from pipelines.beam.options import pipeline_options
 
         with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
-            run_shard_indexes(todo, output,
-                              options=pipeline_options(config.workers, config.beam_args))
-    return shard_index.summarize_shard_indexes(tasks, output, len(tasks) - len(todo),
-                                               {"index_s": time.perf_counter() - start})
+            run_shard_indexes(
+                todo, output, options=pipeline_options(config.workers, config.beam_args)
+            )
+    return shard_index.summarize_shard_indexes(
+        tasks, output, len(tasks) - len(todo), {"index_s": time.perf_counter() - start}
+    )
 
 
 def merge(shards: str, output: str) -> dict[str, Any]:

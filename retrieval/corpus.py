@@ -53,8 +53,10 @@ def _strip_scheme(uri: str) -> str:
 
 def image_id(uri: str, root: str) -> str:
     """Path of ``uri`` relative to ``root``, without extension, with '/' separators."""
-    rel = posixpath.relpath(_strip_scheme(uri).replace("\\", "/"),
-                            _strip_scheme(root).replace("\\", "/").rstrip("/") or "/")
+    rel = posixpath.relpath(
+        _strip_scheme(uri).replace("\\", "/"),
+        _strip_scheme(root).replace("\\", "/").rstrip("/") or "/",
+    )
     return posixpath.splitext(rel)[0]
 
 
@@ -71,6 +73,8 @@ def list_corpus(source: str) -> list[ImageRef]:
     if source.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(source):
         refs = _read_manifest(source)
     else:
+        if not storage.exists(source):
+            raise FileNotFoundError(f"{source}: no such folder or prefix")
         uris = storage.list_files(source, suffixes=IMAGE_SUFFIXES)
         refs = [ImageRef(image_id(u, source), u) for u in uris]
     return _mark_duplicates(refs)
@@ -109,7 +113,9 @@ def _mark_duplicates(refs: list[ImageRef]) -> list[ImageRef]:
     out: list[ImageRef] = []
     for ref in refs:
         if out and out[-1].id == ref.id:
-            ref = ImageRef(ref.id, ref.uri, problem=f"duplicate_id: id {ref.id!r} is also {out[-1].uri}")
+            ref = ImageRef(
+                ref.id, ref.uri, problem=f"duplicate_id: id {ref.id!r} is also {out[-1].uri}"
+            )
         out.append(ref)
     return out
 

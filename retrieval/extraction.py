@@ -59,17 +59,20 @@ def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedI
 
 def descriptor_row(loaded: LoadedImage, descriptor: Any) -> DescriptorRow:
     ref = loaded.ref
-    return DescriptorRow(ref.id, ref.uri, loaded.sha256, loaded.image.width, loaded.image.height,
-                         descriptor)
+    return DescriptorRow(
+        ref.id, ref.uri, loaded.sha256, loaded.image.width, loaded.image.height, descriptor
+    )
 
 
 def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
-    return ErrorRow(loaded.ref.id, loaded.ref.uri, "extract", "model_error",
-                    f"{type(exc).__name__}: {exc}")
+    return ErrorRow(
+        loaded.ref.id, loaded.ref.uri, "extract", "model_error", f"{type(exc).__name__}: {exc}"
+    )
 
 
-def extract_shard(spec: ShardSpec, extractor: Any, limits: DecodeLimits
-                  ) -> tuple[list[DescriptorRow], list[ErrorRow]]:
+def extract_shard(
+    spec: ShardSpec, extractor: Any, limits: DecodeLimits
+) -> tuple[list[DescriptorRow], list[ErrorRow]]:
     """Describe every input of a shard in this process (the plain loop, no runner)."""
     rows: list[DescriptorRow] = []
     errors: list[ErrorRow] = []
@@ -99,25 +102,33 @@ class ExtractionPlan:
         return sum(len(s.refs) for s in self.shards)
 
 
-def plan_extraction(source: str, output: str, model_info: dict[str, Any], *,
-                    shard_size: int = DEFAULT_SHARD_SIZE) -> ExtractionPlan:
+def plan_extraction(
+    source: str, output: str, model_info: dict[str, Any], *, shard_size: int = DEFAULT_SHARD_SIZE
+) -> ExtractionPlan:
     """List the corpus, cut it into shards, and find the ones not yet committed in ``output``."""
     shards = plan_shards(list_corpus(source), shard_size)
     pending = [s for s in shards if not descriptor_shards.is_committed(output, s, model_info)]
-    log.info("%s: %d images in %d shards, %d to do", source, sum(len(s.refs) for s in shards),
-             len(shards), len(pending))
+    log.info(
+        "%s: %d images in %d shards, %d to do",
+        source,
+        sum(len(s.refs) for s in shards),
+        len(shards),
+        len(pending),
+    )
     return ExtractionPlan(source, output, shards, pending)
 
 
-def summarize_extraction(plan: ExtractionPlan, model_info: dict[str, Any],
-                         timings: dict[str, float]) -> dict[str, Any]:
+def summarize_extraction(
+    plan: ExtractionPlan, model_info: dict[str, Any], timings: dict[str, float]
+) -> dict[str, Any]:
     """Check every planned shard is committed and write ``summary.json`` for the stage."""
     rows = failed = 0
     kinds: Counter[str] = Counter()
     missing = []
     for spec in plan.shards:
         manifest = descriptor_shards.manifests.committed(
-            plan.output, spec.shard_id, expect=descriptor_shards.expected_manifest(spec, model_info))
+            plan.output, spec.shard_id, expect=descriptor_shards.expected_manifest(spec, model_info)
+        )
         if manifest is None:
             missing.append(spec.shard_id)
             continue
@@ -127,14 +138,27 @@ def summarize_extraction(plan: ExtractionPlan, model_info: dict[str, Any],
             kinds.update(e.error_kind for e in descriptor_shards.read_errors(plan.output, manifest))
     if missing:
         raise RuntimeError(f"shards not committed after the run: {missing[:10]}")
-    return write_summary(plan.output, "extract", inputs=plan.inputs, indexed=rows, failed=failed,
-                         timings=timings, shards=len(plan.shards),
-                         shards_skipped=len(plan.shards) - len(plan.pending),
-                         failures_by_kind=dict(kinds), model=model_info, input=plan.input)
+    return write_summary(
+        plan.output,
+        "extract",
+        inputs=plan.inputs,
+        indexed=rows,
+        failed=failed,
+        timings=timings,
+        shards=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(plan.pending),
+        failures_by_kind=dict(kinds),
+        model=model_info,
+        input=plan.input,
+    )
 
 
-def run_local(plan: ExtractionPlan, extractor: Any, limits: DecodeLimits,
-              progress: Iterable[ShardSpec] | None = None) -> None:
+def run_local(
+    plan: ExtractionPlan,
+    extractor: Any,
+    limits: DecodeLimits,
+    progress: Iterable[ShardSpec] | None = None,
+) -> None:
     """Extract the pending shards one after another in this process."""
     for spec in progress if progress is not None else plan.pending:
         rows, errors = extract_shard(spec, extractor, limits)
@@ -148,5 +172,9 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 
 def failures(output: str) -> Sequence[ErrorRow]:
     """All error rows of the committed shards under ``output``."""
-    return [e for m in descriptor_shards.list_shards(output) if m["errors"]
-            for e in descriptor_shards.read_errors(output, m)]
+    return [
+        e
+        for m in descriptor_shards.list_shards(output)
+        if m["errors"]
+        for e in descriptor_shards.read_errors(output, m)
+    ]

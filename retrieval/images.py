@@ -46,7 +46,9 @@ class DecodedImage:
     height: int
 
 
-def decode_image(data: bytes, *, max_side: int | None, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+def decode_image(
+    data: bytes, *, max_side: int | None, limits: DecodeLimits = DecodeLimits()
+) -> DecodedImage:
     """Decode ``data`` to RGB, applying EXIF orientation, and shrink it to ``max_side`` pixels.
 
     The image is only ever shrunk (never enlarged), keeping its aspect ratio, as in the usual
@@ -56,10 +58,14 @@ def decode_image(data: bytes, *, max_side: int | None, limits: DecodeLimits = De
     if not data:
         raise ImageError("empty_file", "the file is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise ImageError("too_large", f"{len(data)} bytes is over the {limits.max_bytes}-byte limit")
+        raise ImageError(
+            "too_large", f"{len(data)} bytes is over the {limits.max_bytes}-byte limit"
+        )
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our max_pixels check below is the limit (Pillow warns from 89.5 MP, under the
+            # default 100 MP); Pillow's DecompressionBombError (2x that) stays as a ceiling.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             declared_w, declared_h = image.size
             if declared_w * declared_h > limits.max_pixels:
@@ -81,13 +87,18 @@ def decode_image(data: bytes, *, max_side: int | None, limits: DecodeLimits = De
         kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageError(kind, f"cannot decode: {exc}") from None
 
+    transposed = False
     try:
+        # Orientations 5-8 swap width and height (read before transposing drops the tag).
+        transposed = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not cost us the image
-        pass
-    width, height = _stored_size(image, declared_w, declared_h)
+        transposed = False
+    width, height = _stored_size(transposed, declared_w, declared_h)
     if min(width, height) < limits.min_side:
-        raise ImageError("too_small", f"{width}x{height} is below the {limits.min_side}-pixel minimum side")
+        raise ImageError(
+            "too_small", f"{width}x{height} is below the {limits.min_side}-pixel minimum side"
+        )
 
     rgb = to_rgb(image)
     if max_side and max(rgb.size) > max_side:
@@ -97,9 +108,10 @@ def decode_image(data: bytes, *, max_side: int | None, limits: DecodeLimits = De
     return DecodedImage(np.asarray(rgb, dtype=np.uint8), width, height)
 
 
-def _stored_size(image: Image.Image, declared_w: int, declared_h: int) -> tuple[int, int]:
+def _stored_size(transposed: bool, declared_w: int, declared_h: int) -> tuple[int, int]:
     # ``draft`` may have decoded at a reduced scale; report the full size, rotated like the pixels.
-    if (image.width >= image.height) == (declared_w >= declared_h):
+    # (Comparing aspect ratios fails when draft rounding makes a near-square image square.)
+    if not transposed:
         return declared_w, declared_h
     return declared_h, declared_w
 

@@ -53,8 +53,15 @@ def with_retries(
             if attempt == attempts:
                 raise
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what,
-                        type(exc).__name__, exc, attempt, attempts - 1, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt,
+                attempts - 1,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

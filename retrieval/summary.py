@@ -12,17 +12,33 @@ class AccountingError(RuntimeError):
     """inputs != indexed + failed: something was lost or counted twice."""
 
 
-def write_summary(directory: str, stage: str, *, inputs: int, indexed: int, failed: int,
-                  timings: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+def write_summary(
+    directory: str,
+    stage: str,
+    *,
+    inputs: int,
+    indexed: int,
+    failed: int,
+    timings: dict[str, float] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     if inputs != indexed + failed:
         raise AccountingError(f"{stage}: {inputs} inputs but {indexed} indexed + {failed} failed")
-    summary = {"stage": stage, "inputs": inputs, "indexed": indexed, "failed": failed,
-               "timings": {k: round(v, 3) for k, v in (timings or {}).items()},
-               **extra, "created": utc_now()}
+    summary = {
+        "stage": stage,
+        "inputs": inputs,
+        "indexed": indexed,
+        "failed": failed,
+        "timings": {k: round(v, 3) for k, v in (timings or {}).items()},
+        **extra,
+        "created": utc_now(),
+    }
     storage.write_json(storage.join(directory, "summary.json"), summary)
     return summary
 
 
 def format_accounting(summary: dict[str, Any]) -> str:
-    return (f"{summary['stage']}: {summary['inputs']} inputs = {summary['indexed']} indexed "
-            f"+ {summary['failed']} failed")
+    return (
+        f"{summary['stage']}: {summary['inputs']} inputs = {summary['indexed']} indexed "
+        f"+ {summary['failed']} failed"
+    )

@@ -70,7 +70,9 @@ def descriptor_dim(schema: pa.Schema) -> int:
     """Descriptor dimension recorded in a descriptors table's schema."""
     field = schema.field("descriptor")
     if not pa.types.is_fixed_size_list(field.type):
-        raise SchemaMismatchError(f"descriptor column has type {field.type}, expected a fixed-size list")
+        raise SchemaMismatchError(
+            f"descriptor column has type {field.type}, expected a fixed-size list"
+        )
     return field.type.list_size
 
 
@@ -80,7 +82,9 @@ def check_schema(name: str, schema: pa.Schema, *, source: str = "table") -> None
     found_name = meta.get(METADATA_NAME, b"").decode() or None
     found_version = meta.get(METADATA_VERSION, b"").decode() or None
     if found_name != name:
-        raise SchemaMismatchError(f"{source}: expected a {name!r} table, found schema {found_name!r}")
+        raise SchemaMismatchError(
+            f"{source}: expected a {name!r} table, found schema {found_name!r}"
+        )
     if found_version != str(CURRENT_VERSIONS[name]):
         raise SchemaMismatchError(
             f"{source}: {name!r} schema version {found_version} is not supported "

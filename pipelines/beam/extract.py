@@ -1,7 +1,8 @@
 """Descriptor extraction on Apache Beam: a thin adapter over ``retrieval.extraction``.
 
     shard specs ─► (shard, image) pairs ─► Reshuffle ─► read + decode ─┬─► RunInference (GeM) ─┐
-                                                                       └─► error rows ─────────┴─► group by shard ─► write shard + manifest
+                                                                       └─► error rows ─────────┤
+                          write shard + manifest ◄─ group by shard ◄──────────────────────────┘
 
 Reshuffle spreads single images (not whole shards) over the workers, so a few large shards never
 leave workers idle; RunInference loads one model per worker and batches; grouping by shard id
@@ -42,8 +43,12 @@ class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
         configure_tf_threads(self._threads)
         return GeMExtractor(self._config)
 
-    def run_inference(self, batch: Sequence[LoadedImage], model: GeMExtractor,
-                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+    def run_inference(
+        self,
+        batch: Sequence[LoadedImage],
+        model: GeMExtractor,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
         for loaded in batch:
             try:
                 yield PredictionResult(loaded, descriptor_row(loaded, model.describe(loaded.image)))
@@ -67,8 +72,9 @@ class _WriteShard(beam.DoFn):
         rows, errors = [], []
         for result in results:
             (errors if isinstance(result, ErrorRow) else rows).append(result)
-        manifest = descriptor_shards.write_shard(self._output, specs[shard_id], rows, errors,
-                                                 self._model_info)
+        manifest = descriptor_shards.write_shard(
+            self._output, specs[shard_id], rows, errors, self._model_info
+        )
         yield shard_id, manifest["rows"], manifest["errors"]
 
 
@@ -78,17 +84,26 @@ def _failed_batch_rows(failure: tuple[Sequence[tuple[str, LoadedImage]], BaseExc
         yield shard_id, model_error(loaded, exc)
 
 
-def build_extraction(pipeline: beam.Pipeline, specs: Sequence[ShardSpec], output: str, *,
-                     config: GeMConfig, model_info: dict[str, Any], limits: DecodeLimits,
-                     threads_per_worker: int | None) -> beam.PCollection:
+def build_extraction(
+    pipeline: beam.Pipeline,
+    specs: Sequence[ShardSpec],
+    output: str,
+    *,
+    config: GeMConfig,
+    model_info: dict[str, Any],
+    limits: DecodeLimits,
+    threads_per_worker: int | None,
+) -> beam.PCollection:
     """Add the extraction of ``specs`` to ``pipeline``; returns (shard, rows, errors) per shard."""
     shard_specs = pipeline | "Shards" >> beam.Create([(s.shard_id, s) for s in specs])
     loaded = (
         shard_specs
         | "Images" >> beam.FlatMap(lambda kv: [(kv[0], ref) for ref in kv[1].refs])
         | "Spread" >> beam.Reshuffle()
-        | "ReadDecode" >> beam.MapTuple(
-            lambda shard, ref: (shard, load_image(ref, max_side=config.max_side, limits=limits)))
+        | "ReadDecode"
+        >> beam.MapTuple(
+            lambda shard, ref: (shard, load_image(ref, max_side=config.max_side, limits=limits))
+        )
     )
     decoded = loaded | "Decoded" >> beam.Filter(lambda kv: isinstance(kv[1], LoadedImage))
     undecodable = loaded | "Undecodable" >> beam.Filter(lambda kv: isinstance(kv[1], ErrorRow))
@@ -100,16 +115,31 @@ def build_extraction(pipeline: beam.Pipeline, specs: Sequence[ShardSpec], output
         (rows, undecodable, failed)
         | "All" >> beam.Flatten()
         | "ByShard" >> beam.GroupByKey()
-        | "Write" >> beam.ParDo(_WriteShard(output, model_info), specs=beam.pvalue.AsDict(shard_specs))
+        | "Write"
+        >> beam.ParDo(_WriteShard(output, model_info), specs=beam.pvalue.AsDict(shard_specs))
     )
 
 
-def run_extraction(specs: Sequence[ShardSpec], output: str, *, config: GeMConfig,
-                   model_info: dict[str, Any], limits: DecodeLimits, options: PipelineOptions,
-                   threads_per_worker: int | None = None) -> None:
+def run_extraction(
+    specs: Sequence[ShardSpec],
+    output: str,
+    *,
+    config: GeMConfig,
+    model_info: dict[str, Any],
+    limits: DecodeLimits,
+    options: PipelineOptions,
+    threads_per_worker: int | None = None,
+) -> None:
     """Run the extraction of ``specs`` to completion."""
     if not specs:
         return
     with beam.Pipeline(options=options) as pipeline:
-        build_extraction(pipeline, specs, output, config=config, model_info=model_info,
-                         limits=limits, threads_per_worker=threads_per_worker)
+        build_extraction(
+            pipeline,
+            specs,
+            output,
+            config=config,
+            model_info=model_info,
+            limits=limits,
+            threads_per_worker=threads_per_worker,
+        )

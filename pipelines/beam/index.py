@@ -10,8 +10,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from retrieval.index.shard_index import ShardIndexTask, build_shard_index
 
 
-def run_shard_indexes(tasks: Sequence[ShardIndexTask], output: str, *,
-                      options: PipelineOptions) -> None:
+def run_shard_indexes(
+    tasks: Sequence[ShardIndexTask], output: str, *, options: PipelineOptions
+) -> None:
     if not tasks:
         return
     with beam.Pipeline(options=options) as pipeline:

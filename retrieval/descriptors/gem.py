@@ -13,10 +13,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
-from retrieval.descriptors.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from retrieval.descriptors.backbones import (
+    DEFAULT_BACKBONE,
+    Backbone,
+    backbone_identity,
+    load_backbone,
+)
 from retrieval.descriptors.pooling import gem_tf, l2_normalize
 from retrieval.images import DecodedImage
 
@@ -62,34 +66,61 @@ class GeMConfig:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What manifests record about the model: id, config and its hash, weights checksum.
+
+    Without ``identity`` it is read from the backbone spec (cheap for the default backbone).
+    """
+    identity = identity or backbone_identity(config.backbone)
+    return {
+        "id": config.model_id,
+        "config": config.as_dict(),
+        "config_hash": config.config_hash(),
+        "weights_sha256": identity["weights_sha256"],
+        "preprocessing": {
+            **identity["preprocessing"],
+            "resize": "longer side to image_size x scale, bilinear, shrink only",
+        },
+        "dim": identity["dim"],
+    }
+
+
 def configure_tf_threads(threads: int | None) -> None:
     """Pin TensorFlow's thread pools (only possible before TF runs its first op in a process)."""
     if not threads:
         return
+    import tensorflow as tf
+
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1 if threads <= 2 else 2)
     except RuntimeError:
         current = tf.config.threading.get_intra_op_parallelism_threads()
         if current != threads:
-            log.warning("TensorFlow already initialised with %s threads; wanted %s", current, threads)
+            log.warning(
+                "TensorFlow already initialised with %s threads; wanted %s", current, threads
+            )
 
 
 @dataclass
 class GeMExtractor:
-    """Describes decoded images with GeM over a backbone. Build once per worker; it holds the model."""
+    """GeM descriptors over a backbone; build one per worker (it holds the model)."""
 
     config: GeMConfig = field(default_factory=GeMConfig)
     backbone: Backbone | None = None
 
     def __post_init__(self) -> None:
+        import tensorflow as tf
+
         if self.backbone is None:
             self.backbone = load_backbone(self.config.backbone)
         backbone = self.backbone
         p = self.config.p
 
         # One graph for any image size: dynamic H and W avoid a retrace per aspect ratio.
-        @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], reduce_retracing=True)
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], reduce_retracing=True
+        )
         def describe_one(pixels: tf.Tensor) -> tf.Tensor:
             batch = backbone.preprocess(tf.cast(pixels, tf.float32)[tf.newaxis])
             return gem_tf(backbone.model(batch), p)[0]
@@ -108,17 +139,14 @@ class GeMExtractor:
     def info(self) -> dict[str, Any]:
         """Model description for manifests and reports."""
         assert self.backbone is not None
-        return {
-            "id": self.model_id,
-            "config": self.config.as_dict(),
-            "config_hash": self.config.config_hash(),
-            "weights_sha256": self.backbone.weights_sha256,
-            "preprocessing": {
-                **self.backbone.preprocessing,
-                "resize": "longer side to image_size x scale, bilinear, shrink only",
+        return model_info(
+            self.config,
+            {
+                "dim": self.dim,
+                "weights_sha256": self.backbone.weights_sha256,
+                "preprocessing": self.backbone.preprocessing,
             },
-            "dim": self.dim,
-        }
+        )
 
     def describe(self, image: DecodedImage) -> np.ndarray:
         """The L2-normalized float32 descriptor of one image."""

@@ -7,8 +7,12 @@ the reference; the TensorFlow ones run inside the model graph so only C floats l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 def gem(features: np.ndarray, p: float = 3.0, eps: float = 1e-6) -> np.ndarray:
@@ -25,5 +29,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 def gem_tf(features: tf.Tensor, p: float = 3.0, eps: float = 1e-6) -> tf.Tensor:
     """GeM over the spatial axes of a (N, H, W, C) tensor -> (N, C), in the graph."""
+    import tensorflow as tf
+
     clamped = tf.maximum(features, eps)
     return tf.pow(tf.reduce_mean(tf.pow(clamped, p), axis=[1, 2]), 1.0 / p)

@@ -48,8 +48,14 @@ def new_index(factory: str, d: int) -> faiss.Index:
     return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
 
 
-def train_codebook(descriptors: str, output: str, *, factory: str = "auto",
-                   sample_size: int | None = None, seed: int = 0) -> dict[str, Any]:
+def train_codebook(
+    descriptors: str,
+    output: str,
+    *,
+    factory: str = "auto",
+    sample_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Train an empty index on a uniform sample of the descriptors; write it and its manifest."""
     start = time.perf_counter()
     shard_manifests = descriptor_shards.list_shards(descriptors)
@@ -86,7 +92,9 @@ def train_codebook(descriptors: str, output: str, *, factory: str = "auto",
         index.train(sample)
     train_s = time.perf_counter() - start
     data = write_index(storage.join(output, CODEBOOK_FILE), index)
-    sample_table = pa.table({"position": pa.array(positions, pa.int64()), "id": pa.array(ids, pa.string())})
+    sample_table = pa.table(
+        {"position": pa.array(positions, pa.int64()), "id": pa.array(ids, pa.string())}
+    )
     sink = io.BytesIO()
     pq.write_table(sample_table, sink)
     storage.write_bytes(storage.join(output, SAMPLE_FILE), sink.getvalue())
@@ -106,8 +114,16 @@ def train_codebook(descriptors: str, output: str, *, factory: str = "auto",
         "created": utc_now(),
     }
     storage.write_json(storage.join(output, CODEBOOK_MANIFEST), manifest)
-    write_summary(output, "train", inputs=total, indexed=total, failed=0,
-                  timings={"train_s": train_s}, factory=factory, sample_size=len(sample))
+    write_summary(
+        output,
+        "train",
+        inputs=total,
+        indexed=total,
+        failed=0,
+        timings={"train_s": train_s},
+        factory=factory,
+        sample_size=len(sample),
+    )
     return manifest
 
 

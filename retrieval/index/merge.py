@@ -62,8 +62,9 @@ def merge_shard_indexes(shards: str, output: str) -> dict[str, Any]:
         raise ValueError(f"{shards}: shard indexes were built with {len(codebooks)} codebooks")
     indexes, idmaps = [], []
     for m in shard_manifests:
-        indexes.append(read_index(index_uri(shards, m["shard"]),
-                                  expect_sha256=m["files"]["index"]["sha256"]))
+        indexes.append(
+            read_index(index_uri(shards, m["shard"]), expect_sha256=m["files"]["index"]["sha256"])
+        )
         table = pq.read_table(io.BytesIO(storage.read_bytes(idmap_uri(shards, m["shard"]))))
         schemas.check_schema("idmap", table.schema, source=idmap_uri(shards, m["shard"]))
         idmaps.append(table)
@@ -78,13 +79,27 @@ def merge_shard_indexes(shards: str, output: str) -> dict[str, Any]:
     storage.write_bytes(storage.join(output, IDMAP_FILE), sink.getvalue())
     codebook = read_codebook_manifest(shard_manifests[0]["codebook"])
     manifest = {
-        "schema_version": 1, "kind": "merged_index", "codebook_id": codebooks.pop(),
-        "factory": codebook["factory"], "metric": codebook["metric"], "dim": codebook["dim"],
+        "schema_version": 1,
+        "kind": "merged_index",
+        "codebook_id": codebooks.pop(),
+        "factory": codebook["factory"],
+        "metric": codebook["metric"],
+        "dim": codebook["dim"],
         "model": codebook["model"],
-        "ntotal": int(index.ntotal), "shards": len(shard_manifests),
-        "sha256": storage.sha256_bytes(data), "bytes": len(data), "created": utc_now(),
+        "ntotal": int(index.ntotal),
+        "shards": len(shard_manifests),
+        "sha256": storage.sha256_bytes(data),
+        "bytes": len(data),
+        "created": utc_now(),
     }
     storage.write_json(storage.join(output, INDEX_MANIFEST), manifest)
-    write_summary(output, "merge", inputs=expected, indexed=int(index.ntotal), failed=0,
-                  timings={"merge_s": time.perf_counter() - start}, shards=len(shard_manifests))
+    write_summary(
+        output,
+        "merge",
+        inputs=expected,
+        indexed=int(index.ntotal),
+        failed=0,
+        timings={"merge_s": time.perf_counter() - start},
+        shards=len(shard_manifests),
+    )
     return manifest

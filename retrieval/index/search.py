@@ -51,7 +51,11 @@ def load_index(directory: str, *, nprobe: int = DEFAULT_NPROBE) -> SearchableInd
     index_ids = idmap.column("index_id").to_numpy()
     if not np.array_equal(index_ids, np.arange(len(index_ids))):
         raise ValueError(f"{directory}: id map is not the dense range 0..{len(index_ids) - 1}")
-    searchable = SearchableIndex(index, np.asarray(idmap.column("id").to_pylist(), dtype=object),
-                                 np.asarray(idmap.column("uri").to_pylist(), dtype=object), manifest)
+    searchable = SearchableIndex(
+        index,
+        np.asarray(idmap.column("id").to_pylist(), dtype=object),
+        np.asarray(idmap.column("uri").to_pylist(), dtype=object),
+        manifest,
+    )
     searchable.set_nprobe(nprobe)
     return searchable

@@ -40,8 +40,12 @@ class ShardIndexTask:
         return self.shard_manifest["shard"]
 
     def expect(self) -> dict[str, Any]:
-        return {"kind": KIND, "codebook_id": self.codebook_id, "id_offset": self.id_offset,
-                "descriptors_sha256": self.shard_manifest["files"]["data"]["sha256"]}
+        return {
+            "kind": KIND,
+            "codebook_id": self.codebook_id,
+            "id_offset": self.id_offset,
+            "descriptors_sha256": self.shard_manifest["files"]["data"]["sha256"],
+        }
 
 
 def index_uri(directory: str, shard_id: str) -> str:
@@ -68,9 +72,15 @@ def pending(tasks: list[ShardIndexTask], output: str) -> list[ShardIndexTask]:
 
 def idmap_table(index_ids: np.ndarray, ids: list[str], uris: list[str], shard: str) -> pa.Table:
     schema = schemas.arrow_schema("idmap")
-    return pa.table({"index_id": pa.array(index_ids, pa.int64()), "id": pa.array(ids, pa.string()),
-                     "uri": pa.array(uris, pa.string()),
-                     "shard": pa.array([shard] * len(ids), pa.string())}, schema=schema)
+    return pa.table(
+        {
+            "index_id": pa.array(index_ids, pa.int64()),
+            "id": pa.array(ids, pa.string()),
+            "uri": pa.array(uris, pa.string()),
+            "shard": pa.array([shard] * len(ids), pa.string()),
+        },
+        schema=schema,
+    )
 
 
 def build_shard_index(task: ShardIndexTask, output: str) -> dict[str, Any]:
@@ -85,17 +95,24 @@ def build_shard_index(task: ShardIndexTask, output: str) -> dict[str, Any]:
     pq.write_table(idmap_table(ids, shard.ids, shard.uris, task.shard_id), sink)
     idmap = sink.getvalue()
     storage.write_bytes(idmap_uri(output, task.shard_id), idmap)
-    return manifests.commit(output, task.shard_id, {
-        **task.expect(),
-        "codebook": task.codebook,
-        "rows": len(ids),
-        "files": {"index": manifests.file_entry(index_uri(output, task.shard_id), data, len(ids)),
-                  "idmap": manifests.file_entry(idmap_uri(output, task.shard_id), idmap, len(ids))},
-    })
+    return manifests.commit(
+        output,
+        task.shard_id,
+        {
+            **task.expect(),
+            "codebook": task.codebook,
+            "rows": len(ids),
+            "files": {
+                "index": manifests.file_entry(index_uri(output, task.shard_id), data, len(ids)),
+                "idmap": manifests.file_entry(idmap_uri(output, task.shard_id), idmap, len(ids)),
+            },
+        },
+    )
 
 
-def summarize_shard_indexes(tasks: list[ShardIndexTask], output: str, skipped: int,
-                            timings: dict[str, float]) -> dict[str, Any]:
+def summarize_shard_indexes(
+    tasks: list[ShardIndexTask], output: str, skipped: int, timings: dict[str, float]
+) -> dict[str, Any]:
     rows = 0
     for task in tasks:
         manifest = manifests.committed(output, task.shard_id, expect=task.expect())
@@ -103,5 +120,13 @@ def summarize_shard_indexes(tasks: list[ShardIndexTask], output: str, skipped: i
             raise RuntimeError(f"shard index {task.shard_id} not committed after the run")
         rows += manifest["rows"]
     inputs = sum(t.shard_manifest["rows"] for t in tasks)
-    return write_summary(output, "index", inputs=inputs, indexed=rows, failed=inputs - rows,
-                         timings=timings, shards=len(tasks), shards_skipped=skipped)
+    return write_summary(
+        output,
+        "index",
+        inputs=inputs,
+        indexed=rows,
+        failed=inputs - rows,
+        timings=timings,
+        shards=len(tasks),
+        shards_skipped=skipped,
+    )

@@ -61,14 +61,19 @@ def errors_uri(directory: str, shard_id: str) -> str:
 
 def expected_manifest(spec: ShardSpec, model_info: dict[str, Any]) -> dict[str, Any]:
     """What a committed manifest must say for ``spec`` to be skipped on a re-run."""
-    return {"kind": KIND, "input_digest": spec.input_digest,
-            "model.config_hash": model_info["config_hash"],
-            "model.weights_sha256": model_info["weights_sha256"]}
+    return {
+        "kind": KIND,
+        "input_digest": spec.input_digest,
+        "model.config_hash": model_info["config_hash"],
+        "model.weights_sha256": model_info["weights_sha256"],
+    }
 
 
 def is_committed(directory: str, spec: ShardSpec, model_info: dict[str, Any]) -> bool:
-    return manifests.committed(directory, spec.shard_id,
-                               expect=expected_manifest(spec, model_info)) is not None
+    return (
+        manifests.committed(directory, spec.shard_id, expect=expected_manifest(spec, model_info))
+        is not None
+    )
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -96,7 +101,9 @@ def descriptor_table(rows: Sequence[DescriptorRow], model_id: str, dim: int) -> 
 
 def error_table(errors: Sequence[ErrorRow]) -> pa.Table:
     schema = schemas.arrow_schema("errors")
-    columns = {name: pa.array([getattr(e, name) for e in errors], pa.string()) for name in schema.names}
+    columns = {
+        name: pa.array([getattr(e, name) for e in errors], pa.string()) for name in schema.names
+    }
     return pa.table(columns, schema=schema)
 
 
@@ -118,30 +125,39 @@ def write_shard(
     if sorted(produced) != sorted(planned):
         missing = sorted(set(planned) - set(produced))[:5]
         extra = sorted(set(produced) - set(planned))[:5]
-        raise RuntimeError(f"{spec.shard_id}: accounting mismatch: {len(planned)} inputs, "
-                           f"{len(rows)} rows + {len(errors)} errors; missing {missing}, extra {extra}")
+        raise RuntimeError(
+            f"{spec.shard_id}: accounting mismatch: {len(planned)} inputs, "
+            f"{len(rows)} rows + {len(errors)} errors; missing {missing}, extra {extra}"
+        )
     rows = sorted(rows, key=lambda r: order[r.id])
     errors = sorted(errors, key=lambda e: order[e.id])
 
     dim = int(model_info["dim"])
     data = _parquet_bytes(descriptor_table(rows, model_info["id"], dim))
     error_data = _parquet_bytes(error_table(errors))
-    data_path, errors_path = data_uri(directory, spec.shard_id), errors_uri(directory, spec.shard_id)
+    data_path, errors_path = (
+        data_uri(directory, spec.shard_id),
+        errors_uri(directory, spec.shard_id),
+    )
     storage.write_bytes(data_path, data)
     storage.write_bytes(errors_path, error_data)
-    return manifests.commit(directory, spec.shard_id, {
-        "kind": KIND,
-        "input_digest": spec.input_digest,
-        "inputs": len(planned),
-        "rows": len(rows),
-        "errors": len(errors),
-        "dim": dim,
-        "files": {
-            "data": manifests.file_entry(data_path, data, len(rows)),
-            "errors": manifests.file_entry(errors_path, error_data, len(errors)),
+    return manifests.commit(
+        directory,
+        spec.shard_id,
+        {
+            "kind": KIND,
+            "input_digest": spec.input_digest,
+            "inputs": len(planned),
+            "rows": len(rows),
+            "errors": len(errors),
+            "dim": dim,
+            "files": {
+                "data": manifests.file_entry(data_path, data, len(rows)),
+                "errors": manifests.file_entry(errors_path, error_data, len(errors)),
+            },
+            "model": model_info,
         },
-        "model": model_info,
-    })
+    )
 
 
 def _read_checked(uri: str, entry: dict[str, Any], schema_name: str) -> pa.Table:
@@ -158,9 +174,12 @@ def read_shard(directory: str, manifest: dict[str, Any]) -> DescriptorShard:
     table = _read_checked(data_uri(directory, shard_id), manifest["files"]["data"], "descriptors")
     dim = schemas.descriptor_dim(table.schema)
     column = table.column("descriptor").combine_chunks()
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    return DescriptorShard(shard_id, table.column("id").to_pylist(), table.column("uri").to_pylist(),
-                           vectors, manifest)
+    vectors = (
+        column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    )
+    return DescriptorShard(
+        shard_id, table.column("id").to_pylist(), table.column("uri").to_pylist(), vectors, manifest
+    )
 
 
 def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:

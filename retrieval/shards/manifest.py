@@ -27,14 +27,22 @@ def utc_now() -> str:
 
 
 def file_entry(uri: str, data: bytes, rows: int) -> dict[str, Any]:
-    return {"name": uri.rsplit("/", 1)[-1], "sha256": storage.sha256_bytes(data),
-            "bytes": len(data), "rows": rows}
+    return {
+        "name": uri.rsplit("/", 1)[-1],
+        "sha256": storage.sha256_bytes(data),
+        "bytes": len(data),
+        "rows": rows,
+    }
 
 
 def commit(directory: str, shard_id: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest (the commit point) after the shard's data files exist."""
-    manifest = {"schema_version": schemas.CURRENT_VERSIONS["manifest"], "shard": shard_id,
-                **manifest, "created": utc_now()}
+    manifest = {
+        "schema_version": schemas.CURRENT_VERSIONS["manifest"],
+        "shard": shard_id,
+        **manifest,
+        "created": utc_now(),
+    }
     storage.write_json(manifest_uri(directory, shard_id), manifest)
     return manifest
 
@@ -57,7 +65,9 @@ def committed(directory: str, shard_id: str, *, expect: dict[str, Any]) -> dict[
     for key, value in expect.items():
         found = _get(manifest, key)
         if found != value:
-            log.info("%s: stale (%s is %r, expected %r); it will be rebuilt", shard_id, key, found, value)
+            log.info(
+                "%s: stale (%s is %r, expected %r); it will be rebuilt", shard_id, key, found, value
+            )
             return None
     return manifest
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: the benchmark images, a tiny Keras backbone, and the real default backbone
+(built at most once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+OXFORD_IMAGES = BENCHMARKS / "oxford-dev" / "images"
+
+
+@pytest.fixture(scope="session")
+def oxford_images() -> list[Path]:
+    """A few real oxford-dev photos (read in place, never copied into the repository)."""
+    if not OXFORD_IMAGES.is_dir():
+        pytest.skip(f"benchmark images not found at {OXFORD_IMAGES}")
+    images = sorted(OXFORD_IMAGES.glob("*.jpg"))
+    if len(images) < 6:
+        pytest.skip("fewer than 6 oxford-dev images")
+    return images
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """A random 2-layer conv net: 8 positive channels at 1/4 resolution, built in milliseconds."""
+    import tensorflow as tf
+
+    from retrieval.descriptors.backbones import Backbone
+
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((None, None, 3)),
+            tf.keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu"),
+            tf.keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="softplus"),
+        ]
+    )
+    return Backbone(
+        spec="test:tiny",
+        model=lambda x: model(x, training=False),
+        preprocess=lambda x: x / 255.0,
+        dim=8,
+        weights_sha256="0" * 64,
+    )
+
+
+@pytest.fixture(scope="session")
+def default_backbone():
+    """The real default backbone (EfficientNet-Lite0), built once for the whole session."""
+    from retrieval.descriptors.backbones import DEFAULT_BACKBONE, load_backbone
+
+    return load_backbone(DEFAULT_BACKBONE)

@@ -1,0 +1,194 @@
+"""The command line: help texts, and the precedence flag > config file > default."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import cli
+from pipelines.config import RunConfig, build_config, read_config_file
+from retrieval.descriptors.gem import DEFAULT_IMAGE_SIZE
+
+SUBCOMMAND_FLAGS = {
+    "extract": [
+        "--input",
+        "--output",
+        "--backbone",
+        "--image-size",
+        "--scales",
+        "--gem-p",
+        "--shard-size",
+        "--max-pixels",
+        "--max-bytes",
+        "--config",
+        "--runner",
+        "--workers",
+        "--threads-per-worker",
+        "--beam-args",
+    ],
+    "train": [
+        "--descriptors",
+        "--output",
+        "--index-factory",
+        "--sample-size",
+        "--seed",
+        "--config",
+    ],
+    "index": ["--descriptors", "--codebook", "--output", "--runner", "--workers", "--config"],
+    "merge": ["--shards", "--output"],
+    "search": ["--index", "--queries", "--output", "--k", "--nprobe"],
+    "evaluate": ["--benchmark", "--out", "--backbone", "--index-factory", "--runner", "--config"],
+    "demo": ["--out", "--backbone", "--runner", "--config"],
+}
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out + out.err
+
+
+def test_top_level_help(capsys):
+    code, text = run_main(["--help"], capsys)
+    assert code == 0
+    for command in SUBCOMMAND_FLAGS:
+        assert command in text
+    assert "summary.json" in text and "--config" in text
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMAND_FLAGS))
+def test_subcommand_help(command, capsys):
+    code, text = run_main([command, "--help"], capsys)
+    assert code == 0
+    for flag in SUBCOMMAND_FLAGS[command]:
+        assert flag in text, f"{command} --help does not mention {flag}"
+
+
+def test_missing_required_flag_is_an_error(capsys):
+    code, text = run_main(["extract", "--input", "x"], capsys)
+    assert code == 2 and "--output" in text
+    code, _ = run_main([], capsys)
+    assert code == 2
+
+
+def test_console_script():
+    script = Path(sys.executable).parent / "retrieval"
+    if not script.exists():
+        pytest.skip("console script not installed")
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "retrieval extract" in done.stdout
+
+
+TOML = """\
+runner = "local"
+workers = 3
+[extract]
+image_size = 256
+scales = [0.5, 1]
+gem_p = 4.0
+shard_size = 16
+max_pixels = 5000000
+[index]
+factory = "IVF64,Flat"
+seed = 7
+"""
+
+
+def test_config_file_overrides_defaults(tmp_path: Path):
+    path = tmp_path / "run.toml"
+    path.write_text(TOML)
+    values = read_config_file(str(path))
+    assert values["index_factory"] == "IVF64,Flat" and "factory" not in values
+    config = build_config(values)
+    default = RunConfig()
+    assert config.runner == "local" and config.workers == 3
+    assert config.gem.image_size == 256 and config.gem.scales == (0.5, 1.0) and config.gem.p == 4.0
+    assert config.gem.backbone == default.gem.backbone
+    assert config.shard_size == 16 and config.index_factory == "IVF64,Flat" and config.seed == 7
+    assert config.limits.max_pixels == 5_000_000
+    assert config.limits.max_bytes == default.limits.max_bytes
+    assert config.nprobe == default.nprobe and config.sample_size is None
+
+
+def test_flags_override_config_file(tmp_path: Path, monkeypatch, capsys):
+    from pipelines import stages
+
+    path = tmp_path / "run.toml"
+    path.write_text(TOML)
+    seen = {}
+
+    def extract(source, output, config):
+        seen.update(source=source, output=output, config=config)
+        return {"inputs": 3, "indexed": 2, "failed": 1}
+
+    monkeypatch.setattr(stages, "extract", extract)
+    assert (
+        cli.main(
+            [
+                "extract",
+                "--input",
+                "in",
+                "--output",
+                "out",
+                "--config",
+                str(path),
+                "--image-size",
+                "300",
+                "--runner",
+                "beam",
+                "--scales",
+                "1,1.5",
+                # As in the README: a quoted value that starts with one of our own flags.
+                "--beam-args",
+                "--runner=DataflowRunner --project=p",
+            ]
+        )
+        == 0
+    )
+    assert "3 inputs = 2 indexed + 1 failed" in capsys.readouterr().out
+    assert (seen["source"], seen["output"]) == ("in", "out")
+    config = seen["config"]
+    assert config.gem.image_size == 300 and config.runner == "beam"
+    assert config.gem.scales == (1.0, 1.5)
+    assert config.gem.p == 4.0 and config.shard_size == 16 and config.workers == 3  # from file
+    assert config.beam_args == ("--runner=DataflowRunner", "--project=p")
+    assert config.gem.max_side == 450
+
+    plain = cli._config(cli.build_parser().parse_args(["extract", "--input", "i", "--output", "o"]))
+    assert plain == RunConfig()
+    assert plain.gem.image_size == DEFAULT_IMAGE_SIZE
+
+
+def test_json_config_file(tmp_path: Path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"runner": "local", "index": {"nprobe": 8, "sample_size": 1000}}))
+    config = build_config(read_config_file(str(path)))
+    assert config.runner == "local" and config.nprobe == 8 and config.sample_size == 1000
+
+
+@pytest.mark.parametrize("text", ["imagesize = 3\n", "[extract]\nbackbone = 'x'\nquality = 9\n"])
+def test_unknown_config_keys_are_refused(tmp_path: Path, text: str):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="unknown settings"):
+        read_config_file(str(path))
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(ValueError, match="runner"):
+        build_config({"runner": "spark"})
+    with pytest.raises(ValueError, match="workers"):
+        build_config({"workers": 0})
+    with pytest.raises(ValueError, match="image_size"):
+        build_config({"image_size": 8})
+
+
+def test_threads_per_worker():
+    assert RunConfig(threads_per_worker=3).threads == 3
+    assert RunConfig(runner="local", workers=64).threads >= 1

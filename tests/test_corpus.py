@@ -1,0 +1,335 @@
+"""Listing corpora (folders, manifests, S3 via moto), planning shards, and storage retries."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from retrieval import storage
+from retrieval.corpus import ImageRef, image_id, list_corpus, plan_shards
+
+# --- folders -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    for name in (
+        "a.png",
+        "b.JPG",
+        "e.tif",
+        "sub/c.jpeg",
+        "sub/deeper/d.webp",
+        "notes.txt",
+        "list.csv",
+        "sub/model.h5",
+        "noext",
+    ):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    return root
+
+
+def test_list_folder(folder: Path):
+    refs = list_corpus(str(folder))
+    assert [r.id for r in refs] == ["a", "b", "e", "sub/c", "sub/deeper/d"]
+    assert [r.uri for r in refs] == [
+        str(folder / n) for n in ("a.png", "b.JPG", "e.tif", "sub/c.jpeg", "sub/deeper/d.webp")
+    ]
+    assert all(r.problem is None for r in refs)
+    assert list_corpus(str(folder) + "/") == refs
+
+
+def test_list_folder_relative_path(folder: Path, monkeypatch):
+    monkeypatch.chdir(folder.parent)
+    refs = list_corpus("corpus")
+    assert [r.id for r in refs] == ["a", "b", "e", "sub/c", "sub/deeper/d"]
+    assert all(os.path.isabs(r.uri) and os.path.exists(r.uri) for r in refs)
+
+
+def test_folder_named_like_a_manifest_is_listed(tmp_path: Path):
+    root = tmp_path / "shots.csv"
+    root.mkdir()
+    (root / "x.jpg").write_bytes(b"x")
+    assert [r.id for r in list_corpus(str(root))] == ["x"]
+
+
+def test_duplicate_ids_are_kept_and_marked(folder: Path):
+    (folder / "a.jpg").write_bytes(b"x")
+    (folder / "sub" / "c.png").write_bytes(b"x")
+    refs = list_corpus(str(folder))
+    assert [r.id for r in refs] == ["a", "a", "b", "e", "sub/c", "sub/c", "sub/deeper/d"]
+    by_uri = {os.path.relpath(r.uri, folder): r.problem for r in refs}
+    assert by_uri["a.jpg"] is None  # the first in URI order is indexed
+    assert by_uri["a.png"].startswith("duplicate_id: ")
+    assert by_uri["sub/c.jpeg"] is None
+    assert by_uri["sub/c.png"].startswith("duplicate_id: ")
+    assert str(folder / "sub" / "c.jpeg") in by_uri["sub/c.png"]
+
+
+def test_image_id():
+    assert image_id("/data/x/y/z.jpg", "/data/x") == "y/z"
+    assert image_id("/data/x/y/z.jpg", "/data/x/") == "y/z"
+    assert image_id("gs://bucket/dir/a.b.png", "gs://bucket/dir") == "a.b"
+
+
+# --- manifests ---------------------------------------------------------------------------------
+
+
+def test_csv_manifest_with_id_column(tmp_path: Path):
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "m.csv"
+    manifest.write_text(
+        "\ufeffid,uri\n"  # Excel writes a BOM
+        "x2,/abs/two.png\n"
+        "x1, images/one.jpg \n"
+        "x3,s3://bucket/three.jpg\n"
+        ",images/sub/four.jpg\n"
+    )
+    refs = list_corpus(str(manifest))
+    assert refs == [
+        ImageRef("images/sub/four", str(tmp_path / "lists" / "images" / "sub" / "four.jpg")),
+        ImageRef("x1", str(tmp_path / "lists" / "images" / "one.jpg")),
+        ImageRef("x2", "/abs/two.png"),
+        ImageRef("x3", "s3://bucket/three.jpg"),
+    ]
+
+
+def test_csv_manifest_without_id_column(tmp_path: Path, monkeypatch):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\nimg/b.jpg\nimg/sub/a.png\nimg/b.png\n")
+    refs = list_corpus(str(manifest))
+    assert [(r.id, r.uri, r.problem is not None) for r in refs] == [
+        ("img/b", str(tmp_path / "img" / "b.jpg"), False),
+        ("img/b", str(tmp_path / "img" / "b.png"), True),
+        ("img/sub/a", str(tmp_path / "img" / "sub" / "a.png"), False),
+    ]
+    monkeypatch.chdir(tmp_path)
+    assert [r.uri for r in list_corpus("m.csv")] == [r.uri for r in refs]
+
+
+def test_parquet_manifest(tmp_path: Path):
+    table = pa.table(
+        {"uri": ["pics/z.jpg", "pics/y.jpg", "gs://b/w.png"], "id": ["zeta", None, "omega"]}
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    refs = list_corpus(str(tmp_path / "m.parquet"))
+    assert refs == [
+        ImageRef("omega", "gs://b/w.png"),
+        ImageRef("pics/y", str(tmp_path / "pics" / "y.jpg")),
+        ImageRef("zeta", str(tmp_path / "pics" / "z.jpg")),
+    ]
+
+
+def test_manifest_needs_uri_column(tmp_path: Path):
+    (tmp_path / "m.csv").write_text("path\na.jpg\n")
+    with pytest.raises(ValueError, match="'uri' column"):
+        list_corpus(str(tmp_path / "m.csv"))
+    (tmp_path / "empty.csv").write_text("uri\n")
+    assert list_corpus(str(tmp_path / "empty.csv")) == []
+
+
+# --- shards ------------------------------------------------------------------------------------
+
+
+def _refs(n: int) -> list[ImageRef]:
+    return [ImageRef(f"img{i:03d}", f"/data/img{i:03d}.jpg") for i in range(n)]
+
+
+def test_plan_shards_is_deterministic():
+    refs = _refs(10)
+    plan = plan_shards(refs, 4)
+    assert [s.shard_id for s in plan] == ["part-00000", "part-00001", "part-00002"]
+    assert [len(s.refs) for s in plan] == [4, 4, 2]
+    assert [r for s in plan for r in s.refs] == refs
+    again = plan_shards(list(refs), 4)
+    assert again == plan
+    assert [s.input_digest for s in again] == [s.input_digest for s in plan]
+    assert plan_shards([], 4) == []
+    assert len(plan_shards(refs, 100)) == 1
+    with pytest.raises(ValueError):
+        plan_shards(refs, 0)
+
+
+def test_input_digest_tracks_inputs():
+    refs = _refs(6)
+    base = plan_shards(refs, 3)
+    moved = refs.copy()
+    moved[4] = ImageRef("img004", "/elsewhere/img004.jpg")
+    changed = plan_shards(moved, 3)
+    assert changed[0].input_digest == base[0].input_digest
+    assert changed[1].input_digest != base[1].input_digest
+    renamed = refs.copy()
+    renamed[0] = ImageRef("other", refs[0].uri)
+    assert plan_shards(renamed, 3)[0].input_digest != base[0].input_digest
+    assert plan_shards(refs[:5], 3)[1].input_digest != base[1].input_digest
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+
+def test_with_retries_retries_transient_errors(monkeypatch):
+    delays: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", delays.append)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    assert storage.with_retries(flaky, what="test") == "ok"
+    assert len(calls) == 3 and len(delays) == 2
+    assert delays[1] > 0 and all(d <= 10.0 for d in delays)
+
+
+def test_with_retries_gives_up(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise TimeoutError("slow down")
+
+    with pytest.raises(TimeoutError):
+        storage.with_retries(down, what="test", attempts=3)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    "error", [FileNotFoundError("gone"), PermissionError("no"), storage.FileTooLargeError("big")]
+)
+def test_with_retries_does_not_retry_permanent_errors(monkeypatch, error):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: pytest.fail("must not wait"))
+    calls = []
+
+    def fail() -> None:
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        storage.with_retries(fail, what="test")
+    assert len(calls) == 1
+
+
+def test_local_read_write(tmp_path: Path):
+    uri = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(uri, b"hello")
+    assert storage.read_bytes(uri) == b"hello"
+    assert os.listdir(tmp_path / "a") == ["b.bin"]  # no temporary file left behind
+    with pytest.raises(storage.FileTooLargeError):
+        storage.read_bytes(uri, max_bytes=4)
+    assert storage.read_bytes(uri, max_bytes=5) == b"hello"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(str(tmp_path / "missing"))
+    assert storage.sha256_file(uri) == storage.sha256_bytes(b"hello")
+
+
+# --- S3 (moto) ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on a free port, with the environment s3fs/botocore read pointed at it."""
+    moto = Path(sys.executable).parent / "moto_server"
+    if not moto.exists():
+        pytest.skip("moto_server is not installed")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_ENDPOINT_URL", endpoint)  # botocore (and so s3fs) honours it
+            for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                env.delenv(name, raising=False)  # a region makes moto refuse CreateBucket
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+            try:
+                yield endpoint
+            finally:
+                s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _png(colour: str) -> bytes:
+    sink = io.BytesIO()
+    Image.new("RGB", (32, 24), colour).save(sink, "PNG")
+    return sink.getvalue()
+
+
+def test_list_corpus_on_s3(s3_endpoint):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    assert fs.client_kwargs.get("endpoint_url") in (None, s3_endpoint)
+    bucket = f"corpus-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)  # no region: see STACK.md pitfall 5
+    images = {
+        "prefix/a.png": _png("red"),
+        "prefix/sub/b.jpg": _png("green"),
+        "prefix/c.png": _png("blue"),
+    }
+    for key, data in images.items():
+        fs.pipe(f"{bucket}/{key}", data)
+    fs.pipe(f"{bucket}/prefix/readme.txt", b"not an image")
+    fs.pipe(f"{bucket}/other/z.png", _png("white"))
+
+    refs = list_corpus(f"s3://{bucket}/prefix")
+    assert [r.id for r in refs] == ["a", "c", "sub/b"]
+    assert [r.uri for r in refs] == [
+        f"s3://{bucket}/prefix/{k}" for k in ("a.png", "c.png", "sub/b.jpg")
+    ]
+    assert list_corpus(f"s3://{bucket}/prefix/") == refs
+    for ref in refs:
+        assert storage.read_bytes(ref.uri) == images[ref.uri.split("/", 3)[3]]
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"s3://{bucket}/prefix/missing.png")
+
+    # A manifest in the bucket, with URIs relative to it.
+    storage.write_bytes(f"s3://{bucket}/m.csv", b"id,uri\nq,prefix/c.png\n")
+    [ref] = list_corpus(f"s3://{bucket}/m.csv")
+    assert ref == ImageRef("q", f"s3://{bucket}/prefix/c.png")
+    assert storage.read_bytes(ref.uri) == images["prefix/c.png"]
+    assert storage.exists(f"s3://{bucket}/m.csv")

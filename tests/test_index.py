@@ -1,0 +1,186 @@
+"""Codebook training, per-shard indexes, merging and loading, on random unit vectors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import stages
+from pipelines.config import RunConfig
+from retrieval.corpus import ImageRef, ShardSpec
+from retrieval.index import factory as factories
+from retrieval.index.codebook import SAMPLE_FILE, train_codebook, uniform_sample, with_id_map
+from retrieval.index.merge import IDMAP_FILE, merge_shard_indexes
+from retrieval.index.search import load_index
+from retrieval.index.shard_index import build_shard_index, pending, plan_shard_indexes
+from retrieval.shards import descriptor_shards
+from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
+
+D = 32
+MODEL_INFO = {"id": "gem-test", "config_hash": "f" * 16, "weights_sha256": "0" * 64, "dim": D}
+
+
+def write_descriptors(
+    directory: Path, shard_sizes: list[int], seed: int = 0, errors_per_shard: int = 0
+) -> tuple[list[str], np.ndarray]:
+    """Random unit vectors as committed descriptor shards; returns ids and vectors in order."""
+    rng = np.random.default_rng(seed)
+    all_ids, blocks = [], []
+    for s, size in enumerate(shard_sizes):
+        ids = [f"s{s:02d}/img{i:03d}" for i in range(size)]
+        failed = [f"s{s:02d}/bad{i}" for i in range(errors_per_shard)]
+        vectors = rng.standard_normal((size, D)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        spec = ShardSpec(f"part-{s:05d}", tuple(ImageRef(i, f"/img/{i}.jpg") for i in ids + failed))
+        rows = [
+            DescriptorRow(i, f"/img/{i}.jpg", "0" * 64, 64, 48, v)
+            for i, v in zip(ids, vectors, strict=True)
+        ]
+        errors = [ErrorRow(i, f"/img/{i}.jpg", "decode", "truncated", "x") for i in failed]
+        descriptor_shards.write_shard(str(directory), spec, rows, errors, MODEL_INFO)
+        all_ids += ids
+        blocks.append(vectors)
+    return all_ids, np.concatenate(blocks)
+
+
+@pytest.fixture(scope="module")
+def descriptors(tmp_path_factory) -> tuple[Path, list[str], np.ndarray]:
+    directory = tmp_path_factory.mktemp("desc")
+    ids, vectors = write_descriptors(directory, [120, 0, 150, 130], errors_per_shard=2)
+    return directory, ids, vectors
+
+
+def build_all(desc: Path, root: Path, factory: str) -> tuple[dict, Path]:
+    codebook, shards, merged = root / "codebook", root / "shards", root / "index"
+    cb = train_codebook(str(desc), str(codebook), factory=factory, seed=0)
+    tasks = plan_shard_indexes(str(desc), str(codebook))
+    for task in pending(tasks, str(shards)):
+        build_shard_index(task, str(shards))
+    merge_shard_indexes(str(shards), str(merged))
+    return cb, merged
+
+
+@pytest.mark.parametrize(
+    ("factory", "expected", "exact"),
+    [
+        ("auto", "IDMap2,Flat", True),
+        ("IVF16,Flat", "IVF16,Flat", True),
+        ("PQ8x4", "IDMap2,PQ8x4", False),
+    ],
+)
+def test_build_merge_load(descriptors, tmp_path, factory, expected, exact):
+    desc, ids, vectors = descriptors
+    n = len(ids)
+    codebook, merged = build_all(desc, tmp_path, factory)
+    assert codebook["factory"] == expected and codebook["vectors"] == n and codebook["dim"] == D
+
+    index = load_index(str(merged))
+    assert index.index.ntotal == n == index.manifest["ntotal"]
+    assert index.manifest["factory"] == expected and index.manifest["shards"] == 4
+    assert list(index.ids) == ids  # (shard, row) order
+    idmap = pq.read_table(merged / IDMAP_FILE)
+    assert idmap.column("index_id").to_pylist() == list(range(n))
+    assert idmap.column("shard").to_pylist() == (
+        ["part-00000"] * 120 + ["part-00002"] * 150 + ["part-00003"] * 130
+    )
+
+    scores, found = index.search(vectors, 10)
+    assert found.shape == (n, 10)
+    if exact:
+        np.testing.assert_array_equal(found[:, 0], np.arange(n))
+        np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+        assert index.ranked_ids(found[:3, :1]) == [[ids[0]], [ids[1]], [ids[2]]]
+    else:  # 4-bit PQ is lossy: each vector should still rank itself among its first few hits
+        assert (found == np.arange(n)[:, None]).any(axis=1).mean() > 0.9
+
+
+def test_training_sample_is_uniform_and_seeded(tmp_path):
+    desc = tmp_path / "desc"
+    ids, _ = write_descriptors(desc, [100] * 10, seed=1)
+
+    def sample(out: str, seed: int):
+        train_codebook(
+            str(desc), str(tmp_path / out), factory="IVF4,Flat", sample_size=200, seed=seed
+        )
+        return pq.read_table(tmp_path / out / SAMPLE_FILE)
+
+    first = sample("a", 0)
+    positions = np.asarray(first.column("position").to_pylist())
+    assert len(positions) == len(set(positions)) == 200
+    assert np.all(np.diff(positions) > 0)
+    per_shard = np.bincount(positions // 100, minlength=10)
+    assert (per_shard > 0).all()  # every shard contributes, not just the first rows
+    assert per_shard.max() < 45  # expected 20 each
+    assert first.column("id").to_pylist() == [ids[p] for p in positions]
+
+    again = sample("b", 0)
+    assert again.column("position").to_pylist() == positions.tolist()
+    other = sample("c", 1)
+    assert other.column("position").to_pylist() != positions.tolist()
+
+    np.testing.assert_array_equal(uniform_sample(1000, 200, 7), uniform_sample(1000, 200, 7))
+    assert len(uniform_sample(50, 200, 0)) == 50
+
+
+def test_default_factory_rules():
+    assert factories.default_factory(1, 1280) == "IDMap2,Flat"
+    assert factories.default_factory(20_000, 1280) == "IDMap2,Flat"
+    mid = factories.default_factory(20_001, 1280)
+    assert mid.startswith("OPQ64_256,IVF") and mid.endswith(",PQ64") and "HNSW" not in mid
+    assert factories.default_factory(2_000_000, 1280) == "OPQ64_256,IVF4096,PQ64"
+    assert factories.default_factory(2_000_001, 1280) == "OPQ64_256,IVF4096_HNSW32,PQ64"
+    assert factories.default_factory(100_000, 128) == "OPQ32_128,IVF1024,PQ32"
+    assert factories.n_lists(10) == 64 and factories.n_lists(10**12) == 65536
+    for d in (32, 100, 128, 1280):
+        assert d % factories.pq_bytes(d) == 0
+    for n, d in ((50_000, 128), (3_000_000, 96)):
+        faiss.index_factory(d, factories.default_factory(n, d), faiss.METRIC_INNER_PRODUCT)
+    assert with_id_map("Flat") == "IDMap2,Flat"
+    assert with_id_map("IVF16,PQ8") == "IVF16,PQ8"
+    assert factories.training_sample_size("IVF1024,PQ32", 10**7) == 65_536
+    assert factories.training_sample_size("IVF8192,PQ64", 10**7) == 200_000
+    assert factories.training_sample_size("IVF16,Flat", 300) == 300
+
+
+def test_index_stage_rerun_skips_and_beam_matches_local(descriptors, tmp_path):
+    desc, ids, _ = descriptors
+    config = RunConfig(runner="local", workers=1, index_factory="IVF16,Flat")
+    codebook = tmp_path / "codebook"
+    stages.train(str(desc), str(codebook), config)
+
+    local = stages.index(str(desc), str(codebook), str(tmp_path / "shards-local"), config)
+    assert local["shards"] == 4 and local["shards_skipped"] == 0
+    assert local["inputs"] == local["indexed"] == len(ids)
+    again = stages.index(str(desc), str(codebook), str(tmp_path / "shards-local"), config)
+    assert again["shards_skipped"] == again["shards"] == 4
+
+    beam = stages.index(
+        str(desc), str(codebook), str(tmp_path / "shards-beam"), replace(config, runner="beam")
+    )
+    assert beam["shards_skipped"] == 0 and beam["indexed"] == len(ids)
+
+    merged_local = stages.merge(str(tmp_path / "shards-local"), str(tmp_path / "index-local"))
+    merged_beam = stages.merge(str(tmp_path / "shards-beam"), str(tmp_path / "index-beam"))
+    assert merged_beam["ntotal"] == merged_local["ntotal"] == len(ids)
+    assert merged_beam["sha256"] == merged_local["sha256"]  # the same bytes
+    assert pq.read_table(tmp_path / "index-beam" / IDMAP_FILE).equals(
+        pq.read_table(tmp_path / "index-local" / IDMAP_FILE)
+    )
+
+
+def test_stale_shard_index_is_rebuilt_after_new_codebook(descriptors, tmp_path):
+    desc, _, _ = descriptors
+    train_codebook(str(desc), str(tmp_path / "cb1"), factory="IVF16,Flat", seed=0)
+    tasks = plan_shard_indexes(str(desc), str(tmp_path / "cb1"))
+    for task in tasks:
+        build_shard_index(task, str(tmp_path / "shards"))
+    assert pending(tasks, str(tmp_path / "shards")) == []
+    # (Another seed would not do: when the sample is every vector, the codebook is the same.)
+    train_codebook(str(desc), str(tmp_path / "cb2"), factory="IVF8,Flat", seed=0)
+    tasks2 = plan_shard_indexes(str(desc), str(tmp_path / "cb2"))
+    assert len(pending(tasks2, str(tmp_path / "shards"))) == 4
