@@ -259,13 +259,23 @@ def _config(args: argparse.Namespace) -> Any:
     return build_config(vars(args), config)
 
 
+def benchmarks_dir() -> Path:
+    """Where the shared benchmarks are: $CBIR_BENCHMARKS, else ../shared/benchmarks next to the
+    repository, else next to the current folder (the first that exists; else the repo one)."""
+    if os.environ.get("CBIR_BENCHMARKS"):
+        return Path(os.environ["CBIR_BENCHMARKS"])
+    candidates = [
+        base.parent / "shared" / "benchmarks"
+        for base in (Path(__file__).resolve().parents[1], Path.cwd())
+    ]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
 def demo_benchmark() -> Path:
-    """../shared/benchmarks/oxford-dev relative to the repository (or the current folder)."""
-    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
-        candidate = base.parent / "shared" / "benchmarks" / DEMO_BENCHMARK
-        if (candidate / "gt.json").exists():
-            return candidate
-    raise SystemExit(f"cannot find ../shared/benchmarks/{DEMO_BENCHMARK}; use `retrieval evaluate`")
+    candidate = benchmarks_dir() / DEMO_BENCHMARK
+    if not (candidate / "gt.json").exists():
+        raise SystemExit(f"cannot find {candidate} (set CBIR_BENCHMARKS); use `retrieval evaluate`")
+    return candidate
 
 
 def _print_json(obj: Any) -> None:

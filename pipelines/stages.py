@@ -37,8 +37,11 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
         _extract_local(plan, config)
     else:
         from pipelines.beam.extract import run_extraction
-        from pipelines.beam.options import pipeline_options
+        from pipelines.beam.options import is_local, pipeline_options
 
+        options = pipeline_options(config.workers, config.beam_args)
+        # Local cores are shared by --workers processes; remote workers size their own pools.
+        threads = config.threads if is_local(options) else config.threads_per_worker
         with ShardProgress(
             output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
         ):
@@ -48,8 +51,8 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
                 config=config.gem,
                 model_info=info,
                 limits=config.limits,
-                options=pipeline_options(config.workers, config.beam_args),
-                threads_per_worker=config.threads,
+                options=options,
+                threads_per_worker=threads,
             )
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
     summary = summarize_extraction(plan, info, timings)

@@ -8,10 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.cli import benchmarks_dir
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+BENCHMARKS = benchmarks_dir()
 OXFORD_IMAGES = BENCHMARKS / "oxford-dev" / "images"
+
+
+def pytest_collection_modifyitems(config, items):
+    """CI sets CBIR_REQUIRE_BENCHMARKS=1: there, missing benchmark data is an error, not a skip."""
+    if os.environ.get("CBIR_REQUIRE_BENCHMARKS") and not BENCHMARKS.is_dir():
+        raise pytest.UsageError(f"CBIR_REQUIRE_BENCHMARKS is set but {BENCHMARKS} does not exist")
 
 
 @pytest.fixture(scope="session")

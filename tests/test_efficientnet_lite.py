@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.cli import benchmarks_dir
 from retrieval.descriptors.torch_checkpoint import UnsafeCheckpointError, read_torch_state_dict
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "efficientnet_lite0_reference.json"
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+BENCHMARKS = benchmarks_dir()
 IMAGES = BENCHMARKS / "oxford-dev" / "images"
 # Measured TF-vs-torch differences are ~4e-5 on feature maps and ~1e-5 on logits; the fixture is
 # rounded to 1e-5 / 1e-6. 1e-3 leaves room for other CPUs and oneDNN, while a padding or BN bug
@@ -216,7 +217,16 @@ def test_loader_is_strict(state_dict):
     )
 
     model = build_efficientnet_lite0(include_top=False)  # _fc.* may go unused without a top
+    before = model.get_layer("stem_conv").get_weights()[0]
+    wrong = {**state_dict, "_conv_head.weight": np.zeros((1280, 320, 3, 3), np.float32)}
+    with pytest.raises(ValueError, match="_conv_head -> head_conv: shapes"):
+        load_efficientnet_lite0_weights(model, wrong)
+    # a failed load assigns nothing
+    np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0], before)
+
     load_efficientnet_lite0_weights(model, state_dict)
+    stem = state_dict["_conv_stem.weight"].transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0], stem)
 
     missing = {k: v for k, v in state_dict.items() if k != "_blocks.3._bn1.running_var"}
     with pytest.raises(ValueError, match=r"missing \['_blocks.3._bn1.running_var'\]"):
@@ -224,9 +234,6 @@ def test_loader_is_strict(state_dict):
     extra = {**state_dict, "_blocks.16._bn1.weight": np.zeros(8, np.float32)}
     with pytest.raises(ValueError, match="unused keys"):
         load_efficientnet_lite0_weights(model, extra)
-    wrong = {**state_dict, "_conv_head.weight": np.zeros((1280, 320, 3, 3), np.float32)}
-    with pytest.raises(ValueError, match="_conv_head -> head_conv: shapes"):
-        load_efficientnet_lite0_weights(model, wrong)
 
 
 def test_matches_torch_on_random_input(model, reference):

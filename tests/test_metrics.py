@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.cli import benchmarks_dir
 from retrieval.evaluation.ground_truth import Benchmark, Query, load_benchmark
 from retrieval.evaluation.metrics import (
     RECALL_LEVELS,
@@ -26,7 +27,7 @@ from retrieval.evaluation.metrics import (
     ukbench_ns_score,
 )
 
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+BENCHMARKS = benchmarks_dir()
 
 
 # --------------------------------------------------------------------------- AP

@@ -181,11 +181,13 @@ def load_efficientnet_lite0_weights(model: keras.Model, state_dict: dict[str, np
     Strict on purpose, so a wrong checkpoint or a mismatched architecture fails loudly rather than
     giving silently wrong descriptors: every key must be consumed (``num_batches_tracked`` is
     training bookkeeping and ignored; ``_fc.*`` is ignored only when the model has no top) and
-    every array must have exactly the shape the Keras weight expects.
+    every array must have exactly the shape the Keras weight expects. Nothing is assigned
+    unless everything fits, so a failed load never leaves a half-loaded model behind.
     """
     include_top = any(layer.name == "logits" for layer in model.layers)
     used: set[str] = set()
     problems: list[str] = []
+    assignments: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
     for prefix, layer_name, kind in _weight_map(include_top):
         names, axes = _PARAMS[kind]
         keys = [f"{prefix}.{n}" for n in names]
@@ -202,7 +204,7 @@ def load_efficientnet_lite0_weights(model: keras.Model, state_dict: dict[str, np
         if expected != got:
             problems.append(f"{prefix} -> {layer_name}: shapes {got} != expected {expected}")
             continue
-        layer.set_weights(arrays)
+        assignments.append((layer, arrays))
         used.update(keys)
     ignored = {k for k in state_dict if k.endswith(".num_batches_tracked")}
     if not include_top:
@@ -216,6 +218,8 @@ def load_efficientnet_lite0_weights(model: keras.Model, state_dict: dict[str, np
         problems.append(f"model layers with no weights in the state dict {unset}")
     if problems:
         raise ValueError("EfficientNet-Lite0 weights do not fit the model: " + "; ".join(problems))
+    for layer, arrays in assignments:
+        layer.set_weights(arrays)
 
 
 def efficientnet_lite0_weights_path() -> str:
