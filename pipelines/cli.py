@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -11,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from pipelines import stages
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -24,7 +25,7 @@ The indexing pipeline, one command per stage, each reading and writing URIs
   retrieval train    --descriptors DESC --output CB     codebook on a uniform sample
   retrieval index    --descriptors DESC --codebook CB --output SHARDS   one index per shard
   retrieval merge    --shards SHARDS --output INDEX     one searchable index + id map
-  retrieval search   --index INDEX --queries QDESC --output RESULTS.parquet
+  retrieval search   --index INDEX --queries QDESC --output RESULTS
 
 and the whole default pipeline on a benchmark folder, with a report:
 
@@ -208,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search the merged index with every descriptor under "
         "--queries (a descriptor shard folder, e.g. from `retrieval "
         "extract` on the query images) and write the top --k results "
-        "per query as Parquet (query_id, rank, id, uri, score).",
+        "per query as results.parquet (query_id, rank, id, uri, score).",
     )
     p.add_argument("--index", required=True, metavar="URI", help="merged index folder")
     p.add_argument("--queries", required=True, metavar="URI", help="query descriptor folder")
-    p.add_argument("--output", required=True, metavar="URI", help="results .parquet file")
+    p.add_argument(
+        "--output", required=True, metavar="URI", help="folder for results.parquet and summary.json"
+    )
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
 
@@ -283,33 +286,8 @@ def _print_json(obj: Any) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from retrieval import storage
-    from retrieval.index.search import DEFAULT_NPROBE, load_index
-    from retrieval.shards import descriptor_shards
-
-    index = load_index(args.index, nprobe=args.nprobe or DEFAULT_NPROBE)
-    query_ids, _, vectors = descriptor_shards.read_all(args.queries)
-    scores, found = index.search(vectors, args.k)
-    rows: dict[str, list[Any]] = {"query_id": [], "rank": [], "id": [], "uri": [], "score": []}
-    for qid, row_scores, row_found in zip(query_ids, scores, found, strict=True):
-        for rank, (score, i) in enumerate(zip(row_scores, row_found, strict=True)):
-            if i < 0:
-                break
-            for key, value in (
-                ("query_id", qid),
-                ("rank", rank),
-                ("id", index.ids[i]),
-                ("uri", index.uris[i]),
-                ("score", float(score)),
-            ):
-                rows[key].append(value)
-    sink = io.BytesIO()
-    pq.write_table(pa.table(rows), sink)
-    storage.write_bytes(args.output, sink.getvalue())
-    print(f"{len(query_ids)} queries, top {min(args.k, index.index.ntotal)} each -> {args.output}")
+    summary = stages.search(args.index, args.queries, args.output, k=args.k, nprobe=args.nprobe)
+    print(f"{summary['inputs']} queries, top {summary['k']} each -> {summary['results']}")
 
 
 def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
@@ -351,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pipelines import stages
-
     if args.command == "extract":
         summary = stages.extract(args.input, args.output, _config(args))
         print(

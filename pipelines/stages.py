@@ -106,3 +106,37 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
 
 def merge(shards: str, output: str) -> dict[str, Any]:
     return merge_shard_indexes(shards, output)
+
+
+def search(
+    index_dir: str, queries: str, output: str, *, k: int = 100, nprobe: int | None = None
+) -> dict[str, Any]:
+    """Top-``k`` results for every descriptor under ``queries`` -> ``output``/results.parquet."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from retrieval.index.search import DEFAULT_NPROBE, load_index
+    from retrieval.shards import descriptor_shards
+    from retrieval.summary import write_summary
+
+    start = time.perf_counter()
+    index = load_index(index_dir, nprobe=nprobe or DEFAULT_NPROBE)
+    query_ids, _, vectors = descriptor_shards.read_all(queries)
+    table = index.results_table(query_ids, vectors, k)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    results = storage.join(output, "results.parquet")
+    storage.write_bytes(results, sink.getvalue())
+    answered = len(set(table.column("query_id").to_pylist()))
+    return write_summary(
+        output,
+        "search",
+        inputs=len(query_ids),
+        indexed=answered,
+        failed=len(query_ids) - answered,
+        timings={"search_s": time.perf_counter() - start},
+        k=min(k, index.index.ntotal),
+        results=results,
+        index=index_dir,
+    )

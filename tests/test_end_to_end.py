@@ -68,7 +68,7 @@ def test_evaluate_writes_a_complete_report(ukbench_run):
 
 
 def test_search_returns_each_image_first(ukbench_run, tmp_path):
-    results = tmp_path / "results.parquet"
+    results = tmp_path / "search"
     assert (
         cli.main(
             [
@@ -85,7 +85,9 @@ def test_search_returns_each_image_first(ukbench_run, tmp_path):
         )
         == 0
     )
-    table = pq.read_table(io.BytesIO(results.read_bytes())).to_pylist()
+    table = pq.read_table(io.BytesIO((results / "results.parquet").read_bytes())).to_pylist()
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["inputs"] == summary["indexed"] == 56
     assert len(table) == 56 * 4
     top1 = {row["query_id"]: row["id"] for row in table if row["rank"] == 0}
     assert top1 == {qid: qid for qid in top1}

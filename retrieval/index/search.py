@@ -8,6 +8,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
@@ -37,6 +38,22 @@ class SearchableIndex:
         k = min(k, self.index.ntotal)
         scores, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, found
+
+    def results_table(self, query_ids: list[str], queries: np.ndarray, k: int) -> pa.Table:
+        """Top-``k`` results per query as a table (query_id, rank, id, uri, score)."""
+        scores, found = self.search(queries, k)
+        valid = found >= 0
+        rows, ranks = np.nonzero(valid)
+        hits = found[valid]
+        return pa.table(
+            {
+                "query_id": pa.array(np.asarray(query_ids, dtype=object)[rows], pa.string()),
+                "rank": pa.array(ranks, pa.int32()),
+                "id": pa.array(self.ids[hits], pa.string()),
+                "uri": pa.array(self.uris[hits], pa.string()),
+                "score": pa.array(scores[valid], pa.float32()),
+            }
+        )
 
     def ranked_ids(self, found: np.ndarray) -> list[list[str]]:
         """Image ids for a (nq, k) array of faiss ids, dropping the -1 padding."""
