@@ -164,9 +164,21 @@ def _saved_model(spec: str, handle: str) -> Backbone:
         model=loaded,
         preprocess=_scale_to_unit,
         dim=int(probe.shape[-1]),
-        weights_sha256=weights_fingerprint(getattr(loaded, "variables", [])),
+        weights_sha256=weights_fingerprint(_saved_model_variables(loaded)),
         preprocessing={"color": "RGB", "scale": "x/255"},
     )
+
+
+def _saved_model_variables(loaded: Any) -> list[Any]:
+    """The variables of a loaded SavedModel: its ``variables`` attribute (TF-Hub / Keras export
+    it), else every variable reachable in its object graph (a plain ``tf.Module`` exports none,
+    and an empty list would give every such model the same fingerprint)."""
+    import tensorflow as tf
+
+    variables = getattr(loaded, "variables", None)
+    if variables:
+        return list(variables)
+    return [v for v in tf.train.TrackableView(loaded).descendants() if isinstance(v, tf.Variable)]
 
 
 def weights_fingerprint(variables: Any) -> str:
