@@ -184,3 +184,14 @@ def test_stale_shard_index_is_rebuilt_after_new_codebook(descriptors, tmp_path):
     train_codebook(str(desc), str(tmp_path / "cb2"), factory="IVF8,Flat", seed=0)
     tasks2 = plan_shard_indexes(str(desc), str(tmp_path / "cb2"))
     assert len(pending(tasks2, str(tmp_path / "shards"))) == 4
+
+
+def test_training_is_skipped_when_the_codebook_is_up_to_date(descriptors, tmp_path):
+    desc, _, _ = descriptors
+    first = train_codebook(str(desc), str(tmp_path / "cb"), factory="IVF8,Flat", seed=0)
+    codebook_file = tmp_path / "cb" / "codebook.faissindex"
+    stamp = codebook_file.stat().st_mtime_ns
+    again = train_codebook(str(desc), str(tmp_path / "cb"), factory="IVF8,Flat", seed=0)
+    assert again == first and codebook_file.stat().st_mtime_ns == stamp
+    other = train_codebook(str(desc), str(tmp_path / "cb"), factory="IVF16,Flat", seed=0)
+    assert other["factory"] == "IVF16,Flat" and codebook_file.stat().st_mtime_ns != stamp

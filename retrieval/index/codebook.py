@@ -72,6 +72,20 @@ def train_codebook(
         factory = factories.default_factory(total, d)
     factory = with_id_map(factory)
     size = sample_size or factories.training_sample_size(factory, total)
+    # The codebook is a function of these; if a committed one matches, training is skipped.
+    inputs_digest = storage.sha256_bytes(
+        "\n".join(m["files"]["data"]["sha256"] for m in shard_manifests).encode()
+    )
+    wanted = {
+        "factory": factory,
+        "seed": seed,
+        "sample_size": min(size, total),
+        "descriptors_digest": inputs_digest,
+    }
+    existing = _committed_codebook(output, wanted)
+    if existing is not None:
+        log.info("%s: codebook already trained on these descriptors; skipping", output)
+        return existing
     positions = uniform_sample(total, size, seed)
 
     # Walk the shards once, keeping only the sampled rows of each.
@@ -108,6 +122,7 @@ def train_codebook(
         "vectors": total,
         "sample_size": len(sample),
         "seed": seed,
+        "descriptors_digest": inputs_digest,
         "sha256": storage.sha256_bytes(data),
         "descriptors": descriptors,
         "model": shard_manifests[0]["model"],
@@ -124,6 +139,16 @@ def train_codebook(
         factory=factory,
         sample_size=len(sample),
     )
+    return manifest
+
+
+def _committed_codebook(output: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    uri = storage.join(output, CODEBOOK_MANIFEST)
+    if not storage.exists(uri):
+        return None
+    manifest = read_codebook_manifest(output)
+    if any(manifest.get(key) != value for key, value in wanted.items()):
+        return None
     return manifest
 
 
