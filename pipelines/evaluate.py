@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from retrieval.evaluation.metrics import evaluate_rankings
 from retrieval.evaluation.report import write_report
 from retrieval.extraction import failures
 from retrieval.index import factory as factories
+from retrieval.index.codebook import with_id_map
 from retrieval.index.search import load_index
 from retrieval.shards import descriptor_shards
 from retrieval.shards.manifest import utc_now
@@ -37,30 +40,25 @@ log = logging.getLogger(__name__)
 MAX_RANKING = 10_000
 
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 3)
+
+
 def build_index(
     descriptors: str, root: str, config: RunConfig, timings: dict[str, float], prefix: str = ""
 ) -> str:
     """train -> index -> merge under ``root``; returns the merged index folder."""
-    for stage, fn in (
-        ("train", lambda: stages.train(descriptors, storage.join(root, "codebook"), config)),
-        (
-            "index",
-            lambda: stages.index(
-                descriptors,
-                storage.join(root, "codebook"),
-                storage.join(root, "index_shards"),
-                config,
-            ),
-        ),
-        (
-            "merge",
-            lambda: stages.merge(storage.join(root, "index_shards"), storage.join(root, "index")),
-        ),
-    ):
-        start = time.perf_counter()
-        fn()
-        timings[f"{prefix}{stage}_s"] = round(time.perf_counter() - start, 3)
-    return storage.join(root, "index")
+    codebook, shards, index = (storage.join(root, n) for n in ("codebook", "index_shards", "index"))
+    with _timed(timings, f"{prefix}train_s"):
+        stages.train(descriptors, codebook, config)
+    with _timed(timings, f"{prefix}index_s"):
+        stages.index(descriptors, codebook, shards, config)
+    with _timed(timings, f"{prefix}merge_s"):
+        stages.merge(shards, index)
+    return index
 
 
 def rank_queries(
@@ -92,15 +90,14 @@ def evaluate_benchmark(
     descriptors = storage.join(out, "descriptors")
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    extract_summary = stages.extract(images, descriptors, config)
-    timings["extract_s"] = round(time.perf_counter() - start, 3)
+    with _timed(timings, "extract_s"):
+        extract_summary = stages.extract(images, descriptors, config)
     default_index = build_index(descriptors, storage.join(out, "default"), config, timings)
 
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     vectors_by_id = dict(zip(ids, vectors, strict=True))
     n, d = vectors.shape
-    chosen = (
+    chosen = with_id_map(
         factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
     )
     indexes = [("gem+" + _label(chosen), default_index)]
@@ -115,13 +112,12 @@ def evaluate_benchmark(
         indexes.append((name, build_index(descriptors, root, variant_config, timings, f"{name}:")))
 
     results, all_rankings = [], {}
-    start = time.perf_counter()
-    for name, index_dir in indexes:
-        rankings, factory = rank_queries(index_dir, benchmark, vectors_by_id, config.nprobe)
-        metrics = evaluate_rankings(rankings, benchmark)
-        results.append({"name": name, "index": factory, **metrics.as_dict()})
-        all_rankings[name] = rankings
-    timings["search_and_score_s"] = round(time.perf_counter() - start, 3)
+    with _timed(timings, "search_and_score_s"):
+        for name, index_dir in indexes:
+            rankings, factory = rank_queries(index_dir, benchmark, vectors_by_id, config.nprobe)
+            metrics = evaluate_rankings(rankings, benchmark)
+            results.append({"name": name, "index": factory, **metrics.as_dict()})
+            all_rankings[name] = rankings
 
     report = {
         "benchmark": benchmark.name,
@@ -136,7 +132,7 @@ def evaluate_benchmark(
                 extract_summary["indexed"] / max(timings["extract_s"], 1e-9), 2
             )
         },
-        "failures": [vars(e) for e in failures(descriptors)],
+        "failures": [asdict(e) for e in failures(descriptors)],
         "config": config.as_dict(),
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "created": utc_now(),

@@ -67,9 +67,8 @@ def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
 
     configure_tf_threads(config.threads)
     extractor = GeMExtractor(config.gem)
-    run_local(
-        plan, extractor, config.limits, progress=tqdm(plan.pending, desc="extract", unit="shard")
-    )
+    specs = tqdm(plan.pending, desc="extract", unit="shard")
+    run_local(specs, plan.output, extractor, config.limits)
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:

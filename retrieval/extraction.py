@@ -8,11 +8,12 @@ over workers (``pipelines/beam/extract.py``). Whatever goes wrong with one image
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from retrieval import storage
 from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
@@ -20,6 +21,9 @@ from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_imag
 from retrieval.shards import descriptor_shards
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 from retrieval.summary import write_summary
+
+if TYPE_CHECKING:  # the extractor brings TensorFlow; planning and summaries must not
+    from retrieval.descriptors.gem import GeMExtractor
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedI
     return LoadedImage(ref, storage.sha256_bytes(data), image)
 
 
-def descriptor_row(loaded: LoadedImage, descriptor: Any) -> DescriptorRow:
+def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow:
     ref = loaded.ref
     return DescriptorRow(
         ref.id, ref.uri, loaded.sha256, loaded.image.width, loaded.image.height, descriptor
@@ -71,7 +75,7 @@ def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
 
 
 def extract_shard(
-    spec: ShardSpec, extractor: Any, limits: DecodeLimits
+    spec: ShardSpec, extractor: GeMExtractor, limits: DecodeLimits
 ) -> tuple[list[DescriptorRow], list[ErrorRow]]:
     """Describe every input of a shard in this process (the plain loop, no runner)."""
     rows: list[DescriptorRow] = []
@@ -126,9 +130,7 @@ def summarize_extraction(
     kinds: Counter[str] = Counter()
     missing = []
     for spec in plan.shards:
-        manifest = descriptor_shards.manifests.committed(
-            plan.output, spec.shard_id, expect=descriptor_shards.expected_manifest(spec, model_info)
-        )
+        manifest = descriptor_shards.committed_manifest(plan.output, spec, model_info)
         if manifest is None:
             missing.append(spec.shard_id)
             continue
@@ -154,20 +156,13 @@ def summarize_extraction(
 
 
 def run_local(
-    plan: ExtractionPlan,
-    extractor: Any,
-    limits: DecodeLimits,
-    progress: Iterable[ShardSpec] | None = None,
+    specs: Iterable[ShardSpec], output: str, extractor: GeMExtractor, limits: DecodeLimits
 ) -> None:
-    """Extract the pending shards one after another in this process."""
-    for spec in progress if progress is not None else plan.pending:
+    """Extract shards one after another in this process (no runner)."""
+    info = extractor.info()
+    for spec in specs:
         rows, errors = extract_shard(spec, extractor, limits)
-        descriptor_shards.write_shard(plan.output, spec, rows, errors, extractor.info())
-
-
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    return fn(*args, **kwargs), time.perf_counter() - start
+        descriptor_shards.write_shard(output, spec, rows, errors, info)
 
 
 def failures(output: str) -> Sequence[ErrorRow]:

@@ -191,8 +191,3 @@ def local_copy(uri: str, directory: str) -> str:
     target = os.path.join(directory, posixpath.basename(path.rstrip("/")))
     with_retries(lambda: fs.get(path, target, recursive=True), what=f"copy {uri}")
     return target
-
-
-def storage_info() -> dict[str, Any]:
-    """Versions of the storage libraries, for reports."""
-    return {"fsspec": fsspec.__version__}

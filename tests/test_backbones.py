@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import TINY_CHANNELS, save_tiny_saved_model, tiny_kernel
 
 from retrieval.descriptors.backbones import backbone_identity, load_backbone, weights_fingerprint
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor
@@ -18,35 +19,6 @@ from retrieval.descriptors.pooling import gem, l2_normalize
 from retrieval.images import DecodedImage
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CHANNELS = 4
-
-
-def tiny_kernel(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(3, 3, 3, TINY_CHANNELS)).astype(np.float32)
-
-
-def save_tiny_saved_model(path: Path, *, feature_map: bool = True, seed: int = 0) -> Path:
-    """A SavedModel whose call maps (N, H, W, 3) float32 to a (N, H/2, W/2, 4) feature map.
-
-    The conv kernel is a fixed (seeded) variable, so the weights fingerprint is reproducible.
-    With ``feature_map=False`` the model pools to a (N, 4) vector instead, which GeM cannot use.
-    """
-    import tensorflow as tf
-
-    kernel = tiny_kernel(seed)
-
-    class Tiny(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.kernel = tf.Variable(kernel, name="kernel")
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-        def __call__(self, images: tf.Tensor) -> tf.Tensor:
-            features = tf.nn.softplus(tf.nn.conv2d(images, self.kernel, 2, "SAME"))
-            return features if feature_map else tf.reduce_mean(features, axis=[1, 2])
-
-    tf.saved_model.save(Tiny(), str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support import free_port, stop_server, wait_until_answering
 
 from retrieval import storage
 from retrieval.corpus import ImageRef, image_id, list_corpus, plan_shards
@@ -242,19 +240,13 @@ def test_local_read_write(tmp_path: Path):
 # --- S3 (moto) ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on a free port, with the environment s3fs/botocore read pointed at it."""
     moto = Path(sys.executable).parent / "moto_server"
     if not moto.exists():
         pytest.skip("moto_server is not installed")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [str(moto), "-H", "127.0.0.1", "-p", str(port)],
@@ -262,15 +254,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.1)
+        wait_until_answering(endpoint, server, "moto_server")
         with pytest.MonkeyPatch.context() as env:
             env.setenv("AWS_ACCESS_KEY_ID", "testing")
             env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -285,12 +269,7 @@ def s3_endpoint():
             finally:
                 s3fs.S3FileSystem.clear_instance_cache()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 def _png(colour: str) -> bytes:

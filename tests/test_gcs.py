@@ -12,18 +12,15 @@ not gcsfs was imported earlier in the session.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
 from fsspec.registry import _registry as fsspec_registry
+from support import free_port, save_tiny_saved_model, stop_server, wait_until_answering
 
 from pipelines.config import RunConfig
 from pipelines.stages import extract
@@ -36,33 +33,13 @@ from retrieval.shards import descriptor_shards
 BUCKET = "cbir-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_answering(endpoint: str, server: subprocess.Popen, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer (the root is a 404) means the server is up
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("gcp-storage-emulator did not start")
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """A GCS emulator with bucket ``cbir-test``; yields the gcsfs filesystem that talks to it."""
     emulator = Path(sys.executable).parent / "gcp-storage-emulator"
     if not emulator.exists():
         pytest.skip("gcp-storage-emulator is not installed")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [
@@ -82,7 +59,7 @@ def gcs(tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_until_answering(endpoint, server)
+        wait_until_answering(endpoint, server, "gcp-storage-emulator")
         with pytest.MonkeyPatch.context() as env:
             env.setenv("STORAGE_EMULATOR_HOST", endpoint)
             env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # for a first import
@@ -100,32 +77,7 @@ def gcs(tmp_path_factory):
             finally:
                 plain.clear_instance_cache()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-def save_tiny_saved_model(path: Path) -> Path:
-    """A SavedModel mapping (N, H, W, 3) float32 to a (N, H/2, W/2, 4) feature map (as in
-    test_backbones.py)."""
-    import tensorflow as tf
-
-    kernel = np.random.default_rng(0).normal(size=(3, 3, 3, 4)).astype(np.float32)
-
-    class Tiny(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.kernel = tf.Variable(kernel, name="kernel")
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-        def __call__(self, images: tf.Tensor) -> tf.Tensor:
-            return tf.nn.softplus(tf.nn.conv2d(images, self.kernel, 2, "SAME"))
-
-    tf.saved_model.save(Tiny(), str(path))
-    return path
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")

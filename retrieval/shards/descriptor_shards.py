@@ -69,11 +69,15 @@ def expected_manifest(spec: ShardSpec, model_info: dict[str, Any]) -> dict[str, 
     }
 
 
+def committed_manifest(
+    directory: str, spec: ShardSpec, model_info: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The shard's manifest if it is committed for these inputs and this model, else None."""
+    return manifests.committed(directory, spec.shard_id, expect=expected_manifest(spec, model_info))
+
+
 def is_committed(directory: str, spec: ShardSpec, model_info: dict[str, Any]) -> bool:
-    return (
-        manifests.committed(directory, spec.shard_id, expect=expected_manifest(spec, model_info))
-        is not None
-    )
+    return committed_manifest(directory, spec, model_info) is not None
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -1,0 +1,84 @@
+"""Helpers shared by the test modules (imported as ``from support import ...``; pytest puts tests/
+on ``sys.path`` because tests/ has no ``__init__.py``): local servers run as subprocesses, and a
+tiny SavedModel backbone."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_CHANNELS = 4
+
+
+# --- local servers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answering(
+    endpoint: str, server: subprocess.Popen, name: str, timeout_s: float = 20
+) -> None:
+    """Return once ``endpoint`` gives any HTTP answer; fail the test if ``server`` exits first or
+    ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer (an emulator's root may be a 404) means the server is up
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{name} did not start")
+            time.sleep(0.05)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+# --- a tiny SavedModel -------------------------------------------------------------------------
+
+
+def tiny_kernel(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(3, 3, 3, TINY_CHANNELS)).astype(np.float32)
+
+
+def save_tiny_saved_model(path: Path, *, feature_map: bool = True, seed: int = 0) -> Path:
+    """A SavedModel whose call maps (N, H, W, 3) float32 to a (N, H/2, W/2, 4) feature map.
+
+    The conv kernel is a fixed (seeded) variable, so the weights fingerprint is reproducible.
+    With ``feature_map=False`` the model pools to a (N, 4) vector instead, which GeM cannot use.
+    """
+    import tensorflow as tf
+
+    kernel = tiny_kernel(seed)
+
+    class Tiny(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = tf.Variable(kernel, name="kernel")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images: tf.Tensor) -> tf.Tensor:
+            features = tf.nn.softplus(tf.nn.conv2d(images, self.kernel, 2, "SAME"))
+            return features if feature_map else tf.reduce_mean(features, axis=[1, 2])
+
+    tf.saved_model.save(Tiny(), str(path))
+    return path
