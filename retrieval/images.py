@@ -100,12 +100,17 @@ def decode_image(
             "too_small", f"{width}x{height} is below the {limits.min_side}-pixel minimum side"
         )
 
-    rgb = to_rgb(image)
-    if max_side and max(rgb.size) > max_side:
-        scale = max_side / max(rgb.size)
-        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+    rgb = shrink(to_rgb(image), max_side) if max_side else to_rgb(image)
     return DecodedImage(np.asarray(rgb, dtype=np.uint8), width, height)
+
+
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """Resize so the longer side is ``max_side`` (bilinear, aspect kept); never enlarges."""
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR)
 
 
 def _stored_size(transposed: bool, declared_w: int, declared_h: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from retrieval.descriptors.backbones import (
     load_backbone,
 )
 from retrieval.descriptors.pooling import gem_tf, l2_normalize
-from retrieval.images import DecodedImage
+from retrieval.images import DecodedImage, shrink
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,6 @@ class GeMExtractor:
 
 
 def _shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    height, width = pixels.shape[:2]
-    if max(height, width) <= max_side:
+    if max(pixels.shape[:2]) <= max_side:
         return pixels
-    scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
+    return np.asarray(shrink(Image.fromarray(pixels), max_side))
