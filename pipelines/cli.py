@@ -122,6 +122,23 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _expansion_options(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--qe",
+        type=int,
+        metavar="N",
+        help="α-query expansion: re-search with each query plus its top N "
+        "neighbours (default 3; 0 turns it off)",
+    )
+    group.add_argument(
+        "--qe-alpha",
+        type=float,
+        dest="qe_alpha",
+        metavar="A",
+        help="αQE weight exponent: neighbour similarity ** A (default 3)",
+    )
+
+
 def _index_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("index")
     group.add_argument(
@@ -140,6 +157,7 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--seed", type=int, help="seed of the uniform training sample (default 0)")
     group.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
+    _expansion_options(group)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
+    _expansion_options(p)
 
     for name, helptext in (
         ("evaluate", "run the whole pipeline on a benchmark and report"),
@@ -235,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
             images/ and gt.json (see ../shared/benchmarks/README.md): mAP as in Revisited
             Oxford/Paris (junk and the query ignored), mAP per landmark, mP@1/5/10, and the
             UKBench N-S score when every group has 4 images. results[0] is the default
-            pipeline; further rows show exact search and PQ compression."""),
+            pipeline (with α-query expansion); further rows show the same descriptors without
+            expansion and with the other index type (exact / PQ)."""),
         )
         if name == "evaluate":
             p.add_argument(
@@ -286,7 +306,15 @@ def _print_json(obj: Any) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    summary = stages.search(args.index, args.queries, args.output, k=args.k, nprobe=args.nprobe)
+    config = _config(args)
+    summary = stages.search(
+        args.index,
+        args.queries,
+        args.output,
+        k=args.k,
+        nprobe=config.nprobe,
+        expansion=config.expansion,
+    )
     print(f"{summary['inputs']} queries, top {summary['k']} each -> {summary['results']}")
 
 

@@ -14,6 +14,8 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     factory = "auto"
     seed = 0
     nprobe = 32
+    qe = 3
+    qe_alpha = 3.0
 
 Precedence: command-line flag > config file > built-in default.
 """
@@ -30,6 +32,7 @@ from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import DEFAULT_SHARD_SIZE
 from retrieval.images import DecodeLimits
 from retrieval.index.search import DEFAULT_NPROBE
+from retrieval.rerank.query_expansion import QueryExpansion
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,12 @@ class RunConfig:
     sample_size: int | None = None
     seed: int = 0
     nprobe: int = DEFAULT_NPROBE
+    qe: int = 3  # αQE neighbours at search time (0: off)
+    qe_alpha: float = 3.0
+
+    @property
+    def expansion(self) -> QueryExpansion:
+        return QueryExpansion(n=self.qe, alpha=self.qe_alpha)
 
     def __post_init__(self) -> None:
         if self.runner not in ("beam", "local"):
@@ -79,6 +88,8 @@ _TOP_KEYS = {
     "sample_size",
     "seed",
     "nprobe",
+    "qe",
+    "qe_alpha",
 }
 
 

@@ -4,8 +4,9 @@
                                                                                           │
     variants (exact search, PQ compression) on the same descriptors ─────────────────────┘
 
-``results[0]`` is what the default pipeline (``retrieval search``) answers; the other rows use
-the same descriptors with another index, so the report shows what compression costs.
+``results[0]`` is what the default pipeline (``retrieval search``, with α-query expansion)
+answers; the other rows use the same descriptors without expansion and with another index
+(exact or PQ), so the report shows what expansion gains and what compression costs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from retrieval.evaluation.report import write_report
 from retrieval.extraction import failures
 from retrieval.index import factory as factories
 from retrieval.index.codebook import with_id_map
-from retrieval.index.search import load_index
+from retrieval.index.search import NO_EXPANSION, SearchableIndex, load_index
+from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.shards import descriptor_shards
 from retrieval.shards.manifest import utc_now
 
@@ -62,19 +64,21 @@ def build_index(
 
 
 def rank_queries(
-    index_dir: str, benchmark: Benchmark, vectors_by_id: dict[str, np.ndarray], nprobe: int
-) -> tuple[dict[str, list[str]], str]:
+    index: SearchableIndex,
+    benchmark: Benchmark,
+    vectors_by_id: dict[str, np.ndarray],
+    expansion: QueryExpansion,
+) -> dict[str, list[str]]:
     """Full rankings for every query; a query whose image failed gets an empty ranking."""
-    index = load_index(index_dir, nprobe=nprobe)
     query_ids = sorted({q.id for q in benchmark.queries})
     present = [q for q in query_ids if q in vectors_by_id]
     rankings: dict[str, list[str]] = {q: [] for q in query_ids}
     if present:
-        _, found = index.search(
-            np.stack([vectors_by_id[q] for q in present]), min(index.index.ntotal, MAX_RANKING)
-        )
+        queries = np.stack([vectors_by_id[q] for q in present])
+        k = min(index.index.ntotal, MAX_RANKING)
+        _, found = index.search_expanded(queries, k, expansion, present)
         rankings.update(zip(present, index.ranked_ids(found), strict=True))
-    return rankings, index.manifest["factory"]
+    return rankings
 
 
 def evaluate_benchmark(
@@ -100,27 +104,45 @@ def evaluate_benchmark(
     chosen = with_id_map(
         factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
     )
-    indexes = [("gem+" + _label(chosen), default_index)]
-    for name, factory in (
-        ("gem+exact", "IDMap2,Flat"),
-        ("gem+pq", factories.compressed_factory(n, d)),
-    ):
-        if not variants or factory == chosen:
-            continue
-        root = storage.join(out, "variants", name.split("+")[1])
-        variant_config = replace(config, index_factory=factory, runner="local")
-        indexes.append((name, build_index(descriptors, root, variant_config, timings, f"{name}:")))
+    # (row name, index folder, query expansion): results[0] is the default pipeline.
+    rows = [(_row_name(chosen, config.expansion), default_index, config.expansion)]
+    if variants:
+        if config.expansion.n:
+            rows.append((_row_name(chosen, NO_EXPANSION), default_index, NO_EXPANSION))
+        for factory in ("IDMap2,Flat", with_id_map(factories.compressed_factory(n, d))):
+            if factory == chosen:
+                continue
+            root = storage.join(out, "variants", _label(factory))
+            variant_config = replace(config, index_factory=factory, runner="local")
+            index_dir = build_index(
+                descriptors, root, variant_config, timings, f"{_label(factory)}:"
+            )
+            rows += [
+                (_row_name(factory, e), index_dir, e)
+                for e in dict.fromkeys([config.expansion, NO_EXPANSION])
+            ]
 
     results, all_rankings = [], {}
     with _timed(timings, "search_and_score_s"):
-        for name, index_dir in indexes:
-            rankings, factory = rank_queries(index_dir, benchmark, vectors_by_id, config.nprobe)
+        for name, index_dir, expansion in rows:
+            index = load_index(index_dir, nprobe=config.nprobe)
+            rankings = rank_queries(index, benchmark, vectors_by_id, expansion)
             metrics = evaluate_rankings(rankings, benchmark)
-            results.append({"name": name, "index": factory, **metrics.as_dict()})
+            results.append(
+                {
+                    "name": name,
+                    "index": index.manifest["factory"],
+                    "query_expansion": {"n": expansion.n, "alpha": expansion.alpha}
+                    if expansion.n
+                    else None,
+                    **metrics.as_dict(),
+                }
+            )
             all_rankings[name] = rankings
 
     report = {
         "benchmark": benchmark.name,
+        "benchmark_dir": str(benchmark_dir),
         "images": len(benchmark.images),
         "queries": len(benchmark.queries),
         "accounting": {k: extract_summary[k] for k in ("inputs", "indexed", "failed")},
@@ -143,3 +165,7 @@ def evaluate_benchmark(
 
 def _label(factory: str) -> str:
     return "exact" if factory.endswith("Flat") and "IVF" not in factory else "pq"
+
+
+def _row_name(factory: str, expansion: QueryExpansion) -> str:
+    return f"gem+{_label(factory)}" + ("+qe" if expansion.n else "")

@@ -7,10 +7,12 @@ shards to a runner (in-process loop, or Beam), then checks the result and writes
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any
 
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.config import RunConfig
@@ -21,7 +23,10 @@ from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, sum
 from retrieval.index import shard_index
 from retrieval.index.codebook import train_codebook
 from retrieval.index.merge import merge_shard_indexes
-from retrieval.summary import format_accounting
+from retrieval.index.search import DEFAULT_NPROBE, NO_EXPANSION, load_index
+from retrieval.rerank.query_expansion import QueryExpansion
+from retrieval.shards import descriptor_shards
+from retrieval.summary import format_accounting, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +113,19 @@ def merge(shards: str, output: str) -> dict[str, Any]:
 
 
 def search(
-    index_dir: str, queries: str, output: str, *, k: int = 100, nprobe: int | None = None
+    index_dir: str,
+    queries: str,
+    output: str,
+    *,
+    k: int = 100,
+    nprobe: int | None = None,
+    expansion: QueryExpansion = NO_EXPANSION,
 ) -> dict[str, Any]:
     """Top-``k`` results for every descriptor under ``queries`` -> ``output``/results.parquet."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from retrieval.index.search import DEFAULT_NPROBE, load_index
-    from retrieval.shards import descriptor_shards
-    from retrieval.summary import write_summary
-
     start = time.perf_counter()
     index = load_index(index_dir, nprobe=nprobe or DEFAULT_NPROBE)
     query_ids, _, vectors = descriptor_shards.read_all(queries)
-    table = index.results_table(query_ids, vectors, k)
+    table = index.results_table(query_ids, vectors, k, expansion)
     sink = io.BytesIO()
     pq.write_table(table, sink)
     results = storage.join(output, "results.parquet")
@@ -136,6 +139,7 @@ def search(
         failed=len(query_ids) - answered,
         timings={"search_s": time.perf_counter() - start},
         k=min(k, index.index.ntotal),
+        query_expansion={"n": expansion.n, "alpha": expansion.alpha},
         results=results,
         index=index_dir,
     )

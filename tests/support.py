@@ -1,6 +1,6 @@
 """Helpers shared by the test modules (imported as ``from support import ...``; pytest puts tests/
 on ``sys.path`` because tests/ has no ``__init__.py``): local servers run as subprocesses, and a
-tiny SavedModel backbone."""
+tiny SavedModel backbone, and descriptor shards of random vectors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from retrieval.corpus import ImageRef, ShardSpec
+from retrieval.shards import descriptor_shards
+from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 
 TINY_CHANNELS = 4
 
@@ -82,3 +86,32 @@ def save_tiny_saved_model(path: Path, *, feature_map: bool = True, seed: int = 0
 
     tf.saved_model.save(Tiny(), str(path))
     return path
+
+
+# --- descriptor shards ---------------------------------------------------------------------------
+
+D = 32
+MODEL_INFO = {"id": "gem-test", "config_hash": "f" * 16, "weights_sha256": "0" * 64, "dim": D}
+
+
+def write_descriptors(
+    directory: Path, shard_sizes: list[int], seed: int = 0, errors_per_shard: int = 0
+) -> tuple[list[str], np.ndarray]:
+    """Random unit vectors as committed descriptor shards; returns ids and vectors in order."""
+    rng = np.random.default_rng(seed)
+    all_ids, blocks = [], []
+    for s, size in enumerate(shard_sizes):
+        ids = [f"s{s:02d}/img{i:03d}" for i in range(size)]
+        failed = [f"s{s:02d}/bad{i}" for i in range(errors_per_shard)]
+        vectors = rng.standard_normal((size, D)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        spec = ShardSpec(f"part-{s:05d}", tuple(ImageRef(i, f"/img/{i}.jpg") for i in ids + failed))
+        rows = [
+            DescriptorRow(i, f"/img/{i}.jpg", "0" * 64, 64, 48, v)
+            for i, v in zip(ids, vectors, strict=True)
+        ]
+        errors = [ErrorRow(i, f"/img/{i}.jpg", "decode", "truncated", "x") for i in failed]
+        descriptor_shards.write_shard(str(directory), spec, rows, errors, MODEL_INFO)
+        all_ids += ids
+        blocks.append(vectors)
+    return all_ids, np.concatenate(blocks)

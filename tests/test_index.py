@@ -9,43 +9,15 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from support import D, write_descriptors
 
 from pipelines import stages
 from pipelines.config import RunConfig
-from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.index import factory as factories
 from retrieval.index.codebook import SAMPLE_FILE, train_codebook, uniform_sample, with_id_map
 from retrieval.index.merge import IDMAP_FILE, merge_shard_indexes
 from retrieval.index.search import load_index
 from retrieval.index.shard_index import build_shard_index, pending, plan_shard_indexes
-from retrieval.shards import descriptor_shards
-from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
-
-D = 32
-MODEL_INFO = {"id": "gem-test", "config_hash": "f" * 16, "weights_sha256": "0" * 64, "dim": D}
-
-
-def write_descriptors(
-    directory: Path, shard_sizes: list[int], seed: int = 0, errors_per_shard: int = 0
-) -> tuple[list[str], np.ndarray]:
-    """Random unit vectors as committed descriptor shards; returns ids and vectors in order."""
-    rng = np.random.default_rng(seed)
-    all_ids, blocks = [], []
-    for s, size in enumerate(shard_sizes):
-        ids = [f"s{s:02d}/img{i:03d}" for i in range(size)]
-        failed = [f"s{s:02d}/bad{i}" for i in range(errors_per_shard)]
-        vectors = rng.standard_normal((size, D)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        spec = ShardSpec(f"part-{s:05d}", tuple(ImageRef(i, f"/img/{i}.jpg") for i in ids + failed))
-        rows = [
-            DescriptorRow(i, f"/img/{i}.jpg", "0" * 64, 64, 48, v)
-            for i, v in zip(ids, vectors, strict=True)
-        ]
-        errors = [ErrorRow(i, f"/img/{i}.jpg", "decode", "truncated", "x") for i in failed]
-        descriptor_shards.write_shard(str(directory), spec, rows, errors, MODEL_INFO)
-        all_ids += ids
-        blocks.append(vectors)
-    return all_ids, np.concatenate(blocks)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,10 @@ import schemas
 from retrieval import storage
 from retrieval.index.faiss_io import read_index
 from retrieval.index.merge import IDMAP_FILE, INDEX_FILE, INDEX_MANIFEST
+from retrieval.rerank.query_expansion import QueryExpansion, alpha_query_expansion
 
 DEFAULT_NPROBE = 32
+NO_EXPANSION = QueryExpansion(n=0)
 
 
 @dataclass
@@ -27,6 +29,7 @@ class SearchableIndex:
     ids: np.ndarray  # image id per faiss id (faiss ids are 0..n-1 positions)
     uris: np.ndarray
     manifest: dict[str, Any]
+    _direct_map: bool = False
 
     def set_nprobe(self, nprobe: int) -> None:
         """Lists visited per query on IVF indexes (no effect on exact or flat-PQ indexes)."""
@@ -39,9 +42,55 @@ class SearchableIndex:
         scores, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, found
 
-    def results_table(self, query_ids: list[str], queries: np.ndarray, k: int) -> pa.Table:
+    def reconstruct(self, found: np.ndarray) -> np.ndarray:
+        """Stored vectors (decoded codes for PQ) of an (nq, n) id array; zeros for -1."""
+        if "IVF" in self.manifest.get("factory", "") and not self._direct_map:
+            faiss.extract_index_ivf(self.index).make_direct_map()  # id -> code, for reconstruct
+            self._direct_map = True
+        keys = found.reshape(-1)
+        vectors = self.index.reconstruct_batch(np.where(keys >= 0, keys, 0).astype(np.int64))
+        vectors[keys < 0] = 0.0
+        return vectors.reshape(*found.shape, self.index.d)
+
+    def search_expanded(
+        self,
+        queries: np.ndarray,
+        k: int,
+        expansion: QueryExpansion,
+        query_ids: list[str] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search, expand each query with its top ``expansion.n`` neighbours (αQE), search again.
+
+        A neighbour with the query's own image id (a query that is also in the database) is
+        skipped: it would only count the query twice.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if expansion.n == 0:
+            return self.search(queries, k)
+        scores, found = self.search(queries, expansion.n + 1)
+        keep = found >= 0
+        if query_ids is not None:
+            keep &= self.ids[found.clip(0)] != np.asarray(query_ids, dtype=object)[:, None]
+        # The first n kept neighbours of each row (a stable sort moves dropped ones last).
+        order = np.argsort(~keep, axis=1, kind="stable")[:, : expansion.n]
+        chosen = np.where(
+            np.take_along_axis(keep, order, 1), np.take_along_axis(found, order, 1), -1
+        )
+        similarities = np.where(chosen >= 0, np.take_along_axis(scores, order, 1), 0.0)
+        expanded = alpha_query_expansion(
+            queries, self.reconstruct(chosen), similarities, expansion.alpha
+        )
+        return self.search(expanded, k)
+
+    def results_table(
+        self,
+        query_ids: list[str],
+        queries: np.ndarray,
+        k: int,
+        expansion: QueryExpansion = NO_EXPANSION,
+    ) -> pa.Table:
         """Top-``k`` results per query as a table (query_id, rank, id, uri, score)."""
-        scores, found = self.search(queries, k)
+        scores, found = self.search_expanded(queries, k, expansion, query_ids)
         valid = found >= 0
         rows, ranks = np.nonzero(valid)
         hits = found[valid]

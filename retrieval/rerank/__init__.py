@@ -1,0 +1,1 @@
+"""Re-ranking the shortlist of a global search (query expansion)."""
