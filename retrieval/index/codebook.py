@@ -48,6 +48,34 @@ def new_index(factory: str, d: int) -> faiss.Index:
     return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
 
 
+def _components(index: Any) -> Any:
+    """The index and everything inside it: wrapped indexes, coarse quantizers, transforms."""
+    index = faiss.downcast_index(index)
+    yield index
+    for attr in ("index", "quantizer"):
+        inner = getattr(index, attr, None)
+        if isinstance(inner, faiss.Index):
+            yield from _components(inner)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            yield faiss.downcast_VectorTransform(index.chain.at(i))
+
+
+def _accept_small_samples(index: faiss.Index) -> None:
+    """Let k-means train on fewer than faiss's recommended 39 points per centroid, quietly.
+
+    The sample size is already chosen deliberately (``factory.training_sample_size``); on small
+    corpora faiss would otherwise print one warning per sub-quantizer (64 lines for PQ64).
+    """
+    for part in _components(index):
+        for clustering in (
+            getattr(part, "cp", None),
+            getattr(getattr(part, "pq", None), "cp", None),
+        ):
+            if clustering is not None:
+                clustering.min_points_per_centroid = 1
+
+
 def train_codebook(
     descriptors: str,
     output: str,
@@ -102,6 +130,7 @@ def train_codebook(
 
     index = new_index(factory, d)
     if not index.is_trained:
+        _accept_small_samples(index)
         log.info("training %s on %d of %d vectors", factory, len(sample), total)
         index.train(sample)
     train_s = time.perf_counter() - start
