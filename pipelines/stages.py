@@ -124,6 +124,7 @@ def search(
     """Top-``k`` results for every descriptor under ``queries`` -> ``output``/results.parquet."""
     start = time.perf_counter()
     index = load_index(index_dir, nprobe=nprobe or DEFAULT_NPROBE)
+    index.check_query_model(descriptor_shards.list_shards(queries))
     query_ids, _, vectors = descriptor_shards.read_all(queries)
     table = index.results_table(query_ids, vectors, k, expansion)
     sink = io.BytesIO()

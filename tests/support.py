@@ -95,7 +95,11 @@ MODEL_INFO = {"id": "gem-test", "config_hash": "f" * 16, "weights_sha256": "0" *
 
 
 def write_descriptors(
-    directory: Path, shard_sizes: list[int], seed: int = 0, errors_per_shard: int = 0
+    directory: Path,
+    shard_sizes: list[int],
+    seed: int = 0,
+    errors_per_shard: int = 0,
+    model_info: dict = MODEL_INFO,
 ) -> tuple[list[str], np.ndarray]:
     """Random unit vectors as committed descriptor shards; returns ids and vectors in order."""
     rng = np.random.default_rng(seed)
@@ -111,7 +115,7 @@ def write_descriptors(
             for i, v in zip(ids, vectors, strict=True)
         ]
         errors = [ErrorRow(i, f"/img/{i}.jpg", "decode", "truncated", "x") for i in failed]
-        descriptor_shards.write_shard(str(directory), spec, rows, errors, MODEL_INFO)
+        descriptor_shards.write_shard(str(directory), spec, rows, errors, model_info)
         all_ids += ids
         blocks.append(vectors)
     return all_ids, np.concatenate(blocks)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support import write_descriptors
+from support import MODEL_INFO, write_descriptors
 
 from retrieval.descriptors.pooling import l2_normalize
 from retrieval.index.codebook import train_codebook
@@ -12,6 +12,7 @@ from retrieval.index.merge import merge_shard_indexes
 from retrieval.index.search import NO_EXPANSION, load_index
 from retrieval.index.shard_index import build_shard_index, plan_shard_indexes
 from retrieval.rerank.query_expansion import QueryExpansion, alpha_query_expansion
+from retrieval.shards import descriptor_shards
 
 
 def test_alpha_query_expansion_by_hand():
@@ -71,3 +72,13 @@ def test_reconstruct_returns_stored_vectors_and_zeros_for_padding(exact_index):
     got = index.reconstruct(np.array([[0, 5, -1]]))
     np.testing.assert_allclose(got[0, :2], vectors[[0, 5]], atol=1e-6)
     assert not got[0, 2].any()
+
+
+def test_queries_from_another_model_are_refused(exact_index, tmp_path):
+    index, _, _ = exact_index
+    other_model = {**MODEL_INFO, "id": "gem-other", "config_hash": "e" * 16}
+    write_descriptors(tmp_path / "queries", [3], model_info=other_model)
+    with pytest.raises(ValueError, match="gem-other"):
+        index.check_query_model(descriptor_shards.list_shards(str(tmp_path / "queries")))
+    write_descriptors(tmp_path / "same", [3])
+    index.check_query_model(descriptor_shards.list_shards(str(tmp_path / "same")))

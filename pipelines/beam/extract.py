@@ -9,7 +9,7 @@ leave workers idle; RunInference loads one model per worker and batches; groupin
 brings each shard's rows back together so it is written data-first and committed by one worker.
 
 Why not Beam's file I/O here: the corpus is listed and cut into shards by the launcher before the
-pipeline starts (to skip committed shards, and so the Spark runner plans identically), and each
+pipeline starts (to skip committed shards, and so that every runner plans identically), and each
 shard must be written under its own deterministic name and then committed by a manifest, which
 ``parquetio.WriteToParquet``'s own output sharding cannot express.
 """

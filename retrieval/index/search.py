@@ -42,6 +42,23 @@ class SearchableIndex:
         scores, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, found
 
+    def check_query_model(self, query_manifests: list[dict[str, Any]]) -> None:
+        """Refuse query descriptors made by another model than the indexed ones.
+
+        Descriptors of different models (or configs, or weights) live in unrelated spaces;
+        searching across them returns confident nonsense, so it is an error, not a warning.
+        """
+        indexed = self.manifest["model"]
+        for manifest in query_manifests:
+            model = manifest["model"]
+            for key in ("config_hash", "weights_sha256"):
+                if model[key] != indexed[key]:
+                    raise ValueError(
+                        f"query shard {manifest['shard']} was made by {model['id']} "
+                        f"({key} {model[key][:12]}), the index by {indexed['id']} "
+                        f"({indexed[key][:12]}): extract the queries with the index's settings"
+                    )
+
     def reconstruct(self, found: np.ndarray) -> np.ndarray:
         """Stored vectors (decoded codes for PQ) of an (nq, n) id array; zeros for -1."""
         if "IVF" in self.manifest.get("factory", "") and not self._direct_map:
