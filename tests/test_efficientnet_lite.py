@@ -135,7 +135,9 @@ def _zip_checkpoint(path: Path, data_pkl: bytes, storages: dict[str, bytes]) -> 
             archive.writestr(f"archive/data/{key}", data)
 
 
-def test_reader_zip_format_with_strided_views(tmp_path, monkeypatch):
+def _checkpoint_with_views(path: Path, monkeypatch, views: dict[str, tuple]) -> np.ndarray:
+    """A zip checkpoint whose tensors are (offset, size, stride) views of one 24-float storage;
+    returns the storage."""
     import collections
 
     torch = _fake_torch_modules(monkeypatch)
@@ -154,17 +156,23 @@ def test_reader_zip_format_with_strided_views(tmp_path, monkeypatch):
                 return ("storage", torch.FloatStorage, "0", "cpu", 24)
             return None
 
-    state = collections.OrderedDict(
-        plain=Tensor(0, (2, 3), (3, 1)),
-        transposed=Tensor(0, (3, 2), (1, 3)),  # like the .pth's non-contiguous conv weights
-        offset=Tensor(6, (2, 2, 2), (8, 1, 4)),
-        scalar=Tensor(23, (), ()),
-    )
+    state = collections.OrderedDict((name, Tensor(*view)) for name, view in views.items())
     buffer = io.BytesIO()
     Pickler(buffer, protocol=2).dump(state)
     storage = np.arange(24, dtype="<f4")
-    _zip_checkpoint(tmp_path / "t.pth", buffer.getvalue(), {"0": storage.tobytes()})
+    _zip_checkpoint(path, buffer.getvalue(), {"0": storage.tobytes()})
     monkeypatch.undo()
+    return storage
+
+
+def test_reader_zip_format_with_strided_views(tmp_path, monkeypatch):
+    views = {
+        "plain": (0, (2, 3), (3, 1)),
+        "transposed": (0, (3, 2), (1, 3)),  # like the .pth's non-contiguous conv weights
+        "offset": (6, (2, 2, 2), (8, 1, 4)),
+        "scalar": (23, (), ()),
+    }
+    storage = _checkpoint_with_views(tmp_path / "t.pth", monkeypatch, views)
 
     out = read_torch_state_dict(tmp_path / "t.pth")
     s = storage
@@ -174,6 +182,13 @@ def test_reader_zip_format_with_strided_views(tmp_path, monkeypatch):
     np.testing.assert_array_equal(out["offset"], expected)
     assert out["scalar"].shape == () and out["scalar"] == 23
     assert all(a.flags.c_contiguous and a.flags.owndata for a in out.values())
+
+
+def test_reader_refuses_views_larger_than_their_storage(tmp_path, monkeypatch):
+    # A stride-0 view of one float declaring 10^9 elements would allocate 4 GB if copied.
+    _checkpoint_with_views(tmp_path / "t.pth", monkeypatch, {"w": (0, (10**9,), (0,))})
+    with pytest.raises(ValueError, match="repeats elements"):
+        read_torch_state_dict(tmp_path / "t.pth")
 
 
 class _RunsCommand:

@@ -177,6 +177,10 @@ def _materialise(tensor: _TensorRef, flat: np.ndarray) -> np.ndarray:
     last = tensor.offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
     if last >= flat.size:
         raise ValueError(f"tensor view runs past the end of storage {tensor.storage.key}")
+    # A weight never has more elements than its storage; more means overlapping (e.g. stride-0)
+    # views, which a crafted file could use to make us allocate unbounded memory.
+    if int(np.prod(shape, dtype=np.int64)) > flat.size:
+        raise ValueError(f"tensor view repeats elements of storage {tensor.storage.key}")
     view = np.lib.stride_tricks.as_strided(
         flat[tensor.offset :],
         shape=shape,
