@@ -357,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # Local Beam workers forward their start-up notices as warnings; errors still show.
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
+            logging.ERROR
+        )
     if args.command == "extract":
         summary = stages.extract(args.input, args.output, _config(args))
         print(
