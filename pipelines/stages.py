@@ -7,12 +7,10 @@ shards to a runner (in-process loop, or Beam), then checks the result and writes
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.config import RunConfig
@@ -127,10 +125,8 @@ def search(
     index.check_query_model(descriptor_shards.list_shards(queries))
     query_ids, _, vectors = descriptor_shards.read_all(queries)
     table = index.results_table(query_ids, vectors, k, expansion)
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
     results = storage.join(output, "results.parquet")
-    storage.write_bytes(results, sink.getvalue())
+    storage.write_parquet(results, table)
     answered = len(set(table.column("query_id").to_pylist()))
     return write_summary(
         output,

@@ -14,8 +14,6 @@ import io
 import posixpath
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
-
 from retrieval import storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -86,12 +84,11 @@ def _is_dir(uri: str) -> bool:
 
 
 def _read_manifest(uri: str) -> list[ImageRef]:
-    data = storage.read_bytes(uri)
     if uri.lower().endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-        rows = table.to_pylist()
+        rows = storage.read_parquet(uri).to_pylist()
     else:
-        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text)))
     if not rows:
         return []
     if "uri" not in rows[0]:

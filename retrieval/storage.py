@@ -9,6 +9,7 @@ waiting does not fix them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,7 +21,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+import schemas
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,6 +147,28 @@ def read_json(uri: str) -> Any:
 
 def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def write_parquet(uri: str, table: pa.Table, *, compression: str = "zstd") -> bytes:
+    """Write an Arrow table as one Parquet object; returns its bytes (for manifest checksums)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=compression)
+    data = sink.getvalue()
+    write_bytes(uri, data)
+    return data
+
+
+def read_parquet(
+    uri: str, *, schema: str | None = None, expect_sha256: str | None = None
+) -> pa.Table:
+    """Read one Parquet object; optionally check its checksum and its project schema."""
+    data = read_bytes(uri)
+    if expect_sha256 is not None and sha256_bytes(data) != expect_sha256:
+        raise OSError(f"{uri}: checksum does not match its manifest (partial or altered file)")
+    table = pq.read_table(io.BytesIO(data))
+    if schema is not None:
+        schemas.check_schema(schema, table.schema, source=uri)
+    return table
 
 
 def exists(uri: str) -> bool:

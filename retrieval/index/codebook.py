@@ -7,7 +7,6 @@ sample and the coarse quantizer would fit only part of the corpus.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from retrieval import storage
 from retrieval.index import factory as factories
@@ -138,9 +136,7 @@ def train_codebook(
     sample_table = pa.table(
         {"position": pa.array(positions, pa.int64()), "id": pa.array(ids, pa.string())}
     )
-    sink = io.BytesIO()
-    pq.write_table(sample_table, sink)
-    storage.write_bytes(storage.join(output, SAMPLE_FILE), sink.getvalue())
+    storage.write_parquet(storage.join(output, SAMPLE_FILE), sample_table)
     manifest = {
         "schema_version": 1,
         "kind": "codebook",

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-import schemas
 from retrieval import storage
 from retrieval.index.faiss_io import read_index
 from retrieval.index.merge import IDMAP_FILE, INDEX_FILE, INDEX_MANIFEST
@@ -129,8 +126,7 @@ class SearchableIndex:
 def load_index(directory: str, *, nprobe: int = DEFAULT_NPROBE) -> SearchableIndex:
     manifest = storage.read_json(storage.join(directory, INDEX_MANIFEST))
     index = read_index(storage.join(directory, INDEX_FILE), expect_sha256=manifest["sha256"])
-    idmap = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(directory, IDMAP_FILE))))
-    schemas.check_schema("idmap", idmap.schema, source=storage.join(directory, IDMAP_FILE))
+    idmap = storage.read_parquet(storage.join(directory, IDMAP_FILE), schema="idmap")
     index_ids = idmap.column("index_id").to_numpy()
     if not np.array_equal(index_ids, np.arange(len(index_ids))):
         raise ValueError(f"{directory}: id map is not the dense range 0..{len(index_ids) - 1}")

@@ -6,13 +6,11 @@ shard indexes merge without shifting ids and any worker can build any shard inde
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import schemas
 from retrieval import storage
@@ -91,10 +89,9 @@ def build_shard_index(task: ShardIndexTask, output: str) -> dict[str, Any]:
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(shard.vectors), ids)
     data = write_index(index_uri(output, task.shard_id), index)
-    sink = io.BytesIO()
-    pq.write_table(idmap_table(ids, shard.ids, shard.uris, task.shard_id), sink)
-    idmap = sink.getvalue()
-    storage.write_bytes(idmap_uri(output, task.shard_id), idmap)
+    idmap = storage.write_parquet(
+        idmap_uri(output, task.shard_id), idmap_table(ids, shard.ids, shard.uris, task.shard_id)
+    )
     return manifests.commit(
         output,
         task.shard_id,

@@ -4,14 +4,12 @@ manifest, written in that order. Every planned input lands in exactly one of the
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import schemas
 from retrieval import storage
@@ -80,12 +78,6 @@ def is_committed(directory: str, spec: ShardSpec, model_info: dict[str, Any]) ->
     return committed_manifest(directory, spec, model_info) is not None
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
 def descriptor_table(rows: Sequence[DescriptorRow], model_id: str, dim: int) -> pa.Table:
     schema = schemas.arrow_schema("descriptors", dim=dim)
     flat = np.asarray([r.descriptor for r in rows], np.float32).reshape(-1)
@@ -137,14 +129,12 @@ def write_shard(
     errors = sorted(errors, key=lambda e: order[e.id])
 
     dim = int(model_info["dim"])
-    data = _parquet_bytes(descriptor_table(rows, model_info["id"], dim))
-    error_data = _parquet_bytes(error_table(errors))
     data_path, errors_path = (
         data_uri(directory, spec.shard_id),
         errors_uri(directory, spec.shard_id),
     )
-    storage.write_bytes(data_path, data)
-    storage.write_bytes(errors_path, error_data)
+    data = storage.write_parquet(data_path, descriptor_table(rows, model_info["id"], dim))
+    error_data = storage.write_parquet(errors_path, error_table(errors))
     return manifests.commit(
         directory,
         spec.shard_id,
@@ -165,12 +155,7 @@ def write_shard(
 
 
 def _read_checked(uri: str, entry: dict[str, Any], schema_name: str) -> pa.Table:
-    data = storage.read_bytes(uri)
-    if storage.sha256_bytes(data) != entry["sha256"]:
-        raise OSError(f"{uri}: checksum does not match its manifest (partial or altered file)")
-    table = pq.read_table(io.BytesIO(data))
-    schemas.check_schema(schema_name, table.schema, source=uri)
-    return table
+    return storage.read_parquet(uri, schema=schema_name, expect_sha256=entry["sha256"])
 
 
 def read_shard(directory: str, manifest: dict[str, Any]) -> DescriptorShard:
