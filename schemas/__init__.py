@@ -21,7 +21,13 @@ METADATA_VERSION = b"cbir.schema_version"
 METADATA_DIM = b"cbir.descriptor_dim"
 
 # The versions this code writes and can read.
-CURRENT_VERSIONS = {"descriptors": 1, "errors": 1, "idmap": 1, "manifest": 1}
+CURRENT_VERSIONS = {
+    "descriptors": 1,
+    "errors": 1,
+    "idmap": 1,
+    "manifest": 1,
+    "local_features": 1,
+}
 
 
 class SchemaMismatchError(ValueError):
@@ -46,7 +52,17 @@ _SIMPLE_TYPES = {
 }
 
 
-def _arrow_type(field: dict[str, Any], dim: int | None) -> pa.DataType:
+_LIST_TYPES = {"list<float32>": pa.list_(pa.float32())}
+_DESCRIPTOR_ELEMENTS = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def _arrow_type(field: dict[str, Any], dim: int | None, element: str | None = None) -> pa.DataType:
+    if field["type"] in _LIST_TYPES:
+        return _LIST_TYPES[field["type"]]
+    if field["type"] == "list<float16|float32>":
+        if element not in _DESCRIPTOR_ELEMENTS:
+            raise ValueError(f"schema field {field['name']!r} needs float16 or float32")
+        return pa.list_(_DESCRIPTOR_ELEMENTS[element])
     if field["type"] == "fixed_size_list<float32>":
         if dim is None:
             raise ValueError(f"schema field {field['name']!r} needs the descriptor dimension")
@@ -54,11 +70,13 @@ def _arrow_type(field: dict[str, Any], dim: int | None) -> pa.DataType:
     return _SIMPLE_TYPES[field["type"]]
 
 
-def arrow_schema(name: str, *, dim: int | None = None) -> pa.Schema:
-    """The Arrow schema of table ``name`` at its current version (``dim`` for descriptors)."""
+def arrow_schema(name: str, *, dim: int | None = None, element: str | None = None) -> pa.Schema:
+    """The Arrow schema of table ``name`` at its current version (``dim`` for descriptors; also
+    ``element``, float16 or float32, for local features)."""
     spec = definition(name)
     fields = [
-        pa.field(f["name"], _arrow_type(f, dim), nullable=f["nullable"]) for f in spec["fields"]
+        pa.field(f["name"], _arrow_type(f, dim, element), nullable=f["nullable"])
+        for f in spec["fields"]
     ]
     metadata = {METADATA_NAME: name.encode(), METADATA_VERSION: str(spec["version"]).encode()}
     if dim is not None:
@@ -76,6 +94,18 @@ def descriptor_dim(schema: pa.Schema) -> int:
     return field.type.list_size
 
 
+def local_descriptor_element(schema: pa.Schema) -> str:
+    """float16 or float32: the element type of a local-feature table's descriptors column."""
+    field_type = schema.field("descriptors").type
+    if pa.types.is_list(field_type):
+        for name, arrow in _DESCRIPTOR_ELEMENTS.items():
+            if field_type.value_type.equals(arrow):
+                return name
+    raise SchemaMismatchError(
+        f"local descriptors column has type {field_type}, expected list<float16 or float32>"
+    )
+
+
 def check_schema(name: str, schema: pa.Schema, *, source: str = "table") -> None:
     """Raise :class:`SchemaMismatchError` unless ``schema`` is a version of ``name`` we read."""
     meta = schema.metadata or {}
@@ -91,7 +121,10 @@ def check_schema(name: str, schema: pa.Schema, *, source: str = "table") -> None
             f"(this code reads version {CURRENT_VERSIONS[name]})"
         )
     dim = descriptor_dim(schema) if name == "descriptors" else None
-    expected = arrow_schema(name, dim=dim)
+    element = local_descriptor_element(schema) if name == "local_features" else None
+    if name == "local_features":
+        dim = int((schema.metadata or {}).get(METADATA_DIM, b"0"))
+    expected = arrow_schema(name, dim=dim, element=element)
     for field in expected:
         if field.name not in schema.names:
             raise SchemaMismatchError(f"{source}: missing column {field.name!r}")
