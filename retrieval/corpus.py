@@ -2,9 +2,9 @@
 
 Image ids are stable across runs and machines: the path relative to the corpus root, extension
 included, with '/' separators (or the id column of a manifest). Keeping the extension makes ids
-unique by construction: ``photo.webp`` and ``photo.tiff`` in one folder are two images. Shards are cut from the id-sorted listing, so the same
-listing always maps to the same shard ids, and a shard's ``input_digest`` says whether a committed
-shard still describes the same inputs.
+unique by construction: ``photo.webp`` and ``photo.tiff`` in one folder are two images. Shards are
+cut from the id-sorted listing, so the same listing always maps to the same shard ids, and a
+shard's ``input_digest`` says whether a committed shard still describes the same inputs.
 """
 
 from __future__ import annotations
