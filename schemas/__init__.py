@@ -25,7 +25,9 @@ CURRENT_VERSIONS = {
     "descriptors": 1,
     "errors": 1,
     "idmap": 1,
-    "manifest": 1,
+    "manifest": 2,
+    "plan_refs": 1,
+    "plan_shards": 1,
     "local_features": 1,
 }
 
