@@ -25,7 +25,12 @@ The indexing pipeline, one command per stage, each reading and writing URIs
   retrieval train    --descriptors DESC --output CB     codebook on a uniform sample
   retrieval index    --descriptors DESC --codebook CB --output SHARDS   one index per shard
   retrieval merge    --shards SHARDS --output INDEX     one searchable index + id map
-  retrieval search   --index INDEX --queries QDESC --output RESULTS
+  retrieval search   --index INDEX --queries QDESC --output RESULTS [--local LOCAL]
+
+learning from the corpus itself (no labels): mine verified pairs, learn a whitening, apply it
+
+  retrieval learn    --descriptors DESC --local LOCAL --output MODEL
+  retrieval whiten   --descriptors DESC --whitening MODEL --output WDESC   then train/index WDESC
 
 and the whole default pipeline on a benchmark folder, with a report:
 
@@ -107,6 +112,33 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
         help="images per shard, the unit of work and of re-runs (default 256)",
     )
     group.add_argument(
+        "--local-features",
+        dest="local_features",
+        metavar="METHOD",
+        help="local features for spatial verification: rootsift (default, OpenCV, offline), "
+        "delf:<TF-Hub handle | SavedModel folder | gs:// or s3:// copy>, or none",
+    )
+    group.add_argument(
+        "--local-image-size",
+        type=int,
+        dest="local_image_size",
+        metavar="PX",
+        help="longer image side for local features (default 640: measured cost and gain)",
+    )
+    group.add_argument(
+        "--local-max-features",
+        type=int,
+        dest="local_max_features",
+        metavar="N",
+        help="at most N local features per image, strongest first (default 1000)",
+    )
+    group.add_argument(
+        "--local-dtype",
+        choices=["float16", "float32"],
+        dest="local_dtype",
+        help="how local descriptors are stored (default float16: half the bytes)",
+    )
+    group.add_argument(
         "--max-pixels",
         type=int,
         dest="max_pixels",
@@ -136,6 +168,77 @@ def _expansion_options(group: argparse._ActionsContainer) -> None:
         dest="qe_alpha",
         metavar="A",
         help="αQE weight exponent: neighbour similarity ** A (default 3)",
+    )
+
+
+def _rerank_options(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--shortlist",
+        type=int,
+        metavar="K",
+        help="spatially verify the top K global results by local-feature matching + RANSAC "
+        "(MAGSAC) and move verified images first, by inliers (default 100; 0: off)",
+    )
+    group.add_argument(
+        "--min-inliers",
+        type=int,
+        dest="min_inliers",
+        metavar="N",
+        help="inliers that make an image verified (default 20)",
+    )
+    group.add_argument(
+        "--verified-qe",
+        type=int,
+        dest="verified_qe",
+        metavar="N",
+        help="average the query with its best N verified results and search again "
+        "(default 10; 0: off). Unlike --qe it cannot pull in unverified strangers",
+    )
+    group.add_argument(
+        "--verify-workers",
+        type=int,
+        dest="verify_workers",
+        metavar="N",
+        help="threads verifying pairs (default 2)",
+    )
+
+
+def _learn_options(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--mine-neighbours",
+        type=int,
+        dest="mine_neighbours",
+        metavar="N",
+        help="global nearest neighbours proposed per sampled image (default 10)",
+    )
+    group.add_argument(
+        "--mine-min-inliers",
+        type=int,
+        dest="mine_min_inliers",
+        metavar="N",
+        help="inliers that make a proposed pair a match (default 20)",
+    )
+    group.add_argument(
+        "--mine-sample-size",
+        type=int,
+        dest="mine_sample_size",
+        metavar="N",
+        help="images that propose pairs: a seeded (--seed) sample bounds the cost on large "
+        "corpora (default 5000)",
+    )
+    group.add_argument(
+        "--whitening-dim",
+        type=int,
+        dest="whitening_dim",
+        metavar="D",
+        help="PCA dimensions kept before whitening (default 256)",
+    )
+    group.add_argument(
+        "--whitening-shrinkage",
+        type=float,
+        dest="whitening_shrinkage",
+        metavar="S",
+        help="shrinkage of the pair-difference covariance towards the identity, 0-1 (default 0.2)",
     )
 
 
@@ -185,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest file")
     p.add_argument("--output", required=True, metavar="URI", help="descriptor shard folder")
+    p.add_argument(
+        "--local-output",
+        dest="local_output",
+        metavar="URI",
+        help="also extract local features (same pass: one read and decode per image) into "
+        "their own shards here",
+    )
     _extract_options(p)
     _runner_options(p)
 
@@ -239,7 +349,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
+    p.add_argument(
+        "--local",
+        metavar="URI",
+        help="local-feature folder of the indexed images (from `extract --local-output`): "
+        "turns on spatial verification and verified query expansion",
+    )
+    p.add_argument(
+        "--query-local",
+        dest="query_local",
+        metavar="URI",
+        help="local-feature folder of the queries (default: --local)",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings")
     _expansion_options(p)
+    _rerank_options(p)
+
+    p = sub.add_parser(
+        "learn",
+        formatter_class=fmt,
+        help="mine verified pairs (no labels) and learn a whitening",
+        description=textwrap.dedent("""\
+        Learn from the corpus itself, without labels: every image of a seeded sample proposes
+        its nearest neighbours by global descriptor, each proposed pair is verified by local-
+        feature matching + RANSAC, and the verified pairs teach a whitening of the global
+        descriptors (Radenović et al.'s learned whitening: PCA, then whitening of matching-pair
+        differences, with shrinkage). Writes whitening.npz + whitening.json (with pairs found
+        and mining time) to --output; never reads ground truth. Apply it with `retrieval whiten`
+        before train/index; `retrieval search` whitens raw query descriptors itself."""),
+    )
+    p.add_argument("--descriptors", required=True, metavar="URI", help="descriptor folder")
+    p.add_argument(
+        "--local", required=True, metavar="URI", help="local-feature folder of the same images"
+    )
+    p.add_argument("--output", required=True, metavar="URI", help="whitening model folder")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings")
+    p.add_argument("--seed", type=int, help="seed of the mining sample (default 0)")
+    _learn_options(p)
+    _rerank_options(p)
+
+    p = sub.add_parser(
+        "whiten",
+        formatter_class=fmt,
+        help="apply a learned whitening to descriptor shards",
+        description="Write the whitened copy of every descriptor shard (same shard ids and "
+        "error rows; the model fingerprint gains the whitening's SHA-256) for train/index.",
+    )
+    p.add_argument("--descriptors", required=True, metavar="URI")
+    p.add_argument("--whitening", required=True, metavar="URI", help="folder from `learn`")
+    p.add_argument("--output", required=True, metavar="URI", help="whitened descriptor folder")
 
     for name, helptext in (
         ("evaluate", "run the whole pipeline on a benchmark and report"),
@@ -273,6 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _extract_options(p)
         _index_options(p)
+        group = p.add_argument_group("re-ranking and learning")
+        _rerank_options(group)
+        group.add_argument(
+            "--no-learn",
+            dest="learn",
+            action="store_false",
+            default=None,
+            help="skip mining pairs and learning a whitening",
+        )
+        _learn_options(group)
         _runner_options(p)
     return parser
 
@@ -317,6 +485,9 @@ def _search(args: argparse.Namespace) -> None:
         k=args.k,
         nprobe=config.nprobe,
         expansion=config.expansion,
+        rerank=config.rerank,
+        local=args.local,
+        query_local=args.query_local,
     )
     print(f"{summary['inputs']} queries, top {summary['k']} each -> {summary['results']}")
 
@@ -366,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.ERROR
         )
     if args.command == "extract":
-        summary = stages.extract(args.input, args.output, _config(args))
+        summary = stages.extract(
+            args.input, args.output, _config(args), local_output=args.local_output
+        )
         print(
             f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
             f"failed -> {args.output}"
@@ -379,6 +552,22 @@ def main(argv: list[str] | None = None) -> int:
         _print_json(stages.merge(args.shards, args.output))
     elif args.command == "search":
         _search(args)
+    elif args.command == "learn":
+        from retrieval.learning.whitening import InsufficientPairsError
+
+        try:
+            record = stages.learn(args.descriptors, args.local, args.output, _config(args))
+        except InsufficientPairsError as exc:
+            raise SystemExit(f"retrieval learn: {exc}") from None
+        mining = record["mining"]
+        print(
+            f"{mining['verified_pairs']} verified pairs of {mining['proposed_pairs']} proposed "
+            f"({mining['sampled_images']} images sampled, {mining['mining_s']} s) -> "
+            f"whitening to {record['dim']} dims in {args.output}"
+        )
+    elif args.command == "whiten":
+        info = stages.whiten(args.descriptors, args.whitening, args.output)
+        print(f"whitened descriptors ({info['id']}) -> {args.output}")
     elif args.command == "evaluate":
         _evaluate(args.benchmark, args.out, args)
     elif args.command == "demo":

@@ -14,8 +14,25 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     factory = "auto"
     seed = 0
     nprobe = 32
-    qe = 3
+    qe = 0
     qe_alpha = 3.0
+    [local]
+    local_features = "rootsift"    # or "delf:<handle or path>", or "none"
+    local_image_size = 640
+    local_max_features = 1000
+    local_dtype = "float16"
+    [rerank]
+    shortlist = 100               # top-K verified by matching + RANSAC (0: no verification)
+    min_inliers = 20
+    verified_qe = 10              # verified neighbours averaged into the query (0: off)
+    verify_workers = 2
+    [learn]
+    learn = true                  # evaluate: mine pairs and learn a whitening first
+    mine_neighbours = 10
+    mine_min_inliers = 20
+    mine_sample_size = 5000
+    whitening_dim = 256
+    whitening_shrinkage = 0.3
 
 Precedence: command-line flag > config file > built-in default.
 """
@@ -32,7 +49,12 @@ from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import DEFAULT_SHARD_SIZE
 from retrieval.images import DecodeLimits
 from retrieval.index.search import DEFAULT_NPROBE
+from retrieval.learning.mining import MiningConfig
+from retrieval.learning.whitening import DEFAULT_DIM, DEFAULT_SHRINKAGE
+from retrieval.local_features.extractor import LocalFeatureConfig
 from retrieval.rerank.query_expansion import QueryExpansion
+from retrieval.rerank.shortlist import DEFAULT_VERIFIED_QE, RerankConfig
+from retrieval.rerank.spatial import VerificationConfig
 
 
 @dataclass(frozen=True)
@@ -48,8 +70,25 @@ class RunConfig:
     sample_size: int | None = None
     seed: int = 0
     nprobe: int = DEFAULT_NPROBE
-    qe: int = 3  # αQE neighbours at search time (0: off)
+    # αQE neighbours at search time (0: off). Off by default: on photos with 1-2 true matches
+    # it pulls in strangers; verified_qe cannot.
+    qe: int = 0
     qe_alpha: float = 3.0
+    local: LocalFeatureConfig = field(default_factory=LocalFeatureConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    verify: bool = True  # spatial verification of the shortlist (needs local features)
+    verified_qe: int = DEFAULT_VERIFIED_QE
+    learn: bool = True  # `evaluate`: mine pairs and learn a whitening before indexing
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    whitening_dim: int = DEFAULT_DIM
+    whitening_shrinkage: float = DEFAULT_SHRINKAGE
+
+    @property
+    def rerank(self) -> RerankConfig:
+        return RerankConfig(
+            verification=self.verification if self.verify and self.local.enabled else None,
+            verified_qe=self.verified_qe,
+        )
 
     @property
     def expansion(self) -> QueryExpansion:
@@ -71,6 +110,7 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gem"] = self.gem.as_dict()
+        d["local"] = self.local.as_dict()
         d["beam_args"] = list(self.beam_args)
         return d
 
@@ -90,6 +130,27 @@ _TOP_KEYS = {
     "nprobe",
     "qe",
     "qe_alpha",
+    "verify",
+    "verified_qe",
+    "learn",
+    "whitening_dim",
+    "whitening_shrinkage",
+}
+_LOCAL_KEYS = {
+    "local_features": "method",
+    "local_image_size": "image_size",
+    "local_max_features": "max_features",
+    "local_dtype": "dtype",
+}
+_VERIFY_KEYS = {
+    "shortlist": "shortlist",
+    "min_inliers": "min_inliers",
+    "verify_workers": "workers",
+}
+_MINING_KEYS = {
+    "mine_neighbours": "neighbours",
+    "mine_min_inliers": "min_inliers",
+    "mine_sample_size": "sample_size",
 }
 
 
@@ -105,7 +166,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             flat[key] = value
     aliases = {"factory": "index_factory"}
     flat = {aliases.get(k, k): v for k, v in flat.items()}
-    unknown = set(flat) - set(_GEM_KEYS) - _LIMIT_KEYS - _TOP_KEYS
+    known = set(_GEM_KEYS) | _LIMIT_KEYS | _TOP_KEYS | set(_LOCAL_KEYS) | set(_VERIFY_KEYS)
+    unknown = set(flat) - known - set(_MINING_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
     return flat
@@ -126,6 +188,19 @@ def build_config(values: dict[str, Any], base: RunConfig | None = None) -> RunCo
         top["beam_args"] = tuple(shlex.split(top["beam_args"]))
     elif "beam_args" in top:
         top["beam_args"] = tuple(top["beam_args"])
+    local = {_LOCAL_KEYS[k]: v for k, v in given.items() if k in _LOCAL_KEYS}
+    verification = {_VERIFY_KEYS[k]: v for k, v in given.items() if k in _VERIFY_KEYS}
+    if verification.get("shortlist") == 0:  # --shortlist 0 turns verification off
+        verification.pop("shortlist")
+        top["verify"] = False
+    mining = {_MINING_KEYS[k]: v for k, v in given.items() if k in _MINING_KEYS}
+    mining.setdefault("seed", given.get("seed", config.mining.seed))
     return replace(
-        config, gem=replace(config.gem, **gem), limits=replace(config.limits, **limits), **top
+        config,
+        gem=replace(config.gem, **gem),
+        limits=replace(config.limits, **limits),
+        local=replace(config.local, **local),
+        verification=replace(config.verification, **verification),
+        mining=replace(config.mining, **mining),
+        **top,
     )

@@ -1,12 +1,12 @@
 """``retrieval evaluate``: the whole default pipeline on a benchmark folder, then a report.
 
-    images/ ─► extract ─► train ─► index (per shard) ─► merge ─► search every query ─► metrics
-                                                                                          │
-    variants (exact search, PQ compression) on the same descriptors ─────────────────────┘
+    images/ ─► extract (GeM + local features, one decode) ─► mine verified pairs ─► learn
+    whitening ─► whiten ─► train ─► index ─► merge ─► search + spatial verification +
+    verified QE ─► metrics; every step also scored as its own row (``global`` = the floor).
 
-``results[0]`` is what the default pipeline (``retrieval search``, with α-query expansion)
-answers; the other rows use the same descriptors without expansion and with another index
-(exact or PQ), so the report shows what expansion gains and what compression costs.
+``results[0]`` is what the default pipeline answers (``retrieval search`` over the whitened
+index with ``--local``); the other rows add one step at a time to ``global``, so the report
+shows what each step gains, and α-query expansion and PQ compression for comparison.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,9 +33,12 @@ from retrieval.extraction import failures
 from retrieval.index import factory as factories
 from retrieval.index.codebook import with_id_map
 from retrieval.index.search import NO_EXPANSION, SearchableIndex, load_index
+from retrieval.learning.whitening import InsufficientPairsError, load_whitening
 from retrieval.manifests import utc_now
 from retrieval.rerank.query_expansion import QueryExpansion
+from retrieval.rerank.shortlist import RerankConfig, rerank_search
 from retrieval.shards import descriptor_shards
+from retrieval.shards.local_feature_shards import LocalFeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,17 @@ def write_benchmark_listing(benchmark: Benchmark, out: str) -> str:
     return uri
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One report row: which index, whether queries are whitened, and which re-ranking."""
+
+    name: str
+    index_dir: str
+    whitened: bool = False
+    expansion: QueryExpansion = NO_EXPANSION
+    rerank: RerankConfig | None = None
+
+
 def rank_queries(
     index: SearchableIndex,
     benchmark: Benchmark,
@@ -98,65 +112,176 @@ def rank_queries(
     return rankings
 
 
+def rank_queries_reranked(
+    index: SearchableIndex,
+    benchmark: Benchmark,
+    vectors_by_id: dict[str, np.ndarray],
+    rerank: RerankConfig,
+    store: LocalFeatureStore,
+    inlier_cache: dict[tuple[str, str], int],
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Full rankings after spatial verification (and verified QE), with their costs."""
+    query_ids = sorted({q.id for q in benchmark.queries})
+    present = [q for q in query_ids if q in vectors_by_id]
+    rankings: dict[str, list[str]] = {q: [] for q in query_ids}
+    if not present:
+        return rankings, {}
+    queries = np.stack([vectors_by_id[q] for q in present])
+    k = min(index.index.ntotal, MAX_RANKING)
+    reranked = rerank_search(index, present, queries, k, rerank, store.get, store.get, inlier_cache)
+    rankings.update(zip(present, index.ranked_ids_list(reranked.found), strict=True))
+    return rankings, reranked.stats
+
+
 def evaluate_benchmark(
     benchmark_dir: str, out: str, config: RunConfig, *, variants: bool = True
 ) -> dict[str, Any]:
     """Run the default pipeline on ``benchmark_dir`` and write report.{json,md,html} to ``out``.
 
-    With ``variants`` the report also scores exact search and PQ compression of the same
-    descriptors (whichever of them is not the default).
+    The default (results[0]): extract GeM + local features in one pass, mine verified pairs
+    and learn a whitening (no labels), index the whitened descriptors, then verify each query's
+    shortlist and expand it with verified neighbours. The row ``global`` is the floor: the raw
+    descriptors, exact search, nothing else. With ``variants`` every step also gets its own
+    row, plus α-query expansion and PQ compression for comparison.
     """
     benchmark = load_benchmark(benchmark_dir)
     listing = write_benchmark_listing(benchmark, out)
     descriptors = storage.join(out, "descriptors")
+    local = storage.join(out, "local_features") if config.local.enabled else None
     timings: dict[str, float] = {}
 
     with _timed(timings, "extract_s"):
-        extract_summary = stages.extract(listing, descriptors, config)
-    default_index = build_index(descriptors, storage.join(out, "default"), config, timings)
-
+        extract_summary = stages.extract(listing, descriptors, config, local_output=local)
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     vectors_by_id = dict(zip(ids, vectors, strict=True))
     n, d = vectors.shape
     chosen = with_id_map(
         factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
     )
-    # (row name, index folder, query expansion): results[0] is the default pipeline.
-    rows = [(_row_name(chosen, config.expansion), default_index, config.expansion)]
-    if variants:
-        if config.expansion.n:
-            rows.append((_row_name(chosen, NO_EXPANSION), default_index, NO_EXPANSION))
-        for factory in ("IDMap2,Flat", with_id_map(factories.compressed_factory(n, d))):
-            if factory == chosen:
-                continue
-            root = storage.join(out, "variants", _label(factory))
-            variant_config = replace(config, index_factory=factory, runner="local")
-            index_dir = build_index(
-                descriptors, root, variant_config, timings, f"{_label(factory)}:"
-            )
-            rows += [
-                (_row_name(factory, e), index_dir, e)
-                for e in dict.fromkeys([config.expansion, NO_EXPANSION])
-            ]
+    exact = "IDMap2,Flat"
+    global_index = build_index(
+        descriptors,
+        storage.join(out, "global"),
+        replace(config, index_factory=exact, runner="local"),
+        timings,
+        "global:",
+    )
 
+    learning: dict[str, Any] = {"enabled": bool(config.learn and local)}
+    whitened_index = None
+    whitening = None
+    if config.learn and local:
+        try:
+            with _timed(timings, "learn_s"):
+                record = stages.learn(descriptors, local, storage.join(out, "whitening"), config)
+            learning.update(record)
+            whitened = storage.join(out, "whitened_descriptors")
+            with _timed(timings, "whiten_s"):
+                stages.whiten(descriptors, storage.join(out, "whitening"), whitened)
+            whitened_index = build_index(
+                whitened, storage.join(out, "default"), config, timings, "default:"
+            )
+            whitening = load_whitening(storage.join(out, "whitening"))
+        except InsufficientPairsError as exc:  # small or unrelated corpora: nothing to learn
+            learning["skipped"] = str(exc)
+            log.warning("learned whitening skipped: %s", exc)
+
+    default_index = whitened_index
+    if default_index is None:
+        default_index = (
+            global_index
+            if chosen == exact
+            else build_index(descriptors, storage.join(out, "default"), config, timings, "default:")
+        )
+    rerank = config.rerank if local else None
+    lw = whitening is not None
+    steps = ["global"] + (["lw"] if lw else [])
+    if rerank is not None:
+        steps += ["sv"] + (["vqe"] if rerank.verified_qe else [])
+    if config.expansion.n:
+        steps.append("aqe")
+    default = Variant("+".join(steps), default_index, lw, config.expansion, rerank)
+    rows = [default, Variant("global", global_index)]  # the floor, always scored
+    if variants:
+        if lw:
+            rows.append(Variant("global+lw", default_index, True))
+        if rerank is not None:
+            sv_only = replace(rerank, verified_qe=0)
+            rows.append(Variant("global+sv", global_index, rerank=sv_only))
+            if rerank.verified_qe:
+                rows.append(Variant("global+sv+vqe", global_index, rerank=rerank))
+            if lw and rerank.verified_qe:
+                rows.append(Variant("global+lw+sv", default_index, True, rerank=sv_only))
+        rows.append(Variant("global+aqe", global_index, expansion=QueryExpansion(n=3, alpha=3.0)))
+        pq = with_id_map(factories.compressed_factory(n, d))
+        if pq != chosen:
+            pq_config = replace(config, index_factory=pq, runner="local")
+            pq_dir = build_index(
+                descriptors, storage.join(out, "variants", "pq"), pq_config, timings, "pq:"
+            )
+            rows.append(Variant("global+pq", pq_dir))
+    seen: set[str] = set()
+    rows = [r for r in rows if not (r.name in seen or seen.add(r.name))]
+
+    store = LocalFeatureStore(local) if local and rerank is not None else None
+    whitened_by_id = (
+        dict(zip(ids, whitening.apply(vectors), strict=True)) if whitening is not None else {}
+    )
+    inlier_cache: dict[tuple[str, str], int] = {}
     results, all_rankings = [], {}
     with _timed(timings, "search_and_score_s"):
-        for name, index_dir, expansion in rows:
-            index = load_index(index_dir, nprobe=config.nprobe)
-            rankings = rank_queries(index, benchmark, vectors_by_id, expansion)
+        for variant in rows:
+            index = load_index(variant.index_dir, nprobe=config.nprobe)
+            log.info(
+                "variant %s: index d=%d, whitened queries %s",
+                variant.name,
+                index.index.d,
+                variant.whitened,
+            )
+            query_vectors = whitened_by_id if variant.whitened else vectors_by_id
+            row_start = time.perf_counter()
+            rerank_stats = None
+            if variant.rerank is not None and store is not None:
+                rankings, rerank_stats = rank_queries_reranked(
+                    index, benchmark, query_vectors, variant.rerank, store, inlier_cache
+                )
+            else:
+                rankings = rank_queries(index, benchmark, query_vectors, variant.expansion)
             metrics = evaluate_rankings(rankings, benchmark)
             results.append(
                 {
-                    "name": name,
+                    "name": variant.name,
                     "index": index.manifest["factory"],
-                    "query_expansion": {"n": expansion.n, "alpha": expansion.alpha}
-                    if expansion.n
+                    "whitening": index.manifest["model"].get("whitening"),
+                    "query_expansion": {
+                        "n": variant.expansion.n,
+                        "alpha": variant.expansion.alpha,
+                    }
+                    if variant.expansion.n
                     else None,
+                    "rerank": variant.rerank.as_dict() if variant.rerank else None,
+                    "rerank_stats": rerank_stats,
+                    "search_s": round(time.perf_counter() - row_start, 3),
                     **metrics.as_dict(),
                 }
             )
-            all_rankings[name] = rankings
+            all_rankings[variant.name] = rankings
 
+    local_summary = extract_summary.get("local_features") or {}
+    mining = learning.get("mining") or {}
+    default_stats = results[0].get("rerank_stats") or {}
+    timings.update(
+        {
+            "local_features_images_per_s_per_core": local_summary.get("images_per_s_per_core"),
+            "local_features_bytes_per_image": local_summary.get("bytes_per_image"),
+            "mining_s": mining.get("mining_s"),
+            "mining_ms_per_image": mining.get("ms_per_sampled_image"),
+            "mined_pairs_proposed": mining.get("proposed_pairs"),
+            "mined_pairs_verified": mining.get("verified_pairs"),
+            "rerank_ms_per_query": default_stats.get("rerank_ms_per_query"),
+            "verify_ms_per_pair": default_stats.get("verify_ms_per_pair"),
+        }
+    )
     report = {
         "benchmark": benchmark.name,
         "benchmark_dir": str(benchmark_dir),
@@ -165,6 +290,8 @@ def evaluate_benchmark(
         "accounting": {k: extract_summary[k] for k in ("inputs", "indexed", "failed")},
         "results": results,
         "model": extract_summary["model"],
+        "local_features": local_summary or None,
+        "learning": learning,
         "timings": timings,
         "throughput": {
             "extract_images_per_s": round(
@@ -178,11 +305,3 @@ def evaluate_benchmark(
     }
     write_report(report, out, benchmark=benchmark, rankings=all_rankings)
     return report
-
-
-def _label(factory: str) -> str:
-    return "exact" if factory.endswith("Flat") and "IVF" not in factory else "pq"
-
-
-def _row_name(factory: str, expansion: QueryExpansion) -> str:
-    return f"gem+{_label(factory)}" + ("+qe" if expansion.n else "")

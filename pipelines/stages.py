@@ -22,22 +22,50 @@ from retrieval.index import shard_index
 from retrieval.index.codebook import train_codebook
 from retrieval.index.merge import merge_shard_indexes
 from retrieval.index.search import DEFAULT_NPROBE, NO_EXPANSION, load_index
+from retrieval.learning.mining import mine_pairs
+from retrieval.learning.whitening import (
+    MIN_PAIRS,
+    InsufficientPairsError,
+    learn_whitening,
+    query_whitening,
+    save_whitening,
+    whiten_descriptor_folder,
+)
+from retrieval.local_features.extractor import build_local_extractor, local_info_for
 from retrieval.rerank.query_expansion import QueryExpansion
+from retrieval.rerank.shortlist import RerankConfig, rerank_search, reranked_table
 from retrieval.shards import descriptor_shards
+from retrieval.shards.local_feature_shards import LocalFeatureStore
 from retrieval.summary import format_accounting, write_summary
 
 log = logging.getLogger(__name__)
 
 
-def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
-    """List ``source``, describe every image not yet in a committed shard, summarize."""
+def extract(
+    source: str, output: str, config: RunConfig, *, local_output: str | None = None
+) -> dict[str, Any]:
+    """List ``source``, describe every image not yet in a committed shard, summarize.
+
+    With ``local_output`` (and local features not turned off in ``config``) the same pass
+    also extracts local features into their own shards there.
+    """
     start = time.perf_counter()
     info = model_info(config.gem)
-    plan = plan_extraction(source, output, info, shard_size=config.shard_size)
+    local = config.local if config.local.enabled and local_output else None
+    local_info = local_info_for(local) if local else None
+    local_output = local_output if local else None
+    plan = plan_extraction(
+        source,
+        output,
+        info,
+        shard_size=config.shard_size,
+        local_output=local_output,
+        local_info=local_info,
+    )
     storage.makedirs(output)
     run_start = time.perf_counter()
     if config.runner == "local" or not plan.pending:
-        _extract_local(plan, config)
+        _extract_local(plan, config, local_output)
     else:
         from pipelines.beam.extract import run_extraction
         from pipelines.beam.options import is_local, pipeline_options
@@ -56,22 +84,30 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
                 limits=config.limits,
                 options=options,
                 threads_per_worker=threads,
+                local=local,
+                local_output=local_output,
+                local_info=local_info,
             )
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
-    summary = summarize_extraction(plan, info, timings)
+    summary = summarize_extraction(
+        plan, info, timings, local_output=local_output, local_info=local_info
+    )
     log.info(format_accounting(summary))
     return summary
 
 
-def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
+def _extract_local(plan: ExtractionPlan, config: RunConfig, local_output: str | None) -> None:
     if not plan.pending:
         return
     from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
 
     configure_tf_threads(config.threads)
     extractor = GeMExtractor(config.gem)
+    local = build_local_extractor(config.local) if local_output else None
     shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
-    run_local(shard_ids, plan.output, extractor, config.limits)
+    run_local(
+        shard_ids, plan.output, extractor, config.limits, local=local, local_output=local_output
+    )
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
@@ -118,13 +154,38 @@ def search(
     k: int = 100,
     nprobe: int | None = None,
     expansion: QueryExpansion = NO_EXPANSION,
+    rerank: RerankConfig | None = None,
+    local: str | None = None,
+    query_local: str | None = None,
 ) -> dict[str, Any]:
-    """Top-``k`` results for every descriptor under ``queries`` -> ``output``/results.parquet."""
+    """Top-``k`` results for every descriptor under ``queries`` -> ``output``/results.parquet.
+
+    Query descriptors of the index's base model are whitened first when the index holds
+    whitened descriptors. With ``rerank`` and the database's local features ``local`` (and the
+    queries' ``query_local``, default ``local``), the shortlist is spatially verified and
+    expanded with verified neighbours; results then carry each image's inlier count.
+    """
     start = time.perf_counter()
     index = load_index(index_dir, nprobe=nprobe or DEFAULT_NPROBE)
-    index.check_query_model(descriptor_shards.list_shards(queries))
+    query_manifests = descriptor_shards.list_shards(queries)
+    whitening = query_whitening(index.manifest["model"], [m["model"] for m in query_manifests])
+    if whitening is None:
+        index.check_query_model(query_manifests)
     query_ids, _, vectors = descriptor_shards.read_all(queries)
-    table = index.results_table(query_ids, vectors, k, expansion)
+    if whitening is not None:
+        vectors = whitening.apply(vectors)
+    rerank_stats = None
+    if rerank is not None and rerank.enabled and local:
+        database = LocalFeatureStore(local)
+        query_store = database if not query_local or query_local == local else None
+        query_store = query_store or LocalFeatureStore(query_local)
+        reranked = rerank_search(
+            index, query_ids, vectors, k, rerank, query_store.get, database.get
+        )
+        table = reranked_table(index, query_ids, reranked)
+        rerank_stats = reranked.stats
+    else:
+        table = index.results_table(query_ids, vectors, k, expansion)
     results = storage.join(output, "results.parquet")
     storage.write_parquet(results, table)
     answered = len(set(table.column("query_id").to_pylist()))
@@ -137,6 +198,47 @@ def search(
         timings={"search_s": time.perf_counter() - start},
         k=min(k, index.index.ntotal),
         query_expansion={"n": expansion.n, "alpha": expansion.alpha},
+        whitening=index.manifest["model"].get("whitening"),
+        rerank=rerank.as_dict() if rerank is not None and rerank_stats is not None else None,
+        rerank_stats=rerank_stats,
         results=results,
         index=index_dir,
     )
+
+
+def learn(descriptors: str, local: str, output: str, config: RunConfig) -> dict[str, Any]:
+    """Mine verified pairs in the corpus (no labels) and learn a whitening from them.
+
+    Writes ``whitening.npz`` + ``whitening.json`` (with the mining figures) to ``output``.
+    """
+    ids, _, vectors = descriptor_shards.read_all(descriptors)
+    base_model = descriptor_shards.list_shards(descriptors)[0]["model"]
+    store = LocalFeatureStore(local)
+    mined = mine_pairs(ids, vectors, store.get, config.mining, config.verification)
+    log.info("mined %s", mined.stats)
+    if len(mined.pairs) < MIN_PAIRS:
+        raise InsufficientPairsError(
+            f"only {len(mined.pairs)} verified pairs in {len(ids)} images (at least {MIN_PAIRS} "
+            "are needed to learn a whitening): the corpus shows too few things twice; "
+            "try a larger --mine-sample-size or --mine-neighbours"
+        )
+    start = time.perf_counter()
+    whitening = learn_whitening(
+        vectors, mined.pairs, dim=config.whitening_dim, shrinkage=config.whitening_shrinkage
+    )
+    learn_s = time.perf_counter() - start
+    return save_whitening(
+        whitening,
+        output,
+        mining=mined.stats,
+        learn_s=round(learn_s, 3),
+        descriptors=descriptors,
+        local_features=local,
+        base_model={k: base_model[k] for k in ("id", "config_hash", "weights_sha256")},
+        local_model=store.model["id"],
+    )
+
+
+def whiten(descriptors: str, whitening: str, output: str) -> dict[str, Any]:
+    """Whitened copy of a descriptor folder (what `index` then builds on)."""
+    return whiten_descriptor_folder(descriptors, whitening, output)

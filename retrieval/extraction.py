@@ -8,6 +8,7 @@ over workers (``pipelines/beam/extract.py``). Whatever goes wrong with one image
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,18 @@ import numpy as np
 from retrieval import plan, storage
 from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
-from retrieval.shards import descriptor_shards
+from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
+from retrieval.shards.local_feature_shards import LocalFeatureRow
 from retrieval.summary import write_summary
 
 if TYPE_CHECKING:  # the extractor brings TensorFlow; planning and summaries must not
     from retrieval.descriptors.gem import GeMExtractor
+    from retrieval.local_features.extractor import LocalFeatureExtractor
+
+# Error rows of these stages happened before either model ran: both shard kinds record them.
+SHARED_ERROR_STAGES = frozenset({"list", "read", "decode"})
+LOCAL_FEATURES_STAGE = "local_features"
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +81,49 @@ def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
     )
 
 
+def local_feature_row(
+    loaded: LoadedImage, extractor: LocalFeatureExtractor
+) -> LocalFeatureRow | ErrorRow:
+    """The local features of a decoded image, or an error row that only the local-feature shard
+    records (the global descriptor of the same image may well exist)."""
+    ref = loaded.ref
+    start = time.perf_counter()
+    try:
+        features = extractor.extract(loaded.image)
+    except Exception as exc:  # one image, not the job
+        message = f"{type(exc).__name__}: {exc}"
+        return ErrorRow(ref.id, ref.uri, LOCAL_FEATURES_STAGE, "model_error", message)
+    return LocalFeatureRow(ref.id, ref.uri, features, time.perf_counter() - start)
+
+
+def decode_side(extractor_max_side: int, local: LocalFeatureExtractor | None) -> int:
+    """One decode serves both models: at the larger of their sizes (each shrinks its copy)."""
+    return max(extractor_max_side, local.config.image_size if local else 0)
+
+
 def extract_shard(
     spec: ShardSpec, extractor: GeMExtractor, limits: DecodeLimits
 ) -> tuple[list[DescriptorRow], list[ErrorRow]]:
     """Describe every input of a shard in this process (the plain loop, no runner)."""
+    rows, errors, _ = extract_shard_with_local(spec, extractor, limits, None)
+    return rows, errors
+
+
+def extract_shard_with_local(
+    spec: ShardSpec,
+    extractor: GeMExtractor,
+    limits: DecodeLimits,
+    local: LocalFeatureExtractor | None,
+) -> tuple[list[DescriptorRow], list[ErrorRow], list[LocalFeatureRow]]:
+    """Global descriptors and (with ``local``) local features of every input of a shard, each
+    image read and decoded once. Errors of either model are in the one error list (their
+    ``stage`` says which shard records them, see :func:`split_errors`)."""
     rows: list[DescriptorRow] = []
     errors: list[ErrorRow] = []
+    local_rows: list[LocalFeatureRow] = []
+    max_side = decode_side(extractor.config.max_side, local)
     for ref in spec.refs:
-        loaded = load_image(ref, max_side=extractor.config.max_side, limits=limits)
+        loaded = load_image(ref, max_side=max_side, limits=limits)
         if isinstance(loaded, ErrorRow):
             errors.append(loaded)
             continue
@@ -89,7 +131,38 @@ def extract_shard(
             rows.append(descriptor_row(loaded, extractor.describe(loaded.image)))
         except Exception as exc:
             errors.append(model_error(loaded, exc))
-    return rows, errors
+        if local is not None:
+            result = local_feature_row(loaded, local)
+            (errors if isinstance(result, ErrorRow) else local_rows).append(result)
+    return rows, errors, local_rows
+
+
+def split_errors(errors: Sequence[ErrorRow]) -> tuple[list[ErrorRow], list[ErrorRow]]:
+    """(descriptor-shard errors, local-feature-shard errors): read and decode failures go to
+    both, each model's own failures only to its shard."""
+    shared = [e for e in errors if e.stage in SHARED_ERROR_STAGES]
+    global_only = [e for e in errors if e.stage not in SHARED_ERROR_STAGES | {LOCAL_FEATURES_STAGE}]
+    local_only = [e for e in errors if e.stage == LOCAL_FEATURES_STAGE]
+    return shared + global_only, shared + local_only
+
+
+def write_shards(
+    output: str,
+    spec: ShardSpec,
+    rows: Sequence[DescriptorRow],
+    errors: Sequence[ErrorRow],
+    model_info: dict[str, Any],
+    *,
+    local_output: str | None = None,
+    local_rows: Sequence[LocalFeatureRow] = (),
+    local_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Commit a shard's local features (when asked), then its descriptors; returns the
+    descriptor manifest."""
+    global_errors, local_errors = split_errors(errors)
+    if local_output is not None and local_info is not None:
+        local_feature_shards.write_shard(local_output, spec, local_rows, local_errors, local_info)
+    return descriptor_shards.write_shard(output, spec, rows, global_errors, model_info)
 
 
 @dataclass
@@ -120,17 +193,31 @@ class ExtractionPlan:
 
 
 def plan_extraction(
-    source: str, output: str, model_info: dict[str, Any], *, shard_size: int = DEFAULT_SHARD_SIZE
+    source: str,
+    output: str,
+    model_info: dict[str, Any],
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
 ) -> ExtractionPlan:
-    """List the corpus, cut it into shards, write the run plan to ``output``, and find the
-    shards not yet committed there (or committed with transient errors, to retry)."""
+    """List the corpus, cut it into shards, write the run plan to ``output`` (and the same plan
+    to ``local_output``), and find the shards not yet committed there (or committed with
+    transient errors, to retry)."""
     specs = plan_shards(list_corpus(source), shard_size)
     run_plan = plan.write_extraction_plan(output, specs, source=source, shard_size=shard_size)
+    if local_output is not None:
+        plan.write_extraction_plan(local_output, specs, source=source, shard_size=shard_size)
     del specs  # from here on, shard references are read from the plan in storage
     pending, retried = [], []
     for shard in run_plan.shards:
         manifest = descriptor_shards.committed_manifest(output, shard, model_info)
-        if manifest is None:
+        local_missing = (
+            local_output is not None
+            and local_info is not None
+            and not local_feature_shards.is_committed(local_output, shard, local_info)
+        )
+        if manifest is None or local_missing:
             pending.append(shard)
         elif manifest.get("transient_errors"):
             pending.append(shard)
@@ -162,9 +249,19 @@ def plan_extraction(
 
 
 def summarize_extraction(
-    extraction: ExtractionPlan, model_info: dict[str, Any], timings: dict[str, float]
+    extraction: ExtractionPlan,
+    model_info: dict[str, Any],
+    timings: dict[str, float],
+    *,
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check every planned shard is committed and write ``summary.json`` for the stage."""
+    local_summary = (
+        {"local_features": summarize_local_features(local_output, local_info)}
+        if local_output is not None and local_info is not None
+        else {}
+    )
     rows = failed = 0
     kinds: Counter[str] = Counter()
     missing = []
@@ -195,18 +292,54 @@ def summarize_extraction(
         failures_by_kind=dict(kinds),
         model=model_info,
         input=extraction.input,
+        **local_summary,
     )
 
 
+def summarize_local_features(local_output: str, local_info: dict[str, Any]) -> dict[str, Any]:
+    """Rows, errors, features and bytes per image of a committed local-feature folder."""
+    manifests = local_feature_shards.list_shards(local_output)
+    data_bytes, rows = local_feature_shards.shard_bytes(manifests)
+    seconds = sum(m.get("extract_s", 0.0) for m in manifests)
+    return {
+        "output": local_output,
+        "model": local_info,
+        "rows": rows,
+        "failed": sum(m["errors"] for m in manifests),
+        "features_per_image": round(sum(m["features"] for m in manifests) / max(rows, 1), 1),
+        "bytes": data_bytes,
+        "bytes_per_image": round(data_bytes / max(rows, 1)),
+        # Extractor time alone (decode excluded), summed over workers: per-core throughput.
+        "images_per_s_per_core": round(rows / seconds, 2) if seconds else None,
+    }
+
+
 def run_local(
-    shard_ids: Iterable[str], output: str, extractor: GeMExtractor, limits: DecodeLimits
+    shard_ids: Iterable[str],
+    output: str,
+    extractor: GeMExtractor,
+    limits: DecodeLimits,
+    *,
+    local: LocalFeatureExtractor | None = None,
+    local_output: str | None = None,
 ) -> None:
-    """Extract the planned shards ``shard_ids`` of ``output`` one after another (no runner)."""
+    """Extract the planned shards ``shard_ids`` of ``output`` one after another (no runner),
+    with local features into ``local_output`` when ``local`` is given."""
     info = extractor.info()
+    local_info = local.info() if local is not None else None
     for shard_id in shard_ids:
         spec = plan.read_shard_spec(output, shard_id)
-        rows, errors = extract_shard(spec, extractor, limits)
-        descriptor_shards.write_shard(output, spec, rows, errors, info)
+        rows, errors, local_rows = extract_shard_with_local(spec, extractor, limits, local)
+        write_shards(
+            output,
+            spec,
+            rows,
+            errors,
+            info,
+            local_output=local_output,
+            local_rows=local_rows,
+            local_info=local_info,
+        )
 
 
 def failures(output: str) -> Sequence[ErrorRow]:

@@ -34,10 +34,18 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from retrieval import plan
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
-from retrieval.extraction import LoadedImage, descriptor_row, load_image, model_error
+from retrieval.extraction import (
+    LoadedImage,
+    descriptor_row,
+    load_image,
+    local_feature_row,
+    model_error,
+    write_shards,
+)
 from retrieval.images import DecodeLimits
-from retrieval.shards import descriptor_shards
+from retrieval.local_features.extractor import LocalFeatureConfig, build_local_extractor
 from retrieval.shards.descriptor_shards import ErrorRow
+from retrieval.shards.local_feature_shards import LocalFeatureRow
 
 
 class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
@@ -71,18 +79,54 @@ class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
         return "retrieval.gem"
 
 
+class _LocalFeatures(beam.DoFn):
+    """Local features of decoded images: one extractor per worker, built in ``setup``."""
+
+    def __init__(self, config: LocalFeatureConfig):
+        self._config = config
+
+    def setup(self) -> None:
+        self._extractor = build_local_extractor(self._config)
+
+    def process(self, element: tuple[str, LoadedImage]):
+        shard_id, loaded = element
+        yield shard_id, local_feature_row(loaded, self._extractor)
+
+
 class _WriteShard(beam.DoFn):
-    def __init__(self, output: str, model_info: dict[str, Any]):
+    def __init__(
+        self,
+        output: str,
+        model_info: dict[str, Any],
+        local_output: str | None = None,
+        local_info: dict[str, Any] | None = None,
+    ):
         self._output = output
         self._model_info = model_info
+        self._local_output = local_output
+        self._local_info = local_info
 
     def process(self, element: tuple[str, Iterable[Any]]):
         shard_id, results = element
-        rows, errors = [], []
+        rows, errors, local_rows = [], [], []
         for result in results:
-            (errors if isinstance(result, ErrorRow) else rows).append(result)
+            if isinstance(result, ErrorRow):
+                errors.append(result)
+            elif isinstance(result, LocalFeatureRow):
+                local_rows.append(result)
+            else:
+                rows.append(result)
         spec = plan.read_shard_spec(self._output, shard_id)
-        manifest = descriptor_shards.write_shard(self._output, spec, rows, errors, self._model_info)
+        manifest = write_shards(
+            self._output,
+            spec,
+            rows,
+            errors,
+            self._model_info,
+            local_output=self._local_output,
+            local_rows=local_rows,
+            local_info=self._local_info,
+        )
         yield shard_id, manifest["rows"], manifest["errors"]
 
 
@@ -101,9 +145,14 @@ def build_extraction(
     model_info: dict[str, Any],
     limits: DecodeLimits,
     threads_per_worker: int | None,
+    local: LocalFeatureConfig | None = None,
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
 ) -> beam.PCollection:
     """Add the extraction of the planned shards ``shard_ids`` of ``output`` to ``pipeline``;
-    returns (shard, rows, errors) per shard."""
+    returns (shard, rows, errors) per shard. With ``local`` the same decoded images also get
+    local features (one read and decode per image), committed to ``local_output``."""
+    max_side = max(config.max_side, local.image_size if local else 0)
     loaded = (
         pipeline
         | "Shards" >> beam.Create(list(shard_ids))
@@ -112,7 +161,7 @@ def build_extraction(
         | "Spread" >> beam.Reshuffle()
         | "ReadDecode"
         >> beam.MapTuple(
-            lambda shard, ref: (shard, load_image(ref, max_side=config.max_side, limits=limits))
+            lambda shard, ref: (shard, load_image(ref, max_side=max_side, limits=limits))
         )
     )
     decoded = loaded | "Decoded" >> beam.Filter(lambda kv: isinstance(kv[1], LoadedImage))
@@ -121,11 +170,14 @@ def build_extraction(
     described, dead_letters = decoded | "GeM" >> RunInference(handler).with_exception_handling()
     rows = described | "Rows" >> beam.MapTuple(lambda shard, result: (shard, result.inference))
     failed = dead_letters.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows)
+    parts = [rows, undecodable, failed]
+    if local is not None:
+        parts.append(decoded | "LocalFeatures" >> beam.ParDo(_LocalFeatures(local)))
     return (
-        (rows, undecodable, failed)
+        tuple(parts)
         | "All" >> beam.Flatten()
         | "ByShard" >> beam.GroupByKey()
-        | "Write" >> beam.ParDo(_WriteShard(output, model_info))
+        | "Write" >> beam.ParDo(_WriteShard(output, model_info, local_output, local_info))
     )
 
 
@@ -138,6 +190,9 @@ def run_extraction(
     limits: DecodeLimits,
     options: PipelineOptions,
     threads_per_worker: int | None = None,
+    local: LocalFeatureConfig | None = None,
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
 ) -> None:
     """Run the extraction of the planned shards ``shard_ids`` of ``output`` to completion."""
     if not shard_ids:
@@ -151,4 +206,7 @@ def run_extraction(
             model_info=model_info,
             limits=limits,
             threads_per_worker=threads_per_worker,
+            local=local,
+            local_output=local_output,
+            local_info=local_info,
         )

@@ -119,6 +119,10 @@ class SearchableIndex:
             }
         )
 
+    def ranked_ids_list(self, found: list[np.ndarray]) -> list[list[str]]:
+        """Image ids for per-query faiss id arrays of any lengths (-1 padding dropped)."""
+        return [[str(self.ids[i]) for i in row if i >= 0] for row in found]
+
     def ranked_ids(self, found: np.ndarray) -> list[list[str]]:
         """Image ids for a (nq, k) array of faiss ids, dropping the -1 padding."""
         return [[str(self.ids[i]) for i in row if i >= 0] for row in found]

@@ -25,7 +25,7 @@ from retrieval.rerank.spatial import VerificationConfig, verify_pairs
 @dataclass(frozen=True)
 class MiningConfig:
     neighbours: int = 10  # global nearest neighbours proposed per sampled image
-    min_inliers: int = 30  # a proposed pair with at least this many inliers is a match
+    min_inliers: int = 20  # a proposed pair with at least this many inliers is a match
     sample_size: int = 5000  # images that propose pairs (seeded sample on larger corpora)
     seed: int = 0
 

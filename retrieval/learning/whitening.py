@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+import schemas
 from retrieval import storage
 from retrieval.descriptors.pooling import l2_normalize
 
@@ -30,7 +32,13 @@ INFO_FILE = "whitening.json"
 
 # Chosen on oxford-dev and ukbench-56 together (README, "Learning from the corpus").
 DEFAULT_DIM = 256
-DEFAULT_SHRINKAGE = 0.2
+DEFAULT_SHRINKAGE = 0.3
+# Fewer verified pairs than this say the corpus shows too few things twice to learn from.
+MIN_PAIRS = 20
+
+
+class InsufficientPairsError(ValueError):
+    """Mining found too few verified pairs to learn a whitening."""
 
 
 @dataclass(frozen=True)
@@ -138,3 +146,106 @@ def load_whitening(directory: str) -> LearnedWhitening:
         raise OSError(f"{directory}: {ARRAYS_FILE} does not match whitening.json's checksum")
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return LearnedWhitening(arrays["mean"], arrays["projection"], record)
+
+
+def whitened_model_info(
+    base: dict[str, Any], record: dict[str, Any], whitening_uri: str
+) -> dict[str, Any]:
+    """The model fingerprint of descriptors whitened by ``record``: a new id and config hash
+    (so raw and whitened vectors are never mixed), and where the transform lives, so search can
+    whiten raw query descriptors of the base model the same way."""
+    config_hash = hashlib.sha256(f"{base['config_hash']}+{record['sha256']}".encode()).hexdigest()[
+        :16
+    ]
+    return {
+        **base,
+        "id": f"{base['id']}+lw{record['dim']}-{record['sha256'][:12]}",
+        "config_hash": config_hash,
+        "dim": int(record["dim"]),
+        "whitening": {
+            "uri": whitening_uri,
+            "sha256": record["sha256"],
+            "dim": int(record["dim"]),
+            "base_id": base["id"],
+            "base_config_hash": base["config_hash"],
+        },
+    }
+
+
+def whiten_descriptor_folder(source: str, whitening_uri: str, output: str) -> dict[str, Any]:
+    """Write the whitened copy of every descriptor shard of ``source`` to ``output`` (same plan,
+    same shard ids, same error rows; data first, manifests last). Returns the new model info."""
+    from retrieval import plan
+    from retrieval.shards import descriptor_shards
+    from retrieval.shards import manifest as shard_manifests
+
+    whitening = load_whitening(whitening_uri)
+    record = whitening.info
+    source_plan = plan.read_plan(source)
+    plan.write_plan(output, source_plan.shards, stage="whiten", source=source)
+    info: dict[str, Any] | None = None
+    for manifest in descriptor_shards.list_shards(source):
+        if info is None:
+            info = whitened_model_info(manifest["model"], record, whitening_uri)
+        shard = descriptor_shards.read_shard(source, manifest)
+        table = storage.read_parquet(descriptor_shards.data_uri(source, shard.shard_id))
+        vectors = whitening.apply(shard.vectors)
+        flat = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), whitening.dim)
+        table = pa.table(
+            {
+                **{name: table.column(name) for name in table.schema.names},
+                "model_id": pa.array([info["id"]] * len(vectors), pa.string()),
+                "descriptor": flat,
+            },
+            schema=schemas.arrow_schema("descriptors", dim=whitening.dim),
+        )
+        data_path = descriptor_shards.data_uri(output, shard.shard_id)
+        errors_path = descriptor_shards.errors_uri(output, shard.shard_id)
+        data = storage.write_parquet(data_path, table)
+        errors = storage.read_bytes(descriptor_shards.errors_uri(source, shard.shard_id))
+        storage.write_bytes(errors_path, errors)
+        body = {k: v for k, v in manifest.items() if k not in ("schema_version", "created")}
+        shard_manifests.commit(
+            output,
+            shard.shard_id,
+            {
+                **body,
+                "dim": whitening.dim,
+                "files": {
+                    "data": shard_manifests.file_entry(data_path, data, len(vectors)),
+                    "errors": shard_manifests.file_entry(
+                        errors_path, errors, manifest["files"]["errors"]["rows"]
+                    ),
+                },
+                "model": info,
+            },
+        )
+    if info is None:
+        raise FileNotFoundError(f"no descriptor shards under {source}")
+    return info
+
+
+def query_whitening(
+    index_model: dict[str, Any], query_models: list[dict[str, Any]]
+) -> LearnedWhitening | None:
+    """The whitening to apply to query descriptors before searching an index, or None.
+
+    An index of whitened descriptors accepts raw query descriptors of its base model (they are
+    whitened here, at query time) as well as already-whitened ones; anything else is refused by
+    the index's own model check.
+    """
+    spec = index_model.get("whitening")
+    if not spec or not query_models:
+        return None
+    raw = [m["config_hash"] == spec["base_config_hash"] for m in query_models]
+    if not any(raw):
+        return None
+    if not all(raw):
+        raise ValueError("query descriptors mix raw and whitened shards")
+    whitening = load_whitening(spec["uri"])
+    if whitening.info["sha256"] != spec["sha256"]:
+        raise ValueError(
+            f"{spec['uri']}: the whitening there ({whitening.info['sha256'][:12]}) is not the one "
+            f"the index was built with ({spec['sha256'][:12]})"
+        )
+    return whitening

@@ -89,15 +89,18 @@ def verify_pairs(
     pairs: Sequence[tuple[str, str]],
     features: Callable[[str], LocalFeatures | None],
     config: VerificationConfig,
+    features_b: Callable[[str], LocalFeatures | None] | None = None,
 ) -> np.ndarray:
     """Inlier counts of ``(id_a, id_b)`` pairs, in order; 0 where either image has no features.
 
-    ``features`` looks an id's local features up (a :class:`LocalFeatureStore`, a dict's get).
+    ``features`` looks an id's local features up (a :class:`LocalFeatureStore`, a dict's get);
+    ``features_b``, when given, looks up the second id of each pair (queries vs a database).
     Pairs run on ``config.workers`` threads: matching and RANSAC run in OpenCV without the GIL.
     """
+    lookup_b = features_b or features
 
     def one(pair: tuple[str, str]) -> int:
-        a, b = features(pair[0]), features(pair[1])
+        a, b = features(pair[0]), lookup_b(pair[1])
         return 0 if a is None or b is None else count_inliers(a, b, config)
 
     if config.workers == 1 or len(pairs) < 2:

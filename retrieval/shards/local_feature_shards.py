@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import storage
+from retrieval import plan, storage
 from retrieval.corpus import ShardSpec
 from retrieval.local_features.extractor import LocalFeatures
 from retrieval.shards import manifest as manifests
@@ -33,9 +33,12 @@ class LocalFeatureRow:
     id: str
     uri: str
     features: LocalFeatures
+    seconds: float = 0.0  # extractor time (not stored per row; summed into the manifest)
 
 
-def expected_manifest(spec: ShardSpec, local_info: dict[str, Any]) -> dict[str, Any]:
+def expected_manifest(
+    spec: ShardSpec | plan.PlannedShard, local_info: dict[str, Any]
+) -> dict[str, Any]:
     """What a committed manifest must say for ``spec`` to be skipped on a re-run."""
     return {
         "kind": KIND,
@@ -46,20 +49,22 @@ def expected_manifest(spec: ShardSpec, local_info: dict[str, Any]) -> dict[str, 
 
 
 def committed_manifest(
-    directory: str, spec: ShardSpec, local_info: dict[str, Any]
+    directory: str, spec: ShardSpec | plan.PlannedShard, local_info: dict[str, Any]
 ) -> dict[str, Any] | None:
     return manifests.committed(directory, spec.shard_id, expect=expected_manifest(spec, local_info))
 
 
-def is_committed(directory: str, spec: ShardSpec, local_info: dict[str, Any]) -> bool:
+def is_committed(
+    directory: str, spec: ShardSpec | plan.PlannedShard, local_info: dict[str, Any]
+) -> bool:
     return committed_manifest(directory, spec, local_info) is not None
 
 
-def _flat_list(arrays: Sequence[np.ndarray], arrow_type: pa.DataType) -> pa.ListArray:
+def _flat_list(arrays: Sequence[np.ndarray], dtype: str) -> pa.ListArray:
     counts = np.asarray([a.size for a in arrays], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    values = pa.array(flat.astype(arrow_type.to_pandas_dtype(), copy=False), arrow_type)
+    values = pa.array(flat.astype(dtype, copy=False))
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
@@ -67,7 +72,6 @@ def local_feature_table(
     rows: Sequence[LocalFeatureRow], model_id: str, dim: int, dtype: str
 ) -> pa.Table:
     schema = schemas.arrow_schema("local_features", dim=dim, element=dtype)
-    element = pa.float16() if dtype == "float16" else pa.float32()
     feats = [r.features for r in rows]
     for r in rows:
         if r.features.descriptors.shape[1:] != (dim,):
@@ -80,9 +84,9 @@ def local_feature_table(
             "image_width": pa.array([f.image_width for f in feats], pa.int32()),
             "image_height": pa.array([f.image_height for f in feats], pa.int32()),
             "num_features": pa.array([len(f) for f in feats], pa.int32()),
-            "locations": _flat_list([f.locations.astype(np.float32) for f in feats], pa.float32()),
-            "scales": _flat_list([f.scales.astype(np.float32) for f in feats], pa.float32()),
-            "descriptors": _flat_list([f.descriptors for f in feats], element),
+            "locations": _flat_list([f.locations for f in feats], "float32"),
+            "scales": _flat_list([f.scales for f in feats], "float32"),
+            "descriptors": _flat_list([f.descriptors for f in feats], dtype),
         },
         schema=schema,
     )
@@ -126,6 +130,7 @@ def write_shard(
             "errors": len(errors),
             "features": features,
             "dim": dim,
+            "extract_s": round(sum(r.seconds for r in rows), 4),
             "ids": [r.id for r in rows],  # lets a store find an image's shard from manifests
             "files": {
                 "data": manifests.file_entry(data_path, data, len(rows)),
@@ -180,8 +185,8 @@ def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
 
 
 def list_shards(directory: str) -> list[dict[str, Any]]:
-    """Manifests of the committed local-feature shards under ``directory``, by shard id."""
-    return manifests.list_manifests(directory, kind=KIND)
+    """Manifests of the local-feature shards of ``directory``'s run plan, in plan order."""
+    return plan.committed_manifests(directory, kind=KIND)
 
 
 def shard_bytes(manifests_: Sequence[dict[str, Any]]) -> tuple[int, int]:
