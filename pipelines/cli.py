@@ -227,6 +227,14 @@ def _learn_options(group: argparse._ActionsContainer) -> None:
         "corpora (default 5000)",
     )
     group.add_argument(
+        "--mine-min-pairs",
+        type=int,
+        dest="mine_min_pairs",
+        metavar="N",
+        help="fewest verified pairs worth learning from (default 20; below it `learn` fails "
+        "and `evaluate` skips the whitening, saying so in the report)",
+    )
+    group.add_argument(
         "--whitening-dim",
         type=int,
         dest="whitening_dim",

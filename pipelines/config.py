@@ -31,6 +31,7 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     mine_neighbours = 10
     mine_min_inliers = 20
     mine_sample_size = 5000
+    mine_min_pairs = 20
     whitening_dim = 256
     whitening_shrinkage = 0.3
 
@@ -151,6 +152,7 @@ _MINING_KEYS = {
     "mine_neighbours": "neighbours",
     "mine_min_inliers": "min_inliers",
     "mine_sample_size": "sample_size",
+    "mine_min_pairs": "min_pairs",
 }
 
 

@@ -24,7 +24,6 @@ from retrieval.index.merge import merge_shard_indexes
 from retrieval.index.search import DEFAULT_NPROBE, NO_EXPANSION, load_index
 from retrieval.learning.mining import mine_pairs
 from retrieval.learning.whitening import (
-    MIN_PAIRS,
     InsufficientPairsError,
     learn_whitening,
     query_whitening,
@@ -216,9 +215,10 @@ def learn(descriptors: str, local: str, output: str, config: RunConfig) -> dict[
     store = LocalFeatureStore(local)
     mined = mine_pairs(ids, vectors, store.get, config.mining, config.verification)
     log.info("mined %s", mined.stats)
-    if len(mined.pairs) < MIN_PAIRS:
+    needed = config.mining.min_pairs
+    if len(mined.pairs) < needed:
         raise InsufficientPairsError(
-            f"only {len(mined.pairs)} verified pairs in {len(ids)} images (at least {MIN_PAIRS} "
+            f"only {len(mined.pairs)} verified pairs in {len(ids)} images (at least {needed} "
             "are needed to learn a whitening): the corpus shows too few things twice; "
             "try a larger --mine-sample-size or --mine-neighbours"
         )

@@ -28,6 +28,7 @@ class MiningConfig:
     min_inliers: int = 20  # a proposed pair with at least this many inliers is a match
     sample_size: int = 5000  # images that propose pairs (seeded sample on larger corpora)
     seed: int = 0
+    min_pairs: int = 20  # fewer verified pairs: too little to learn from (learning is skipped)
 
     def __post_init__(self) -> None:
         if self.neighbours < 1 or self.min_inliers < 4 or self.sample_size < 1:

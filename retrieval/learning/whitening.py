@@ -33,9 +33,6 @@ INFO_FILE = "whitening.json"
 # Chosen on oxford-dev and ukbench-56 together (README, "Learning from the corpus").
 DEFAULT_DIM = 256
 DEFAULT_SHRINKAGE = 0.3
-# Fewer verified pairs than this say the corpus shows too few things twice to learn from.
-MIN_PAIRS = 20
-
 
 class InsufficientPairsError(ValueError):
     """Mining found too few verified pairs to learn a whitening."""

@@ -1,0 +1,135 @@
+"""RootSIFT extraction, local-feature shards (Parquet round trip, schema checks) and spatial
+verification on real oxford-dev photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import OXFORD_IMAGES
+
+import schemas
+from retrieval import plan
+from retrieval.corpus import ImageRef, ShardSpec
+from retrieval.images import decode_image
+from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatures
+from retrieval.local_features.rootsift import RootSIFTExtractor, root_normalize
+from retrieval.rerank.spatial import VerificationConfig, count_inliers, rerank_by_inliers
+from retrieval.shards import local_feature_shards
+from retrieval.shards.descriptor_shards import ErrorRow
+from retrieval.shards.local_feature_shards import LocalFeatureRow, LocalFeatureStore
+
+# Two photos of the Radcliffe Camera (the same building from nearby viewpoints) and one of
+# Christ Church (another building): oxford-dev ground truth.
+SAME_A, SAME_B = "radcliffe_camera_000093", "radcliffe_camera_000171"
+OTHER = "christ_church_000179"
+
+
+def _features(name: str, config: LocalFeatureConfig | None = None) -> LocalFeatures:
+    path = OXFORD_IMAGES / f"{name}.jpg"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    config = config or LocalFeatureConfig()
+    image = decode_image(path.read_bytes(), max_side=config.image_size)
+    return RootSIFTExtractor(config).extract(image)
+
+
+def test_rootsift_is_the_square_root_of_l1_normalized_sift():
+    sift = np.abs(np.random.default_rng(0).normal(size=(5, 128))).astype(np.float32)
+    root = root_normalize(sift)
+    np.testing.assert_allclose(root**2, sift / sift.sum(axis=1, keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(root, axis=1), 1.0, rtol=1e-5)
+
+
+def test_rootsift_on_a_real_photo_keeps_the_strongest_features():
+    config = LocalFeatureConfig(image_size=512, max_features=300)
+    features = _features(SAME_A, config)
+    assert 100 < len(features) <= 300
+    assert max(features.image_width, features.image_height) == 512
+    assert features.descriptors.shape == (len(features), 128)
+    np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, rtol=1e-4)
+    x, y = features.locations.T
+    assert x.min() >= 0 and x.max() < features.image_width
+    assert y.min() >= 0 and y.max() < features.image_height
+
+
+def test_ransac_inliers_separate_a_real_matching_pair_from_a_non_matching_one():
+    config = VerificationConfig(workers=1)
+    a, b, other = _features(SAME_A), _features(SAME_B), _features(OTHER)
+    same = count_inliers(a, b, config)
+    different = count_inliers(a, other, config)
+    assert same >= 60, same  # measured: ~230
+    assert different < config.min_inliers, different
+    assert same > 4 * max(different, 1)
+
+
+def test_rerank_by_inliers_moves_verified_images_first_by_inliers():
+    ranked = [10, 11, 12, 13, 14]
+    inliers = np.array([3, 50, 0, 25, 50])
+    assert rerank_by_inliers(ranked, inliers, min_inliers=20) == [11, 14, 13, 10, 12]
+
+
+def _random_features(rng: np.random.Generator, n: int) -> LocalFeatures:
+    d = np.abs(rng.normal(size=(n, 128))).astype(np.float32)
+    return LocalFeatures(
+        rng.uniform(0, 600, size=(n, 2)).astype(np.float32),
+        rng.uniform(1, 20, size=n).astype(np.float32),
+        d / np.linalg.norm(d, axis=1, keepdims=True),
+        640,
+        480,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_local_feature_shard_round_trip(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    config = LocalFeatureConfig(dtype=dtype)
+    info = RootSIFTExtractor(config).info()
+    refs = tuple(ImageRef(f"img{i}", f"/x/img{i}.jpg") for i in range(4))
+    spec = ShardSpec("part-00000", refs)
+    plan.write_extraction_plan(str(tmp_path), [spec], source="/x", shard_size=4)
+    written = {
+        "img0": _random_features(rng, 50),
+        "img1": _random_features(rng, 0),  # an image may have no features at all
+        "img3": _random_features(rng, 7),
+    }
+    rows = [LocalFeatureRow(i, f"/x/{i}.jpg", f) for i, f in written.items()]
+    errors = [ErrorRow("img2", "/x/img2.jpg", "decode", "truncated", "cut short")]
+    manifest = local_feature_shards.write_shard(str(tmp_path), spec, rows, errors, info)
+    assert manifest["rows"] == 3 and manifest["errors"] == 1 and manifest["features"] == 57
+
+    table = pq.read_table(tmp_path / "part-00000.parquet")
+    assert table.schema.field("descriptors").type == pa.list_(getattr(pa, dtype)())
+    schemas.check_schema("local_features", table.schema)
+
+    read = local_feature_shards.read_shard(str(tmp_path), manifest)
+    assert sorted(read) == ["img0", "img1", "img3"]
+    tolerance = 1e-3 if dtype == "float16" else 0
+    for image_id, original in written.items():
+        back = read[image_id]
+        np.testing.assert_array_equal(back.locations, original.locations)
+        np.testing.assert_array_equal(back.scales, original.scales)
+        np.testing.assert_allclose(back.descriptors, original.descriptors, atol=tolerance)
+        assert back.descriptors.shape == (len(original), 128)
+        assert (back.image_width, back.image_height) == (640, 480)
+
+    store = LocalFeatureStore(str(tmp_path))
+    assert len(store) == 3 and "img2" not in store and store.get("img2") is None
+    assert len(store.get("img3")) == 7
+    assert local_feature_shards.read_errors(str(tmp_path), manifest)[0].error_kind == "truncated"
+
+
+def test_local_feature_shard_refuses_lost_inputs(tmp_path):
+    info = RootSIFTExtractor().info()
+    spec = ShardSpec("part-00000", (ImageRef("a", "/a.jpg"), ImageRef("b", "/b.jpg")))
+    rows = [LocalFeatureRow("a", "/a.jpg", _random_features(np.random.default_rng(0), 3))]
+    with pytest.raises(RuntimeError, match="accounting"):
+        local_feature_shards.write_shard(str(tmp_path), spec, rows, [], info)
+
+
+def test_reader_refuses_another_schema_version():
+    schema = schemas.arrow_schema("local_features", dim=128, element="float16")
+    newer = schema.with_metadata({**schema.metadata, schemas.METADATA_VERSION: b"2"})
+    with pytest.raises(schemas.SchemaMismatchError, match="version 2"):
+        schemas.check_schema("local_features", newer)
