@@ -56,10 +56,11 @@ def propose_pairs(vectors: np.ndarray, config: MiningConfig) -> np.ndarray:
     index.add(np.ascontiguousarray(vectors, np.float32))
     k = min(config.neighbours + 1, n)
     _, found = index.search(np.ascontiguousarray(vectors[sample], np.float32), k)
-    a = np.repeat(sample, k)
-    b = found.reshape(-1)
-    keep = (b >= 0) & (a != b)
-    pairs = np.sort(np.stack([a[keep], b[keep]], axis=1), axis=1)
+    keep = (found >= 0) & (found != sample[:, None])
+    # At most ``neighbours`` per image: the first k - 1 that are not the image itself.
+    keep &= np.cumsum(keep, axis=1) <= config.neighbours
+    a = np.broadcast_to(sample[:, None], found.shape)[keep]
+    pairs = np.sort(np.stack([a, found[keep]], axis=1), axis=1)
     return np.unique(pairs, axis=0)
 
 
