@@ -123,3 +123,79 @@ def write_descriptors(
     # What `retrieval extract` does: the folder's plan names exactly these shards.
     plan.write_extraction_plan(str(directory), specs, source="/img", shard_size=max(shard_sizes))
     return all_ids, np.concatenate(blocks)
+
+
+# --- a tiny DELF-signature SavedModel ------------------------------------------------------------
+
+DELF_TEST_DIM = 40
+
+
+def save_tiny_delf(path: Path, *, seed: int = 0) -> Path:
+    """A SavedModel with DELF's ``default`` signature and conventions (uint8 image, (y, x)
+    locations, 40-D descriptors): one feature per 16x16 cell of each pyramid level whose mean
+    brightness (its "attention") reaches the threshold, the strongest ``max_feature_num`` kept;
+    descriptors are a fixed projection of the cell's colours."""
+    import tensorflow as tf
+
+    projection = np.random.default_rng(seed).normal(size=(3, DELF_TEST_DIM)).astype(np.float32)
+
+    class TinyDelf(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.projection = tf.Variable(projection, name="projection")
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
+                tf.TensorSpec([], tf.float32, name="score_threshold"),
+                tf.TensorSpec([None], tf.float32, name="image_scales"),
+                tf.TensorSpec([], tf.int32, name="max_feature_num"),
+            ]
+        )
+        def default(self, image, score_threshold, image_scales, max_feature_num):
+            pixels = tf.cast(image, tf.float32)
+            size = tf.cast(tf.shape(pixels)[:2], tf.float32)
+
+            def level(scale):
+                scaled = tf.image.resize(pixels[tf.newaxis], tf.cast(size * scale, tf.int32))
+                cells = tf.nn.avg_pool2d(scaled, 16, 16, "VALID")[0]  # (h, w, 3)
+                grid = tf.cast(tf.where(tf.ones(tf.shape(cells)[:2], tf.bool)), tf.float32)
+                flat = tf.reshape(cells, [-1, 3])
+                centres = (grid * 16.0 + 8.0) / scale  # (y, x) in input pixels
+                return centres, flat, tf.fill([tf.shape(flat)[0]], scale)
+
+            centres = tf.zeros([0, 2])
+            colours = tf.zeros([0, 3])
+            scale_of = tf.zeros([0])
+            for j in tf.range(tf.shape(image_scales)[0]):  # the image pyramid
+                tf.autograph.experimental.set_loop_options(
+                    shape_invariants=[
+                        (centres, tf.TensorShape([None, 2])),
+                        (colours, tf.TensorShape([None, 3])),
+                        (scale_of, tf.TensorShape([None])),
+                    ]
+                )
+                c, f, s = level(image_scales[j])
+                centres = tf.concat([centres, c], 0)
+                colours = tf.concat([colours, f], 0)
+                scale_of = tf.concat([scale_of, s], 0)
+            brightness = tf.reduce_mean(colours, axis=1)
+            keep = brightness >= score_threshold
+            centres, colours = tf.boolean_mask(centres, keep), tf.boolean_mask(colours, keep)
+            scale_of, brightness = (
+                tf.boolean_mask(scale_of, keep),
+                tf.boolean_mask(brightness, keep),
+            )
+            pick = tf.math.top_k(
+                brightness, tf.minimum(max_feature_num, tf.size(brightness))
+            ).indices
+            return {
+                "locations": tf.gather(centres, pick),
+                "descriptors": tf.math.l2_normalize(tf.gather(colours, pick) @ self.projection, 1),
+                "scales": tf.gather(scale_of, pick),
+                "attention": tf.gather(brightness, pick),
+            }
+
+    module = TinyDelf()
+    tf.saved_model.save(module, str(path), signatures={"default": module.default})
+    return path

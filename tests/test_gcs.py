@@ -186,3 +186,25 @@ def test_extract_to_gcs(gcs_corpus, tiny_saved_model: Path):
     again = extract(f"gs://{BUCKET}/corpus", output, config)  # every shard already committed
     assert again["shards_skipped"] == again["shards"] == 1
     assert (again["indexed"], again["failed"]) == (3, 1)
+
+
+def test_delf_model_on_gcs_is_copied_to_a_local_folder_first(gcs, tmp_path):
+    """TensorFlow's own gs:// client ignores the emulator: the DELF loader copies the folder
+    through gcsfs, then loads it like a local SavedModel (same features as the local copy)."""
+    from support import save_tiny_delf
+
+    from retrieval.images import DecodedImage
+    from retrieval.local_features.delf_hub import DelfExtractor
+    from retrieval.local_features.extractor import LocalFeatureConfig
+
+    local = save_tiny_delf(tmp_path / "delf")
+    gcs.put(str(local), f"{BUCKET}/models/delf", recursive=True)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    image = DecodedImage(pixels, 96, 64)
+    remote = DelfExtractor(LocalFeatureConfig(method=f"delf:gs://{BUCKET}/models/delf"))
+    here = DelfExtractor(LocalFeatureConfig(method=f"delf:{local}"))
+    a, b = remote.extract(image), here.extract(image)
+    assert len(a) > 0
+    np.testing.assert_array_equal(a.locations, b.locations)
+    np.testing.assert_array_equal(a.descriptors, b.descriptors)
+    assert remote.info()["weights_sha256"] == here.info()["weights_sha256"]

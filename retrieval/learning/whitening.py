@@ -34,6 +34,7 @@ INFO_FILE = "whitening.json"
 DEFAULT_DIM = 256
 DEFAULT_SHRINKAGE = 0.3
 
+
 class InsufficientPairsError(ValueError):
     """Mining found too few verified pairs to learn a whitening."""
 
