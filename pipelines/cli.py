@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import stages
+from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -98,6 +99,25 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--gem-p", type=float, dest="gem_p", metavar="P", help="GeM pooling exponent (default 3)"
+    )
+    group.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help=f"what runs the backbone (default {DEFAULT_RUNTIME}, the fastest measured within "
+        "0.5 mAP of tensorflow; see the README's runtime table). Converted models are cached "
+        "in $RETRIEVAL_MODEL_CACHE (default ~/.cache/cbir-retrieval/models)",
+    )
+    group.add_argument(
+        "--calibration",
+        metavar="URI",
+        help="folder, prefix or manifest of representative images that the int8 runtimes "
+        "calibrate on (32 drawn with seed 0); needed by tflite-int8 and onnx-int8",
+    )
+    group.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        help="cpu (default): one worker per core; gpu: one worker per GPU with batches sized "
+        "to its memory, decoding spread over the CPU cores",
     )
     group.add_argument(
         "--shard-size",

@@ -9,6 +9,7 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     image_size = 362
     scales = [1.0]
     gem_p = 3.0
+    runtime = "tflite-fp32"
     shard_size = 256
     [index]
     factory = "auto"
@@ -41,6 +42,7 @@ class RunConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     threads_per_worker: int | None = None  # TensorFlow threads; default: cores / workers
     beam_args: tuple[str, ...] = ()
+    device: str = "cpu"  # "gpu": one worker per GPU, batches sized to its memory
     gem: GeMConfig = field(default_factory=GeMConfig)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -60,6 +62,8 @@ class RunConfig:
             raise ValueError(f"runner must be 'beam' or 'local', not {self.runner!r}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")
 
     @property
     def threads(self) -> int:
@@ -76,10 +80,18 @@ class RunConfig:
 
 
 # Flat names (as on the command line) -> where they live in RunConfig.
-_GEM_KEYS = {"backbone": "backbone", "image_size": "image_size", "scales": "scales", "gem_p": "p"}
+_GEM_KEYS = {
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "scales": "scales",
+    "gem_p": "p",
+    "runtime": "runtime",
+    "calibration": "calibration",
+}
 _LIMIT_KEYS = {f.name for f in fields(DecodeLimits)}
 _TOP_KEYS = {
     "runner",
+    "device",
     "workers",
     "threads_per_worker",
     "beam_args",

@@ -16,6 +16,14 @@ BENCHMARKS = benchmarks_dir()
 OXFORD_IMAGES = BENCHMARKS / "oxford-dev" / "images"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Converted models go to a cache of this test session, never the user's."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["RETRIEVAL_MODEL_CACHE"] = str(path)
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """CI sets CBIR_REQUIRE_BENCHMARKS=1: there, missing benchmark data is an error, not a skip."""
     if os.environ.get("CBIR_REQUIRE_BENCHMARKS") and not BENCHMARKS.is_dir():

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import cli
+from retrieval.runtimes import DEFAULT_RUNTIME
 
 BENCHMARKS = cli.benchmarks_dir()
 
@@ -59,7 +60,7 @@ def test_evaluate_writes_a_complete_report(ukbench_run):
     assert best["query_expansion"] == {"n": 3, "alpha": 3.0}
     assert report["results"][1]["query_expansion"] is None
     assert all(0 < r["ns_score"] <= 4 for r in report["results"])
-    assert report["model"]["id"] == "gem-p3/efficientnet-lite0@362"
+    assert report["model"]["id"] == f"gem-p3/efficientnet-lite0@362/{DEFAULT_RUNTIME}"
     assert len(report["model"]["weights_sha256"]) == 64
     summary = json.loads((ukbench_run / "descriptors" / "summary.json").read_text())
     assert summary["inputs"] == summary["indexed"] + summary["failed"] == 56
