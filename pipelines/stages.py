@@ -23,6 +23,7 @@ from retrieval.index.codebook import train_codebook
 from retrieval.index.merge import merge_shard_indexes
 from retrieval.index.search import DEFAULT_NPROBE, NO_EXPANSION, load_index
 from retrieval.rerank.query_expansion import QueryExpansion
+from retrieval.runtimes.device import plan_worker
 from retrieval.shards import descriptor_shards
 from retrieval.summary import format_accounting, write_summary
 
@@ -44,7 +45,13 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
 
         options = pipeline_options(config.workers, config.beam_args)
         # Local cores are shared by --workers processes; remote workers size their own pools.
-        threads = config.threads if is_local(options) else config.threads_per_worker
+        local = is_local(options)
+        worker = plan_worker(
+            config.device,
+            workers=config.workers if local else 1,
+            threads=config.threads if local else config.threads_per_worker,
+            image_side=config.gem.max_side,
+        )
         with ShardProgress(
             output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
         ):
@@ -55,7 +62,7 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
                 model_info=info,
                 limits=config.limits,
                 options=options,
-                threads_per_worker=threads,
+                worker=worker,
             )
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
     summary = summarize_extraction(plan, info, timings)
@@ -68,10 +75,26 @@ def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
         return
     from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
 
-    configure_tf_threads(config.threads)
-    extractor = GeMExtractor(config.gem)
+    worker = plan_worker(
+        config.device, workers=1, threads=config.threads, image_side=config.gem.max_side
+    )
+    if config.gem.runtime == "tensorflow":
+        configure_tf_threads(worker.inference_threads)
+    extractor = GeMExtractor(
+        config.gem,
+        threads=worker.inference_threads,
+        device=worker.device,
+        batch_bytes=worker.batch_bytes,
+    )
     shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
-    run_local(shard_ids, plan.output, extractor, config.limits)
+    run_local(
+        shard_ids,
+        plan.output,
+        extractor,
+        config.limits,
+        batch_size=worker.max_batch_images,
+        decode_threads=worker.decode_threads,
+    )
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
