@@ -38,7 +38,7 @@ def convert_to_onnx(
     proto, _ = tf2onnx.convert.from_function(
         feature_function(backbone), input_signature=spec, opset=OPSET
     )
-    model = proto.SerializeToString()
+    model = _canonical_names(proto).SerializeToString()
     if precision == "fp32":
         return model
     if precision != "int8":
@@ -46,6 +46,36 @@ def convert_to_onnx(
     if calibration is None:
         raise ValueError("int8 conversion needs a calibration sample")
     return _quantize_int8(model, calibration)
+
+
+def _canonical_names(model):
+    """Rename nodes, internal tensors and dynamic dimensions by position, and drop the graph's
+    doc string: tf2onnx numbers the names it makes from a process-wide counter, so the same model
+    would convert to different bytes on a second call (int8 calibration must be repeatable)."""
+    graph = model.graph
+    graph.doc_string = ""
+    keep = {t.name for t in graph.input} | {t.name for t in graph.output}
+    dims: dict[str, str] = {}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = dims.setdefault(dim.dim_param, f"d{len(dims)}")
+    renamed: dict[str, str] = {}
+    for i, tensor in enumerate(graph.initializer):
+        renamed[tensor.name] = f"w{i}"
+    for i, node in enumerate(graph.node):
+        node.name = f"{node.op_type}_{i}"
+        for j, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = f"t{i}_{j}"
+    for tensor in graph.initializer:
+        tensor.name = renamed[tensor.name]
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+    return model
 
 
 def _quantize_int8(model: bytes, calibration: CalibrationSample) -> bytes:
