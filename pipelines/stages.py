@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipelines.config import RunConfig
 from pipelines.progress import ShardProgress
 from retrieval import storage
-from retrieval.descriptors.gem import model_info
+from retrieval.descriptors.gem import model_info, prepare_runtime
 from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, summarize_extraction
 from retrieval.index import shard_index
 from retrieval.index.codebook import train_codebook
@@ -46,6 +46,8 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
         options = pipeline_options(config.workers, config.beam_args)
         # Local cores are shared by --workers processes; remote workers size their own pools.
         local = is_local(options)
+        if local:
+            prepare_runtime(config.gem)
         worker = plan_worker(
             config.device,
             workers=config.workers if local else 1,

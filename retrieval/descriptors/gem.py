@@ -28,7 +28,14 @@ from retrieval.descriptors.backbones import (
 from retrieval.descriptors.batching import DEFAULT_CPU_BATCH_BYTES, plan_batches
 from retrieval.descriptors.pooling import gem, l2_normalize
 from retrieval.images import DecodedImage, shrink
-from retrieval.runtimes import DEFAULT_RUNTIME, BackboneRunner, load_runner, parse_runtime
+from retrieval.runtimes import (
+    DEFAULT_RUNTIME,
+    BackboneRunner,
+    converted_model,
+    load_runner,
+    parse_runtime,
+)
+from retrieval.runtimes.calibration import CalibrationSample
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +152,13 @@ class GeMExtractor:
         )
         self._identity = identity
         if self.runner is None:
-            calibration = None
-            if runtime.needs_calibration and self.config.calibration:
-                from retrieval.runtimes.calibration import calibration_sample
-
-                calibration = calibration_sample(
-                    self.config.calibration, image_size=self.config.image_size
-                )
             self.runner = load_runner(
                 self.config.runtime,
                 self.config.backbone,
                 backbone=self.backbone,
                 threads=self.threads,
                 device=self.device,
-                calibration=calibration,
+                calibration=_calibration(self.config),
                 weights_sha256=identity["weights_sha256"],
             )
 
@@ -207,6 +207,21 @@ class GeMExtractor:
             stacked = np.stack([pixels[i] for i in batch]).astype(np.float32)
             out[batch] = gem(self.runner.features(stacked), self.config.p)
         return out
+
+
+def prepare_runtime(config: GeMConfig) -> None:
+    """Convert the backbone for ``config.runtime`` into the local cache if it is not there yet
+    (launchers call this once, so local workers all find a warm cache)."""
+    if parse_runtime(config.runtime).engine != "tensorflow":
+        converted_model(config.runtime, config.backbone, calibration=_calibration(config))
+
+
+def _calibration(config: GeMConfig) -> CalibrationSample | None:
+    if not (parse_runtime(config.runtime).needs_calibration and config.calibration):
+        return None
+    from retrieval.runtimes.calibration import calibration_sample
+
+    return calibration_sample(config.calibration, image_size=config.image_size)
 
 
 def _shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:

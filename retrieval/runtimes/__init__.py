@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -106,6 +107,38 @@ def load_runner(
         from retrieval.runtimes.tensorflow import TensorFlowRunner
 
         return TensorFlowRunner(_backbone(backbone, backbone_spec), device=device)
+    path = converted_model(
+        runtime,
+        backbone_spec,
+        backbone=backbone,
+        calibration=calibration,
+        weights_sha256=weights_sha256,
+    )
+    if spec.engine == "tflite":
+        from retrieval.runtimes.tflite import TFLiteRunner
+
+        return TFLiteRunner(path, name=runtime, threads=threads)
+    from retrieval.runtimes.onnx import OnnxRunner
+
+    return OnnxRunner(path, name=runtime, threads=threads, device=device)
+
+
+def converted_model(
+    runtime: str,
+    backbone_spec: str,
+    *,
+    backbone: Backbone | None = None,
+    calibration: CalibrationSample | None = None,
+    weights_sha256: str | None = None,
+) -> Path:
+    """The cached file of ``backbone_spec`` converted for ``runtime``, converting it on a miss.
+
+    Launchers call this once before starting local workers, so they find a warm cache instead
+    of each converting the same model.
+    """
+    spec = parse_runtime(runtime)
+    if spec.engine == "tensorflow":
+        raise ValueError("the tensorflow runtime runs the model as built: nothing to convert")
     if spec.needs_calibration and calibration is None:
         raise ValueError(
             f"runtime {runtime!r} quantizes activations and needs a calibration sample: "
@@ -129,13 +162,7 @@ def load_runner(
     if not path.exists():
         model = _convert(spec, _backbone(backbone, backbone_spec), calibration)
         model_cache.store(path, model)
-    if spec.engine == "tflite":
-        from retrieval.runtimes.tflite import TFLiteRunner
-
-        return TFLiteRunner(path, name=runtime, threads=threads)
-    from retrieval.runtimes.onnx import OnnxRunner
-
-    return OnnxRunner(path, name=runtime, threads=threads, device=device)
+    return path
 
 
 def _backbone(backbone: Backbone | None, spec: str) -> Backbone:
