@@ -11,7 +11,10 @@ none inherits another's thread pools):
 * ``pipeline``: ``retrieval extract`` with the defaults on Beam (FnApiRunner, T worker processes,
   the default runtime, real batches, decode fan-in), timed end to end: pipeline and worker
   start-up, model loading, reading, decoding, inference, Parquet writing and commits.
-* ``decode``: read + decode + resize alone on one thread (images/s per core).
+* ``decode``: read + decode + resize alone on one thread (images/s per core), and
+  ``decode_fan_in`` on T threads (``retrieval.extraction.load_images``).
+* with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
+  the int8 runtimes calibrate on ``--calibration`` (default: ukbench-56, see the README).
 
 Writes ``benchmarks/results/extract_throughput.json`` with ``images_per_s`` for each,
 ``speedup = pipeline / tf_fp32_bare`` and ``efficiency = pipeline / default_bare``, plus the
@@ -33,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "benchmarks" / "oxford-dev" / "images"
+DEFAULT_CALIBRATION = REPO.parent / "shared" / "benchmarks" / "ukbench-56" / "images"
 
 
 def _image_folder(source: Path, limit: int | None, scratch: Path) -> Path:
@@ -44,7 +48,7 @@ def _image_folder(source: Path, limit: int | None, scratch: Path) -> Path:
     return folder
 
 
-def run_bare(images: str, threads: int, runtime: str) -> dict:
+def run_bare(images: str, threads: int, runtime: str, calibration: str | None = None) -> dict:
     from retrieval.corpus import list_corpus
     from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
     from retrieval.extraction import LoadedImage, load_image
@@ -52,7 +56,8 @@ def run_bare(images: str, threads: int, runtime: str) -> dict:
 
     if runtime == "tensorflow":
         configure_tf_threads(threads)
-    extractor = GeMExtractor(GeMConfig(runtime=runtime), threads=threads)
+    config = GeMConfig(runtime=runtime, calibration=calibration if "int8" in runtime else None)
+    extractor = GeMExtractor(config, threads=threads)
     refs = list_corpus(images)
     limits = DecodeLimits()
     start = time.perf_counter()
@@ -72,21 +77,25 @@ def run_bare(images: str, threads: int, runtime: str) -> dict:
     }
 
 
-def run_decode(images: str) -> dict:
+def run_decode(images: str, threads: int) -> dict:
     from retrieval.corpus import list_corpus
     from retrieval.descriptors.gem import DEFAULT_IMAGE_SIZE
-    from retrieval.extraction import LoadedImage, load_image
+    from retrieval.extraction import LoadedImage, load_images
     from retrieval.images import DecodeLimits
 
     refs = list_corpus(images)
     limits = DecodeLimits()
     start = time.perf_counter()
-    done = sum(
-        isinstance(load_image(ref, max_side=DEFAULT_IMAGE_SIZE, limits=limits), LoadedImage)
-        for ref in refs
+    loaded = load_images(
+        refs,
+        max_side=DEFAULT_IMAGE_SIZE,
+        limits=limits,
+        threads=0 if threads == 1 else threads,
+        prefetch=4 * threads,
     )
+    done = sum(isinstance(result, LoadedImage) for result in loaded)
     seconds = time.perf_counter() - start
-    return {"images": done, "seconds": seconds, "images_per_s": done / seconds, "threads": 1}
+    return {"images": done, "seconds": seconds, "images_per_s": done / seconds, "threads": threads}
 
 
 def run_pipeline(images: str, threads: int, output: str) -> dict:
@@ -107,9 +116,17 @@ def run_pipeline(images: str, threads: int, output: str) -> dict:
     }
 
 
-def _child(side: str, images: str, threads: int, output: str = "", runtime: str = "") -> dict:
+def _child(
+    side: str,
+    images: str,
+    threads: int,
+    output: str = "",
+    runtime: str = "",
+    calibration: str = "",
+) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--images", images]
     cmd += ["--threads", str(threads), "--output", output, "--runtime", runtime]
+    cmd += ["--calibration", calibration]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -127,20 +144,24 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=["bare", "pipeline", "decode"], help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--all-runtimes", action="store_true", help="also time the bare loop of every runtime"
+    )
+    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     parser.add_argument("--runtime", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child == "bare":
-        print(json.dumps(run_bare(args.images, args.threads, args.runtime)))
+        print(json.dumps(run_bare(args.images, args.threads, args.runtime, args.calibration)))
         return
     if args.child == "pipeline":
         print(json.dumps(run_pipeline(args.images, args.threads, args.output)))
         return
     if args.child == "decode":
-        print(json.dumps(run_decode(args.images)))
+        print(json.dumps(run_decode(args.images, args.threads)))
         return
 
-    from retrieval.runtimes import DEFAULT_RUNTIME
+    from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
     load_before = os.getloadavg()
     results = {}
@@ -151,8 +172,18 @@ def main() -> None:
         output = str(Path(scratch) / "descriptors")
         results["pipeline"] = _child("pipeline", images, args.threads, output=output)
         results["decode"] = _child("decode", images, 1)
+        results["decode_fan_in"] = _child("decode", images, args.threads)
+        if args.all_runtimes:
+            calibration = args.calibration
+            results["runtimes"] = {
+                name: _child("bare", images, args.threads, runtime=name, calibration=calibration)
+                for name in RUNTIMES
+            }
     for name, result in results.items():
-        print(f"{name:>13}: {result['images_per_s']:7.2f} images/s", flush=True)
+        if name != "runtimes":
+            print(f"{name:>13}: {result['images_per_s']:7.2f} images/s", flush=True)
+    for name, result in results.get("runtimes", {}).items():
+        print(f"{name:>13}: {result['images_per_s']:7.2f} images/s (bare loop)", flush=True)
     speedup = results["pipeline"]["images_per_s"] / results["tf_fp32_bare"]["images_per_s"]
     efficiency = results["pipeline"]["images_per_s"] / results["default_bare"]["images_per_s"]
     result = {
