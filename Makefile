@@ -17,7 +17,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode \
-		-c requirements/constraints.txt -e '.[test]'
+		-c requirements/constraints.txt -e '.[test,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,6 +16,7 @@ none inherits another's thread pools):
 * with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
   the int8 runtimes calibrate on ``--calibration`` (default: ukbench-56, see the README).
 
+The three sides run in ``--rounds`` alternating rounds (median per side, every round kept).
 Writes ``benchmarks/results/extract_throughput.json`` with ``images_per_s`` for each,
 ``speedup = pipeline / tf_fp32_bare`` and ``efficiency = pipeline / default_bare``, plus the
 machine's load average before and after (timings on a shared machine are noisy; the ratios are
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,6 +147,9 @@ def main() -> None:
     parser.add_argument("--child", choices=["bare", "pipeline", "decode"], help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds of the three sides (median)"
+    )
+    parser.add_argument(
         "--all-runtimes", action="store_true", help="also time the bare loop of every runtime"
     )
     parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
@@ -164,13 +169,21 @@ def main() -> None:
     from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
     load_before = os.getloadavg()
-    results = {}
+    rounds: dict[str, list[dict]] = {"tf_fp32_bare": [], "default_bare": [], "pipeline": []}
+    results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         images = str(_image_folder(Path(args.images), args.limit, Path(scratch)))
-        results["tf_fp32_bare"] = _child("bare", images, args.threads, runtime="tensorflow")
-        results["default_bare"] = _child("bare", images, args.threads, runtime=DEFAULT_RUNTIME)
-        output = str(Path(scratch) / "descriptors")
-        results["pipeline"] = _child("pipeline", images, args.threads, output=output)
+        # Alternate the sides round by round, so that a change in the machine's load hits all of
+        # them alike; each side's figure is its median over the rounds (all rounds are kept).
+        for r in range(args.rounds):
+            bare_sides = (("tf_fp32_bare", "tensorflow"), ("default_bare", DEFAULT_RUNTIME))
+            for name, runtime in bare_sides:
+                rounds[name].append(_child("bare", images, args.threads, runtime=runtime))
+            output = str(Path(scratch) / f"descriptors-{r}")
+            rounds["pipeline"].append(_child("pipeline", images, args.threads, output=output))
+        for name, runs in rounds.items():
+            rates = [run["images_per_s"] for run in runs]
+            results[name] = {**runs[-1], "images_per_s": statistics.median(rates), "rounds": rates}
         results["decode"] = _child("decode", images, 1)
         results["decode_fan_in"] = _child("decode", images, args.threads)
         if args.all_runtimes:
