@@ -75,7 +75,7 @@ def test_write_report_files(tiny_benchmark: Benchmark, tmp_path: Path) -> None:
     paths = write_report(
         report, tmp_path / "out", benchmark=tiny_benchmark, rankings={"gem+flat": rankings}
     )
-    assert set(paths) == {"json", "markdown", "html"}
+    assert set(paths) == {"json", "markdown", "html", "rankings"}
     assert all(p.is_file() and p.parent == tmp_path / "out" for p in paths.values())
 
     assert json.loads(paths["json"].read_text()) == report
