@@ -32,7 +32,7 @@ from retrieval.evaluation import plots
 from retrieval.evaluation.ground_truth import Benchmark, Query
 from retrieval.evaluation.metrics import clean_ranking
 from retrieval.evaluation.templating import render
-from retrieval.evaluation.thumbnails import Thumbnails
+from retrieval.evaluation.thumbnails import EMBED_BUDGET_BYTES, Thumbnails
 
 MISSING = "–"
 DEFAULT_KS = (1, 5, 10)
@@ -431,6 +431,7 @@ def write_report(
     benchmark: Benchmark,
     rankings: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     thumbnails_for: int = 4,
+    thumbnail_budget_bytes: int = EMBED_BUDGET_BYTES,
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (created if
     needed) and return their paths under the keys "json", "markdown" and "html"; with
@@ -452,7 +453,11 @@ def write_report(
     if rankings:
         paths["rankings"] = out / RANKINGS_FILENAME
         write_top_rankings(paths["rankings"], rankings)
-    thumbs = Thumbnails(benchmark, write_file=lambda name, data: _write_asset(out, name, data))
+    thumbs = Thumbnails(
+        benchmark,
+        budget_bytes=thumbnail_budget_bytes,
+        write_file=lambda name, data: _write_asset(out, name, data),
+    )
     page = render_html(
         report,
         benchmark=benchmark,
