@@ -47,6 +47,9 @@ Every stage skips the shards a previous run already committed, writes summary.js
 """
 
 DEMO_BENCHMARK = "oxford-dev"
+# Fetched by `retrieval demo` when the shared benchmarks are absent: the smallest standard set
+# (1,491 images, about 1.1 GB from INRIA's FTP server).
+DEMO_FALLBACK = "holidays"
 
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
@@ -250,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (
         ("evaluate", "run the whole pipeline on a benchmark and report"),
-        ("demo", f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}"),
+        (
+            "demo",
+            f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}, else on {DEMO_FALLBACK} "
+            "(fetched to data/ on first use)",
+        ),
     ):
         p = sub.add_parser(
             name,
@@ -284,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="DIR",
             required=name == "evaluate",
             help="output folder (work files and report)"
-            + ("" if name == "evaluate" else f" (default reports/{DEMO_BENCHMARK})"),
+            + ("" if name == "evaluate" else " (default reports/<benchmark name>)"),
         )
         _extract_options(p)
         _index_options(p)
@@ -397,11 +404,39 @@ def benchmarks_dir() -> Path:
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
+def demo_data_dir() -> Path:
+    """Where the demo fetches its fallback benchmark: $CBIR_DEMO_DATA, else data/ in the repo."""
+    if os.environ.get("CBIR_DEMO_DATA"):
+        return Path(os.environ["CBIR_DEMO_DATA"])
+    return Path(__file__).resolve().parents[1] / "data"
+
+
 def demo_benchmark() -> Path:
+    """The shared oxford-dev if present; else the fallback set, fetched on first use (from
+    $CBIR_DATASETS_MIRROR when set). Raises CommandError with what to do when neither works."""
     candidate = benchmarks_dir() / DEMO_BENCHMARK
-    if not (candidate / "gt.json").exists():
-        raise SystemExit(f"cannot find {candidate} (set CBIR_BENCHMARKS); use `retrieval evaluate`")
-    return candidate
+    if (candidate / "gt.json").exists():
+        return candidate
+    from retrieval.datasets import registry
+    from retrieval.datasets.fetch import FetchError, fetch_dataset
+    from retrieval.datasets.formats import FormatError
+
+    target = demo_data_dir() / DEMO_FALLBACK
+    spec = registry.get(DEMO_FALLBACK)
+    print(
+        f"{candidate} not found; fetching {spec.title} ({spec.download_size}) to {target}",
+        file=sys.stderr,
+    )
+    try:
+        fetch_dataset(spec, target, mirror=os.environ.get("CBIR_DATASETS_MIRROR"))
+    except (FetchError, FormatError, OSError) as exc:
+        raise CommandError(
+            f"no benchmark at {candidate} and {DEMO_FALLBACK} could not be fetched ({exc}); "
+            f"run `retrieval datasets fetch {DEMO_FALLBACK} --to {target}` where the "
+            "publisher is reachable (or point $CBIR_BENCHMARKS at a folder holding "
+            f"{DEMO_BENCHMARK}/), then `make demo` again"
+        ) from exc
+    return target
 
 
 class CommandError(Exception):
@@ -554,7 +589,8 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         _evaluate(args.benchmark, args.out, args)
     elif args.command == "demo":
-        _evaluate(str(demo_benchmark()), args.out or f"reports/{DEMO_BENCHMARK}", args)
+        benchmark = demo_benchmark()
+        _evaluate(str(benchmark), args.out or f"reports/{benchmark.name}", args)
     return 0
 
 

@@ -142,8 +142,9 @@ def _inspect(ws, page: Path, screenshot: Path, width: int) -> PageCheck:
     images = s.call(
         "Runtime.evaluate",
         returnByValue=True,
-        expression="Array.from(document.images).map(i => ({alt: i.alt, src: i.src.startsWith('data:') ? i.src.slice(0, 40) : i.src,"
-        " complete: i.complete, width: i.naturalWidth, height: i.naturalHeight}))",
+        expression="Array.from(document.images).map(i => ({alt: i.alt, "
+        "src: i.src.startsWith('data:') ? i.src.slice(0, 40) : i.src, "
+        "complete: i.complete, width: i.naturalWidth, height: i.naturalHeight}))",
     )["result"]["value"]
     height = s.call(
         "Runtime.evaluate", returnByValue=True, expression="document.documentElement.scrollHeight"
