@@ -16,6 +16,8 @@ Revisited Easy, Medium and Hard), every ranking is scored under each, one row pe
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import platform
 import time
@@ -39,9 +41,9 @@ from retrieval.extraction import failures
 from retrieval.index import factory as factories
 from retrieval.index.codebook import with_id_map
 from retrieval.index.search import NO_EXPANSION, SearchableIndex, load_index
+from retrieval.manifests import utc_now
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.shards import descriptor_shards
-from retrieval.shards.manifest import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,22 @@ def build_index(
     with _timed(timings, f"{prefix}merge_s"):
         stages.merge(shards, index)
     return index
+
+
+def write_benchmark_listing(benchmark: Benchmark, out: str) -> str:
+    """A corpus manifest (``out``/images.csv) naming each benchmark image by its ground-truth id.
+
+    Listing ``images/`` would name images by file name (extension included); the ground truth
+    names them without. The manifest gives each file its ground-truth id explicitly.
+    """
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["id", "uri"])
+    for image_id in benchmark.images:
+        writer.writerow([image_id, "file://" + str(benchmark.image_path(image_id).resolve())])
+    uri = storage.join(out, "images.csv")
+    storage.write_bytes(uri, rows.getvalue().encode())
+    return uri
 
 
 def rank_queries(
@@ -102,10 +120,18 @@ def query_vectors(
     """
     if not benchmark.needs_query_inputs:
         return database, {}
-    inputs = str(Path(out) / "query_inputs")
+    inputs = Path(out) / "query_inputs"
     problems = write_query_inputs(benchmark, inputs)
+    # A manifest names each query input by its query id (a folder listing would not).
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["id", "uri"])
+    for path in sorted(inputs.glob("*.png")):
+        writer.writerow([path.stem, "file://" + str(path.resolve())])
+    listing = storage.join(out, "query_inputs.csv")
+    storage.write_bytes(listing, rows.getvalue().encode())
     descriptors = storage.join(out, "query_descriptors")
-    stages.extract(inputs, descriptors, config)
+    stages.extract(listing, descriptors, config)
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     found = dict(zip(ids, vectors, strict=True))
     for error in failures(descriptors):
@@ -131,12 +157,12 @@ def evaluate_benchmark(
     benchmark = load_benchmark(benchmark_dir)
     protocols = protocols or [protocol_rules.DEFAULT]
     scored_as = {p: protocol_rules.apply(benchmark, p) for p in protocols}  # fails early
-    images = str(Path(benchmark_dir) / "images")
+    listing = write_benchmark_listing(benchmark, out)
     descriptors = storage.join(out, "descriptors")
     timings: dict[str, float] = {}
 
     with _timed(timings, "extract_s"):
-        extract_summary = stages.extract(images, descriptors, config)
+        extract_summary = stages.extract(listing, descriptors, config)
     default_index = build_index(descriptors, storage.join(out, "default"), config, timings)
 
     ids, _, vectors = descriptor_shards.read_all(descriptors)
