@@ -26,10 +26,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from retrieval import storage
 from retrieval.evaluation import plots
 from retrieval.evaluation.ground_truth import Benchmark
 from retrieval.evaluation.metrics import clean_ranking
 from retrieval.evaluation.thumbnails import Thumbnails
+from retrieval.redaction import redact
 
 MISSING = "–"
 DEFAULT_KS = (1, 5, 10)
@@ -482,24 +484,27 @@ def write_report(
     benchmark: Benchmark,
     rankings: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     thumbnails_for: int = 4,
-) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (created if
-    needed) and return their paths under the keys "json", "markdown" and "html".
+) -> dict[str, str]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (any URI:
+    local, gs://, s3://) and return their URIs under the keys "json", "markdown" and "html".
 
-    The JSON is strict (NaN written as null) so any JSON parser can read it back.
+    The JSON is strict (NaN written as null) so any JSON parser can read it back. Credentials
+    and signatures in URIs are masked in all three files.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out / "report.json",
-        "markdown": out / "report.md",
-        "html": out / "report.html",
+    out = str(out_dir)
+    uris = {
+        "json": storage.join(out, "report.json"),
+        "markdown": storage.join(out, "report.md"),
+        "html": storage.join(out, "report.html"),
     }
     text = json.dumps(_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False)
-    paths["json"].write_text(text + "\n", encoding="utf-8")
-    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
     page = render_html(
         report, benchmark=benchmark, rankings=rankings, thumbnails_for=thumbnails_for
     )
-    paths["html"].write_text(page, encoding="utf-8")
-    return paths
+    for key, content in (
+        ("json", text + "\n"),
+        ("markdown", render_markdown(report)),
+        ("html", page),
+    ):
+        storage.write_bytes(uris[key], redact(content).encode("utf-8"))
+    return uris
