@@ -87,8 +87,10 @@ def is_transient(exc: BaseException) -> bool:
         names = {cls.__name__ for cls in type(current).__mro__}
         if names & _TRANSIENT_CLASS_NAMES:
             return True
-        status = getattr(current, "code", None) or getattr(current, "status", None)
-        if isinstance(status, int) and names & {"HttpError", "ClientResponseError"}:
+        status = None
+        if names & {"HttpError", "ClientResponseError"}:
+            status = getattr(current, "status", None) or getattr(current, "code", None)
+        if isinstance(status, int):
             return status in _TRANSIENT_STATUS
         if "ClientError" in names and hasattr(current, "response"):  # botocore
             code = str(current.response.get("Error", {}).get("Code", ""))
@@ -129,10 +131,11 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-# Options that make each client try a request once: retrying is this module's job.
+# Options that make each client try a request once: retrying is this module's job (botocore's
+# legacy mode counts retries: 0 = a single attempt; its standard mode still sent two here).
 _SINGLE_ATTEMPT_OPTIONS: dict[str, dict[str, Any]] = {
-    "s3": {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}},
-    "s3a": {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}},
+    "s3": {"config_kwargs": {"retries": {"max_attempts": 0, "mode": "legacy"}}},
+    "s3a": {"config_kwargs": {"retries": {"max_attempts": 0, "mode": "legacy"}}},
 }
 _GCSFS_RETRYING_METHODS = ("_request", "_get_file_request", "_get_file_concurrent")
 
