@@ -26,6 +26,15 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3,
 _BYTES_PER_PIXEL |= {"LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "CMYK": 4, "I": 4, "F": 4}
 _BYTES_PER_PIXEL |= {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 _EXIF_ORIENTATION = 0x0112
+# Leading bytes of the formats we list, to tell a damaged image from something else.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -111,6 +120,11 @@ def decode_image(
     except ImageError:
         raise
     except UnidentifiedImageError:
+        known = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+        if known:  # the right magic bytes, but not even the header parses: cut short
+            raise ImageError(
+                "truncated", f"starts like a {known} but its header cannot be read"
+            ) from None
         raise ImageError("not_an_image", "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("too_large", str(exc)) from None
@@ -163,14 +177,17 @@ def reduce_early(image: Image.Image, max_side: int | None) -> Image.Image:
     return image.reduce(factor)
 
 
-def _sixteen_to_eight_bit(image: Image.Image, rows_per_block: int = 1024) -> Image.Image:
-    """16-bit grayscale -> 8-bit (0..65535 -> 0..255, rounded), a block of rows at a time, so
-    the extra memory is a few MB instead of a float64 copy of the whole image."""
-    values = np.asarray(image, dtype=np.uint16)
-    out = np.empty(values.shape, dtype=np.uint8)
-    for top in range(0, values.shape[0], rows_per_block):
-        block = values[top : top + rows_per_block].astype(np.uint32)
-        out[top : top + rows_per_block] = (block * 255 + 32767) // 65535
+def _sixteen_to_eight_bit(image: Image.Image, rows_per_block: int = 256) -> Image.Image:
+    """16-bit grayscale -> 8-bit (0..65535 -> 0..255, rounded), a strip of rows at a time, so
+    the extra memory is the 8-bit result plus one strip, not a float64 copy of the image."""
+    order = ">" if image.mode == "I;16B" else "<" if image.mode != "I;16N" else "="
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, rows_per_block):
+        bottom = min(height, top + rows_per_block)
+        strip = image.crop((0, top, width, bottom)).tobytes()
+        values = np.frombuffer(strip, dtype=f"{order}u2").astype(np.uint32)
+        out[top:bottom] = ((values * 255 + 32767) // 65535).reshape(bottom - top, width)
     return Image.fromarray(out, mode="L")
 
 
