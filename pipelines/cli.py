@@ -542,7 +542,9 @@ def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
             f"  {result['name']:<12} {result['index']:<24} mAP {result['mAP']:6.2f}  "
             f"landmark mAP {result['landmark_mAP']:6.2f}  mP@10 {result['mP@10']:6.2f}{ns}"
         )
-    print(f"report: {Path(out) / 'report.html'}")
+    from retrieval import storage
+
+    print(f"report: {storage.join(out, 'report.html')}")
 
 
 def _attach_beam_args(argv: list[str]) -> list[str]:
@@ -560,8 +562,43 @@ def _attach_beam_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_attach_beam_args(sys.argv[1:] if argv is None else argv))
+# What a user can get wrong (a path, a URI, a setting, a folder from another stage or version):
+# these end in one line naming the problem, exit status 2; anything else is a bug and keeps its
+# traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ValueError,  # bad settings, unknown URI schemes, manifests and schemas that are refused
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from retrieval.plan import PlanError
+
+    return (*USER_ERRORS, PlanError, CommandError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_attach_beam_args(sys.argv[1:] if argv is None else argv))
+    try:
+        return _run(args)
+    except _user_errors() as exc:
+        from retrieval.redaction import redact
+
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        message = redact(str(exc) or type(exc).__name__)
+        hint = "" if args.verbose else " (run with --verbose for the traceback)"
+        print(f"retrieval: error: {message}{hint}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -572,7 +609,8 @@ def _main(argv: list[str] | None = None) -> int:
             logging.ERROR
         )
     if args.command == "extract":
-        summary = stages.extract(args.input, args.output, _config(args))
+        config = _config(args)  # a bad config file fails before anything is listed
+        summary = stages.extract(args.input, args.output, config)
         print(
             f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
             f"failed -> {args.output}"
@@ -597,13 +635,5 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except CommandError as exc:
-        print(f"retrieval: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from retrieval import storage
 from retrieval.evaluation import plots
 from retrieval.evaluation.ground_truth import Benchmark, Query
 from retrieval.evaluation.metrics import clean_ranking
 from retrieval.evaluation.templating import render
 from retrieval.evaluation.thumbnails import EMBED_BUDGET_BYTES, Thumbnails
+from retrieval.redaction import redact
 
 MISSING = "–"
 DEFAULT_KS = (1, 5, 10)
@@ -432,31 +433,29 @@ def write_report(
     rankings: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     thumbnails_for: int = 4,
     thumbnail_budget_bytes: int = EMBED_BUDGET_BYTES,
-) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (created if
-    needed) and return their paths under the keys "json", "markdown" and "html"; with
-    ``rankings``, also ``rankings.parquet`` (every result's top 10 per query, what
+) -> dict[str, str]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (any URI:
+    local, gs://, s3://) and return their URIs under the keys "json", "markdown" and "html";
+    with ``rankings``, also ``rankings.parquet`` (every result's top 10 per query, what
     ``retrieval compare`` shows), and thumbnails past the embedding budget in thumbnails/.
 
-    The JSON is strict (NaN written as null) so any JSON parser can read it back.
+    The JSON is strict (NaN written as null) so any JSON parser can read it back. Credentials
+    and signatures in URIs are masked in all three files.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out / "report.json",
-        "markdown": out / "report.md",
-        "html": out / "report.html",
+    out = str(out_dir)
+    uris = {
+        "json": storage.join(out, "report.json"),
+        "markdown": storage.join(out, "report.md"),
+        "html": storage.join(out, "report.html"),
     }
     text = json.dumps(_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False)
-    paths["json"].write_text(text + "\n", encoding="utf-8")
-    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
     if rankings:
-        paths["rankings"] = out / RANKINGS_FILENAME
-        write_top_rankings(paths["rankings"], rankings)
+        uris["rankings"] = storage.join(out, RANKINGS_FILENAME)
+        write_top_rankings(uris["rankings"], rankings)
     thumbs = Thumbnails(
         benchmark,
         budget_bytes=thumbnail_budget_bytes,
-        write_file=lambda name, data: _write_asset(out, name, data),
+        write_file=lambda name, data: storage.write_bytes(storage.join(out, name), data),
     )
     page = render_html(
         report,
@@ -465,18 +464,17 @@ def write_report(
         thumbnails_for=thumbnails_for,
         thumbnails=thumbs,
     )
-    paths["html"].write_text(page, encoding="utf-8")
-    return paths
-
-
-def _write_asset(out: Path, name: str, data: bytes) -> None:
-    path = out / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    for key, content in (
+        ("json", text + "\n"),
+        ("markdown", render_markdown(report)),
+        ("html", page),
+    ):
+        storage.write_bytes(uris[key], redact(content).encode("utf-8"))
+    return uris
 
 
 def write_top_rankings(
-    path: str | Path, rankings: Mapping[str, Mapping[str, Sequence[str]]], top: int = TOP_KEPT
+    uri: str | Path, rankings: Mapping[str, Mapping[str, Sequence[str]]], top: int = TOP_KEPT
 ) -> None:
     """Every result's first ``top`` ranked ids per query as a table (result, query_id, rank,
     id): small even for 10k queries, and enough for ``retrieval compare`` to show what
@@ -489,13 +487,12 @@ def write_top_rankings(
                 columns["query_id"].append(query_id)
                 columns["rank"].append(rank)
                 columns["id"].append(image_id)
-    table = pa.table(columns, schema=RANKINGS_SCHEMA)
-    pq.write_table(table, str(path), compression="zstd")
+    storage.write_parquet(str(uri), pa.table(columns, schema=RANKINGS_SCHEMA))
 
 
-def read_top_rankings(path: str | Path) -> dict[str, dict[str, list[str]]]:
+def read_top_rankings(uri: str | Path) -> dict[str, dict[str, list[str]]]:
     """``rankings.parquet`` back as result -> query id -> ids in rank order."""
-    table = pq.read_table(str(path)).to_pydict()
+    table = storage.read_parquet(str(uri)).to_pydict()
     out: dict[str, dict[str, list[tuple[int, str]]]] = {}
     for result, query_id, rank, image_id in zip(
         table["result"], table["query_id"], table["rank"], table["id"], strict=True

@@ -16,40 +16,45 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from retrieval import storage
 from retrieval.evaluation.ground_truth import Benchmark
+from retrieval.images import DecodeLimits, ImageError, decode_image
 
 THUMBNAIL_PX = 96
 JPEG_QUALITY = 80
 #: Embedded thumbnail bytes per page (base64 adds a third): ~2 MB is ~600 thumbnails of 96 px.
 EMBED_BUDGET_BYTES = 2_000_000
 LINK_DIRNAME = "thumbnails"
-# Decoding a thumbnail of a hostile "image" must not allocate gigabytes.
-MAX_PIXELS = 100_000_000
+# The same limits as extraction: a hostile "image" in a report must not allocate gigabytes.
+LIMITS = DecodeLimits()
 
 
-def thumbnail_jpeg(path: Path, size: int = THUMBNAIL_PX) -> bytes | None:
+def thumbnail_jpeg(
+    path: Path | str, size: int = THUMBNAIL_PX, limits: DecodeLimits = LIMITS
+) -> bytes | None:
     """A JPEG thumbnail (longer side ``size`` px) of the image at ``path``; None when the file
-    is missing, unreadable or too large to decode, so that one bad image does not stop a
-    report from being written."""
+    is missing, unreadable or outside the decode limits, so that one bad image does not stop a
+    report from being written.
+
+    Decoding goes through :func:`retrieval.images.decode_image`, with the same limits as
+    extraction (byte and pixel limits, memory bound, shrink first, EXIF orientation).
+    """
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                return None
-            # Let the JPEG decoder downscale while decoding: much faster on 1024 px photos.
-            image.draft("RGB", (size * 2, size * 2))
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((size, size))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        data = storage.read_bytes(str(path), max_bytes=limits.max_bytes)
+        decoded = decode_image(data, max_side=size, limits=limits)
+        buffer = io.BytesIO()
+        Image.fromarray(decoded.pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    except (ImageError, OSError, ValueError):
         return None
     return buffer.getvalue()
 
 
-def thumbnail_data_uri(path: Path, size: int = THUMBNAIL_PX) -> str | None:
-    data = thumbnail_jpeg(path, size)
+def thumbnail_data_uri(
+    path: Path | str, size: int = THUMBNAIL_PX, limits: DecodeLimits = LIMITS
+) -> str | None:
+    data = thumbnail_jpeg(path, size, limits)
     return None if data is None else _data_uri(data)
 
 
