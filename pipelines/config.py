@@ -33,6 +33,7 @@ from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import DEFAULT_SHARD_SIZE
 from retrieval.images import DecodeLimits
 from retrieval.index.search import DEFAULT_NPROBE
+from retrieval.redaction import redact_args
 from retrieval.rerank.query_expansion import QueryExpansion
 
 
@@ -75,7 +76,7 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gem"] = self.gem.as_dict()
-        d["beam_args"] = list(self.beam_args)
+        d["beam_args"] = redact_args(self.beam_args)  # recorded in reports: no secrets
         return d
 
 
