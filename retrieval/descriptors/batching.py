@@ -7,8 +7,10 @@ grouped by exact resized shape (most photos share a few: 4:3 and 3:2, landscape 
 each group is cut into batches that fit a memory budget.
 
 The budget is in bytes of activations; the cost of one image is its pixel count times
-``ACTIVATION_BYTES_PER_PIXEL``, the peak memory per input pixel measured for the default backbone
-(see ``benchmarks/batch_memory.py``). On a GPU the budget comes from the device's memory
+``ACTIVATION_BYTES_PER_PIXEL``, an upper estimate from the default backbone's architecture (not a
+measurement): its widest early tensors, 96 channels at 1/2 resolution, plus their neighbours, are
+about 140 bytes per input pixel in fp32; 400 leaves room for the runtime's own buffers.
+On a GPU the budget comes from the device's memory
 (``retrieval/runtimes/device.py``); on a CPU a small budget keeps a batch's activations in cache.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Peak activation bytes per input pixel of EfficientNet-Lite0 in fp32 (measured, rounded up).
+# Activation bytes per input pixel of EfficientNet-Lite0 in fp32 (estimate, see above).
 ACTIVATION_BYTES_PER_PIXEL = 400
 DEFAULT_CPU_BATCH_BYTES = 128 * 1024 * 1024
 
