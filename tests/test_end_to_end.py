@@ -123,11 +123,11 @@ def test_rerun_skips_committed_shards(ukbench_run):
     assert summary["shards_skipped"] == summary["shards"] == 4
 
 
-@pytest.mark.slow
-def test_oxford_dev_default_pipeline_reaches_the_target(tmp_path):
-    """The acceptance figure: mAP >= 53 on oxford-dev in results[0] (README: 57.71)."""
+def test_oxford_dev_default_pipeline_keeps_its_figures(tmp_path):
+    """In the default suite so the README's figures can't rot: results[0] on oxford-dev must stay
+    within a point of the README's default (57.71) and above the global-only floor."""
     folder = _require("oxford-dev")
     assert cli.main(["evaluate", "--benchmark", str(folder), "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["accounting"] == {"inputs": 502, "indexed": 502, "failed": 0}
-    assert report["results"][0]["mAP"] >= 53.0
+    assert report["results"][0]["mAP"] >= 56.7
