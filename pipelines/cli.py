@@ -48,16 +48,18 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--runner",
-        choices=["beam", "local"],
+        choices=["beam", "spark", "local"],
         help="beam: Apache Beam, locally on the FnApiRunner with --workers "
-        "processes, or on Dataflow via --beam-args (default); local: one "
-        "process, no Beam (debugging, baselines)",
+        "processes, or on Dataflow via --beam-args (default); spark: PySpark, "
+        "locally local[--workers], or a cluster via --master / --spark-conf; "
+        "local: one process, no runner (debugging, baselines)",
     )
     group.add_argument(
         "--workers",
         type=int,
         metavar="N",
-        help="parallel worker processes for local Beam runs (default: CPU cores)",
+        help="parallel workers of a local run: Beam worker processes, or "
+        "Spark's local[N] (default: CPU cores)",
     )
     group.add_argument(
         "--threads-per-worker",
@@ -72,6 +74,20 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
         dest="beam_args",
         help='extra Beam pipeline options, quoted, e.g. "--runner=DataflowRunner '
         '--project=P --region=R --temp_location=gs://B/tmp"',
+    )
+    group.add_argument(
+        "--master",
+        metavar="URL",
+        help="Spark master: spark://HOST:7077, yarn, k8s://https://HOST "
+        "(default: local[--workers], started in this process)",
+    )
+    group.add_argument(
+        "--spark-conf",
+        action="append",
+        dest="spark_conf",
+        metavar="KEY=VALUE",
+        help="a Spark setting, repeatable, e.g. --spark-conf "
+        "spark.executor.memory=8g (over [spark_conf] in --config)",
     )
 
 
@@ -163,7 +179,13 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="retrieval", description=DESCRIPTION, formatter_class=fmt)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="log progress details, and the runners' own logs (Spark's JVM log)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

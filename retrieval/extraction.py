@@ -74,6 +74,20 @@ def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
     )
 
 
+def describe_loaded(
+    batch: Sequence[LoadedImage], extractor: GeMExtractor
+) -> list[DescriptorRow | ErrorRow]:
+    """One result per decoded image, in order: its descriptor row, or a ``model_error`` row
+    (a model failure costs its own image, not its batch). Every runner describes through here."""
+    results: list[DescriptorRow | ErrorRow] = []
+    for loaded in batch:
+        try:
+            results.append(descriptor_row(loaded, extractor.describe(loaded.image)))
+        except Exception as exc:
+            results.append(model_error(loaded, exc))
+    return results
+
+
 def extract_shard(
     spec: ShardSpec, extractor: GeMExtractor, limits: DecodeLimits
 ) -> tuple[list[DescriptorRow], list[ErrorRow]]:
@@ -82,13 +96,8 @@ def extract_shard(
     errors: list[ErrorRow] = []
     for ref in spec.refs:
         loaded = load_image(ref, max_side=extractor.config.max_side, limits=limits)
-        if isinstance(loaded, ErrorRow):
-            errors.append(loaded)
-            continue
-        try:
-            rows.append(descriptor_row(loaded, extractor.describe(loaded.image)))
-        except Exception as exc:
-            errors.append(model_error(loaded, exc))
+        result = loaded if isinstance(loaded, ErrorRow) else describe_loaded([loaded], extractor)[0]
+        (errors if isinstance(result, ErrorRow) else rows).append(result)
     return rows, errors
 
 

@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from retrieval.corpus import ShardSpec
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
-from retrieval.extraction import LoadedImage, descriptor_row, load_image, model_error
+from retrieval.extraction import LoadedImage, describe_loaded, load_image, model_error
 from retrieval.images import DecodeLimits
 from retrieval.shards import descriptor_shards
 from retrieval.shards.descriptor_shards import ErrorRow
@@ -54,11 +54,8 @@ class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
         model: GeMExtractor,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        for loaded in batch:
-            try:
-                yield PredictionResult(loaded, descriptor_row(loaded, model.describe(loaded.image)))
-            except Exception as exc:  # one bad image must not fail its batch
-                yield PredictionResult(loaded, model_error(loaded, exc))
+        for loaded, result in zip(batch, describe_loaded(batch, model), strict=True):
+            yield PredictionResult(loaded, result)
 
     def get_num_bytes(self, batch: Sequence[LoadedImage]) -> int:
         return sum(loaded.image.pixels.nbytes for loaded in batch)
