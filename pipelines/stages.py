@@ -51,7 +51,7 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
             output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
         ):
             run_extraction(
-                plan.pending,
+                plan.pending_ids,
                 output,
                 config=config.gem,
                 model_info=info,
@@ -72,8 +72,8 @@ def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
 
     configure_tf_threads(config.threads)
     extractor = GeMExtractor(config.gem)
-    specs = tqdm(plan.pending, desc="extract", unit="shard")
-    run_local(specs, plan.output, extractor, config.limits)
+    shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
+    run_local(shard_ids, plan.output, extractor, config.limits)
 
 
 def spark_session(config: RunConfig):
@@ -126,8 +126,8 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
     """Build one index per descriptor shard (skipping those already built with this codebook)."""
     start = time.perf_counter()
     tasks = shard_index.plan_shard_indexes(descriptors, codebook)
+    shard_index.write_index_plan(tasks, output)
     todo = shard_index.pending(tasks, output)
-    storage.makedirs(output)
     if config.runner == "local" or len(todo) <= 1:
         for task in tqdm(todo, desc="index", unit="shard"):
             shard_index.build_shard_index(task, output)

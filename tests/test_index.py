@@ -17,7 +17,12 @@ from retrieval.index import factory as factories
 from retrieval.index.codebook import SAMPLE_FILE, train_codebook, uniform_sample, with_id_map
 from retrieval.index.merge import IDMAP_FILE, merge_shard_indexes
 from retrieval.index.search import load_index
-from retrieval.index.shard_index import build_shard_index, pending, plan_shard_indexes
+from retrieval.index.shard_index import (
+    build_shard_index,
+    pending,
+    plan_shard_indexes,
+    write_index_plan,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +36,7 @@ def build_all(desc: Path, root: Path, factory: str) -> tuple[dict, Path]:
     codebook, shards, merged = root / "codebook", root / "shards", root / "index"
     cb = train_codebook(str(desc), str(codebook), factory=factory, seed=0)
     tasks = plan_shard_indexes(str(desc), str(codebook))
+    write_index_plan(tasks, str(shards))
     for task in pending(tasks, str(shards)):
         build_shard_index(task, str(shards))
     merge_shard_indexes(str(shards), str(merged))

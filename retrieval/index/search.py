@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from retrieval import storage
 from retrieval.index.faiss_io import read_index
-from retrieval.index.merge import IDMAP_FILE, INDEX_FILE, INDEX_MANIFEST
+from retrieval.index.merge import IDMAP_FILE, INDEX_FILE, INDEX_KIND, INDEX_MANIFEST
+from retrieval.manifests import ManifestError, read_manifest
 from retrieval.rerank.query_expansion import QueryExpansion, alpha_query_expansion
 
 DEFAULT_NPROBE = 32
@@ -50,7 +51,7 @@ class SearchableIndex:
             model = manifest["model"]
             for key in ("config_hash", "weights_sha256"):
                 if model[key] != indexed[key]:
-                    raise ValueError(
+                    raise ManifestError(
                         f"query shard {manifest['shard']} was made by {model['id']} "
                         f"({key} {model[key][:12]}), the index by {indexed['id']} "
                         f"({indexed[key][:12]}): extract the queries with the index's settings"
@@ -124,9 +125,18 @@ class SearchableIndex:
 
 
 def load_index(directory: str, *, nprobe: int = DEFAULT_NPROBE) -> SearchableIndex:
-    manifest = storage.read_json(storage.join(directory, INDEX_MANIFEST))
+    """The merged index in ``directory``, checked against ``index.json`` (version, checksums)."""
+    uri = storage.join(directory, INDEX_MANIFEST)
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"{directory}: no {INDEX_MANIFEST} (not a merged index folder; "
+            "build one with `retrieval merge`)"
+        )
+    manifest = read_manifest(uri, kind=INDEX_KIND)
     index = read_index(storage.join(directory, INDEX_FILE), expect_sha256=manifest["sha256"])
-    idmap = storage.read_parquet(storage.join(directory, IDMAP_FILE), schema="idmap")
+    idmap = storage.read_parquet(
+        storage.join(directory, IDMAP_FILE), schema="idmap", expect_sha256=manifest["idmap_sha256"]
+    )
     index_ids = idmap.column("index_id").to_numpy()
     if not np.array_equal(index_ids, np.arange(len(index_ids))):
         raise ValueError(f"{directory}: id map is not the dense range 0..{len(index_ids) - 1}")

@@ -13,9 +13,10 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import storage
-from retrieval.index.codebook import CODEBOOK_FILE, read_codebook_manifest
-from retrieval.index.faiss_io import read_index, write_index
+from retrieval import plan, storage
+from retrieval.index.codebook import read_codebook, read_codebook_manifest
+from retrieval.index.faiss_io import write_index
+from retrieval.manifests import canonical_digest, require_same
 from retrieval.shards import descriptor_shards
 from retrieval.shards import manifest as manifests
 from retrieval.summary import write_summary
@@ -32,10 +33,22 @@ class ShardIndexTask:
     id_offset: int
     codebook: str
     codebook_id: str
+    codebook_sha256: str
 
     @property
     def shard_id(self) -> str:
         return self.shard_manifest["shard"]
+
+    @property
+    def input_digest(self) -> str:
+        """What the shard index is made from: the codebook, the descriptors, the id range."""
+        return canonical_digest(
+            {
+                "codebook_id": self.codebook_id,
+                "id_offset": self.id_offset,
+                "descriptors_sha256": self.shard_manifest["files"]["data"]["sha256"],
+            }
+        )
 
     def expect(self) -> dict[str, Any]:
         return {
@@ -43,6 +56,7 @@ class ShardIndexTask:
             "codebook_id": self.codebook_id,
             "id_offset": self.id_offset,
             "descriptors_sha256": self.shard_manifest["files"]["data"]["sha256"],
+            "input_digest": self.input_digest,
         }
 
 
@@ -55,13 +69,39 @@ def idmap_uri(directory: str, shard_id: str) -> str:
 
 
 def plan_shard_indexes(descriptors: str, codebook: str) -> list[ShardIndexTask]:
-    """One task per committed descriptor shard, with global id offsets in shard order."""
-    codebook_id = read_codebook_manifest(codebook)["codebook_id"]
+    """One task per planned descriptor shard, with global id offsets in plan order.
+
+    Refuses descriptors made by another model than the one the codebook was trained for.
+    """
+    trained = read_codebook_manifest(codebook)
     tasks, offset = [], 0
     for manifest in descriptor_shards.list_shards(descriptors):
-        tasks.append(ShardIndexTask(descriptors, manifest, offset, codebook, codebook_id))
+        require_same(
+            manifest["model"],
+            trained["model"],
+            ("config_hash", "weights_sha256"),
+            what=f"descriptor shard {manifest['shard']} and codebook {codebook} come from "
+            "different models",
+        )
+        tasks.append(
+            ShardIndexTask(
+                descriptors, manifest, offset, codebook, trained["codebook_id"], trained["sha256"]
+            )
+        )
         offset += manifest["rows"]
     return tasks
+
+
+def write_index_plan(tasks: list[ShardIndexTask], output: str) -> plan.RunPlan:
+    """The shard index folder's plan: exactly these shards (merge reads nothing else)."""
+    shards = [
+        plan.PlannedShard(t.shard_id, t.shard_manifest["rows"], t.input_digest) for t in tasks
+    ]
+    codebook_id = tasks[0].codebook_id if tasks else None
+    descriptors = tasks[0].descriptors if tasks else None
+    return plan.write_plan(
+        output, shards, stage="index", codebook_id=codebook_id, descriptors=descriptors
+    )
 
 
 def pending(tasks: list[ShardIndexTask], output: str) -> list[ShardIndexTask]:
@@ -84,7 +124,7 @@ def idmap_table(index_ids: np.ndarray, ids: list[str], uris: list[str], shard: s
 def build_shard_index(task: ShardIndexTask, output: str) -> dict[str, Any]:
     """Add one shard's vectors to a copy of the trained index; write index, id map, manifest."""
     shard = descriptor_shards.read_shard(task.descriptors, task.shard_manifest)
-    index = read_index(storage.join(task.codebook, CODEBOOK_FILE))
+    index = read_codebook(task.codebook, {"sha256": task.codebook_sha256})
     ids = np.arange(task.id_offset, task.id_offset + len(shard.ids), dtype=np.int64)
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(shard.vectors), ids)
