@@ -263,6 +263,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
     _expansion_options(p)
 
+    p = sub.add_parser(
+        "submit",
+        formatter_class=fmt,
+        help="run the whole indexing job on Dataflow or a Spark cluster",
+        description=textwrap.dedent("""\
+        Run the whole indexing job on a cluster: extract -> train -> index -> merge for the
+        corpus under --input (and extract for --queries), into folders under --output:
+        descriptors/, codebook/, index_shards/, index/, query_descriptors/.
+
+        --runner dataflow: extract and index run as Dataflow jobs (pipeline options from the
+          [dataflow] section of --config: project, region, temp_location, machine_type,
+          max_workers, sdk_container_image, gpu_type/gpu_count); train and merge run here.
+        --runner spark: one Spark application (deploy/spark/job.py) runs every stage with
+          --runner spark: `spark-submit` (standalone, YARN, Kubernetes) or, when [spark]
+          cluster is set, `gcloud dataproc jobs submit pyspark`. The project reaches the
+          executors as a packed environment (env_archive) or a container image (Kubernetes).
+
+        The same --config drives local runs (`retrieval extract --config ...`) and this one.
+        --dry-run prints exactly what would run, with <PLACEHOLDERS> for missing values; only
+        settings that contradict each other are refused. See deploy/ and the README."""),
+    )
+    p.add_argument("--runner", required=True, choices=["dataflow", "spark"])
+    p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest")
+    p.add_argument("--output", required=True, metavar="URI", help="job folder")
+    p.add_argument("--queries", metavar="URI", help="query images to describe as well")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings")
+    p.add_argument("--dry-run", action="store_true", dest="dry_run", help="print, do not run")
+
     for name, helptext in (
         ("evaluate", "run the whole pipeline on a benchmark and report"),
         ("demo", f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}"),
@@ -403,6 +431,23 @@ def main(argv: list[str] | None = None) -> int:
         _search(args)
     elif args.command == "evaluate":
         _evaluate(args.benchmark, args.out, args)
+    elif args.command == "submit":
+        from pipelines.submit.command import submit
+        from pipelines.submit.dataflow import SubmitError
+
+        try:
+            submit(
+                args.runner,
+                args.input,
+                args.output,
+                queries=args.queries,
+                config=args.config,
+                dry_run=args.dry_run,
+                verbose=bool(args.verbose),
+            )
+        except SubmitError as exc:
+            print(f"retrieval submit: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "demo":
         _evaluate(str(demo_benchmark()), args.out or f"reports/{DEMO_BENCHMARK}", args)
     return 0

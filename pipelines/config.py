@@ -37,7 +37,6 @@ from retrieval.images import DecodeLimits
 from retrieval.index.search import DEFAULT_NPROBE
 from retrieval.rerank.query_expansion import QueryExpansion
 
-
 RUNNERS = ("beam", "spark", "local")
 
 
@@ -108,12 +107,23 @@ _TOP_KEYS = {
 }
 
 
+# Sections read by `retrieval submit` only (how to reach a cluster), not run settings.
+SUBMIT_SECTIONS = ("dataflow", "spark")
+
+
+def read_raw_config(path: str) -> dict[str, Any]:
+    """A TOML/JSON config file as written (sections as dicts)."""
+    with open(path, "rb") as f:
+        return json.load(f) if path.endswith(".json") else tomllib.load(f)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """Flatten a TOML/JSON config file's sections into command-line names."""
-    with open(path, "rb") as f:
-        raw = json.load(f) if path.endswith(".json") else tomllib.load(f)
+    raw = read_raw_config(path)
     flat: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in SUBMIT_SECTIONS:
+            continue
         if key == "spark_conf":  # a table of Spark settings, not a section of flat names
             flat[key] = value
         elif isinstance(value, dict):

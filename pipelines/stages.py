@@ -102,7 +102,7 @@ def _extract_spark(plan: ExtractionPlan, config: RunConfig, info: dict[str, Any]
     ):
         run_extraction(
             session,
-            plan.pending,
+            plan.pending_ids,
             plan.output,
             config=config.gem,
             model_info=info,

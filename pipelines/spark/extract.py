@@ -1,17 +1,16 @@
 """Descriptor extraction on Spark: a thin adapter over ``retrieval.extraction``.
 
-    planned inputs (shard, position, id, uri, problem)
-      ├─► repartition by id ─► mapInArrow: read + decode + GeM ─► one result row per input ─┐
-      └───────────────────────────────────► cogroup by shard ◄──────────────────────────────┘
-                                                   │
-                     write the shard, then commit its manifest (retrieval.shards)
+    pending shard ids ─► mapInArrow: the shard's inputs, read from the run plan
+        ─► repartition by image id ─► mapInArrow: read + decode + GeM, one result row per input
+        ─► group by shard ─► applyInArrow: write the shard, then commit its manifest
 
 Images, not shards, are spread over the tasks (as Beam's Reshuffle does), so a few large shards
 never leave workers idle. Each Python worker builds one model and keeps it for every task it
-runs (Spark reuses Python workers). The cogroup hands each shard's writer both what was planned
-and what came back, so ``write_shard`` checks the accounting against the plan itself: an input
-lost on the way fails the shard loudly instead of vanishing. Files, names and manifests are the
-ones every runner writes, so Spark, Beam and local runs skip each other's committed shards.
+runs (Spark reuses Python workers). The DataFrames carry only shard ids until the workers read
+each shard's references from the run plan in the output folder (``retrieval.plan``), and the
+shard writer checks what came back against that plan (``write_shard``): an input lost on the way
+fails its shard loudly instead of vanishing. Files, names and manifests are the ones every runner
+writes, so Spark, Beam and local runs skip each other's committed shards.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval.corpus import ImageRef, ShardSpec
+from retrieval import plan
+from retrieval.corpus import ImageRef
 from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import LoadedImage, describe_loaded, load_image
 from retrieval.images import DecodeLimits
@@ -37,15 +37,10 @@ if TYPE_CHECKING:
 
     from retrieval.descriptors.gem import GeMExtractor
 
-PLANNED_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("position", pa.int32()),
-        ("id", pa.string()),
-        ("uri", pa.string()),
-        ("problem", pa.string()),
-    ]
+REFS_SCHEMA = pa.schema(
+    [("shard", pa.string()), ("id", pa.string()), ("uri", pa.string()), ("problem", pa.string())]
 )
+REFS_DDL = "shard string, id string, uri string, problem string"
 RESULT_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),
@@ -84,17 +79,20 @@ def _extractor(config: GeMConfig, threads: int | None) -> GeMExtractor:
     return _EXTRACTORS[key]
 
 
-def planned_table(specs: Sequence[ShardSpec]) -> pa.Table:
-    """Every planned input as a row: shard id, position in the shard, id, uri, listing problem."""
-    columns: dict[str, list[Any]] = {name: [] for name in PLANNED_SCHEMA.names}
-    for spec in specs:
-        for position, ref in enumerate(spec.refs):
-            columns["shard"].append(spec.shard_id)
-            columns["position"].append(position)
-            columns["id"].append(ref.id)
-            columns["uri"].append(ref.uri)
-            columns["problem"].append(ref.problem)
-    return pa.table(columns, schema=PLANNED_SCHEMA)
+def shard_refs(batches: Iterator[pa.RecordBatch], *, output: str) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: shard ids in, the shards' planned inputs out (read from the plan)."""
+    for batch in batches:
+        for shard_id in batch.column("shard").to_pylist():
+            refs = plan.read_shard_spec(output, shard_id).refs
+            yield pa.RecordBatch.from_pydict(
+                {
+                    "shard": [shard_id] * len(refs),
+                    "id": [r.id for r in refs],
+                    "uri": [r.uri for r in refs],
+                    "problem": [r.problem for r in refs],
+                },
+                schema=REFS_SCHEMA,
+            )
 
 
 def _result_batch(results: Sequence[tuple[str, DescriptorRow | ErrorRow]]) -> pa.RecordBatch:
@@ -140,21 +138,11 @@ def describe_partition(
 
 
 def write_shard_group(
-    key: tuple[pa.Scalar, ...],
-    planned: pa.Table,
-    results: pa.Table,
-    *,
-    output: str,
-    model_info: dict[str, Any],
+    key: tuple[pa.Scalar, ...], results: pa.Table, *, output: str, model_info: dict[str, Any]
 ) -> pa.Table:
-    """Cogroup body: rebuild the shard's plan, split results into rows and errors, commit."""
+    """applyInArrow body: one shard's results -> rows and errors -> written and committed."""
     shard_id = key[0].as_py()
-    planned = planned.sort_by("position")
-    refs = tuple(
-        ImageRef(r["id"], r["uri"], r["problem"])
-        for r in planned.select(["id", "uri", "problem"]).to_pylist()
-    )
-    spec = ShardSpec(shard_id, refs)
+    spec = plan.read_shard_spec(output, shard_id)
     is_error = results.column("error_kind").is_valid()
     rows_table = results.filter(pc.invert(is_error))
     vectors = _vectors(rows_table.column("descriptor"), int(model_info["dim"]))
@@ -188,7 +176,7 @@ def _vectors(column: pa.ChunkedArray, dim: int) -> np.ndarray:
 
 def run_extraction(
     session: SparkSession,
-    specs: Sequence[ShardSpec],
+    shard_ids: Sequence[str],
     output: str,
     *,
     config: GeMConfig,
@@ -197,28 +185,29 @@ def run_extraction(
     threads_per_worker: int | None,
     parallelism: int,
 ) -> list[tuple[str, int, int]]:
-    """Extract and commit ``specs``; returns (shard, rows, errors) for each shard written."""
-    if not specs:
+    """Extract and commit the planned shards ``shard_ids`` of ``output``; returns (shard, rows,
+    errors) for each shard written."""
+    if not shard_ids:
         return []
-    planned = session.createDataFrame(planned_table(specs))
-    images = sum(len(s.refs) for s in specs)
+    shards = session.createDataFrame(pa.table({"shard": list(shard_ids)}))
+    refs = shards.repartition(min(len(shard_ids), parallelism)).mapInArrow(
+        functools.partial(shard_refs, output=output), REFS_DDL
+    )
+    images = sum(s.inputs for s in plan.read_plan(output).shards if s.shard_id in set(shard_ids))
     # A few tasks per core keep the cores busy to the end without paying a model per image.
-    spread = planned.repartition(max(1, min(images, 4 * parallelism)), "id")
+    spread = refs.repartition(max(1, min(images, 4 * parallelism)), "id")
     results = spread.mapInArrow(
         functools.partial(
             describe_partition, config=config, limits=limits, threads=threads_per_worker
         ),
         RESULT_DDL,
     )
-    written = (
-        planned.groupBy("shard")
-        .cogroup(results.groupBy("shard"))
-        .applyInArrow(
-            functools.partial(write_shard_group, output=output, model_info=model_info),
-            WRITTEN_DDL,
-        )
-    )
-    with shuffle_partitions(session, max(1, min(len(specs), 2 * parallelism))):
+
+    def write(key, shard_results):  # unannotated: PySpark 4.3 fails inferring a partial's hints
+        return write_shard_group(key, shard_results, output=output, model_info=model_info)
+
+    written = results.groupBy("shard").applyInArrow(write, WRITTEN_DDL)
+    with shuffle_partitions(session, max(1, min(len(shard_ids), 2 * parallelism))):
         return [(r["shard"], r["rows"], r["errors"]) for r in written.collect()]
 
 
