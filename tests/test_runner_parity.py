@@ -94,15 +94,16 @@ def test_runners_skip_each_others_committed_shards(ukbench_run, ukbench_spark, t
     manifest removed redoes exactly that shard, with the same descriptors."""
     import shutil
 
-    images = str(require_benchmark("ukbench-56") / "images")
     config = RunConfig(runner="spark", workers=2, shard_size=16)
-    over_beam = stages.extract(images, str(ukbench_run / "descriptors"), config)
+    listing = str(ukbench_run / "images.csv")  # evaluate's listing: ground-truth ids
+    over_beam = stages.extract(listing, str(ukbench_run / "descriptors"), config)
     assert over_beam["shards_skipped"] == over_beam["shards"] == 4
 
     spark_copy = tmp_path / "descriptors"
     shutil.copytree(ukbench_spark / "descriptors", spark_copy)
     (spark_copy / "part-00002.manifest.json").unlink()
-    over_spark = stages.extract(images, str(spark_copy), replace(config, runner="beam"))
+    listing = str(ukbench_spark / "images.csv")
+    over_spark = stages.extract(listing, str(spark_copy), replace(config, runner="beam"))
     assert over_spark["shards_skipped"] == 3
     assert over_spark["inputs"] == over_spark["indexed"] == 56
     ids_a, _, vectors_a = descriptor_shards.read_all(str(ukbench_spark / "descriptors"))
