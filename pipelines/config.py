@@ -35,6 +35,7 @@ from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import DEFAULT_SHARD_SIZE
 from retrieval.images import DecodeLimits
 from retrieval.index.search import DEFAULT_NPROBE
+from retrieval.redaction import MASK, is_secret_name, redact, redact_args
 from retrieval.rerank.query_expansion import QueryExpansion
 
 RUNNERS = ("beam", "spark", "local")
@@ -81,8 +82,10 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gem"] = self.gem.as_dict()
-        d["beam_args"] = list(self.beam_args)
-        d["spark_conf"] = dict(self.spark_conf)
+        d["beam_args"] = redact_args(self.beam_args)  # recorded in reports: no secrets
+        d["spark_conf"] = {
+            key: MASK if is_secret_name(key) else redact(value) for key, value in self.spark_conf
+        }
         return d
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from retrieval import plan, storage
 from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
+from retrieval.redaction import redact
 from retrieval.shards import descriptor_shards
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 from retrieval.summary import write_summary
@@ -43,22 +44,27 @@ def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedI
     """Read and decode one input, or say why not."""
     if ref.problem:
         kind, _, message = ref.problem.partition(": ")
-        return ErrorRow(ref.id, ref.uri, "list", kind, message)
+        return error_row(ref, "list", kind, message)
     try:
         data = storage.read_bytes(ref.uri, max_bytes=limits.max_bytes)
     except FileNotFoundError:
-        return ErrorRow(ref.id, ref.uri, "read", "missing", "the object does not exist")
+        return error_row(ref, "read", "missing", "the object does not exist")
     except storage.FileTooLargeError as exc:
-        return ErrorRow(ref.id, ref.uri, "read", "too_large", str(exc))
+        return error_row(ref, "read", "too_large", str(exc))
     except Exception as exc:  # after retries: permissions, network, ...
-        return ErrorRow(ref.id, ref.uri, "read", "read_failed", f"{type(exc).__name__}: {exc}")
+        return error_row(ref, "read", "read_failed", f"{type(exc).__name__}: {exc}")
     try:
         image = decode_image(data, max_side=max_side, limits=limits)
     except ImageError as exc:
-        return ErrorRow(ref.id, ref.uri, "decode", exc.kind, exc.message)
+        return error_row(ref, "decode", exc.kind, exc.message)
     except Exception as exc:  # a decoder bug must cost one image, not the job
-        return ErrorRow(ref.id, ref.uri, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
+        return error_row(ref, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
     return LoadedImage(ref, storage.sha256_bytes(data), image)
+
+
+def error_row(ref: ImageRef, stage: str, kind: str, message: str) -> ErrorRow:
+    """An error row, with credentials and signatures masked in its URI and message."""
+    return ErrorRow(ref.id, redact(ref.uri), stage, kind, redact(message))
 
 
 def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow:
@@ -69,9 +75,7 @@ def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow
 
 
 def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
-    return ErrorRow(
-        loaded.ref.id, loaded.ref.uri, "extract", "model_error", f"{type(exc).__name__}: {exc}"
-    )
+    return error_row(loaded.ref, "extract", "model_error", f"{type(exc).__name__}: {exc}")
 
 
 def describe_loaded(
