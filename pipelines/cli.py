@@ -62,16 +62,18 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--runner",
-        choices=["beam", "local"],
+        choices=["beam", "spark", "local"],
         help="beam: Apache Beam, locally on the FnApiRunner with --workers "
-        "processes, or on Dataflow via --beam-args (default); local: one "
-        "process, no Beam (debugging, baselines)",
+        "processes, or on Dataflow via --beam-args (default); spark: PySpark, "
+        "locally local[--workers], or a cluster via --master / --spark-conf; "
+        "local: one process, no runner (debugging, baselines)",
     )
     group.add_argument(
         "--workers",
         type=int,
         metavar="N",
-        help="parallel worker processes for local Beam runs (default: CPU cores)",
+        help="parallel workers of a local run: Beam worker processes, or "
+        "Spark's local[N] (default: CPU cores)",
     )
     group.add_argument(
         "--threads-per-worker",
@@ -86,6 +88,20 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
         dest="beam_args",
         help='extra Beam pipeline options, quoted, e.g. "--runner=DataflowRunner '
         '--project=P --region=R --temp_location=gs://B/tmp"',
+    )
+    group.add_argument(
+        "--master",
+        metavar="URL",
+        help="Spark master: spark://HOST:7077, yarn, k8s://https://HOST "
+        "(default: local[--workers], started in this process)",
+    )
+    group.add_argument(
+        "--spark-conf",
+        action="append",
+        dest="spark_conf",
+        metavar="KEY=VALUE",
+        help="a Spark setting, repeatable, e.g. --spark-conf "
+        "spark.executor.memory=8g (over [spark_conf] in --config)",
     )
 
 
@@ -196,7 +212,13 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="retrieval", description=DESCRIPTION, formatter_class=fmt)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="log progress details, and the runners' own logs (Spark's JVM log)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -273,6 +295,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
     _expansion_options(p)
+
+    p = sub.add_parser(
+        "submit",
+        formatter_class=fmt,
+        help="run the whole indexing job on Dataflow or a Spark cluster",
+        description=textwrap.dedent("""\
+        Run the whole indexing job on a cluster: extract -> train -> index -> merge for the
+        corpus under --input (and extract for --queries), into folders under --output:
+        descriptors/, codebook/, index_shards/, index/, query_descriptors/.
+
+        --runner dataflow: extract and index run as Dataflow jobs (pipeline options from the
+          [dataflow] section of --config: project, region, temp_location, machine_type,
+          max_workers, sdk_container_image, gpu_type/gpu_count); train and merge run here.
+        --runner spark: one Spark application (deploy/spark/job.py) runs every stage with
+          --runner spark: `spark-submit` (standalone, YARN, Kubernetes) or, when [spark]
+          cluster is set, `gcloud dataproc jobs submit pyspark`. The project reaches the
+          executors as a packed environment (env_archive) or a container image (Kubernetes).
+
+        The same --config drives local runs (`retrieval extract --config ...`) and this one.
+        --dry-run prints exactly what would run, with <PLACEHOLDERS> for missing values; only
+        settings that contradict each other are refused. See deploy/ and the README."""),
+    )
+    p.add_argument("--runner", required=True, choices=["dataflow", "spark"])
+    p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest")
+    p.add_argument("--output", required=True, metavar="URI", help="job folder")
+    p.add_argument("--queries", metavar="URI", help="query images to describe as well")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings")
+    p.add_argument("--dry-run", action="store_true", dest="dry_run", help="print, do not run")
 
     for name, helptext in (
         ("evaluate", "run the whole pipeline on a benchmark and report"),
@@ -649,6 +699,23 @@ def _run(args: argparse.Namespace) -> int:
         _compare(args)
     elif args.command == "evaluate":
         _evaluate(args.benchmark, args.out, args)
+    elif args.command == "submit":
+        from pipelines.submit.command import submit
+        from pipelines.submit.dataflow import SubmitError
+
+        try:
+            submit(
+                args.runner,
+                args.input,
+                args.output,
+                queries=args.queries,
+                config=args.config,
+                dry_run=args.dry_run,
+                verbose=bool(args.verbose),
+            )
+        except SubmitError as exc:
+            print(f"retrieval submit: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "demo":
         benchmark = demo_benchmark()
         _evaluate(str(benchmark), args.out or f"reports/{benchmark.name}", args)

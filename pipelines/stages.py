@@ -39,6 +39,8 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
     run_start = time.perf_counter()
     if config.runner == "local" or not plan.pending:
         _extract_local(plan, config)
+    elif config.runner == "spark":
+        _extract_spark(plan, config, info)
     else:
         from pipelines.beam.extract import run_extraction
         from pipelines.beam.options import is_local, pipeline_options
@@ -99,6 +101,44 @@ def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
     )
 
 
+def spark_session(config: RunConfig):
+    """The SparkSession for ``config`` (started once per process, then shared by stages)."""
+    from pipelines.spark.session import SparkSettings, get_session
+
+    settings = SparkSettings(
+        workers=config.workers,
+        master=config.master,
+        conf=dict(config.spark_conf),
+        verbose=config.verbose,
+    )
+    return settings, get_session(settings)
+
+
+def _extract_spark(plan: ExtractionPlan, config: RunConfig, info: dict[str, Any]) -> None:
+    from pipelines.spark.extract import run_extraction
+    from pipelines.spark.session import parallelism, task_threads
+
+    settings, session = spark_session(config)
+    # Local cores are shared by --workers tasks; on a cluster, spark.task.cpus says how many
+    # cores each task (one model) may use.
+    threads = config.threads if settings.is_local else task_threads(session, config)
+    if settings.is_local:
+        prepare_runtime(config.gem)  # convert once here, so local tasks find a warm cache
+    with ShardProgress(
+        plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
+    ):
+        run_extraction(
+            session,
+            plan.pending_ids,
+            plan.output,
+            config=config.gem,
+            model_info=info,
+            limits=config.limits,
+            threads_per_worker=threads,
+            parallelism=parallelism(session),
+        )
+
+
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
     return train_codebook(
         descriptors,
@@ -118,6 +158,11 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
     if config.runner == "local" or len(todo) <= 1:
         for task in tqdm(todo, desc="index", unit="shard"):
             shard_index.build_shard_index(task, output)
+    elif config.runner == "spark":
+        from pipelines.spark.index import run_shard_indexes as spark_shard_indexes
+
+        with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
+            spark_shard_indexes(spark_session(config)[1], todo, output)
     else:
         from pipelines.beam.index import run_shard_indexes
         from pipelines.beam.options import pipeline_options

@@ -22,6 +22,20 @@ from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 TINY_CHANNELS = 4
 
 
+# --- benchmarks ----------------------------------------------------------------------------------
+
+
+def require_benchmark(name: str) -> Path:
+    """The shared benchmark folder ``name``; skips when the data is absent (CI requires it:
+    conftest turns a missing benchmarks folder into an error there)."""
+    from pipelines.cli import benchmarks_dir
+
+    folder = benchmarks_dir() / name
+    if not (folder / "gt.json").exists():
+        pytest.skip(f"benchmark {name} not available at {folder.parent}")
+    return folder
+
+
 # --- local servers -----------------------------------------------------------------------------
 
 

@@ -182,7 +182,11 @@ def test_unknown_config_keys_are_refused(tmp_path: Path, text: str):
 
 def test_invalid_values_are_refused():
     with pytest.raises(ValueError, match="runner"):
-        build_config({"runner": "spark"})
+        build_config({"runner": "flink"})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        build_config({"spark_conf": ["spark.executor.memory"]})
+    config = build_config({"runner": "spark", "spark_conf": ["a.b=1", "c.d=x=y"], "master": "yarn"})
+    assert dict(config.spark_conf) == {"a.b": "1", "c.d": "x=y"} and config.master == "yarn"
     with pytest.raises(ValueError, match="workers"):
         build_config({"workers": 0})
     with pytest.raises(ValueError, match="image_size"):

@@ -1,5 +1,6 @@
 """The product path end to end: `retrieval evaluate` on a real benchmark with the Beam runner in
-several worker processes, then `retrieval search` on the index it built."""
+several worker processes (the session's ``ukbench_run``, see conftest.py), then `retrieval search`
+on the index it built."""
 
 from __future__ import annotations
 
@@ -20,29 +21,6 @@ def _require(name: str):
     if not (folder / "gt.json").exists():
         pytest.skip(f"benchmark {name} not available at {BENCHMARKS}")
     return folder
-
-
-@pytest.fixture(scope="module")
-def ukbench_run(tmp_path_factory):
-    folder = _require("ukbench-56")
-    out = tmp_path_factory.mktemp("ukbench")
-    assert (
-        cli.main(
-            [
-                "evaluate",
-                "--benchmark",
-                str(folder),
-                "--out",
-                str(out),
-                "--workers",
-                "2",
-                "--shard-size",
-                "16",
-            ]
-        )
-        == 0
-    )
-    return out
 
 
 def test_evaluate_writes_a_complete_report(ukbench_run):
