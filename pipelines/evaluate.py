@@ -7,6 +7,12 @@
 ``results[0]`` is what the default pipeline answers (``retrieval search`` over the whitened
 index with ``--local``); the other rows add one step at a time to ``global``, so the report
 shows what each step gains, and α-query expansion and PQ compression for comparison.
+
+Where the protocol defines queries as crops, or keeps query images out of the database
+(Oxford5k, Paris6k, Revisited Oxford/Paris, GLDv2), the queries are described (global and local
+features) from their own cropped images (``retrieval.evaluation.queries``). With several
+``protocols`` (e.g. the Revisited Easy, Medium and Hard), every ranking is scored under each,
+one row per pair.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +33,10 @@ import numpy as np
 from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval import storage
+from retrieval.evaluation import protocols as protocol_rules
 from retrieval.evaluation.ground_truth import Benchmark, load_benchmark
 from retrieval.evaluation.metrics import evaluate_rankings
+from retrieval.evaluation.queries import write_query_inputs
 from retrieval.evaluation.report import write_report
 from retrieval.extraction import failures
 from retrieval.index import factory as factories
@@ -100,14 +109,18 @@ def rank_queries(
     vectors_by_id: dict[str, np.ndarray],
     expansion: QueryExpansion,
 ) -> dict[str, list[str]]:
-    """Full rankings for every query; a query whose image failed gets an empty ranking."""
+    """Full rankings for every query; a query whose image failed gets an empty ranking.
+
+    Query expansion skips the query's own image among its neighbours, except where the
+    protocol keeps the query in its ranking (a crop's full image is a true match)."""
     query_ids = sorted({q.id for q in benchmark.queries})
     present = [q for q in query_ids if q in vectors_by_id]
     rankings: dict[str, list[str]] = {q: [] for q in query_ids}
     if present:
         queries = np.stack([vectors_by_id[q] for q in present])
         k = min(index.index.ntotal, MAX_RANKING)
-        _, found = index.search_expanded(queries, k, expansion, present)
+        own_ids = None if benchmark.query_in_ranking else present
+        _, found = index.search_expanded(queries, k, expansion, own_ids)
         rankings.update(zip(present, index.ranked_ids(found), strict=True))
     return rankings
 
@@ -118,6 +131,7 @@ def rank_queries_reranked(
     vectors_by_id: dict[str, np.ndarray],
     rerank: RerankConfig,
     store: LocalFeatureStore,
+    query_store: LocalFeatureStore,
     inlier_cache: dict[tuple[str, str], int],
 ) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """Full rankings after spatial verification (and verified QE), with their costs."""
@@ -128,13 +142,55 @@ def rank_queries_reranked(
         return rankings, {}
     queries = np.stack([vectors_by_id[q] for q in present])
     k = min(index.index.ntotal, MAX_RANKING)
-    reranked = rerank_search(index, present, queries, k, rerank, store.get, store.get, inlier_cache)
+    reranked = rerank_search(
+        index, present, queries, k, rerank, query_store.get, store.get, inlier_cache
+    )
     rankings.update(zip(present, index.ranked_ids_list(reranked.found), strict=True))
     return rankings, reranked.stats
 
 
+def query_vectors(
+    benchmark: Benchmark,
+    database: dict[str, np.ndarray],
+    out: str,
+    config: RunConfig,
+    local: str | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, str], str | None]:
+    """Query descriptors by query id, {query id: reason} for queries without one, and the
+    queries' local-feature folder (``local``, the database's, when queries are its images).
+
+    Database descriptors serve when every query is a whole database image; otherwise each
+    query's own (cropped) image is written and described by the same extraction stage.
+    """
+    if not benchmark.needs_query_inputs:
+        return database, {}, local
+    inputs = Path(out) / "query_inputs"
+    problems = write_query_inputs(benchmark, inputs)
+    # A manifest names each query input by its query id (a folder listing would not).
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["id", "uri"])
+    for path in sorted(inputs.glob("*.png")):
+        writer.writerow([path.stem, "file://" + str(path.resolve())])
+    listing = storage.join(out, "query_inputs.csv")
+    storage.write_bytes(listing, rows.getvalue().encode())
+    descriptors = storage.join(out, "query_descriptors")
+    query_local = storage.join(out, "query_local_features") if local else None
+    stages.extract(listing, descriptors, config, local_output=query_local)
+    ids, _, vectors = descriptor_shards.read_all(descriptors)
+    found = dict(zip(ids, vectors, strict=True))
+    for error in failures(descriptors):
+        problems.setdefault(error.id, f"{error.error_kind}: {error.message}")
+    return found, problems, query_local
+
+
 def evaluate_benchmark(
-    benchmark_dir: str, out: str, config: RunConfig, *, variants: bool = True
+    benchmark_dir: str,
+    out: str,
+    config: RunConfig,
+    *,
+    variants: bool = True,
+    protocols: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the default pipeline on ``benchmark_dir`` and write report.{json,md,html} to ``out``.
 
@@ -142,9 +198,13 @@ def evaluate_benchmark(
     and learn a whitening (no labels), index the whitened descriptors, then verify each query's
     shortlist and expand it with verified neighbours. The row ``global`` is the floor: the raw
     descriptors, exact search, nothing else. With ``variants`` every step also gets its own
-    row, plus α-query expansion and PQ compression for comparison.
+    row, plus α-query expansion and PQ compression for comparison. ``protocols`` (names from
+    ``retrieval.evaluation.protocols``; default: the gt.json as it is) score every ranking
+    under each protocol; with more than one, row names end in " [E]", " [M]", ...
     """
     benchmark = load_benchmark(benchmark_dir)
+    protocols = protocols or [protocol_rules.DEFAULT]
+    scored_as = {p: protocol_rules.apply(benchmark, p) for p in protocols}  # fails early
     listing = write_benchmark_listing(benchmark, out)
     descriptors = storage.join(out, "descriptors")
     local = storage.join(out, "local_features") if config.local.enabled else None
@@ -154,6 +214,10 @@ def evaluate_benchmark(
         extract_summary = stages.extract(listing, descriptors, config, local_output=local)
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     vectors_by_id = dict(zip(ids, vectors, strict=True))
+    with _timed(timings, "queries_s"):
+        queries_by_id, query_problems, query_local = query_vectors(
+            benchmark, vectors_by_id, out, config, local
+        )
     n, d = vectors.shape
     chosen = with_id_map(
         factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
@@ -224,48 +288,61 @@ def evaluate_benchmark(
     rows = [r for r in rows if not (r.name in seen or seen.add(r.name))]
 
     store = LocalFeatureStore(local) if local and rerank is not None else None
-    whitened_by_id = (
-        dict(zip(ids, whitening.apply(vectors), strict=True)) if whitening is not None else {}
-    )
+    query_store = None
+    if store is not None and query_local is not None:
+        query_store = store if query_local == local else LocalFeatureStore(query_local)
+    whitened_by_id = {}
+    if whitening is not None and queries_by_id:
+        query_ids = list(queries_by_id)
+        whitened = whitening.apply(np.stack([queries_by_id[q] for q in query_ids]))
+        whitened_by_id = dict(zip(query_ids, whitened, strict=True))
     inlier_cache: dict[tuple[str, str], int] = {}
     results, all_rankings = [], {}
     with _timed(timings, "search_and_score_s"):
         for variant in rows:
             index = load_index(variant.index_dir, nprobe=config.nprobe)
-            log.info(
-                "variant %s: index d=%d, whitened queries %s",
-                variant.name,
-                index.index.d,
-                variant.whitened,
-            )
-            query_vectors = whitened_by_id if variant.whitened else vectors_by_id
+            vectors_for_queries = whitened_by_id if variant.whitened else queries_by_id
             row_start = time.perf_counter()
             rerank_stats = None
-            if variant.rerank is not None and store is not None:
+            if variant.rerank is not None and store is not None and query_store is not None:
                 rankings, rerank_stats = rank_queries_reranked(
-                    index, benchmark, query_vectors, variant.rerank, store, inlier_cache
+                    index,
+                    benchmark,
+                    vectors_for_queries,
+                    variant.rerank,
+                    store,
+                    query_store,
+                    inlier_cache,
                 )
             else:
-                rankings = rank_queries(index, benchmark, query_vectors, variant.expansion)
-            metrics = evaluate_rankings(rankings, benchmark)
-            results.append(
-                {
-                    "name": variant.name,
-                    "index": index.manifest["factory"],
-                    "whitening": index.manifest["model"].get("whitening"),
-                    "query_expansion": {
-                        "n": variant.expansion.n,
-                        "alpha": variant.expansion.alpha,
+                rankings = rank_queries(index, benchmark, vectors_for_queries, variant.expansion)
+            search_s = round(time.perf_counter() - row_start, 3)
+            for protocol, scored in scored_as.items():
+                metrics = evaluate_rankings(rankings, scored)
+                row_name = (
+                    variant.name
+                    if len(protocols) == 1
+                    else f"{variant.name} [{protocol_rules.label(protocol)}]"
+                )
+                results.append(
+                    {
+                        "name": row_name,
+                        "index": index.manifest["factory"],
+                        "whitening": index.manifest["model"].get("whitening"),
+                        "query_expansion": {
+                            "n": variant.expansion.n,
+                            "alpha": variant.expansion.alpha,
+                        }
+                        if variant.expansion.n
+                        else None,
+                        "rerank": variant.rerank.as_dict() if variant.rerank else None,
+                        "rerank_stats": rerank_stats,
+                        "search_s": search_s,
+                        "protocol": protocol,
+                        **metrics.as_dict(),
                     }
-                    if variant.expansion.n
-                    else None,
-                    "rerank": variant.rerank.as_dict() if variant.rerank else None,
-                    "rerank_stats": rerank_stats,
-                    "search_s": round(time.perf_counter() - row_start, 3),
-                    **metrics.as_dict(),
-                }
-            )
-            all_rankings[variant.name] = rankings
+                )
+                all_rankings[row_name] = rankings
 
     local_summary = extract_summary.get("local_features") or {}
     mining = learning.get("mining") or {}
@@ -298,10 +375,15 @@ def evaluate_benchmark(
                 extract_summary["indexed"] / max(timings["extract_s"], 1e-9), 2
             )
         },
-        "failures": [asdict(e) for e in failures(descriptors)],
+        "failures": [asdict(e) for e in failures(descriptors)]
+        + [
+            {"id": q, "uri": None, "stage": "query", "error_kind": "query_input", "message": m}
+            for q, m in sorted(query_problems.items())
+        ],
         "config": config.as_dict(),
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "created": utc_now(),
     }
-    write_report(report, out, benchmark=benchmark, rankings=all_rankings)
+    # Thumbnails are coloured with the ground truth of the first protocol (results[0]'s).
+    write_report(report, out, benchmark=scored_as[protocols[0]], rankings=all_rankings)
     return report

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipelines.config import RunConfig
 from pipelines.progress import ShardProgress
 from retrieval import storage
-from retrieval.descriptors.gem import model_info
+from retrieval.descriptors.gem import model_info, prepare_runtime
 from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, summarize_extraction
 from retrieval.index import shard_index
 from retrieval.index.codebook import train_codebook
@@ -33,6 +33,7 @@ from retrieval.learning.whitening import (
 from retrieval.local_features.extractor import build_local_extractor, local_info_for
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search, reranked_table
+from retrieval.runtimes.device import plan_worker
 from retrieval.shards import descriptor_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 from retrieval.summary import format_accounting, write_summary
@@ -50,9 +51,9 @@ def extract(
     """
     start = time.perf_counter()
     info = model_info(config.gem)
-    local = config.local if config.local.enabled and local_output else None
-    local_info = local_info_for(local) if local else None
-    local_output = local_output if local else None
+    local_config = config.local if config.local.enabled and local_output else None
+    local_info = local_info_for(local_config) if local_config else None
+    local_output = local_output if local_config else None
     plan = plan_extraction(
         source,
         output,
@@ -65,13 +66,28 @@ def extract(
     run_start = time.perf_counter()
     if config.runner == "local" or not plan.pending:
         _extract_local(plan, config, local_output)
+    elif config.runner == "spark":
+        if local_output:
+            raise ValueError(
+                "local features are extracted by the beam and local runners; the Spark runner "
+                "does not extract them yet (use --runner beam, or --local-features none)"
+            )
+        _extract_spark(plan, config, info)
     else:
         from pipelines.beam.extract import run_extraction
         from pipelines.beam.options import is_local, pipeline_options
 
         options = pipeline_options(config.workers, config.beam_args)
         # Local cores are shared by --workers processes; remote workers size their own pools.
-        threads = config.threads if is_local(options) else config.threads_per_worker
+        local = is_local(options)
+        if local:
+            prepare_runtime(config.gem)
+        worker = plan_worker(
+            config.device,
+            workers=config.workers if local else 1,
+            threads=config.threads if local else config.threads_per_worker,
+            image_side=config.gem.max_side,
+        )
         with ShardProgress(
             output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
         ):
@@ -82,8 +98,8 @@ def extract(
                 model_info=info,
                 limits=config.limits,
                 options=options,
-                threads_per_worker=threads,
-                local=local,
+                worker=worker,
+                local=local_config,
                 local_output=local_output,
                 local_info=local_info,
             )
@@ -100,13 +116,67 @@ def _extract_local(plan: ExtractionPlan, config: RunConfig, local_output: str | 
         return
     from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
 
-    configure_tf_threads(config.threads)
-    extractor = GeMExtractor(config.gem)
+    worker = plan_worker(
+        config.device, workers=1, threads=config.threads, image_side=config.gem.max_side
+    )
+    if config.gem.runtime == "tensorflow":
+        configure_tf_threads(worker.inference_threads)
+    extractor = GeMExtractor(
+        config.gem,
+        threads=worker.inference_threads,
+        device=worker.device,
+        batch_bytes=worker.batch_bytes,
+    )
     local = build_local_extractor(config.local) if local_output else None
     shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
     run_local(
-        shard_ids, plan.output, extractor, config.limits, local=local, local_output=local_output
+        shard_ids,
+        plan.output,
+        extractor,
+        config.limits,
+        batch_size=worker.max_batch_images,
+        decode_threads=worker.decode_threads,
+        local=local,
+        local_output=local_output,
     )
+
+
+def spark_session(config: RunConfig):
+    """The SparkSession for ``config`` (started once per process, then shared by stages)."""
+    from pipelines.spark.session import SparkSettings, get_session
+
+    settings = SparkSettings(
+        workers=config.workers,
+        master=config.master,
+        conf=dict(config.spark_conf),
+        verbose=config.verbose,
+    )
+    return settings, get_session(settings)
+
+
+def _extract_spark(plan: ExtractionPlan, config: RunConfig, info: dict[str, Any]) -> None:
+    from pipelines.spark.extract import run_extraction
+    from pipelines.spark.session import parallelism, task_threads
+
+    settings, session = spark_session(config)
+    # Local cores are shared by --workers tasks; on a cluster, spark.task.cpus says how many
+    # cores each task (one model) may use.
+    threads = config.threads if settings.is_local else task_threads(session, config)
+    if settings.is_local:
+        prepare_runtime(config.gem)  # convert once here, so local tasks find a warm cache
+    with ShardProgress(
+        plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
+    ):
+        run_extraction(
+            session,
+            plan.pending_ids,
+            plan.output,
+            config=config.gem,
+            model_info=info,
+            limits=config.limits,
+            threads_per_worker=threads,
+            parallelism=parallelism(session),
+        )
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
@@ -128,6 +198,11 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
     if config.runner == "local" or len(todo) <= 1:
         for task in tqdm(todo, desc="index", unit="shard"):
             shard_index.build_shard_index(task, output)
+    elif config.runner == "spark":
+        from pipelines.spark.index import run_shard_indexes as spark_shard_indexes
+
+        with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
+            spark_shard_indexes(spark_session(config)[1], todo, output)
     else:
         from pipelines.beam.index import run_shard_indexes
         from pipelines.beam.options import pipeline_options

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from retrieval import plan, storage
 from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
+from retrieval.redaction import redact
 from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 from retrieval.shards.local_feature_shards import LocalFeatureRow
@@ -50,22 +52,27 @@ def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedI
     """Read and decode one input, or say why not."""
     if ref.problem:
         kind, _, message = ref.problem.partition(": ")
-        return ErrorRow(ref.id, ref.uri, "list", kind, message)
+        return error_row(ref, "list", kind, message)
     try:
         data = storage.read_bytes(ref.uri, max_bytes=limits.max_bytes)
     except FileNotFoundError:
-        return ErrorRow(ref.id, ref.uri, "read", "missing", "the object does not exist")
+        return error_row(ref, "read", "missing", "the object does not exist")
     except storage.FileTooLargeError as exc:
-        return ErrorRow(ref.id, ref.uri, "read", "too_large", str(exc))
+        return error_row(ref, "read", "too_large", str(exc))
     except Exception as exc:  # after retries: permissions, network, ...
-        return ErrorRow(ref.id, ref.uri, "read", "read_failed", f"{type(exc).__name__}: {exc}")
+        return error_row(ref, "read", "read_failed", f"{type(exc).__name__}: {exc}")
     try:
         image = decode_image(data, max_side=max_side, limits=limits)
     except ImageError as exc:
-        return ErrorRow(ref.id, ref.uri, "decode", exc.kind, exc.message)
+        return error_row(ref, "decode", exc.kind, exc.message)
     except Exception as exc:  # a decoder bug must cost one image, not the job
-        return ErrorRow(ref.id, ref.uri, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
+        return error_row(ref, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
     return LoadedImage(ref, storage.sha256_bytes(data), image)
+
+
+def error_row(ref: ImageRef, stage: str, kind: str, message: str) -> ErrorRow:
+    """An error row, with credentials and signatures masked in its URI and message."""
+    return ErrorRow(ref.id, redact(ref.uri), stage, kind, redact(message))
 
 
 def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow:
@@ -76,9 +83,55 @@ def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow
 
 
 def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
-    return ErrorRow(
-        loaded.ref.id, loaded.ref.uri, "extract", "model_error", f"{type(exc).__name__}: {exc}"
-    )
+    return error_row(loaded.ref, "extract", "model_error", f"{type(exc).__name__}: {exc}")
+
+
+def load_images(
+    refs: Iterable[ImageRef],
+    *,
+    max_side: int,
+    limits: DecodeLimits,
+    threads: int = 1,
+    prefetch: int = 4,
+) -> Iterator[LoadedImage | ErrorRow]:
+    """:func:`load_image` over ``refs`` on ``threads`` threads, results in input order.
+
+    Decode fan-in: up to ``prefetch`` images are read and decoded ahead of the consumer, so
+    reading (network latency) and decoding overlap with inference; Pillow and the runtimes
+    release the GIL, so threads do use more cores. ``threads=0`` decodes inline.
+    """
+    if threads <= 0:
+        for ref in refs:
+            yield load_image(ref, max_side=max_side, limits=limits)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        pending: deque[Future[LoadedImage | ErrorRow]] = deque()
+        for ref in refs:
+            pending.append(pool.submit(load_image, ref, max_side=max_side, limits=limits))
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def describe_loaded(
+    extractor: GeMExtractor, batch: Sequence[LoadedImage]
+) -> list[DescriptorRow | ErrorRow]:
+    """Describe a batch in one call; if that fails, image by image so that one bad image costs
+    only its own row (a ``model_error``), never its batch-mates'."""
+    try:
+        descriptors = extractor.describe_batch([loaded.image for loaded in batch])
+        return [descriptor_row(loaded, d) for loaded, d in zip(batch, descriptors, strict=True)]
+    except Exception as exc:
+        if len(batch) == 1:
+            return [model_error(batch[0], exc)]
+    out: list[DescriptorRow | ErrorRow] = []
+    for loaded in batch:
+        try:
+            out.append(descriptor_row(loaded, extractor.describe(loaded.image)))
+        except Exception as exc:
+            out.append(model_error(loaded, exc))
+    return out
 
 
 def local_feature_row(
@@ -86,26 +139,34 @@ def local_feature_row(
 ) -> LocalFeatureRow | ErrorRow:
     """The local features of a decoded image, or an error row that only the local-feature shard
     records (the global descriptor of the same image may well exist)."""
-    ref = loaded.ref
     start = time.perf_counter()
     try:
         features = extractor.extract(loaded.image)
     except Exception as exc:  # one image, not the job
         message = f"{type(exc).__name__}: {exc}"
-        return ErrorRow(ref.id, ref.uri, LOCAL_FEATURES_STAGE, "model_error", message)
+        return error_row(loaded.ref, LOCAL_FEATURES_STAGE, "model_error", message)
+    ref = loaded.ref
     return LocalFeatureRow(ref.id, ref.uri, features, time.perf_counter() - start)
 
 
-def decode_side(extractor_max_side: int, local: LocalFeatureExtractor | None) -> int:
+def decode_side(gem_max_side: int, local_image_size: int | None) -> int:
     """One decode serves both models: at the larger of their sizes (each shrinks its copy)."""
-    return max(extractor_max_side, local.config.image_size if local else 0)
+    return max(gem_max_side, local_image_size or 0)
 
 
 def extract_shard(
-    spec: ShardSpec, extractor: GeMExtractor, limits: DecodeLimits
+    spec: ShardSpec,
+    extractor: GeMExtractor,
+    limits: DecodeLimits,
+    *,
+    batch_size: int = 8,
+    decode_threads: int = 1,
 ) -> tuple[list[DescriptorRow], list[ErrorRow]]:
-    """Describe every input of a shard in this process (the plain loop, no runner)."""
-    rows, errors, _ = extract_shard_with_local(spec, extractor, limits, None)
+    """Describe every input of a shard in this process (no runner): decoding runs ahead on
+    ``decode_threads`` threads while the model describes batches of ``batch_size``."""
+    rows, errors, _ = extract_shard_with_local(
+        spec, extractor, limits, None, batch_size=batch_size, decode_threads=decode_threads
+    )
     return rows, errors
 
 
@@ -114,6 +175,9 @@ def extract_shard_with_local(
     extractor: GeMExtractor,
     limits: DecodeLimits,
     local: LocalFeatureExtractor | None,
+    *,
+    batch_size: int = 8,
+    decode_threads: int = 1,
 ) -> tuple[list[DescriptorRow], list[ErrorRow], list[LocalFeatureRow]]:
     """Global descriptors and (with ``local``) local features of every input of a shard, each
     image read and decoded once. Errors of either model are in the one error list (their
@@ -121,19 +185,32 @@ def extract_shard_with_local(
     rows: list[DescriptorRow] = []
     errors: list[ErrorRow] = []
     local_rows: list[LocalFeatureRow] = []
-    max_side = decode_side(extractor.config.max_side, local)
-    for ref in spec.refs:
-        loaded = load_image(ref, max_side=max_side, limits=limits)
+    batch: list[LoadedImage] = []
+
+    def flush() -> None:
+        for result in describe_loaded(extractor, batch):
+            (errors if isinstance(result, ErrorRow) else rows).append(result)
+        batch.clear()
+
+    loaded_images = load_images(
+        spec.refs,
+        max_side=decode_side(extractor.config.max_side, local.config.image_size if local else None),
+        limits=limits,
+        threads=decode_threads,
+        prefetch=max(batch_size, 4 * decode_threads),
+    )
+    for loaded in loaded_images:
         if isinstance(loaded, ErrorRow):
             errors.append(loaded)
             continue
-        try:
-            rows.append(descriptor_row(loaded, extractor.describe(loaded.image)))
-        except Exception as exc:
-            errors.append(model_error(loaded, exc))
         if local is not None:
             result = local_feature_row(loaded, local)
             (errors if isinstance(result, ErrorRow) else local_rows).append(result)
+        batch.append(loaded)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
     return rows, errors, local_rows
 
 
@@ -320,6 +397,8 @@ def run_local(
     extractor: GeMExtractor,
     limits: DecodeLimits,
     *,
+    batch_size: int = 8,
+    decode_threads: int = 1,
     local: LocalFeatureExtractor | None = None,
     local_output: str | None = None,
 ) -> None:
@@ -329,7 +408,9 @@ def run_local(
     local_info = local.info() if local is not None else None
     for shard_id in shard_ids:
         spec = plan.read_shard_spec(output, shard_id)
-        rows, errors, local_rows = extract_shard_with_local(spec, extractor, limits, local)
+        rows, errors, local_rows = extract_shard_with_local(
+            spec, extractor, limits, local, batch_size=batch_size, decode_threads=decode_threads
+        )
         write_shards(
             output,
             spec,

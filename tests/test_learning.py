@@ -80,7 +80,9 @@ def test_learn_mines_pairs_without_labels_and_whitening_applies_at_search(
     assert mining["verified_pairs"] >= 2
     assert mining["proposed_pairs"] >= mining["verified_pairs"]
     assert mining["mining_s"] > 0 and mining["ms_per_sampled_image"] > 0
-    assert record["dim"] == 4 and record["base_model"]["id"] == "gem-p3/efficientnet-lite0@362"
+    assert record["dim"] == 4 and record["base_model"]["id"].startswith(
+        "gem-p3/efficientnet-lite0@362"
+    )
     assert not (folder / "gt.json").exists()
 
     whitened = tmp_path / "whitened"
