@@ -537,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group("re-ranking and learning")
         _rerank_options(group)
         group.add_argument(
+            "--default-only",
+            dest="default_only",
+            action="store_true",
+            help="score only the default pipeline and the `global` floor (skips the other "
+            "rows: faster)",
+        )
+        group.add_argument(
             "--no-learn",
             dest="learn",
             action="store_false",
@@ -777,7 +784,13 @@ def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
 
     try:
         chosen = protocols.expand(getattr(args, "protocol", None))
-        report = evaluate_benchmark(benchmark, out, _config(args), protocols=chosen)
+        report = evaluate_benchmark(
+            benchmark,
+            out,
+            _config(args),
+            protocols=chosen,
+            variants=not getattr(args, "default_only", False),
+        )
     except ValueError as exc:  # a bad gt.json or a protocol the ground truth cannot serve
         raise CommandError(str(exc)) from exc
     acc = report["accounting"]
