@@ -209,7 +209,8 @@ def _expansion_options(group: argparse._ActionsContainer) -> None:
         type=int,
         metavar="N",
         help="α-query expansion: re-search with each query plus its top N "
-        "neighbours (default 3; 0 turns it off)",
+        "neighbours (default 0, off: it pulls strangers into queries with 1-2 true matches; "
+        "--verified-qe cannot)",
     )
     group.add_argument(
         "--qe-alpha",
@@ -295,7 +296,7 @@ def _learn_options(group: argparse._ActionsContainer) -> None:
         type=float,
         dest="whitening_shrinkage",
         metavar="S",
-        help="shrinkage of the pair-difference covariance towards the identity, 0-1 (default 0.2)",
+        help="shrinkage of the pair-difference covariance towards the identity, 0-1 (default 0.3)",
     )
 
 
@@ -505,13 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
             description=textwrap.dedent(f"""\
             {helptext[0].upper() + helptext[1:]}.
 
-            Runs extract -> train -> index -> merge -> search for every query -> metrics, and
-            writes report.json, report.md and report.html to --out. A benchmark folder holds
-            images/ and gt.json (see ../shared/benchmarks/README.md): mAP as in Revisited
+            Runs extract (GeM + local features, one decode per image) -> learn (mine verified
+            pairs without labels, learn a whitening) -> whiten -> train -> index -> merge ->
+            search every query + spatial verification + verified query expansion -> metrics,
+            and writes report.json, report.md and report.html to --out. A benchmark folder
+            holds images/ and gt.json (see ../shared/benchmarks/README.md): mAP as in Revisited
             Oxford/Paris (junk and the query ignored), mAP per landmark, mP@1/5/10, and the
             UKBench N-S score when every group has 4 images. results[0] is the default
-            pipeline (with α-query expansion); further rows show the same descriptors without
-            expansion and with the other index type (exact / PQ)."""),
+            pipeline (global+lw+sv+vqe); the row `global` is the floor (raw descriptors, exact
+            search, nothing else); further rows add one step at a time, and show α-query
+            expansion and PQ compression for comparison."""),
         )
         if name == "evaluate":
             p.add_argument(
