@@ -67,12 +67,7 @@ def extract(
     if config.runner == "local" or not plan.pending:
         _extract_local(plan, config, local_output)
     elif config.runner == "spark":
-        if local_output:
-            raise ValueError(
-                "local features are extracted by the beam and local runners; the Spark runner "
-                "does not extract them yet (use --runner beam, or --local-features none)"
-            )
-        _extract_spark(plan, config, info)
+        _extract_spark(plan, config, info, local_config, local_output, local_info)
     else:
         from pipelines.beam.extract import run_extraction
         from pipelines.beam.options import is_local, pipeline_options
@@ -154,7 +149,14 @@ def spark_session(config: RunConfig):
     return settings, get_session(settings)
 
 
-def _extract_spark(plan: ExtractionPlan, config: RunConfig, info: dict[str, Any]) -> None:
+def _extract_spark(
+    plan: ExtractionPlan,
+    config: RunConfig,
+    info: dict[str, Any],
+    local: Any = None,
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
+) -> None:
     from pipelines.spark.extract import run_extraction
     from pipelines.spark.session import parallelism, task_threads
 
@@ -176,6 +178,9 @@ def _extract_spark(plan: ExtractionPlan, config: RunConfig, info: dict[str, Any]
             limits=config.limits,
             threads_per_worker=threads,
             parallelism=parallelism(session),
+            local=local,
+            local_output=local_output,
+            local_info=local_info,
         )
 
 

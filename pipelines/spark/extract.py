@@ -27,10 +27,18 @@ import pyarrow.compute as pc
 from retrieval import plan
 from retrieval.corpus import ImageRef
 from retrieval.descriptors.gem import GeMConfig
-from retrieval.extraction import LoadedImage, describe_loaded, load_image
+from retrieval.extraction import (
+    LoadedImage,
+    decode_side,
+    describe_loaded,
+    load_image,
+    local_feature_row,
+    write_shards,
+)
 from retrieval.images import DecodeLimits
-from retrieval.shards import descriptor_shards
+from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatures
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
+from retrieval.shards.local_feature_shards import LocalFeatureRow
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -53,11 +61,21 @@ RESULT_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_kind", pa.string()),
         ("message", pa.string()),
+        # local features (rows where num_features is set): see retrieval.local_features
+        ("num_features", pa.int32()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("locations", pa.list_(pa.float32())),
+        ("scales", pa.list_(pa.float32())),
+        ("local_descriptors", pa.list_(pa.float32())),
+        ("local_seconds", pa.float64()),
     ]
 )
 RESULT_DDL = (
     "shard string, id string, uri string, sha256 string, width int, height int, "
-    "descriptor array<float>, stage string, error_kind string, message string"
+    "descriptor array<float>, stage string, error_kind string, message string, "
+    "num_features int, image_width int, image_height int, locations array<float>, "
+    "scales array<float>, local_descriptors array<float>, local_seconds double"
 )
 WRITTEN_DDL = "shard string, rows long, errors long"
 
@@ -66,6 +84,16 @@ WRITTEN_DDL = "shard string, rows long, errors long"
 IMAGES_PER_STEP = 16
 
 _EXTRACTORS: dict[tuple[GeMConfig, int | None], GeMExtractor] = {}
+_LOCAL_EXTRACTORS: dict[LocalFeatureConfig, Any] = {}
+
+
+def _local_extractor(config: LocalFeatureConfig) -> Any:
+    """This Python worker's local-feature extractor, built on first use."""
+    if config not in _LOCAL_EXTRACTORS:
+        from retrieval.local_features.extractor import build_local_extractor
+
+        _LOCAL_EXTRACTORS[config] = build_local_extractor(config)
+    return _LOCAL_EXTRACTORS[config]
 
 
 def _extractor(config: GeMConfig, threads: int | None) -> GeMExtractor:
@@ -95,12 +123,46 @@ def shard_refs(batches: Iterator[pa.RecordBatch], *, output: str) -> Iterator[pa
             )
 
 
-def _result_batch(results: Sequence[tuple[str, DescriptorRow | ErrorRow]]) -> pa.RecordBatch:
+LOCAL_COLUMNS = (
+    "num_features",
+    "image_width",
+    "image_height",
+    "locations",
+    "scales",
+    "local_descriptors",
+    "local_seconds",
+)
+
+
+def _result_batch(
+    results: Sequence[tuple[str, DescriptorRow | LocalFeatureRow | ErrorRow]],
+) -> pa.RecordBatch:
     columns: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA.names}
     for shard, result in results:
         columns["shard"].append(shard)
         columns["id"].append(result.id)
         columns["uri"].append(result.uri)
+        local = result.features if isinstance(result, LocalFeatureRow) else None
+        values = (
+            (
+                len(local),
+                local.image_width,
+                local.image_height,
+                local.locations.reshape(-1),
+                local.scales,
+                local.descriptors.astype(np.float32).reshape(-1),
+                result.seconds,
+            )
+            if local is not None
+            else (None,) * len(LOCAL_COLUMNS)
+        )
+        for name, value in zip(LOCAL_COLUMNS, values, strict=True):
+            columns[name].append(value)
+        if local is not None:
+            for name in ("sha256", "width", "height", "descriptor", "stage", "error_kind"):
+                columns[name].append(None)
+            columns["message"].append(None)
+            continue
         is_row = isinstance(result, DescriptorRow)
         for name in ("sha256", "width", "height"):
             columns[name].append(getattr(result, name) if is_row else None)
@@ -116,20 +178,26 @@ def describe_partition(
     config: GeMConfig,
     limits: DecodeLimits,
     threads: int | None,
+    local: LocalFeatureConfig | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: planned inputs in, one result row per input out."""
+    """mapInArrow body: planned inputs in, one result row per input out (and, with ``local``,
+    one local-feature row or error per decoded input: the same decode serves both)."""
+    max_side = decode_side(config.max_side, local.image_size if local else None)
     for batch in batches:
         rows = batch.to_pylist()
         for start in range(0, len(rows), IMAGES_PER_STEP):
-            results: list[tuple[str, DescriptorRow | ErrorRow]] = []
+            results: list[tuple[str, DescriptorRow | LocalFeatureRow | ErrorRow]] = []
             decoded: list[tuple[str, LoadedImage]] = []
             for row in rows[start : start + IMAGES_PER_STEP]:
                 ref = ImageRef(row["id"], row["uri"], row["problem"])
-                loaded = load_image(ref, max_side=config.max_side, limits=limits)
+                loaded = load_image(ref, max_side=max_side, limits=limits)
                 if isinstance(loaded, ErrorRow):
                     results.append((row["shard"], loaded))
                 else:
                     decoded.append((row["shard"], loaded))
+                    if local is not None:
+                        local_row = local_feature_row(loaded, _local_extractor(local))
+                        results.append((row["shard"], local_row))
             if decoded:
                 extractor = _extractor(config, threads)
                 described = describe_loaded(extractor, [image for _, image in decoded])
@@ -137,12 +205,36 @@ def describe_partition(
             yield _result_batch(results)
 
 
+def _local_rows(table: pa.Table, dim: int) -> list[LocalFeatureRow]:
+    rows = []
+    for r in table.to_pylist():
+        n = r["num_features"]
+        features = LocalFeatures(
+            np.asarray(r["locations"], np.float32).reshape(n, 2),
+            np.asarray(r["scales"], np.float32).reshape(n),
+            np.asarray(r["local_descriptors"], np.float32).reshape(n, dim),
+            r["image_width"],
+            r["image_height"],
+        )
+        rows.append(LocalFeatureRow(r["id"], r["uri"], features, r["local_seconds"]))
+    return rows
+
+
 def write_shard_group(
-    key: tuple[pa.Scalar, ...], results: pa.Table, *, output: str, model_info: dict[str, Any]
+    key: tuple[pa.Scalar, ...],
+    results: pa.Table,
+    *,
+    output: str,
+    model_info: dict[str, Any],
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
 ) -> pa.Table:
     """applyInArrow body: one shard's results -> rows and errors -> written and committed."""
     shard_id = key[0].as_py()
     spec = plan.read_shard_spec(output, shard_id)
+    is_local = results.column("num_features").is_valid()
+    local_rows = _local_rows(results.filter(is_local), int(local_info["dim"])) if local_info else []
+    results = results.filter(pc.invert(is_local))
     is_error = results.column("error_kind").is_valid()
     rows_table = results.filter(pc.invert(is_error))
     vectors = _vectors(rows_table.column("descriptor"), int(model_info["dim"]))
@@ -160,7 +252,16 @@ def write_shard_group(
         .select(["id", "uri", "stage", "error_kind", "message"])
         .to_pylist()
     ]
-    manifest = descriptor_shards.write_shard(output, spec, rows, errors, model_info)
+    manifest = write_shards(
+        output,
+        spec,
+        rows,
+        errors,
+        model_info,
+        local_output=local_output,
+        local_rows=local_rows,
+        local_info=local_info,
+    )
     return pa.table(
         {"shard": [shard_id], "rows": [manifest["rows"]], "errors": [manifest["errors"]]},
         schema=pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64())]),
@@ -184,6 +285,9 @@ def run_extraction(
     limits: DecodeLimits,
     threads_per_worker: int | None,
     parallelism: int,
+    local: LocalFeatureConfig | None = None,
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
 ) -> list[tuple[str, int, int]]:
     """Extract and commit the planned shards ``shard_ids`` of ``output``; returns (shard, rows,
     errors) for each shard written."""
@@ -198,13 +302,24 @@ def run_extraction(
     spread = refs.repartition(max(1, min(images, 4 * parallelism)), "id")
     results = spread.mapInArrow(
         functools.partial(
-            describe_partition, config=config, limits=limits, threads=threads_per_worker
+            describe_partition,
+            config=config,
+            limits=limits,
+            threads=threads_per_worker,
+            local=local,
         ),
         RESULT_DDL,
     )
 
     def write(key, shard_results):  # unannotated: PySpark 4.3 fails inferring a partial's hints
-        return write_shard_group(key, shard_results, output=output, model_info=model_info)
+        return write_shard_group(
+            key,
+            shard_results,
+            output=output,
+            model_info=model_info,
+            local_output=local_output,
+            local_info=local_info,
+        )
 
     written = results.groupBy("shard").applyInArrow(write, WRITTEN_DDL)
     with shuffle_partitions(session, max(1, min(len(shard_ids), 2 * parallelism))):
