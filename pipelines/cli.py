@@ -23,8 +23,8 @@ The indexing pipeline, one command per stage, each reading and writing URIs
 
   retrieval extract  --input IMAGES --output DESC       images -> GeM descriptor shards (Parquet)
   retrieval train    --descriptors DESC --output CB     codebook on a uniform sample
-  retrieval index    --descriptors DESC --codebook CB --output SHARDS   one index per shard
-  retrieval merge    --shards SHARDS --output INDEX     one searchable index + id map
+  retrieval index    --descriptors DESC --codebook CB --output GROUPS   codes per shard group
+  retrieval merge    --shards GROUPS --output INDEX     tree merge: one index (or N pieces)
   retrieval search   --index INDEX --queries QDESC --output RESULTS
 
 and the whole default pipeline on a benchmark folder, with a report:
@@ -200,25 +200,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "index",
         formatter_class=fmt,
-        help="build one index per descriptor shard",
-        description="Add each descriptor shard, under global int64 ids, to a copy "
-        "of the trained codebook; writes part-XXXXX.faissindex and "
-        "an id map per shard.",
+        help="encode groups of descriptor shards with the codebook",
+        description=textwrap.dedent("""\
+        Encode the descriptors with the trained codebook, in tasks over groups of consecutive
+        shards (--group-size vectors each; the codebook is loaded once per task). Each group
+        writes only its codes and ids (group-XXXXX.codes: the IVF inverted lists, no codebook
+        copy) and an id map, committed by a manifest; a re-run skips committed groups."""),
     )
     p.add_argument("--descriptors", required=True, metavar="URI")
     p.add_argument("--codebook", required=True, metavar="URI")
-    p.add_argument("--output", required=True, metavar="URI", help="shard index folder")
+    p.add_argument("--output", required=True, metavar="URI", help="index group folder")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        dest="group_vectors",
+        metavar="N",
+        help="vectors per index task (default 50000); also the smallest piece of the merge",
+    )
     _runner_options(p)
 
     p = sub.add_parser(
         "merge",
         formatter_class=fmt,
-        help="merge shard indexes into one",
-        description="Merge the shard indexes into index.faissindex + "
-        "idmap.parquet (index id -> image id, uri).",
+        help="merge index groups into one index or N pieces",
+        description=textwrap.dedent("""\
+        Merge the index groups in rounds of bounded fan-in (each merge task reads at most
+        --fan-in inputs, one at a time, so its memory stays below twice what it writes) into
+        index.faissindex + idmap.parquet (index id -> image id, uri), or into --pieces N
+        index pieces over contiguous id ranges (searched together by `retrieval search`).
+        --on-disk writes IVF indexes whose inverted lists stay on disk (<piece>.ivfdata,
+        memory-mapped at search time; faiss.contrib.ondisk) for larger-than-memory indexes."""),
     )
-    p.add_argument("--shards", required=True, metavar="URI", help="shard index folder")
+    p.add_argument("--shards", required=True, metavar="URI", help="index group folder")
     p.add_argument("--output", required=True, metavar="URI", help="merged index folder")
+    p.add_argument(
+        "--fan-in", type=int, dest="fan_in", metavar="F", help="inputs per merge task (default 8)"
+    )
+    p.add_argument("--pieces", type=int, metavar="N", help="index pieces to write (default 1)")
+    p.add_argument(
+        "--on-disk",
+        action="store_true",
+        default=None,
+        dest="on_disk",
+        help="on-disk inverted lists (IVF index types only)",
+    )
+    _runner_options(p)
 
     p = sub.add_parser(
         "search",
@@ -373,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "index":
         _print_json(stages.index(args.descriptors, args.codebook, args.output, _config(args)))
     elif args.command == "merge":
-        _print_json(stages.merge(args.shards, args.output))
+        _print_json(stages.merge(args.shards, args.output, _config(args)))
     elif args.command == "search":
         _search(args)
     elif args.command == "evaluate":

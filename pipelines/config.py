@@ -14,6 +14,10 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     factory = "auto"
     seed = 0
     nprobe = 32
+    group_vectors = 50000
+    fan_in = 8
+    pieces = 1
+    on_disk = false
     qe = 3
     qe_alpha = 3.0
 
@@ -31,6 +35,8 @@ from typing import Any
 from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import DEFAULT_SHARD_SIZE
 from retrieval.images import DecodeLimits
+from retrieval.index.group_index import DEFAULT_GROUP_VECTORS
+from retrieval.index.merge import DEFAULT_FAN_IN
 from retrieval.index.search import DEFAULT_NPROBE
 from retrieval.rerank.query_expansion import QueryExpansion
 
@@ -48,6 +54,10 @@ class RunConfig:
     sample_size: int | None = None
     seed: int = 0
     nprobe: int = DEFAULT_NPROBE
+    group_vectors: int = DEFAULT_GROUP_VECTORS  # vectors per index task
+    fan_in: int = DEFAULT_FAN_IN  # inputs per merge task
+    pieces: int = 1  # index pieces the merge writes
+    on_disk: bool = False  # on-disk IVF inverted lists (faiss.contrib.ondisk)
     qe: int = 3  # αQE neighbours at search time (0: off)
     qe_alpha: float = 3.0
 
@@ -88,6 +98,10 @@ _TOP_KEYS = {
     "sample_size",
     "seed",
     "nprobe",
+    "group_vectors",
+    "fan_in",
+    "pieces",
+    "on_disk",
     "qe",
     "qe_alpha",
 }

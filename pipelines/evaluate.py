@@ -59,7 +59,7 @@ def build_index(
     with _timed(timings, f"{prefix}index_s"):
         stages.index(descriptors, codebook, shards, config)
     with _timed(timings, f"{prefix}merge_s"):
-        stages.merge(shards, index)
+        stages.merge(shards, index, config)
     return index
 
 
@@ -75,7 +75,7 @@ def rank_queries(
     rankings: dict[str, list[str]] = {q: [] for q in query_ids}
     if present:
         queries = np.stack([vectors_by_id[q] for q in present])
-        k = min(index.index.ntotal, MAX_RANKING)
+        k = min(index.ntotal, MAX_RANKING)
         _, found = index.search_expanded(queries, k, expansion, present)
         rankings.update(zip(present, index.ranked_ids(found), strict=True))
     return rankings

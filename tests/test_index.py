@@ -15,9 +15,14 @@ from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval.index import factory as factories
 from retrieval.index.codebook import SAMPLE_FILE, train_codebook, uniform_sample, with_id_map
-from retrieval.index.merge import IDMAP_FILE, merge_shard_indexes
+from retrieval.index.group_index import (
+    build_group_index,
+    build_index_groups,
+    pending,
+    plan_index_groups,
+)
+from retrieval.index.merge import IDMAP_FILE, merge_index_groups
 from retrieval.index.search import load_index
-from retrieval.index.shard_index import build_shard_index, pending, plan_shard_indexes
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +35,8 @@ def descriptors(tmp_path_factory) -> tuple[Path, list[str], np.ndarray]:
 def build_all(desc: Path, root: Path, factory: str) -> tuple[dict, Path]:
     codebook, shards, merged = root / "codebook", root / "shards", root / "index"
     cb = train_codebook(str(desc), str(codebook), factory=factory, seed=0)
-    tasks = plan_shard_indexes(str(desc), str(codebook))
-    for task in pending(tasks, str(shards)):
-        build_shard_index(task, str(shards))
-    merge_shard_indexes(str(shards), str(merged))
+    build_index_groups(str(desc), str(codebook), str(shards), group_vectors=100)
+    merge_index_groups(str(shards), str(merged), fan_in=2)
     return cb, merged
 
 
@@ -52,8 +55,9 @@ def test_build_merge_load(descriptors, tmp_path, factory, expected, exact):
     assert codebook["factory"] == expected and codebook["vectors"] == n and codebook["dim"] == D
 
     index = load_index(str(merged))
-    assert index.index.ntotal == n == index.manifest["ntotal"]
+    assert index.ntotal == n == index.manifest["ntotal"]
     assert index.manifest["factory"] == expected and index.manifest["shards"] == 4
+    assert index.manifest["groups"] == 3  # 120 | 0 + 150 | 130 with groups of >= 100 vectors
     assert list(index.ids) == ids  # (shard, row) order
     idmap = pq.read_table(merged / IDMAP_FILE)
     assert idmap.column("index_id").to_pylist() == list(range(n))
@@ -125,21 +129,30 @@ def test_index_stage_rerun_skips_and_beam_matches_local(descriptors, tmp_path):
     codebook = tmp_path / "codebook"
     stages.train(str(desc), str(codebook), config)
 
+    config = replace(config, group_vectors=100, fan_in=2)
     local = stages.index(str(desc), str(codebook), str(tmp_path / "shards-local"), config)
-    assert local["shards"] == 4 and local["shards_skipped"] == 0
+    assert local["groups"] == 3 and local["groups_skipped"] == 0 and local["shards"] == 4
     assert local["inputs"] == local["indexed"] == len(ids)
     again = stages.index(str(desc), str(codebook), str(tmp_path / "shards-local"), config)
-    assert again["shards_skipped"] == again["shards"] == 4
+    assert again["groups_skipped"] == again["groups"] == 3
 
     beam = stages.index(
         str(desc), str(codebook), str(tmp_path / "shards-beam"), replace(config, runner="beam")
     )
-    assert beam["shards_skipped"] == 0 and beam["indexed"] == len(ids)
+    assert beam["groups_skipped"] == 0 and beam["indexed"] == len(ids)
 
-    merged_local = stages.merge(str(tmp_path / "shards-local"), str(tmp_path / "index-local"))
-    merged_beam = stages.merge(str(tmp_path / "shards-beam"), str(tmp_path / "index-beam"))
+    merged_local = stages.merge(
+        str(tmp_path / "shards-local"), str(tmp_path / "index-local"), config
+    )
+    merged_beam = stages.merge(
+        str(tmp_path / "shards-beam"), str(tmp_path / "index-beam"), replace(config, runner="beam")
+    )
     assert merged_beam["ntotal"] == merged_local["ntotal"] == len(ids)
-    assert merged_beam["sha256"] == merged_local["sha256"]  # the same bytes
+    # the same bytes
+    assert (
+        merged_beam["pieces"][0]["index"]["sha256"] == merged_local["pieces"][0]["index"]["sha256"]
+    )
+    assert not (tmp_path / "index-beam" / "rounds").exists()  # intermediate rounds cleaned up
     assert pq.read_table(tmp_path / "index-beam" / IDMAP_FILE).equals(
         pq.read_table(tmp_path / "index-local" / IDMAP_FILE)
     )
@@ -148,14 +161,14 @@ def test_index_stage_rerun_skips_and_beam_matches_local(descriptors, tmp_path):
 def test_stale_shard_index_is_rebuilt_after_new_codebook(descriptors, tmp_path):
     desc, _, _ = descriptors
     train_codebook(str(desc), str(tmp_path / "cb1"), factory="IVF16,Flat", seed=0)
-    tasks = plan_shard_indexes(str(desc), str(tmp_path / "cb1"))
+    tasks = plan_index_groups(str(desc), str(tmp_path / "cb1"), group_vectors=100)
     for task in tasks:
-        build_shard_index(task, str(tmp_path / "shards"))
+        build_group_index(task, str(tmp_path / "shards"))
     assert pending(tasks, str(tmp_path / "shards")) == []
     # (Another seed would not do: when the sample is every vector, the codebook is the same.)
     train_codebook(str(desc), str(tmp_path / "cb2"), factory="IVF8,Flat", seed=0)
-    tasks2 = plan_shard_indexes(str(desc), str(tmp_path / "cb2"))
-    assert len(pending(tasks2, str(tmp_path / "shards"))) == 4
+    tasks2 = plan_index_groups(str(desc), str(tmp_path / "cb2"), group_vectors=100)
+    assert len(pending(tasks2, str(tmp_path / "shards"))) == 3
 
 
 def test_training_is_skipped_when_the_codebook_is_up_to_date(descriptors, tmp_path):

@@ -7,6 +7,7 @@ sample and the coarse quantizer would fit only part of the corpus.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from retrieval import storage
 from retrieval.index import factory as factories
-from retrieval.index.faiss_io import write_index
+from retrieval.index.faiss_io import read_index, write_index
 from retrieval.shards import descriptor_shards
 from retrieval.shards.manifest import utc_now
 from retrieval.summary import write_summary
@@ -182,3 +183,18 @@ def read_codebook_manifest(codebook: str) -> dict[str, Any]:
     if manifest.get("kind") != "codebook":
         raise ValueError(f"{codebook}: not a codebook folder")
     return manifest
+
+
+@functools.lru_cache(maxsize=2)
+def _trained_index(codebook: str, sha256: str) -> faiss.Index:
+    return read_index(storage.join(codebook, CODEBOOK_FILE), expect_sha256=sha256)
+
+
+def load_codebook(codebook: str) -> tuple[faiss.Index, dict[str, Any]]:
+    """A fresh copy of the trained, empty index and its manifest.
+
+    The codebook is read from storage once per worker process (cached by its checksum) and
+    copied in memory for each task, so a worker running many index tasks reads it once.
+    """
+    manifest = read_codebook_manifest(codebook)
+    return faiss.clone_index(_trained_index(codebook, manifest["sha256"])), manifest
