@@ -176,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         --input is a prefix (folder, gs://bucket/dir, s3://bucket/dir) listed recursively for
         .jpg/.jpeg/.png/.webp/.bmp/.tif/.gif files, or a manifest file (.csv or .parquet with
         a 'uri' column and an optional 'id' column). Image ids are the path relative to the
-        prefix without extension. Shards already committed with the same inputs and model are
-        skipped. Images that cannot be read or decoded become error rows
+        prefix, extension included. The listing, cut into shards, is written to --output as
+        the run plan (plan.json); later stages read exactly its shards. Shards already
+        committed with the same inputs and model are skipped (shards holding transient
+        errors, read_failed or model_error, are extracted again). Images that cannot be read
+        or decoded become error rows
         (part-XXXXX.errors.parquet) with a reason; the job still succeeds."""),
     )
     p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest file")

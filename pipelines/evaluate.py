@@ -11,13 +11,14 @@ answers; the other rows use the same descriptors without expansion and with anot
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,9 @@ from retrieval.extraction import failures
 from retrieval.index import factory as factories
 from retrieval.index.codebook import with_id_map
 from retrieval.index.search import NO_EXPANSION, SearchableIndex, load_index
+from retrieval.manifests import utc_now
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.shards import descriptor_shards
-from retrieval.shards.manifest import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,22 @@ def build_index(
     with _timed(timings, f"{prefix}merge_s"):
         stages.merge(shards, index, config)
     return index
+
+
+def write_benchmark_listing(benchmark: Benchmark, out: str) -> str:
+    """A corpus manifest (``out``/images.csv) naming each benchmark image by its ground-truth id.
+
+    Listing ``images/`` would name images by file name (extension included); the ground truth
+    names them without. The manifest gives each file its ground-truth id explicitly.
+    """
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["id", "uri"])
+    for image_id in benchmark.images:
+        writer.writerow([image_id, "file://" + str(benchmark.image_path(image_id).resolve())])
+    uri = storage.join(out, "images.csv")
+    storage.write_bytes(uri, rows.getvalue().encode())
+    return uri
 
 
 def rank_queries(
@@ -90,12 +107,12 @@ def evaluate_benchmark(
     descriptors (whichever of them is not the default).
     """
     benchmark = load_benchmark(benchmark_dir)
-    images = str(Path(benchmark_dir) / "images")
+    listing = write_benchmark_listing(benchmark, out)
     descriptors = storage.join(out, "descriptors")
     timings: dict[str, float] = {}
 
     with _timed(timings, "extract_s"):
-        extract_summary = stages.extract(images, descriptors, config)
+        extract_summary = stages.extract(listing, descriptors, config)
     default_index = build_index(descriptors, storage.join(out, "default"), config, timings)
 
     ids, _, vectors = descriptor_shards.read_all(descriptors)

@@ -49,7 +49,7 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
             output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
         ):
             run_extraction(
-                plan.pending,
+                plan.pending_ids,
                 output,
                 config=config.gem,
                 model_info=info,
@@ -70,8 +70,8 @@ def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
 
     configure_tf_threads(config.threads)
     extractor = GeMExtractor(config.gem)
-    specs = tqdm(plan.pending, desc="extract", unit="shard")
-    run_local(specs, plan.output, extractor, config.limits)
+    shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
+    run_local(shard_ids, plan.output, extractor, config.limits)
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
@@ -88,8 +88,8 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
     """Encode groups of descriptor shards with the codebook (skipping groups already built)."""
     start = time.perf_counter()
     tasks = group_index.plan_index_groups(descriptors, codebook, group_vectors=config.group_vectors)
+    group_index.write_index_plan(tasks, output)
     todo = group_index.pending(tasks, output)
-    storage.makedirs(output)
     if config.runner == "local" or len(todo) <= 1:
         for task in tqdm(todo, desc="index", unit="group"):
             group_index.build_group_index(task, output)

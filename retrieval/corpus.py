@@ -1,9 +1,10 @@
 """What to index: listing a corpus into image references and cutting it into shards.
 
-Image ids are stable across runs and machines: the path relative to the corpus root without its
-extension (or the id column of a manifest). Shards are cut from the id-sorted listing, so the same
-listing always maps to the same shard ids, and a shard's ``input_digest`` says whether a committed
-shard still describes the same inputs.
+Image ids are stable across runs and machines: the path relative to the corpus root, extension
+included, with '/' separators (or the id column of a manifest). Keeping the extension makes ids
+unique by construction: ``photo.webp`` and ``photo.tiff`` in one folder are two images. Shards are
+cut from the id-sorted listing, so the same listing always maps to the same shard ids, and a
+shard's ``input_digest`` says whether a committed shard still describes the same inputs.
 """
 
 from __future__ import annotations
@@ -50,12 +51,11 @@ def _strip_scheme(uri: str) -> str:
 
 
 def image_id(uri: str, root: str) -> str:
-    """Path of ``uri`` relative to ``root``, without extension, with '/' separators."""
-    rel = posixpath.relpath(
+    """Path of ``uri`` relative to ``root``, extension included, with '/' separators."""
+    return posixpath.relpath(
         _strip_scheme(uri).replace("\\", "/"),
         _strip_scheme(root).replace("\\", "/").rstrip("/") or "/",
     )
-    return posixpath.splitext(rel)[0]
 
 
 def list_corpus(source: str) -> list[ImageRef]:
@@ -64,7 +64,8 @@ def list_corpus(source: str) -> list[ImageRef]:
     ``source`` is either a prefix (local folder, ``gs://bucket/dir``, ``s3://bucket/dir``) listed
     recursively for image files, or a manifest file (CSV with a ``uri`` column and an optional
     ``id`` column, or Parquet with the same columns). Relative URIs in a manifest are resolved
-    against the manifest's folder. Two inputs with the same id cannot both be indexed: every one
+    against the manifest's folder and must stay inside it (see :func:`resolve_manifest_uri`).
+    Two inputs with the same id cannot both be indexed: every one
     after the first (in URI order) is kept with a ``duplicate_id`` problem so it is reported, not
     dropped.
     """
@@ -94,15 +95,39 @@ def _read_manifest(uri: str) -> list[ImageRef]:
     if "uri" not in rows[0]:
         raise ValueError(f"{uri}: a manifest needs a 'uri' column (found {sorted(rows[0])})")
     base = posixpath.dirname(uri) if "://" in uri else storage.filesystem(uri)[1].rsplit("/", 1)[0]
+    remote = "://" in uri and not uri.startswith("file://")
     refs = []
     for row in rows:
-        image_uri = str(row["uri"]).strip()
-        if "://" not in image_uri and not image_uri.startswith("/"):
-            image_uri = storage.join(base, image_uri)
+        written = str(row["uri"] or "").strip()
+        image_uri, problem = resolve_manifest_uri(written, base, remote=remote)
         given = row.get("id")
         ref_id = str(given).strip() if given not in (None, "") else image_id(image_uri, base)
-        refs.append(ImageRef(ref_id, image_uri))
+        refs.append(ImageRef(ref_id, image_uri, problem))
     return refs
+
+
+def resolve_manifest_uri(written: str, base: str, *, remote: bool) -> tuple[str, str | None]:
+    """Where a manifest entry points, or why it is refused (an ``unsafe_uri`` problem).
+
+    A URI with a scheme (``gs://``, ``s3://``, ``file://``) is taken as written: the manifest's
+    author named the store. A relative path is resolved against the manifest's folder and must
+    stay inside it (``../`` cannot climb out). A bare absolute path is a path on the machine
+    that runs the job: accepted in a local manifest, refused in one from object storage (a
+    manifest in a bucket must not make workers read their own disks).
+    """
+    if not written:
+        return written, "unsafe_uri: empty uri"
+    if "://" in written:
+        return written, None
+    path = written.replace("\\", "/")
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        if remote:
+            return written, "unsafe_uri: a local absolute path in a manifest from object storage"
+        return written, None
+    normal = posixpath.normpath(path)
+    if normal == ".." or normal.startswith("../"):
+        return written, "unsafe_uri: a relative path that leaves the manifest's folder"
+    return storage.join(base, normal), None
 
 
 def _mark_duplicates(refs: list[ImageRef]) -> list[ImageRef]:

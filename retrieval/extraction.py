@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval import storage
+from retrieval import plan, storage
 from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
 from retrieval.shards import descriptor_shards
@@ -94,73 +94,117 @@ def extract_shard(
 
 @dataclass
 class ExtractionPlan:
-    """The shards of a corpus, and which of them still need work."""
+    """The run plan of an extraction (written to ``output``), and which shards still need work.
+
+    ``retried`` are committed shards extracted again because they hold transient errors
+    (``read_failed``, ``model_error``): waiting may have fixed those.
+    """
 
     input: str
     output: str
-    shards: list[ShardSpec]
-    pending: list[ShardSpec] = field(default_factory=list)
+    run_plan: plan.RunPlan
+    pending: list[plan.PlannedShard] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+
+    @property
+    def shards(self) -> tuple[plan.PlannedShard, ...]:
+        return self.run_plan.shards
 
     @property
     def inputs(self) -> int:
-        return sum(len(s.refs) for s in self.shards)
+        return self.run_plan.inputs
+
+    @property
+    def pending_ids(self) -> list[str]:
+        return [s.shard_id for s in self.pending]
 
 
 def plan_extraction(
     source: str, output: str, model_info: dict[str, Any], *, shard_size: int = DEFAULT_SHARD_SIZE
 ) -> ExtractionPlan:
-    """List the corpus, cut it into shards, and find the ones not yet committed in ``output``."""
-    shards = plan_shards(list_corpus(source), shard_size)
-    pending = [s for s in shards if not descriptor_shards.is_committed(output, s, model_info)]
+    """List the corpus, cut it into shards, write the run plan to ``output``, and find the
+    shards not yet committed there (or committed with transient errors, to retry)."""
+    specs = plan_shards(list_corpus(source), shard_size)
+    run_plan = plan.write_extraction_plan(output, specs, source=source, shard_size=shard_size)
+    del specs  # from here on, shard references are read from the plan in storage
+    pending, retried = [], []
+    for shard in run_plan.shards:
+        manifest = descriptor_shards.committed_manifest(output, shard, model_info)
+        if manifest is None:
+            pending.append(shard)
+        elif manifest.get("transient_errors"):
+            pending.append(shard)
+            retried.append(shard.shard_id)
+    if retried:
+        log.warning(
+            "%d committed shard(s) hold transient errors (read_failed, model_error) and are "
+            "extracted again: %s",
+            len(retried),
+            ", ".join(retried[:5]) + (", ..." if len(retried) > 5 else ""),
+        )
+    stale = run_plan.stale_shard_ids()
+    if stale:
+        log.warning(
+            "%s: %d shard(s) from an earlier run with another listing or shard size are not in "
+            "this plan and will be ignored by every later stage: %s",
+            output,
+            len(stale),
+            ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else ""),
+        )
     log.info(
         "%s: %d images in %d shards, %d to do",
         source,
-        sum(len(s.refs) for s in shards),
-        len(shards),
+        run_plan.inputs,
+        len(run_plan.shards),
         len(pending),
     )
-    return ExtractionPlan(source, output, shards, pending)
+    return ExtractionPlan(source, output, run_plan, pending, retried)
 
 
 def summarize_extraction(
-    plan: ExtractionPlan, model_info: dict[str, Any], timings: dict[str, float]
+    extraction: ExtractionPlan, model_info: dict[str, Any], timings: dict[str, float]
 ) -> dict[str, Any]:
     """Check every planned shard is committed and write ``summary.json`` for the stage."""
     rows = failed = 0
     kinds: Counter[str] = Counter()
     missing = []
-    for spec in plan.shards:
-        manifest = descriptor_shards.committed_manifest(plan.output, spec, model_info)
+    for shard in extraction.shards:
+        manifest = descriptor_shards.committed_manifest(extraction.output, shard, model_info)
         if manifest is None:
-            missing.append(spec.shard_id)
+            missing.append(shard.shard_id)
             continue
         rows += manifest["rows"]
         failed += manifest["errors"]
         if manifest["errors"]:
-            kinds.update(e.error_kind for e in descriptor_shards.read_errors(plan.output, manifest))
+            kinds.update(
+                e.error_kind for e in descriptor_shards.read_errors(extraction.output, manifest)
+            )
     if missing:
         raise RuntimeError(f"shards not committed after the run: {missing[:10]}")
     return write_summary(
-        plan.output,
+        extraction.output,
         "extract",
-        inputs=plan.inputs,
+        inputs=extraction.inputs,
         indexed=rows,
         failed=failed,
         timings=timings,
-        shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(plan.pending),
+        shards=len(extraction.shards),
+        shards_skipped=len(extraction.shards) - len(extraction.pending),
+        shards_retried=len(extraction.retried),
+        stale_shards_ignored=len(extraction.run_plan.stale_shard_ids()),
         failures_by_kind=dict(kinds),
         model=model_info,
-        input=plan.input,
+        input=extraction.input,
     )
 
 
 def run_local(
-    specs: Iterable[ShardSpec], output: str, extractor: GeMExtractor, limits: DecodeLimits
+    shard_ids: Iterable[str], output: str, extractor: GeMExtractor, limits: DecodeLimits
 ) -> None:
-    """Extract shards one after another in this process (no runner)."""
+    """Extract the planned shards ``shard_ids`` of ``output`` one after another (no runner)."""
     info = extractor.info()
-    for spec in specs:
+    for shard_id in shard_ids:
+        spec = plan.read_shard_spec(output, shard_id)
         rows, errors = extract_shard(spec, extractor, limits)
         descriptor_shards.write_shard(output, spec, rows, errors, info)
 

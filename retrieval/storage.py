@@ -150,10 +150,12 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def write_parquet(uri: str, table: pa.Table, *, compression: str = "zstd") -> bytes:
+def write_parquet(
+    uri: str, table: pa.Table, *, compression: str = "zstd", row_group_size: int | None = None
+) -> bytes:
     """Write an Arrow table as one Parquet object; returns its bytes (for manifest checksums)."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
     data = sink.getvalue()
     write_bytes(uri, data)
     return data

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from retrieval import storage
-from retrieval.shards.manifest import utc_now
+from retrieval.manifests import utc_now
 
 
 class AccountingError(RuntimeError):

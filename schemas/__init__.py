@@ -21,7 +21,14 @@ METADATA_VERSION = b"cbir.schema_version"
 METADATA_DIM = b"cbir.descriptor_dim"
 
 # The versions this code writes and can read.
-CURRENT_VERSIONS = {"descriptors": 1, "errors": 1, "idmap": 1, "manifest": 1}
+CURRENT_VERSIONS = {
+    "descriptors": 1,
+    "errors": 1,
+    "idmap": 1,
+    "manifest": 2,
+    "plan_refs": 1,
+    "plan_shards": 1,
+}
 
 
 class SchemaMismatchError(ValueError):

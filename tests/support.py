@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval import plan
 from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.shards import descriptor_shards
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
@@ -105,7 +106,7 @@ def write_descriptors(
     """Unit vectors (random, or ``vectors`` in order) as committed descriptor shards; returns
     ids and vectors in order."""
     rng = np.random.default_rng(seed)
-    all_ids, blocks = [], []
+    all_ids, blocks, specs = [], [], []
     given = None if vectors is None else np.split(vectors, np.cumsum(shard_sizes)[:-1])
     for s, size in enumerate(shard_sizes):
         ids = [f"s{s:02d}/img{i:03d}" for i in range(size)]
@@ -122,6 +123,9 @@ def write_descriptors(
         ]
         errors = [ErrorRow(i, f"/img/{i}.jpg", "decode", "truncated", "x") for i in failed]
         descriptor_shards.write_shard(str(directory), spec, rows, errors, model_info)
+        specs.append(spec)
         all_ids += ids
         blocks.append(vectors)
+    # What `retrieval extract` does: the folder's plan names exactly these shards.
+    plan.write_extraction_plan(str(directory), specs, source="/img", shard_size=max(shard_sizes))
     return all_ids, np.concatenate(blocks)

@@ -43,7 +43,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_list_folder(folder: Path):
     refs = list_corpus(str(folder))
-    assert [r.id for r in refs] == ["a", "b", "e", "sub/c", "sub/deeper/d"]
+    assert [r.id for r in refs] == ["a.png", "b.JPG", "e.tif", "sub/c.jpeg", "sub/deeper/d.webp"]
     assert [r.uri for r in refs] == [
         str(folder / n) for n in ("a.png", "b.JPG", "e.tif", "sub/c.jpeg", "sub/deeper/d.webp")
     ]
@@ -54,7 +54,7 @@ def test_list_folder(folder: Path):
 def test_list_folder_relative_path(folder: Path, monkeypatch):
     monkeypatch.chdir(folder.parent)
     refs = list_corpus("corpus")
-    assert [r.id for r in refs] == ["a", "b", "e", "sub/c", "sub/deeper/d"]
+    assert [r.id for r in refs] == ["a.png", "b.JPG", "e.tif", "sub/c.jpeg", "sub/deeper/d.webp"]
     assert all(os.path.isabs(r.uri) and os.path.exists(r.uri) for r in refs)
 
 
@@ -62,26 +62,41 @@ def test_folder_named_like_a_manifest_is_listed(tmp_path: Path):
     root = tmp_path / "shots.csv"
     root.mkdir()
     (root / "x.jpg").write_bytes(b"x")
-    assert [r.id for r in list_corpus(str(root))] == ["x"]
+    assert [r.id for r in list_corpus(str(root))] == ["x.jpg"]
 
 
-def test_duplicate_ids_are_kept_and_marked(folder: Path):
+def test_files_differing_only_in_extension_are_two_images(folder: Path):
     (folder / "a.jpg").write_bytes(b"x")
     (folder / "sub" / "c.png").write_bytes(b"x")
     refs = list_corpus(str(folder))
-    assert [r.id for r in refs] == ["a", "a", "b", "e", "sub/c", "sub/c", "sub/deeper/d"]
-    by_uri = {os.path.relpath(r.uri, folder): r.problem for r in refs}
+    assert [r.id for r in refs] == [
+        "a.jpg",
+        "a.png",
+        "b.JPG",
+        "e.tif",
+        "sub/c.jpeg",
+        "sub/c.png",
+        "sub/deeper/d.webp",
+    ]
+    assert all(r.problem is None for r in refs)
+
+
+def test_duplicate_manifest_ids_are_kept_and_marked(tmp_path: Path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,uri\nsame,b.jpg\nsame,a.jpg\nother,c.jpg\n")
+    refs = list_corpus(str(manifest))
+    by_uri = {os.path.relpath(r.uri, tmp_path): r.problem for r in refs}
     assert by_uri["a.jpg"] is None  # the first in URI order is indexed
-    assert by_uri["a.png"].startswith("duplicate_id: ")
-    assert by_uri["sub/c.jpeg"] is None
-    assert by_uri["sub/c.png"].startswith("duplicate_id: ")
-    assert str(folder / "sub" / "c.jpeg") in by_uri["sub/c.png"]
+    assert by_uri["b.jpg"].startswith("duplicate_id: ")
+    assert str(tmp_path / "a.jpg") in by_uri["b.jpg"]
+    assert by_uri["c.jpg"] is None
 
 
 def test_image_id():
-    assert image_id("/data/x/y/z.jpg", "/data/x") == "y/z"
-    assert image_id("/data/x/y/z.jpg", "/data/x/") == "y/z"
-    assert image_id("gs://bucket/dir/a.b.png", "gs://bucket/dir") == "a.b"
+    assert image_id("/data/x/y/z.jpg", "/data/x") == "y/z.jpg"
+    assert image_id("/data/x/y/z.jpg", "/data/x/") == "y/z.jpg"
+    assert image_id("gs://bucket/dir/a.b.png", "gs://bucket/dir") == "a.b.png"
+    assert image_id("s3://b/dir/é x/photo.webp", "s3://b/dir") == "é x/photo.webp"
 
 
 # --- manifests ---------------------------------------------------------------------------------
@@ -99,7 +114,7 @@ def test_csv_manifest_with_id_column(tmp_path: Path):
     )
     refs = list_corpus(str(manifest))
     assert refs == [
-        ImageRef("images/sub/four", str(tmp_path / "lists" / "images" / "sub" / "four.jpg")),
+        ImageRef("images/sub/four.jpg", str(tmp_path / "lists" / "images" / "sub" / "four.jpg")),
         ImageRef("x1", str(tmp_path / "lists" / "images" / "one.jpg")),
         ImageRef("x2", "/abs/two.png"),
         ImageRef("x3", "s3://bucket/three.jpg"),
@@ -110,10 +125,10 @@ def test_csv_manifest_without_id_column(tmp_path: Path, monkeypatch):
     manifest = tmp_path / "m.csv"
     manifest.write_text("uri\nimg/b.jpg\nimg/sub/a.png\nimg/b.png\n")
     refs = list_corpus(str(manifest))
-    assert [(r.id, r.uri, r.problem is not None) for r in refs] == [
-        ("img/b", str(tmp_path / "img" / "b.jpg"), False),
-        ("img/b", str(tmp_path / "img" / "b.png"), True),
-        ("img/sub/a", str(tmp_path / "img" / "sub" / "a.png"), False),
+    assert [(r.id, r.uri, r.problem) for r in refs] == [
+        ("img/b.jpg", str(tmp_path / "img" / "b.jpg"), None),
+        ("img/b.png", str(tmp_path / "img" / "b.png"), None),
+        ("img/sub/a.png", str(tmp_path / "img" / "sub" / "a.png"), None),
     ]
     monkeypatch.chdir(tmp_path)
     assert [r.uri for r in list_corpus("m.csv")] == [r.uri for r in refs]
@@ -127,9 +142,22 @@ def test_parquet_manifest(tmp_path: Path):
     refs = list_corpus(str(tmp_path / "m.parquet"))
     assert refs == [
         ImageRef("omega", "gs://b/w.png"),
-        ImageRef("pics/y", str(tmp_path / "pics" / "y.jpg")),
+        ImageRef("pics/y.jpg", str(tmp_path / "pics" / "y.jpg")),
         ImageRef("zeta", str(tmp_path / "pics" / "z.jpg")),
     ]
+
+
+def test_manifest_paths_are_confined(tmp_path: Path):
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "m.csv"
+    manifest.write_text(
+        "id,uri\nup,../secret.jpg\ndeep,a/../../x.jpg\nok,a/../b.jpg\nabs,/etc/hosts\n"
+    )
+    refs = {r.id: r for r in list_corpus(str(manifest))}
+    assert refs["up"].problem.startswith("unsafe_uri: ")
+    assert refs["deep"].problem.startswith("unsafe_uri: ")
+    assert refs["ok"] == ImageRef("ok", str(tmp_path / "lists" / "b.jpg"))
+    assert refs["abs"].problem is None  # a local manifest may name local files
 
 
 def test_manifest_needs_uri_column(tmp_path: Path):
@@ -296,7 +324,7 @@ def test_list_corpus_on_s3(s3_endpoint):
     fs.pipe(f"{bucket}/other/z.png", _png("white"))
 
     refs = list_corpus(f"s3://{bucket}/prefix")
-    assert [r.id for r in refs] == ["a", "c", "sub/b"]
+    assert [r.id for r in refs] == ["a.png", "c.png", "sub/b.jpg"]
     assert [r.uri for r in refs] == [
         f"s3://{bucket}/prefix/{k}" for k in ("a.png", "c.png", "sub/b.jpg")
     ]
@@ -311,4 +339,8 @@ def test_list_corpus_on_s3(s3_endpoint):
     [ref] = list_corpus(f"s3://{bucket}/m.csv")
     assert ref == ImageRef("q", f"s3://{bucket}/prefix/c.png")
     assert storage.read_bytes(ref.uri) == images["prefix/c.png"]
+    # ... which cannot send workers to their own disks or out of its folder.
+    storage.write_bytes(f"s3://{bucket}/lists/m.csv", b"id,uri\nabs,/etc/hosts\nup,../m.csv\n")
+    refs = list_corpus(f"s3://{bucket}/lists/m.csv")
+    assert [r.problem.split(":")[0] for r in refs] == ["unsafe_uri", "unsafe_uri"]
     assert storage.exists(f"s3://{bucket}/m.csv")

@@ -115,8 +115,9 @@ def test_rerun_skips_committed_shards(ukbench_run):
     from pipelines.config import RunConfig
     from pipelines.stages import extract
 
+    assert folder.is_dir()
     summary = extract(
-        str(folder / "images"),
+        str(ukbench_run / "images.csv"),  # evaluate's listing: ground-truth ids
         str(ukbench_run / "descriptors"),
         RunConfig(workers=2, shard_size=16),
     )

@@ -25,7 +25,6 @@ CONFIG = RunConfig(runner="local", workers=1, threads_per_worker=2, shard_size=4
 
 # uri (relative to the corpus) -> (stage, error_kind) of the inputs that must fail.
 EXPECTED_ERRORS = {
-    "dup.png": ("list", "duplicate_id"),
     "empty.jpg": ("decode", "empty_file"),
     "truncated.jpg": ("decode", "truncated"),
     "notes.jpg": ("decode", "not_an_image"),
@@ -76,7 +75,8 @@ def corpus(tmp_path_factory, oxford_images) -> tuple[Path, list[str]]:
         _encode(Image.new("CMYK", (96, 64), (0, 200, 200, 10)), "JPEG")
     )
     (folder / "readme.txt").write_text("not listed: no image suffix\n")
-    ids = sorted([p.stem for p in real[:5]] + ["sub/inner", "dup", "cmyk"])
+    # dup.jpg and dup.png differ only in extension: two images, two ids.
+    ids = sorted([p.name for p in real[:5]] + ["sub/inner.jpg", "dup.jpg", "dup.png", "cmyk.jpg"])
     return folder, ids
 
 
@@ -121,7 +121,7 @@ def test_every_input_is_accounted_for(corpus, local_run):
     n = _files(folder)
     assert n == 14
     assert summary["inputs"] == summary["indexed"] + summary["failed"] == n
-    assert summary["indexed"] == len(ids) == 8
+    assert summary["indexed"] == len(ids) == 9
     assert summary["failed"] == len(EXPECTED_ERRORS)
     assert summary["shards"] == 4 and summary["shards_skipped"] == 0
     assert summary["failures_by_kind"] == {k: 1 for _, k in EXPECTED_ERRORS.values()}
@@ -130,10 +130,9 @@ def test_every_input_is_accounted_for(corpus, local_run):
     assert _errors(out) == EXPECTED_ERRORS
     got_ids, uris, vectors = descriptor_shards.read_all(str(out))
     assert sorted(got_ids) == ids
-    assert "sub/inner" in got_ids
-    assert not any(i.endswith((".jpg", ".png")) for i in got_ids)
-    assert os.path.basename(uris[got_ids.index("dup")]) == "dup.jpg"  # first in URI order
-    assert vectors.shape == (8, 1280) and vectors.dtype == np.float32
+    assert "sub/inner.jpg" in got_ids
+    assert os.path.basename(uris[got_ids.index("dup.png")]) == "dup.png"
+    assert vectors.shape == (9, 1280) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
     total = 0

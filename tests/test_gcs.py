@@ -91,13 +91,13 @@ def gcs_corpus(gcs, oxford_images) -> dict[str, bytes]:
     .jpg, and a .txt that is not listed. Returns {image id: bytes} for the four listed inputs."""
     a, b, c = oxford_images[:3]
     inputs = {
-        a.stem: a.read_bytes(),
-        b.stem: b.read_bytes(),
-        f"sub/{c.stem}": c.read_bytes(),
-        "notes": b"this is not a photo\n",
+        a.name: a.read_bytes(),
+        b.name: b.read_bytes(),
+        f"sub/{c.name}": c.read_bytes(),
+        "notes.jpg": b"this is not a photo\n",
     }
     for image_id, data in inputs.items():
-        gcs.pipe(f"{BUCKET}/corpus/{image_id}.jpg", data)
+        gcs.pipe(f"{BUCKET}/corpus/{image_id}", data)
     gcs.pipe(f"{BUCKET}/corpus/readme.txt", b"not listed")
     return inputs
 
@@ -105,7 +105,7 @@ def gcs_corpus(gcs, oxford_images) -> dict[str, bytes]:
 def test_list_corpus_on_gcs(gcs_corpus):
     refs = list_corpus(f"gs://{BUCKET}/corpus")
     assert [r.id for r in refs] == sorted(gcs_corpus)
-    assert [r.uri for r in refs] == [f"gs://{BUCKET}/corpus/{i}.jpg" for i in sorted(gcs_corpus)]
+    assert [r.uri for r in refs] == [f"gs://{BUCKET}/corpus/{i}" for i in sorted(gcs_corpus)]
     assert all(r.problem is None for r in refs)
     assert list_corpus(f"gs://{BUCKET}/corpus/") == refs
     for ref in refs:
@@ -177,9 +177,9 @@ def test_extract_to_gcs(gcs_corpus, tiny_saved_model: Path):
     assert storage.read_json(f"{output}/summary.json")["indexed"] == 3
 
     ids, uris, vectors = descriptor_shards.read_all(output)
-    photos = sorted(i for i in gcs_corpus if i != "notes")
+    photos = sorted(i for i in gcs_corpus if i != "notes.jpg")
     assert ids == photos
-    assert uris == [f"gs://{BUCKET}/corpus/{i}.jpg" for i in photos]
+    assert uris == [f"gs://{BUCKET}/corpus/{i}" for i in photos]
     assert vectors.shape == (3, 4)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 

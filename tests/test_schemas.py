@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
+from retrieval import plan
 from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.shards import descriptor_shards
 from retrieval.shards import manifest as manifests
@@ -36,6 +37,7 @@ def _shard(tmp_path, n_rows=5, n_errors=2):
     ]
     directory = str(tmp_path / "desc")
     manifest = descriptor_shards.write_shard(directory, spec, rows, errors, MODEL_INFO)
+    plan.write_extraction_plan(directory, [spec], source="/data", shard_size=len(refs))
     return directory, spec, vectors, manifest
 
 

@@ -1,12 +1,16 @@
 """Descriptor extraction on Apache Beam: a thin adapter over ``retrieval.extraction``.
 
-    shard specs ─► (shard, image) pairs ─► Reshuffle ─► read + decode ─┬─► RunInference (GeM) ─┐
+    shard ids ─► (shard, image) pairs ─► Reshuffle ─► read + decode ─┬─► RunInference (GeM) ─┐
                                                                        └─► error rows ─────────┤
                           write shard + manifest ◄─ group by shard ◄──────────────────────────┘
 
 Reshuffle spreads single images (not whole shards) over the workers, so a few large shards never
 leave workers idle; RunInference loads one model per worker and batches; grouping by shard id
 brings each shard's rows back together so it is written data-first and committed by one worker.
+
+The graph carries only shard ids: the launcher writes the run plan (listing cut into shards) to
+the output folder, and workers read each shard's references from it (``retrieval.plan``), so
+neither the graph nor the launcher's memory grows with the corpus.
 
 Why not Beam's file I/O here: the corpus is listed and cut into shards by the launcher before the
 pipeline starts (to skip committed shards, and so that every runner plans identically), and each
@@ -28,7 +32,7 @@ from apache_beam.ml.inference.base import (
 )
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from retrieval.corpus import ShardSpec
+from retrieval import plan
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
 from retrieval.extraction import LoadedImage, descriptor_row, load_image, model_error
 from retrieval.images import DecodeLimits
@@ -72,14 +76,13 @@ class _WriteShard(beam.DoFn):
         self._output = output
         self._model_info = model_info
 
-    def process(self, element: tuple[str, Iterable[Any]], specs: dict[str, ShardSpec]):
+    def process(self, element: tuple[str, Iterable[Any]]):
         shard_id, results = element
         rows, errors = [], []
         for result in results:
             (errors if isinstance(result, ErrorRow) else rows).append(result)
-        manifest = descriptor_shards.write_shard(
-            self._output, specs[shard_id], rows, errors, self._model_info
-        )
+        spec = plan.read_shard_spec(self._output, shard_id)
+        manifest = descriptor_shards.write_shard(self._output, spec, rows, errors, self._model_info)
         yield shard_id, manifest["rows"], manifest["errors"]
 
 
@@ -91,7 +94,7 @@ def _failed_batch_rows(failure: tuple[Sequence[tuple[str, LoadedImage]], BaseExc
 
 def build_extraction(
     pipeline: beam.Pipeline,
-    specs: Sequence[ShardSpec],
+    shard_ids: Sequence[str],
     output: str,
     *,
     config: GeMConfig,
@@ -99,11 +102,13 @@ def build_extraction(
     limits: DecodeLimits,
     threads_per_worker: int | None,
 ) -> beam.PCollection:
-    """Add the extraction of ``specs`` to ``pipeline``; returns (shard, rows, errors) per shard."""
-    shard_specs = pipeline | "Shards" >> beam.Create([(s.shard_id, s) for s in specs])
+    """Add the extraction of the planned shards ``shard_ids`` of ``output`` to ``pipeline``;
+    returns (shard, rows, errors) per shard."""
     loaded = (
-        shard_specs
-        | "Images" >> beam.FlatMap(lambda kv: [(kv[0], ref) for ref in kv[1].refs])
+        pipeline
+        | "Shards" >> beam.Create(list(shard_ids))
+        | "Images"
+        >> beam.FlatMap(lambda sid: [(sid, ref) for ref in plan.read_shard_spec(output, sid).refs])
         | "Spread" >> beam.Reshuffle()
         | "ReadDecode"
         >> beam.MapTuple(
@@ -120,13 +125,12 @@ def build_extraction(
         (rows, undecodable, failed)
         | "All" >> beam.Flatten()
         | "ByShard" >> beam.GroupByKey()
-        | "Write"
-        >> beam.ParDo(_WriteShard(output, model_info), specs=beam.pvalue.AsDict(shard_specs))
+        | "Write" >> beam.ParDo(_WriteShard(output, model_info))
     )
 
 
 def run_extraction(
-    specs: Sequence[ShardSpec],
+    shard_ids: Sequence[str],
     output: str,
     *,
     config: GeMConfig,
@@ -135,13 +139,13 @@ def run_extraction(
     options: PipelineOptions,
     threads_per_worker: int | None = None,
 ) -> None:
-    """Run the extraction of ``specs`` to completion."""
-    if not specs:
+    """Run the extraction of the planned shards ``shard_ids`` of ``output`` to completion."""
+    if not shard_ids:
         return
     with beam.Pipeline(options=options) as pipeline:
         build_extraction(
             pipeline,
-            specs,
+            shard_ids,
             output,
             config=config,
             model_info=model_info,

@@ -19,14 +19,15 @@ import pyarrow as pa
 from retrieval import storage
 from retrieval.index import factory as factories
 from retrieval.index.faiss_io import read_index, write_index
+from retrieval.manifests import read_manifest, require_same, write_manifest
 from retrieval.shards import descriptor_shards
-from retrieval.shards.manifest import utc_now
 from retrieval.summary import write_summary
 
 log = logging.getLogger(__name__)
 
 CODEBOOK_FILE = "codebook.faissindex"
 CODEBOOK_MANIFEST = "codebook.json"
+CODEBOOK_KIND = "codebook"
 SAMPLE_FILE = "training_sample.parquet"
 
 
@@ -90,9 +91,14 @@ def train_codebook(
         raise FileNotFoundError(f"no committed descriptor shards under {descriptors}")
     counts = [m["rows"] for m in shard_manifests]
     total, d = sum(counts), int(shard_manifests[0]["dim"])
-    models = {m["model"]["config_hash"] for m in shard_manifests}
-    if len(models) > 1:
-        raise ValueError(f"{descriptors}: shards come from {len(models)} different model configs")
+    for m in shard_manifests[1:]:
+        require_same(
+            m["model"],
+            shard_manifests[0]["model"],
+            ("config_hash", "weights_sha256"),
+            what=f"{descriptors}: shards {shard_manifests[0]['shard']} and {m['shard']} "
+            "come from different models",
+        )
     if total == 0:
         raise ValueError(f"{descriptors}: no descriptors to train on (every input failed)")
     if factory == "auto":
@@ -138,9 +144,7 @@ def train_codebook(
         {"position": pa.array(positions, pa.int64()), "id": pa.array(ids, pa.string())}
     )
     storage.write_parquet(storage.join(output, SAMPLE_FILE), sample_table)
-    manifest = {
-        "schema_version": 1,
-        "kind": "codebook",
+    body = {
         "codebook_id": storage.sha256_bytes(data)[:16],
         "factory": factory,
         "metric": "inner_product",
@@ -152,9 +156,8 @@ def train_codebook(
         "sha256": storage.sha256_bytes(data),
         "descriptors": descriptors,
         "model": shard_manifests[0]["model"],
-        "created": utc_now(),
     }
-    storage.write_json(storage.join(output, CODEBOOK_MANIFEST), manifest)
+    manifest = write_manifest(storage.join(output, CODEBOOK_MANIFEST), CODEBOOK_KIND, body)
     write_summary(
         output,
         "train",
@@ -179,15 +182,24 @@ def _committed_codebook(output: str, wanted: dict[str, Any]) -> dict[str, Any] |
 
 
 def read_codebook_manifest(codebook: str) -> dict[str, Any]:
-    manifest = storage.read_json(storage.join(codebook, CODEBOOK_MANIFEST))
-    if manifest.get("kind") != "codebook":
-        raise ValueError(f"{codebook}: not a codebook folder")
-    return manifest
+    """The codebook folder's checked ``codebook.json``."""
+    uri = storage.join(codebook, CODEBOOK_MANIFEST)
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"{codebook}: no {CODEBOOK_MANIFEST} (not a codebook folder; run `retrieval train`)"
+        )
+    return read_manifest(uri, kind=CODEBOOK_KIND)
+
+
+def read_codebook(codebook: str, manifest: dict[str, Any] | None = None) -> faiss.Index:
+    """The trained, empty index of a codebook folder, checked against its manifest."""
+    manifest = manifest or read_codebook_manifest(codebook)
+    return read_index(storage.join(codebook, CODEBOOK_FILE), expect_sha256=manifest["sha256"])
 
 
 @functools.lru_cache(maxsize=2)
 def _trained_index(codebook: str, sha256: str) -> faiss.Index:
-    return read_index(storage.join(codebook, CODEBOOK_FILE), expect_sha256=sha256)
+    return read_codebook(codebook, {"sha256": sha256})
 
 
 def load_codebook(codebook: str) -> tuple[faiss.Index, dict[str, Any]]:

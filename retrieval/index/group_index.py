@@ -9,11 +9,12 @@ any worker (Beam, Spark, a plain loop) can build any group independently.
     group-00000.codes            codes + ids (faiss inverted lists, or a small flat index)
     group-00000.idmap.parquet    index_id, id, uri, shard
     group-00000.manifest.json    written last = committed
+    plan.json, plan.shards.parquet   the groups of this run (``retrieval.plan``): merge reads
+                                     exactly these
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +22,15 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import storage
+from retrieval import plan, storage
 from retrieval.index.codebook import load_codebook, read_codebook_manifest
 from retrieval.index.codes import codes_format, write_codes
+from retrieval.manifests import canonical_digest, require_same
 from retrieval.shards import descriptor_shards
 from retrieval.shards import manifest as manifests
 from retrieval.summary import write_summary
 
 KIND = "index_group"
-GROUPS_FILE = "index_groups.json"  # the groups of the last run, in id order: what merge reads
 DEFAULT_GROUP_VECTORS = 50_000
 
 
@@ -50,19 +51,20 @@ class IndexGroupTask:
         return sum(m["rows"] for m in self.shard_manifests)
 
     @property
-    def shards_digest(self) -> str:
-        h = hashlib.sha256()
-        for m in self.shard_manifests:
-            h.update(f"{m['shard']}\t{m['files']['data']['sha256']}\n".encode())
-        return h.hexdigest()
+    def input_digest(self) -> str:
+        """What the group is made from: the codebook, the shards' data, the first id."""
+        return canonical_digest(
+            {
+                "codebook_id": self.codebook_id,
+                "first_id": self.first_id,
+                "shards": [
+                    [m["shard"], m["files"]["data"]["sha256"]] for m in self.shard_manifests
+                ],
+            }
+        )
 
     def expect(self) -> dict[str, Any]:
-        return {
-            "kind": KIND,
-            "codebook_id": self.codebook_id,
-            "first_id": self.first_id,
-            "shards_digest": self.shards_digest,
-        }
+        return {"kind": KIND, "codebook_id": self.codebook_id, "input_digest": self.input_digest}
 
 
 def codes_uri(directory: str, node_id: str) -> str:
@@ -94,18 +96,40 @@ def group_shards(
 def plan_index_groups(
     descriptors: str, codebook: str, *, group_vectors: int = DEFAULT_GROUP_VECTORS
 ) -> list[IndexGroupTask]:
-    """One task per group of committed descriptor shards, with global ids in shard order."""
-    codebook_id = read_codebook_manifest(codebook)["codebook_id"]
+    """One task per group of planned descriptor shards, with global ids in plan order.
+
+    Refuses descriptors made by another model than the one the codebook was trained for.
+    """
+    trained = read_codebook_manifest(codebook)
+    codebook_id = trained["codebook_id"]
+    shard_manifests = descriptor_shards.list_shards(descriptors)
+    for manifest in shard_manifests:
+        require_same(
+            manifest["model"],
+            trained["model"],
+            ("config_hash", "weights_sha256"),
+            what=f"descriptor shard {manifest['shard']} and codebook {codebook} come from "
+            "different models",
+        )
     tasks, first_id = [], 0
-    for i, group in enumerate(
-        group_shards(descriptor_shards.list_shards(descriptors), group_vectors)
-    ):
+    for i, group in enumerate(group_shards(shard_manifests, group_vectors)):
         task = IndexGroupTask(
             f"group-{i:05d}", descriptors, tuple(group), first_id, codebook, codebook_id
         )
         tasks.append(task)
         first_id += task.rows
     return tasks
+
+
+def write_index_plan(tasks: list[IndexGroupTask], output: str) -> plan.RunPlan:
+    """The index folder's plan: exactly these groups (merge reads nothing else)."""
+    return plan.write_plan(
+        output,
+        [plan.PlannedShard(t.group_id, t.rows, t.input_digest) for t in tasks],
+        stage="index",
+        codebook_id=tasks[0].codebook_id if tasks else None,
+        descriptors=tasks[0].descriptors if tasks else None,
+    )
 
 
 def pending(tasks: list[IndexGroupTask], output: str) -> list[IndexGroupTask]:
@@ -168,19 +192,6 @@ def summarize_index_groups(
             raise RuntimeError(f"index group {task.group_id} not committed after the run")
         rows += manifest["rows"]
         committed.append(manifest)
-    storage.write_json(
-        storage.join(output, GROUPS_FILE),
-        {
-            "groups": [
-                {
-                    "group": m["shard"],
-                    "rows": m["rows"],
-                    "codes_sha256": m["files"]["codes"]["sha256"],
-                }
-                for m in committed
-            ]
-        },
-    )
     inputs = sum(t.rows for t in tasks)
     return write_summary(
         output,
@@ -201,6 +212,7 @@ def build_index_groups(
 ) -> dict[str, Any]:
     """Plan, build (in this process) and summarize every index group not yet committed."""
     tasks = plan_index_groups(descriptors, codebook, group_vectors=group_vectors)
+    write_index_plan(tasks, output)
     todo = pending(tasks, output)
     for task in todo:
         build_group_index(task, output)

@@ -33,19 +33,21 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from retrieval import storage
+import schemas
+from retrieval import plan, storage
 from retrieval.index import codes as codes_io
 from retrieval.index.codebook import load_codebook
 from retrieval.index.faiss_io import write_index_file
-from retrieval.index.group_index import GROUPS_FILE, codes_uri, idmap_uri
 from retrieval.index.group_index import KIND as GROUP_KIND
+from retrieval.index.group_index import codes_uri, idmap_uri
+from retrieval.manifests import require_same, write_manifest
 from retrieval.shards import manifest as manifests
-from retrieval.shards.manifest import utc_now
 from retrieval.summary import write_summary
 
 INDEX_FILE = "index.faissindex"
 IDMAP_FILE = "idmap.parquet"
 INDEX_MANIFEST = "index.json"
+INDEX_KIND = "merged_index"
 ROUNDS_DIR = "rounds"
 NODE_KIND = "merge_node"
 PIECE_KIND = "index_piece"
@@ -85,19 +87,18 @@ def piece_name(piece: int, pieces: int) -> str:
 
 
 def read_groups(shards: str) -> list[dict[str, Any]]:
-    """The committed group manifests of the last ``retrieval index`` run, in id order."""
-    plan_uri = storage.join(shards, GROUPS_FILE)
-    if not storage.exists(plan_uri):
-        raise FileNotFoundError(f"no index groups under {shards} (run `retrieval index` first)")
-    plan = storage.read_json(plan_uri)
-    groups = []
-    for entry in plan["groups"]:
-        manifest = manifests.read(shards, entry["group"])
-        if manifest is None or manifest.get("kind") != GROUP_KIND:
-            raise FileNotFoundError(f"{shards}: group {entry['group']} is not committed")
-        if manifest["files"]["codes"]["sha256"] != entry["codes_sha256"]:
-            raise ValueError(f"{shards}: group {entry['group']} changed after the index run")
-        groups.append(manifest)
+    """The committed group manifests of the index folder's plan, in id order."""
+    groups = plan.committed_manifests(shards, kind=GROUP_KIND)
+    if not groups:
+        raise FileNotFoundError(f"no index groups in the plan of {shards}")
+    for g in groups[1:]:
+        require_same(
+            g,
+            groups[0],
+            ("codebook_id",),
+            what=f"{shards}: index groups {groups[0]['shard']} and {g['shard']} were built "
+            "with different codebooks",
+        )
     return groups
 
 
@@ -113,11 +114,6 @@ def plan_merge(
     if fan_in < 2:
         raise ValueError("fan_in must be at least 2")
     groups = read_groups(shards)
-    if not groups:
-        raise FileNotFoundError(f"no index groups under {shards}")
-    codebooks = {g["codebook_id"] for g in groups}
-    if len(codebooks) != 1:
-        raise ValueError(f"{shards}: groups were built with {len(codebooks)} codebooks")
     if not 1 <= pieces <= len(groups):
         raise ValueError(
             f"cannot split {len(groups)} index groups into {pieces} pieces "
@@ -203,6 +199,8 @@ def run_merge_task(task: MergeTask) -> dict[str, Any]:
         files = {}
     idmap = pa.concat_tables(idmaps)
     rows = idmap.num_rows
+    if task.final:
+        plan.check_unique_ids(idmap.column("id").to_pylist(), what=f"merging {task.node_id}")
     if int(index.ntotal) != rows:
         raise RuntimeError(f"{task.node_id}: {index.ntotal} vectors but {rows} id map rows")
     first_id = int(idmap.column("index_id")[0].as_py()) if rows else 0
@@ -298,9 +296,7 @@ def finish_merge(
     if next_id != expected:
         raise RuntimeError(f"merged pieces hold {next_id} vectors, the groups {expected}")
     codebook = load_codebook(groups[0]["codebook"])[1]
-    manifest = {
-        "schema_version": 2,
-        "kind": "merged_index",
+    body = {
         "codebook_id": codebook["codebook_id"],
         "codebook": groups[0]["codebook"],
         "factory": codebook["factory"],
@@ -313,9 +309,9 @@ def finish_merge(
         "on_disk": any(p.get("ivfdata") for p in pieces),
         "pieces": pieces,
         "bytes": sum(p["index"]["bytes"] + p.get("ivfdata", {}).get("bytes", 0) for p in pieces),
-        "created": utc_now(),
+        "schemas": {"idmap": schemas.CURRENT_VERSIONS["idmap"]},
     }
-    storage.write_json(storage.join(output, INDEX_MANIFEST), manifest)
+    manifest = write_manifest(storage.join(output, INDEX_MANIFEST), INDEX_KIND, body)
     storage.remove(storage.join(output, ROUNDS_DIR), recursive=True)
     write_summary(
         output,

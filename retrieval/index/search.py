@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from retrieval import storage
 from retrieval.index.faiss_io import read_index
-from retrieval.index.merge import IDMAP_FILE, INDEX_FILE, INDEX_MANIFEST
+from retrieval.index.merge import INDEX_KIND, INDEX_MANIFEST
+from retrieval.manifests import ManifestError, check_name, read_manifest
 from retrieval.rerank.query_expansion import QueryExpansion, alpha_query_expansion
 
 DEFAULT_NPROBE = 32
@@ -71,7 +72,7 @@ class SearchableIndex:
             model = manifest["model"]
             for key in ("config_hash", "weights_sha256"):
                 if model[key] != indexed[key]:
-                    raise ValueError(
+                    raise ManifestError(
                         f"query shard {manifest['shard']} was made by {model['id']} "
                         f"({key} {model[key][:12]}), the index by {indexed['id']} "
                         f"({indexed[key][:12]}): extract the queries with the index's settings"
@@ -151,22 +152,10 @@ class SearchableIndex:
         return [[str(self.ids[i]) for i in row if i >= 0] for row in found]
 
 
-def _piece_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    if "pieces" in manifest:
-        return manifest["pieces"]
-    # Version 1: one index file, no pieces.
-    return [
-        {
-            "name": "index",
-            "index": {"name": INDEX_FILE, "sha256": manifest["sha256"]},
-            "idmap": {"name": IDMAP_FILE},
-            "first_id": 0,
-            "ntotal": manifest["ntotal"],
-        }
-    ]
-
-
 def _load_piece(directory: str, piece: dict[str, Any]) -> faiss.Index:
+    for key in ("index", "idmap", "ivfdata"):
+        if key in piece:
+            check_name(piece[key]["name"], what="index file name")
     uri = storage.join(directory, piece["index"]["name"])
     if "ivfdata" not in piece:
         return read_index(uri, expect_sha256=piece["index"]["sha256"])
@@ -189,11 +178,21 @@ def _load_piece(directory: str, piece: dict[str, Any]) -> faiss.Index:
 
 def load_index(directory: str, *, nprobe: int = DEFAULT_NPROBE) -> SearchableIndex:
     """Load a merged index folder (one index, N pieces, or an on-disk IVF index)."""
-    manifest = storage.read_json(storage.join(directory, INDEX_MANIFEST))
-    entries = _piece_entries(manifest)
+    uri = storage.join(directory, INDEX_MANIFEST)
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"{directory}: no {INDEX_MANIFEST} (not a merged index folder; "
+            "build one with `retrieval merge`)"
+        )
+    manifest = read_manifest(uri, kind=INDEX_KIND)
+    entries = manifest["pieces"]
     pieces = [_load_piece(directory, entry) for entry in entries]
     idmap = pa.concat_tables(
-        storage.read_parquet(storage.join(directory, e["idmap"]["name"]), schema="idmap")
+        storage.read_parquet(
+            storage.join(directory, e["idmap"]["name"]),
+            schema="idmap",
+            expect_sha256=e["idmap"]["sha256"],
+        )
         for e in entries
     )
     index_ids = idmap.column("index_id").to_numpy()

@@ -12,11 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import storage
+from retrieval import plan, storage
 from retrieval.corpus import ShardSpec
+from retrieval.manifests import check_name
 from retrieval.shards import manifest as manifests
 
 KIND = "descriptors"
+# Error kinds that waiting may fix: a shard holding them is extracted again on a re-run.
+TRANSIENT_ERROR_KINDS = frozenset({"read_failed", "model_error"})
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,16 @@ class DescriptorShard:
 
 
 def data_uri(directory: str, shard_id: str) -> str:
-    return storage.join(directory, f"{shard_id}.parquet")
+    return storage.join(directory, f"{check_name(shard_id, what='shard id')}.parquet")
 
 
 def errors_uri(directory: str, shard_id: str) -> str:
-    return storage.join(directory, f"{shard_id}.errors.parquet")
+    return storage.join(directory, f"{check_name(shard_id, what='shard id')}.errors.parquet")
 
 
-def expected_manifest(spec: ShardSpec, model_info: dict[str, Any]) -> dict[str, Any]:
+def expected_manifest(
+    spec: ShardSpec | plan.PlannedShard, model_info: dict[str, Any]
+) -> dict[str, Any]:
     """What a committed manifest must say for ``spec`` to be skipped on a re-run."""
     return {
         "kind": KIND,
@@ -68,13 +73,15 @@ def expected_manifest(spec: ShardSpec, model_info: dict[str, Any]) -> dict[str, 
 
 
 def committed_manifest(
-    directory: str, spec: ShardSpec, model_info: dict[str, Any]
+    directory: str, spec: ShardSpec | plan.PlannedShard, model_info: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The shard's manifest if it is committed for these inputs and this model, else None."""
     return manifests.committed(directory, spec.shard_id, expect=expected_manifest(spec, model_info))
 
 
-def is_committed(directory: str, spec: ShardSpec, model_info: dict[str, Any]) -> bool:
+def is_committed(
+    directory: str, spec: ShardSpec | plan.PlannedShard, model_info: dict[str, Any]
+) -> bool:
     return committed_manifest(directory, spec, model_info) is not None
 
 
@@ -144,6 +151,7 @@ def write_shard(
             "inputs": len(planned),
             "rows": len(rows),
             "errors": len(errors),
+            "transient_errors": sum(e.error_kind in TRANSIENT_ERROR_KINDS for e in errors),
             "dim": dim,
             "files": {
                 "data": manifests.file_entry(data_path, data, len(rows)),
@@ -178,12 +186,16 @@ def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
 
 
 def list_shards(directory: str) -> list[dict[str, Any]]:
-    """Manifests of the committed descriptor shards under ``directory``, by shard id."""
-    return manifests.list_manifests(directory, kind=KIND)
+    """Manifests of the descriptor shards of ``directory``'s run plan, in plan order.
+
+    Exactly the planned shards, each committed for its planned inputs (else
+    :class:`retrieval.plan.PlanError`); other ``part-*`` files in the folder do not count.
+    """
+    return plan.committed_manifests(directory, kind=KIND)
 
 
 def read_all(directory: str) -> tuple[list[str], list[str], np.ndarray]:
-    """Every descriptor under ``directory`` in (shard, row) order: ids, uris, (n, dim) vectors."""
+    """Every descriptor of the plan of ``directory`` in (shard, row) order: ids, uris, vectors."""
     ids: list[str] = []
     uris: list[str] = []
     blocks = []

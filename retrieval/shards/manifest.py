@@ -1,29 +1,26 @@
 """Shard manifests: the small JSON written last that marks a shard committed.
 
 A shard's data files are written first; the manifest, with counts and checksums, is written last
-and atomically. A shard is done if and only if its manifest exists, matches the inputs it was
-planned from, and was made with the same model configuration; a re-run skips exactly those.
+and atomically (through :mod:`retrieval.manifests`, which versions and checksums it). A shard is
+done if and only if its manifest exists, matches the inputs it was planned from, and was made
+with the same model configuration; a re-run skips exactly those. Which shards a folder holds is
+said by its run plan (:mod:`retrieval.plan`), never by whatever manifests happen to be there.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Any
 
-import schemas
 from retrieval import storage
+from retrieval.manifests import ManifestError, check_name, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".manifest.json"
 
 
 def manifest_uri(directory: str, shard_id: str) -> str:
-    return storage.join(directory, shard_id + MANIFEST_SUFFIX)
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return storage.join(directory, check_name(shard_id, what="shard id") + MANIFEST_SUFFIX)
 
 
 def file_entry(uri: str, data: bytes, rows: int) -> dict[str, Any]:
@@ -37,23 +34,26 @@ def file_entry(uri: str, data: bytes, rows: int) -> dict[str, Any]:
 
 def commit(directory: str, shard_id: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest (the commit point) after the shard's data files exist."""
-    manifest = {
-        "schema_version": schemas.CURRENT_VERSIONS["manifest"],
-        "shard": shard_id,
-        **manifest,
-        "created": utc_now(),
-    }
-    storage.write_json(manifest_uri(directory, shard_id), manifest)
-    return manifest
+    body = {k: v for k, v in manifest.items() if k != "kind"}
+    return write_manifest(
+        manifest_uri(directory, shard_id), manifest["kind"], {"shard": shard_id, **body}
+    )
 
 
 def read(directory: str, shard_id: str) -> dict[str, Any] | None:
-    """The shard's manifest, or None if the shard is not committed."""
+    """The shard's checked manifest, or None if the shard is not committed.
+
+    A manifest whose ``shard`` is not its own file name is refused: its data file names are
+    derived from that field, so a copied or crafted manifest could point at another shard's data.
+    """
     uri = manifest_uri(directory, shard_id)
     if not storage.exists(uri):
         return None
-    manifest = storage.read_json(uri)
-    schemas.check_manifest_version(manifest, source=uri)
+    manifest = read_manifest(uri)
+    if manifest.get("shard") != shard_id:
+        raise ManifestError(
+            f"{uri}: manifest says shard {manifest.get('shard')!r}, its file name says {shard_id!r}"
+        )
     return manifest
 
 
@@ -79,12 +79,7 @@ def _get(manifest: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def list_manifests(directory: str, *, kind: str) -> list[dict[str, Any]]:
-    """Every committed shard's manifest of ``kind`` under ``directory``, by shard id."""
-    manifests = []
-    for uri in storage.list_files(directory, suffixes=[MANIFEST_SUFFIX]):
-        manifest = storage.read_json(uri)
-        schemas.check_manifest_version(manifest, source=uri)
-        if manifest.get("kind") == kind:
-            manifests.append(manifest)
-    return sorted(manifests, key=lambda m: m["shard"])
+def shard_ids_on_disk(directory: str) -> list[str]:
+    """Shard ids of every manifest file under ``directory`` (committed by this run or another)."""
+    names = [uri.rsplit("/", 1)[-1] for uri in storage.list_files(directory)]
+    return sorted(n[: -len(MANIFEST_SUFFIX)] for n in names if n.endswith(MANIFEST_SUFFIX))
