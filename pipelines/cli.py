@@ -155,6 +155,18 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="training sample size (default: chosen from the factory)",
     )
+    group.add_argument(
+        "--max-index-memory",
+        dest="max_index_memory",
+        metavar="SIZE",
+        help="memory budget of the index (e.g. 512M, 2G): with 'auto', the largest code that "
+        "fits (exact up to 20k vectors, else IVF-PQ with 64/32/16/8/4-byte codes)",
+    )
+    group.add_argument(
+        "--pretransform",
+        choices=["opq", "pca", "none"],
+        help="rotation before IVF-PQ with 'auto': opq (default), pca (faster to train), none",
+    )
     group.add_argument("--seed", type=int, help="seed of the uniform training sample (default 0)")
     group.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
     _expansion_options(group)

@@ -52,6 +52,8 @@ class RunConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     index_factory: str = "auto"
     sample_size: int | None = None
+    max_index_memory: int | None = None  # bytes; None: the default index for n and d
+    pretransform: str = "opq"  # before IVF-PQ: opq, pca or none
     seed: int = 0
     nprobe: int = DEFAULT_NPROBE
     group_vectors: int = DEFAULT_GROUP_VECTORS  # vectors per index task
@@ -96,6 +98,8 @@ _TOP_KEYS = {
     "shard_size",
     "index_factory",
     "sample_size",
+    "max_index_memory",
+    "pretransform",
     "seed",
     "nprobe",
     "group_vectors",
@@ -134,6 +138,10 @@ def build_config(values: dict[str, Any], base: RunConfig | None = None) -> RunCo
         gem["scales"] = tuple(float(s) for s in gem["scales"])
     limits = {k: v for k, v in given.items() if k in _LIMIT_KEYS}
     top = {k: v for k, v in given.items() if k in _TOP_KEYS}
+    if isinstance(top.get("max_index_memory"), str):
+        from retrieval.index.factory import parse_bytes
+
+        top["max_index_memory"] = parse_bytes(top["max_index_memory"])
     if "beam_args" in top and isinstance(top["beam_args"], str):
         import shlex
 

@@ -81,6 +81,8 @@ def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
         factory=config.index_factory,
         sample_size=config.sample_size,
         seed=config.seed,
+        max_index_memory=config.max_index_memory,
+        pretransform=config.pretransform,
     )
 
 

@@ -119,8 +119,37 @@ def test_default_factory_rules():
     assert with_id_map("Flat") == "IDMap2,Flat"
     assert with_id_map("IVF16,PQ8") == "IVF16,PQ8"
     assert factories.training_sample_size("IVF1024,PQ32", 10**7) == 65_536
-    assert factories.training_sample_size("IVF8192,PQ64", 10**7) == 200_000
+    # 64 points per list, capped at 1 GiB of float32 vectors
+    assert factories.training_sample_size("IVF8192,PQ64", 10**7, 128) == 64 * 8192
+    assert factories.training_sample_size("IVF8192,PQ64", 10**7, 1280) == 2**30 // (4 * 1280)
     assert factories.training_sample_size("IVF16,Flat", 300) == 300
+
+
+def test_index_type_from_a_memory_budget():
+    n, d = 1_000_000, 1280
+    assert factories.choose_factory(n, d) == factories.default_factory(n, d)
+    roomy = factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("1G"))
+    assert roomy == "OPQ64_256,IVF4096,PQ64"
+    tight = factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("30M"))
+    assert tight == "OPQ16_64,IVF4096,PQ16"  # 24 bytes per vector: the largest code that fits
+    assert factories.estimated_bytes(tight, n, d) <= factories.parse_bytes("30M")
+    assert factories.choose_factory(n, d, max_index_memory=2**30, pretransform="pca") == (
+        "PCAR256,IVF4096,PQ64"
+    )
+    assert factories.choose_factory(n, 128, max_index_memory=2**30, pretransform="none") == (
+        "IVF4096,PQ32"
+    )
+    # small sets stay exact while they fit, and compress when they do not
+    assert factories.choose_factory(5_000, d, max_index_memory=2**30) == "IDMap2,Flat"
+    assert factories.choose_factory(5_000, d, max_index_memory=2**20).endswith("x4")
+    with pytest.raises(ValueError, match="need at least"):
+        factories.choose_factory(n, d, max_index_memory=10 * n)
+    assert factories.parse_bytes("16M") == 16 * 2**20 and factories.parse_bytes("2GiB") == 2**31
+    assert factories.parse_bytes("1000") == 1000
+    with pytest.raises(ValueError):
+        factories.parse_bytes("lots")
+    for factory in (roomy, tight, "PCAR256,IVF4096,PQ64"):
+        faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
 
 
 def test_index_stage_rerun_skips_and_beam_matches_local(descriptors, tmp_path):

@@ -83,6 +83,8 @@ def train_codebook(
     factory: str = "auto",
     sample_size: int | None = None,
     seed: int = 0,
+    max_index_memory: int | None = None,
+    pretransform: str = "opq",
 ) -> dict[str, Any]:
     """Train an empty index on a uniform sample of the descriptors; write it and its manifest."""
     start = time.perf_counter()
@@ -102,9 +104,11 @@ def train_codebook(
     if total == 0:
         raise ValueError(f"{descriptors}: no descriptors to train on (every input failed)")
     if factory == "auto":
-        factory = factories.default_factory(total, d)
+        factory = factories.choose_factory(
+            total, d, max_index_memory=max_index_memory, pretransform=pretransform
+        )
     factory = with_id_map(factory)
-    size = sample_size or factories.training_sample_size(factory, total)
+    size = sample_size or factories.training_sample_size(factory, total, d)
     # The codebook is a function of these; if a committed one matches, training is skipped.
     inputs_digest = storage.sha256_bytes(
         "\n".join(m["files"]["data"]["sha256"] for m in shard_manifests).encode()
