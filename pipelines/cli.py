@@ -27,6 +27,11 @@ The indexing pipeline, one command per stage, each reading and writing URIs
   retrieval merge    --shards GROUPS --output INDEX     tree merge: one index (or N pieces)
   retrieval search   --index INDEX --queries QDESC --output RESULTS
 
+and, for a corpus that changes, a versioned index kept up to date:
+
+  retrieval reindex  --corpus IMAGES --root ROOT      extract only new/changed, new version
+  retrieval rollback --root ROOT                      CURRENT back to the previous version
+
 and the whole default pipeline on a benchmark folder, with a report:
 
   retrieval evaluate --benchmark ../shared/benchmarks/oxford-dev --out reports/oxford-dev
@@ -270,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         "extract` on the query images) and write the top --k results "
         "per query as results.parquet (query_id, rank, id, uri, score).",
     )
-    p.add_argument("--index", required=True, metavar="URI", help="merged index folder")
+    p.add_argument(
+        "--index",
+        required=True,
+        metavar="URI",
+        help="merged index folder, or a versioned root (its CURRENT version is searched)",
+    )
     p.add_argument("--queries", required=True, metavar="URI", help="query descriptor folder")
     p.add_argument(
         "--output", required=True, metavar="URI", help="folder for results.parquet and summary.json"
@@ -278,6 +288,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
     _expansion_options(p)
+
+    p = sub.add_parser(
+        "reindex",
+        formatter_class=fmt,
+        help="re-index only what changed in a corpus (nightly)",
+        description=textwrap.dedent("""\
+        Compare the corpus with the live version under --root (content keys: GCS generation
+        + size, S3 ETag + size, else SHA-256 of the bytes), extract only new and changed
+        images, drop deleted ones, and write a new complete version:
+
+          ROOT/versions/vNNNNNN/   state, descriptors, codebook, index, summary.json
+          ROOT/CURRENT             moved to the new version atomically once it is complete
+
+        The codebook is kept unless the new vectors' quantization error exceeds
+        --drift-threshold times the training sample's (default 1.5), or the corpus size calls
+        for another index type; then it is retrained. summary.json counts new, changed,
+        deleted, unchanged and failed images. The last --keep versions are kept."""),
+    )
+    p.add_argument("--corpus", required=True, metavar="URI", help="image prefix or manifest")
+    p.add_argument("--root", required=True, metavar="URI", help="versioned index root")
+    p.add_argument("--keep", type=int, default=3, metavar="N", help="versions to keep (default 3)")
+    p.add_argument(
+        "--drift-threshold",
+        type=float,
+        default=1.5,
+        dest="drift_threshold",
+        metavar="R",
+        help="retrain when new vectors quantize R times worse than the training sample",
+    )
+    _extract_options(p)
+    _index_options(p)
+    _runner_options(p)
+
+    p = sub.add_parser(
+        "rollback",
+        formatter_class=fmt,
+        help="point CURRENT back at the previous version",
+        description="Move ROOT/CURRENT back to the newest kept version older than the live "
+        "one (atomically); `retrieval search --index ROOT` then answers from it.",
+    )
+    p.add_argument("--root", required=True, metavar="URI", help="versioned index root")
 
     for name, helptext in (
         ("evaluate", "run the whole pipeline on a benchmark and report"),
@@ -417,6 +468,27 @@ def main(argv: list[str] | None = None) -> int:
         _print_json(stages.merge(args.shards, args.output, _config(args)))
     elif args.command == "search":
         _search(args)
+    elif args.command == "reindex":
+        from pipelines.reindex import reindex
+
+        summary = reindex(
+            args.corpus,
+            args.root,
+            _config(args),
+            keep=args.keep,
+            drift_threshold=args.drift_threshold,
+        )
+        print(
+            f"{summary['version']}: {summary['new']} new, {summary['changed']} changed, "
+            f"{summary['deleted']} deleted, {summary['unchanged']} unchanged, "
+            f"{summary['failed']} failed; codebook "
+            + ("retrained" if summary["retrained"] else "kept")
+            + f" ({summary['retrain_reason']})"
+        )
+    elif args.command == "rollback":
+        from retrieval.versions import rollback
+
+        print(f"CURRENT -> {rollback(args.root)}")
     elif args.command == "evaluate":
         _evaluate(args.benchmark, args.out, args)
     elif args.command == "demo":

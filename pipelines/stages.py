@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipelines.config import RunConfig
 from pipelines.progress import ShardProgress
-from retrieval import storage
+from retrieval import storage, versions
 from retrieval.descriptors.gem import model_info
 from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, summarize_extraction
 from retrieval.index import group_index
@@ -139,6 +139,7 @@ def search(
 ) -> dict[str, Any]:
     """Top-``k`` results for every descriptor under ``queries`` -> ``output``/results.parquet."""
     start = time.perf_counter()
+    index_dir = versions.resolve_index(index_dir)  # a versioned root: follow CURRENT
     index = load_index(index_dir, nprobe=nprobe or DEFAULT_NPROBE)
     index.check_query_model(descriptor_shards.list_shards(queries))
     query_ids, _, vectors = descriptor_shards.read_all(queries)

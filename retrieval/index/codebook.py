@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from retrieval import storage
 from retrieval.index import factory as factories
+from retrieval.index.drift import quantization_error
 from retrieval.index.faiss_io import read_index, write_index
 from retrieval.manifests import read_manifest, require_same, write_manifest
 from retrieval.shards import descriptor_shards
@@ -148,7 +149,10 @@ def train_codebook(
         {"position": pa.array(positions, pa.int64()), "id": pa.array(ids, pa.string())}
     )
     storage.write_parquet(storage.join(output, SAMPLE_FILE), sample_table)
+    # Recorded so re-indexing can tell when new vectors no longer fit (``drift.py``).
+    training_error = quantization_error(index, sample)
     body = {
+        "training_quantization_error": training_error,
         "codebook_id": storage.sha256_bytes(data)[:16],
         "factory": factory,
         "metric": "inner_product",
