@@ -42,6 +42,11 @@ NOISE = 0.3  # norm of the noise added to each mix of two real descriptors
 CHUNK = 50_000  # vectors per descriptor shard / .npy file
 
 
+def _search_child(code: str, *args: str, python: str = sys.executable) -> dict:
+    return {f"search_{k}" if k in ("peak_rss_mb", "wall_s") else k: v
+            for k, v in _child(code, *args, python=python).items()}  # fmt: skip
+
+
 def _child(code: str, *args: str, python: str = sys.executable) -> dict:
     """Run ``code`` in a fresh interpreter; its last stdout line is JSON. Adds that process's
     own peak RSS (MB, from ``wait4``) and wall time."""
@@ -78,6 +83,11 @@ def base_descriptors(base: str | None, scratch: Path) -> np.ndarray:
         )  # fmt: skip
     _, _, vectors = descriptor_shards.read_all(base)
     return vectors
+
+
+def _cached_base(scratch: Path) -> str | None:
+    """A descriptor folder extracted by an earlier run in the same --workdir, if any."""
+    return str(scratch / "base") if (scratch / "base" / "plan.json").exists() else None
 
 
 def draw(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -249,7 +259,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "note": "shared 2-core machine: timings are noisy",
     }
-    base = base_descriptors(args.base, scratch)
+    base = base_descriptors(args.base or _cached_base(scratch), scratch)
     result["dim"] = int(base.shape[1])
     result["base_descriptors"] = len(base)
     t = time.perf_counter()
@@ -263,9 +273,13 @@ def main() -> None:
 
     project = _child(PROJECT_BUILD, str(desc), str(scratch / "project"), str(budget))
     project.update(
-        _child(PROJECT_SEARCH, str(scratch / "project" / "index"), str(scratch / "queries.npy"),
-               str(scratch / "project-found.npy"))
-    )  # fmt: skip
+        _search_child(
+            PROJECT_SEARCH,
+            str(scratch / "project" / "index"),
+            str(scratch / "queries.npy"),
+            str(scratch / "project-found.npy"),
+        )
+    )
     project.update(recall(np.load(scratch / "project-found.npy"), truth))
     project["bytes_per_vector"] = round(project["bytes"] / args.n, 2)
     result["project"] = project
@@ -279,7 +293,7 @@ def main() -> None:
             python=args.autofaiss_python,
         )  # fmt: skip
         auto.update(
-            _child(AUTOFAISS_SEARCH, str(scratch / "autofaiss" / "knn.index"),
+            _search_child(AUTOFAISS_SEARCH, str(scratch / "autofaiss" / "knn.index"),
                    str(scratch / "queries.npy"), str(scratch / "autofaiss-found.npy"),
                    python=args.autofaiss_python)
         )  # fmt: skip
