@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install airflow demo test test-slow lint bench clean
+.PHONY: install airflow demo test test-slow lint bench bench-runners clean
 AIRFLOW_VENV := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
@@ -19,7 +19,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode \
-		-c requirements/constraints.txt -e '.[test]'
+		-c requirements/constraints.txt -e '.[test,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,6 +44,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_throughput.py
+
+bench-runners: $(STAMP)
+	$(BIN)/python benchmarks/runner_scaling.py
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_VENV) reports .pytest_cache .ruff_cache

@@ -1,15 +1,26 @@
-"""Extraction throughput: the Beam pipeline end to end vs a bare loop, same images and threads.
+"""Extraction throughput: the default pipeline end to end vs bare loops, same images and cores.
 
     python benchmarks/extract_throughput.py [--images DIR] [--limit N] [--threads T]
 
-* baseline: one process, TensorFlow with T threads, ``for image: read + decode + describe``.
-  Timed from the first image to the last (model build excluded: the strictest baseline).
-* beam: ``pipelines.stages.extract`` with the Beam runner (FnApiRunner, T worker processes with
-  one TensorFlow thread each: the same T threads), timed end to end: pipeline start-up, worker
-  start-up and model loading, reading, decoding, inference, Parquet writing and commits.
+Measured in one run, on the same images and the same T threads, each in a fresh subprocess (so
+none inherits another's thread pools):
 
-Each side runs in a fresh subprocess so neither inherits the other's TensorFlow thread pools.
-Writes ``benchmarks/results/extract_throughput.json`` with both rates and their ratio.
+* ``tf_fp32_bare``: the fixed reference. One process, the ``tensorflow`` runtime with T threads,
+  ``for image: read + decode + describe`` one image at a time (model build excluded).
+* ``default_bare``: the same bare loop with the default runtime (model load excluded).
+* ``pipeline``: ``retrieval extract`` with the defaults on Beam (FnApiRunner, T worker processes,
+  the default runtime, real batches, decode fan-in), timed end to end: pipeline and worker
+  start-up, model loading, reading, decoding, inference, Parquet writing and commits.
+* ``decode``: read + decode + resize alone on one thread (images/s per core), and
+  ``decode_fan_in`` on T threads (``retrieval.extraction.load_images``).
+* with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
+  the int8 runtimes calibrate on ``--calibration`` (default: ukbench-56, see the README).
+
+The three sides run in ``--rounds`` alternating rounds (median per side, every round kept).
+Writes ``benchmarks/results/extract_throughput.json`` with ``images_per_s`` for each,
+``speedup = pipeline / tf_fp32_bare`` and ``efficiency = pipeline / default_bare``, plus the
+machine's load average before and after (timings on a shared machine are noisy; the ratios are
+taken side by side in one run).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,10 +38,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "benchmarks" / "oxford-dev" / "images"
+DEFAULT_CALIBRATION = REPO.parent / "shared" / "benchmarks" / "ukbench-56" / "images"
 
 
 def _image_folder(source: Path, limit: int | None, scratch: Path) -> Path:
-    """A folder of links to the first ``limit`` images, so both sides see the same inputs."""
+    """A folder of links to the first ``limit`` images, so every side sees the same inputs."""
     folder = scratch / "images"
     folder.mkdir()
     for path in sorted(source.iterdir())[:limit]:
@@ -37,14 +50,16 @@ def _image_folder(source: Path, limit: int | None, scratch: Path) -> Path:
     return folder
 
 
-def run_baseline(images: str, threads: int) -> dict:
+def run_bare(images: str, threads: int, runtime: str, calibration: str | None = None) -> dict:
     from retrieval.corpus import list_corpus
-    from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
+    from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
     from retrieval.extraction import LoadedImage, load_image
     from retrieval.images import DecodeLimits
 
-    configure_tf_threads(threads)
-    extractor = GeMExtractor()
+    if runtime == "tensorflow":
+        configure_tf_threads(threads)
+    config = GeMConfig(runtime=runtime, calibration=calibration if "int8" in runtime else None)
+    extractor = GeMExtractor(config, threads=threads)
     refs = list_corpus(images)
     limits = DecodeLimits()
     start = time.perf_counter()
@@ -55,39 +70,65 @@ def run_baseline(images: str, threads: int) -> dict:
             extractor.describe(loaded.image)
             described += 1
     seconds = time.perf_counter() - start
-    return {"images": described, "seconds": seconds, "images_per_s": described / seconds}
+    return {
+        "runtime": runtime,
+        "images": described,
+        "seconds": seconds,
+        "images_per_s": described / seconds,
+        "threads": threads,
+    }
 
 
-def run_beam(images: str, threads: int, output: str) -> dict:
+def run_decode(images: str, threads: int) -> dict:
+    from retrieval.corpus import list_corpus
+    from retrieval.descriptors.gem import DEFAULT_IMAGE_SIZE
+    from retrieval.extraction import LoadedImage, load_images
+    from retrieval.images import DecodeLimits
+
+    refs = list_corpus(images)
+    limits = DecodeLimits()
+    start = time.perf_counter()
+    loaded = load_images(
+        refs,
+        max_side=DEFAULT_IMAGE_SIZE,
+        limits=limits,
+        threads=0 if threads == 1 else threads,
+        prefetch=4 * threads,
+    )
+    done = sum(isinstance(result, LoadedImage) for result in loaded)
+    seconds = time.perf_counter() - start
+    return {"images": done, "seconds": seconds, "images_per_s": done / seconds, "threads": threads}
+
+
+def run_pipeline(images: str, threads: int, output: str) -> dict:
     start = time.perf_counter()
     from pipelines import stages
     from pipelines.config import RunConfig
 
-    config = RunConfig(runner="beam", workers=threads, threads_per_worker=1)
+    config = RunConfig(runner="beam", workers=threads)
     summary = stages.extract(images, output, config)
     seconds = time.perf_counter() - start
     return {
+        "runtime": config.gem.runtime,
         "images": summary["indexed"],
         "seconds": seconds,
         "images_per_s": summary["indexed"] / seconds,
         "workers": threads,
-        "threads_per_worker": 1,
+        "threads_per_worker": config.threads,
     }
 
 
-def _child(side: str, images: str, threads: int, output: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        side,
-        "--images",
-        images,
-        "--threads",
-        str(threads),
-        "--output",
-        output,
-    ]
+def _child(
+    side: str,
+    images: str,
+    threads: int,
+    output: str = "",
+    runtime: str = "",
+    calibration: str = "",
+) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--images", images]
+    cmd += ["--threads", str(threads), "--output", output, "--runtime", runtime]
+    cmd += ["--calibration", calibration]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -103,32 +144,73 @@ def main() -> None:
     parser.add_argument(
         "--out", default=str(REPO / "benchmarks" / "results" / "extract_throughput.json")
     )
-    parser.add_argument("--child", choices=["baseline", "beam"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["bare", "pipeline", "decode"], help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds of the three sides (median)"
+    )
+    parser.add_argument(
+        "--all-runtimes", action="store_true", help="also time the bare loop of every runtime"
+    )
+    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
+    parser.add_argument("--runtime", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.child == "baseline":
-        print(json.dumps(run_baseline(args.images, args.threads)))
+    if args.child == "bare":
+        print(json.dumps(run_bare(args.images, args.threads, args.runtime, args.calibration)))
         return
-    if args.child == "beam":
-        print(json.dumps(run_beam(args.images, args.threads, args.output)))
+    if args.child == "pipeline":
+        print(json.dumps(run_pipeline(args.images, args.threads, args.output)))
+        return
+    if args.child == "decode":
+        print(json.dumps(run_decode(args.images, args.threads)))
         return
 
+    from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
+
+    load_before = os.getloadavg()
+    rounds: dict[str, list[dict]] = {"tf_fp32_bare": [], "default_bare": [], "pipeline": []}
+    results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         images = str(_image_folder(Path(args.images), args.limit, Path(scratch)))
-        baseline = _child("baseline", images, args.threads, "")
-        print(f"baseline: {baseline['images_per_s']:.2f} images/s", flush=True)
-        beam = _child("beam", images, args.threads, str(Path(scratch) / "descriptors"))
-        print(f"beam:     {beam['images_per_s']:.2f} images/s", flush=True)
+        # Alternate the sides round by round, so that a change in the machine's load hits all of
+        # them alike; each side's figure is its median over the rounds (all rounds are kept).
+        for r in range(args.rounds):
+            bare_sides = (("tf_fp32_bare", "tensorflow"), ("default_bare", DEFAULT_RUNTIME))
+            for name, runtime in bare_sides:
+                rounds[name].append(_child("bare", images, args.threads, runtime=runtime))
+            output = str(Path(scratch) / f"descriptors-{r}")
+            rounds["pipeline"].append(_child("pipeline", images, args.threads, output=output))
+        for name, runs in rounds.items():
+            rates = [run["images_per_s"] for run in runs]
+            results[name] = {**runs[-1], "images_per_s": statistics.median(rates), "rounds": rates}
+        results["decode"] = _child("decode", images, 1)
+        results["decode_fan_in"] = _child("decode", images, args.threads)
+        if args.all_runtimes:
+            calibration = args.calibration
+            results["runtimes"] = {
+                name: _child("bare", images, args.threads, runtime=name, calibration=calibration)
+                for name in RUNTIMES
+            }
+    for name, result in results.items():
+        if name != "runtimes":
+            print(f"{name:>13}: {result['images_per_s']:7.2f} images/s", flush=True)
+    for name, result in results.get("runtimes", {}).items():
+        print(f"{name:>13}: {result['images_per_s']:7.2f} images/s (bare loop)", flush=True)
+    speedup = results["pipeline"]["images_per_s"] / results["tf_fp32_bare"]["images_per_s"]
+    efficiency = results["pipeline"]["images_per_s"] / results["default_bare"]["images_per_s"]
     result = {
         "benchmark": "extract_throughput",
         "images_source": args.images,
         "threads": args.threads,
-        "baseline": baseline,
-        "beam": beam,
-        "ratio": beam["images_per_s"] / baseline["images_per_s"],
+        "default_runtime": DEFAULT_RUNTIME,
+        **results,
+        "speedup": speedup,
+        "efficiency": efficiency,
         "machine": {
             "cpus": os.cpu_count(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
@@ -136,7 +218,8 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"ratio beam / baseline: {result['ratio']:.3f} -> {args.out}")
+    print(f"speedup (pipeline / tf_fp32_bare): {speedup:.2f}")
+    print(f"efficiency (pipeline / default_bare): {efficiency:.2f} -> {args.out}")
 
 
 if __name__ == "__main__":

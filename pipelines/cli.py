@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import stages
+from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,11 +38,24 @@ and the whole default pipeline on a benchmark folder, with a report:
   retrieval evaluate --benchmark ../shared/benchmarks/oxford-dev --out reports/oxford-dev
   retrieval demo
 
+the field's standard benchmarks, fetched from their publishers and converted:
+
+  retrieval datasets list
+  retrieval datasets fetch roxford5k --to data/roxford5k
+  retrieval evaluate --benchmark data/roxford5k --protocol roxford --out reports/roxford5k
+
+and runs compared side by side:
+
+  retrieval compare reports/run-a/report.json reports/run-b/report.json --out reports/a-vs-b
+
 Every stage skips the shards a previous run already committed, writes summary.json
 (inputs = indexed + failed), and takes --config FILE (TOML or JSON) for repeatable runs.
 """
 
 DEMO_BENCHMARK = "oxford-dev"
+# Fetched by `retrieval demo` when the shared benchmarks are absent: the smallest standard set
+# (1,491 images, about 1.1 GB from INRIA's FTP server).
+DEMO_FALLBACK = "holidays"
 
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
@@ -53,16 +67,18 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--runner",
-        choices=["beam", "local"],
+        choices=["beam", "spark", "local"],
         help="beam: Apache Beam, locally on the FnApiRunner with --workers "
-        "processes, or on Dataflow via --beam-args (default); local: one "
-        "process, no Beam (debugging, baselines)",
+        "processes, or on Dataflow via --beam-args (default); spark: PySpark, "
+        "locally local[--workers], or a cluster via --master / --spark-conf; "
+        "local: one process, no runner (debugging, baselines)",
     )
     group.add_argument(
         "--workers",
         type=int,
         metavar="N",
-        help="parallel worker processes for local Beam runs (default: CPU cores)",
+        help="parallel workers of a local run: Beam worker processes, or "
+        "Spark's local[N] (default: CPU cores)",
     )
     group.add_argument(
         "--threads-per-worker",
@@ -77,6 +93,20 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
         dest="beam_args",
         help='extra Beam pipeline options, quoted, e.g. "--runner=DataflowRunner '
         '--project=P --region=R --temp_location=gs://B/tmp"',
+    )
+    group.add_argument(
+        "--master",
+        metavar="URL",
+        help="Spark master: spark://HOST:7077, yarn, k8s://https://HOST "
+        "(default: local[--workers], started in this process)",
+    )
+    group.add_argument(
+        "--spark-conf",
+        action="append",
+        dest="spark_conf",
+        metavar="KEY=VALUE",
+        help="a Spark setting, repeatable, e.g. --spark-conf "
+        "spark.executor.memory=8g (over [spark_conf] in --config)",
     )
 
 
@@ -103,6 +133,25 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--gem-p", type=float, dest="gem_p", metavar="P", help="GeM pooling exponent (default 3)"
+    )
+    group.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help=f"what runs the backbone (default {DEFAULT_RUNTIME}, the fastest measured within "
+        "0.5 mAP of tensorflow; see the README's runtime table). Converted models are cached "
+        "in $RETRIEVAL_MODEL_CACHE (default ~/.cache/cbir-retrieval/models)",
+    )
+    group.add_argument(
+        "--calibration",
+        metavar="URI",
+        help="folder, prefix or manifest of representative images that the int8 runtimes "
+        "calibrate on (32 drawn with seed 0); needed by tflite-int8 and onnx-int8",
+    )
+    group.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        help="cpu (default): one worker per core; gpu: one worker per GPU with batches sized "
+        "to its memory, decoding spread over the CPU cores",
     )
     group.add_argument(
         "--shard-size",
@@ -180,7 +229,13 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="retrieval", description=DESCRIPTION, formatter_class=fmt)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="log progress details, and the runners' own logs (Spark's JVM log)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -330,9 +385,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", required=True, metavar="URI", help="versioned index root")
 
+    p = sub.add_parser(
+        "submit",
+        formatter_class=fmt,
+        help="run the whole indexing job on Dataflow or a Spark cluster",
+        description=textwrap.dedent("""\
+        Run the whole indexing job on a cluster: extract -> train -> index -> merge for the
+        corpus under --input (and extract for --queries), into folders under --output:
+        descriptors/, codebook/, index_shards/, index/, query_descriptors/.
+
+        --runner dataflow: extract and index run as Dataflow jobs (pipeline options from the
+          [dataflow] section of --config: project, region, temp_location, machine_type,
+          max_workers, sdk_container_image, gpu_type/gpu_count); train and merge run here.
+        --runner spark: one Spark application (deploy/spark/job.py) runs every stage with
+          --runner spark: `spark-submit` (standalone, YARN, Kubernetes) or, when [spark]
+          cluster is set, `gcloud dataproc jobs submit pyspark`. The project reaches the
+          executors as a packed environment (env_archive) or a container image (Kubernetes).
+
+        The same --config drives local runs (`retrieval extract --config ...`) and this one.
+        --dry-run prints exactly what would run, with <PLACEHOLDERS> for missing values; only
+        settings that contradict each other are refused. See deploy/ and the README."""),
+    )
+    p.add_argument("--runner", required=True, choices=["dataflow", "spark"])
+    p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest")
+    p.add_argument("--output", required=True, metavar="URI", help="job folder")
+    p.add_argument("--queries", metavar="URI", help="query images to describe as well")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON settings")
+    p.add_argument("--dry-run", action="store_true", dest="dry_run", help="print, do not run")
+
     for name, helptext in (
         ("evaluate", "run the whole pipeline on a benchmark and report"),
-        ("demo", f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}"),
+        (
+            "demo",
+            f"evaluate on ../shared/benchmarks/{DEMO_BENCHMARK}, else on {DEMO_FALLBACK} "
+            "(fetched to data/ on first use)",
+        ),
     ):
         p = sub.add_parser(
             name,
@@ -353,17 +440,110 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--benchmark", required=True, metavar="DIR", help="folder with images/ and gt.json"
             )
+            p.add_argument(
+                "--protocol",
+                metavar="NAME[,NAME]",
+                help="how queries are scored: default (the gt.json as it is), "
+                "roxford-easy|medium|hard, rparis-easy|medium|hard, or roxford / rparis for "
+                "all three Revisited setups (one result row each, mP@k as revisitop "
+                "defines it)",
+            )
         p.add_argument(
             "--out",
             metavar="DIR",
             required=name == "evaluate",
             help="output folder (work files and report)"
-            + ("" if name == "evaluate" else f" (default reports/{DEMO_BENCHMARK})"),
+            + ("" if name == "evaluate" else " (default reports/<benchmark name>)"),
         )
         _extract_options(p)
         _index_options(p)
         _runner_options(p)
+
+    _datasets_parser(sub, fmt)
+    _compare_parser(sub, fmt)
     return parser
+
+
+def _datasets_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser(
+        "datasets",
+        formatter_class=fmt,
+        help="list and fetch the standard benchmarks",
+        description=textwrap.dedent("""\
+        The field's standard instance-retrieval benchmarks: Oxford5k, Paris6k, Revisited
+        Oxford/Paris, INRIA Holidays, UKBench, Google Landmarks v2 (retrieval lists).
+
+          retrieval datasets list                       sizes, protocols, licences, citations
+          retrieval datasets fetch NAME --to DIR        download, verify, unpack, convert
+
+        `fetch` downloads from the publishers' own URLs into DIR/downloads (resuming an
+        interrupted download), checks SHA-256 digests (none are published for these sets:
+        the digest computed on the first download is recorded in DIR/downloads/SHA256SUMS and
+        later downloads must match it), unpacks, and converts the ground truth to DIR/images/
+        + DIR/gt.json, keeping the official query crops. Then:
+        retrieval evaluate --benchmark DIR --out REPORT_DIR [--protocol roxford]"""),
+    )
+    actions = p.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    actions.add_parser("list", help="the known benchmarks")
+    f = actions.add_parser(
+        "fetch",
+        formatter_class=fmt,
+        help="download and convert one benchmark",
+        description="Download, verify, unpack and convert one benchmark into --to.",
+    )
+    f.add_argument("name", metavar="NAME", help="a name from `retrieval datasets list`")
+    f.add_argument("--to", required=True, metavar="DIR", help="destination folder")
+    f.add_argument(
+        "--mirror",
+        metavar="URL",
+        default=os.environ.get("CBIR_DATASETS_MIRROR"),
+        help="fetch every file from URL/<file name> instead of the publisher "
+        "(a local copy of the archives; default $CBIR_DATASETS_MIRROR)",
+    )
+    f.add_argument(
+        "--with-images",
+        action="store_true",
+        dest="with_images",
+        help="also the optional files (GLDv2 images, about 110 GB)",
+    )
+    f.add_argument(
+        "--delete-archives",
+        action="store_true",
+        dest="delete_archives",
+        help="delete the downloaded archives after conversion",
+    )
+    f.add_argument("--no-progress", action="store_true", dest="no_progress")
+
+
+def _compare_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser(
+        "compare",
+        formatter_class=fmt,
+        help="compare evaluation reports side by side",
+        description=textwrap.dedent("""\
+        Compare two or more evaluation reports (report.json from `retrieval evaluate`) of
+        the same benchmark: writes DIR/compare.html and DIR/compare.md with the metrics side by
+        side and their deltas against the first report, a per-query AP scatter (which
+        queries got better or worse), per-landmark deltas, and the top-10 results of the
+        queries that changed most (thumbnails, when the benchmark images are found).
+
+        Each report's first result row is compared; REPORT may be report.json or the
+        folder holding it, optionally suffixed with #ROW to pick another row by name."""),
+    )
+    p.add_argument("reports", nargs="+", metavar="REPORT", help="report.json files or folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--benchmark",
+        metavar="DIR",
+        help="benchmark folder for thumbnails (default: the one the first report names)",
+    )
+    p.add_argument(
+        "--changed",
+        type=int,
+        default=5,
+        metavar="N",
+        help="show the top-10 results of the N queries whose AP changed most (default 5)",
+    )
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -386,11 +566,102 @@ def benchmarks_dir() -> Path:
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
+def demo_data_dir() -> Path:
+    """Where the demo fetches its fallback benchmark: $CBIR_DEMO_DATA, else data/ in the repo."""
+    if os.environ.get("CBIR_DEMO_DATA"):
+        return Path(os.environ["CBIR_DEMO_DATA"])
+    return Path(__file__).resolve().parents[1] / "data"
+
+
 def demo_benchmark() -> Path:
+    """The shared oxford-dev if present; else the fallback set, fetched on first use (from
+    $CBIR_DATASETS_MIRROR when set). Raises CommandError with what to do when neither works."""
     candidate = benchmarks_dir() / DEMO_BENCHMARK
-    if not (candidate / "gt.json").exists():
-        raise SystemExit(f"cannot find {candidate} (set CBIR_BENCHMARKS); use `retrieval evaluate`")
-    return candidate
+    if (candidate / "gt.json").exists():
+        return candidate
+    from retrieval.datasets import registry
+    from retrieval.datasets.fetch import FetchError, fetch_dataset
+    from retrieval.datasets.formats import FormatError
+
+    target = demo_data_dir() / DEMO_FALLBACK
+    spec = registry.get(DEMO_FALLBACK)
+    print(
+        f"{candidate} not found; fetching {spec.title} ({spec.download_size}) to {target}",
+        file=sys.stderr,
+    )
+    try:
+        fetch_dataset(spec, target, mirror=os.environ.get("CBIR_DATASETS_MIRROR"))
+    except (FetchError, FormatError, OSError) as exc:
+        raise CommandError(
+            f"no benchmark at {candidate} and {DEMO_FALLBACK} could not be fetched ({exc}); "
+            f"run `retrieval datasets fetch {DEMO_FALLBACK} --to {target}` where the "
+            "publisher is reachable (or point $CBIR_BENCHMARKS at a folder holding "
+            f"{DEMO_BENCHMARK}/), then `make demo` again"
+        ) from exc
+    return target
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2, no traceback."""
+
+
+def _datasets(args: argparse.Namespace) -> None:
+    from retrieval.datasets import registry
+
+    if args.datasets_command == "list":
+        for spec in registry.DATASETS.values():
+            print(f"{spec.name}: {spec.title}")
+            for label, value in (
+                ("download", spec.download_size),
+                ("images", spec.images),
+                ("queries", spec.queries),
+                ("protocol", spec.protocol),
+                ("licence", spec.licence),
+                ("cite", spec.citation),
+                *(("note", note) for note in spec.notes),
+            ):
+                print(
+                    textwrap.fill(
+                        value, 96, initial_indent=f"  {label:<9} ", subsequent_indent=" " * 12
+                    )
+                )
+            print()
+        return
+    from retrieval.datasets.fetch import FetchError, fetch_dataset
+    from retrieval.datasets.formats import FormatError
+
+    try:
+        spec = registry.get(args.name)
+        record = fetch_dataset(
+            spec,
+            args.to,
+            mirror=args.mirror,
+            with_optional=args.with_images,
+            progress=not args.no_progress,
+            keep_archives=not args.delete_archives,
+        )
+    except (FetchError, FormatError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    state = "already fetched" if record.get("already_fetched") else "fetched"
+    print(
+        f"{spec.name} {state}: {record['images']} images, {record['queries']} queries "
+        f"-> {args.to} (gt.json, images/)"
+    )
+    for warning in record.get("warnings", []):
+        print(f"warning: {warning}")
+    print(f"next: retrieval evaluate --benchmark {args.to} --out reports/{spec.name}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from retrieval.evaluation.compare import ReportError, compare_reports
+
+    try:
+        paths = compare_reports(
+            args.reports, args.out, benchmark_dir=args.benchmark, changed=args.changed
+        )
+    except (ReportError, FileNotFoundError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"comparison: {paths['html']} ({paths['markdown']})")
 
 
 def _print_json(obj: Any) -> None:
@@ -412,8 +683,13 @@ def _search(args: argparse.Namespace) -> None:
 
 def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
     from pipelines.evaluate import evaluate_benchmark
+    from retrieval.evaluation import protocols
 
-    report = evaluate_benchmark(benchmark, out, _config(args))
+    try:
+        chosen = protocols.expand(getattr(args, "protocol", None))
+        report = evaluate_benchmark(benchmark, out, _config(args), protocols=chosen)
+    except ValueError as exc:  # a bad gt.json or a protocol the ground truth cannot serve
+        raise CommandError(str(exc)) from exc
     acc = report["accounting"]
     print(
         f"\n{report['benchmark']}: {acc['inputs']} inputs = {acc['indexed']} indexed + "
@@ -425,7 +701,9 @@ def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
             f"  {result['name']:<12} {result['index']:<24} mAP {result['mAP']:6.2f}  "
             f"landmark mAP {result['landmark_mAP']:6.2f}  mP@10 {result['mP@10']:6.2f}{ns}"
         )
-    print(f"report: {Path(out) / 'report.html'}")
+    from retrieval import storage
+
+    print(f"report: {storage.join(out, 'report.html')}")
 
 
 def _attach_beam_args(argv: list[str]) -> list[str]:
@@ -443,8 +721,43 @@ def _attach_beam_args(argv: list[str]) -> list[str]:
     return out
 
 
+# What a user can get wrong (a path, a URI, a setting, a folder from another stage or version):
+# these end in one line naming the problem, exit status 2; anything else is a bug and keeps its
+# traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ValueError,  # bad settings, unknown URI schemes, manifests and schemas that are refused
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from retrieval.plan import PlanError
+
+    return (*USER_ERRORS, PlanError, CommandError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_attach_beam_args(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(_attach_beam_args(sys.argv[1:] if argv is None else argv))
+    try:
+        return _run(args)
+    except _user_errors() as exc:
+        from retrieval.redaction import redact
+
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        message = redact(str(exc) or type(exc).__name__)
+        hint = "" if args.verbose else " (run with --verbose for the traceback)"
+        print(f"retrieval: error: {message}{hint}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -455,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.ERROR
         )
     if args.command == "extract":
-        summary = stages.extract(args.input, args.output, _config(args))
+        config = _config(args)  # a bad config file fails before anything is listed
+        summary = stages.extract(args.input, args.output, config)
         print(
             f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
             f"failed -> {args.output}"
@@ -489,12 +803,34 @@ def main(argv: list[str] | None = None) -> int:
         from retrieval.versions import rollback
 
         print(f"CURRENT -> {rollback(args.root)}")
+    elif args.command == "datasets":
+        _datasets(args)
+    elif args.command == "compare":
+        _compare(args)
     elif args.command == "evaluate":
         _evaluate(args.benchmark, args.out, args)
+    elif args.command == "submit":
+        from pipelines.submit.command import submit
+        from pipelines.submit.dataflow import SubmitError
+
+        try:
+            submit(
+                args.runner,
+                args.input,
+                args.output,
+                queries=args.queries,
+                config=args.config,
+                dry_run=args.dry_run,
+                verbose=bool(args.verbose),
+            )
+        except SubmitError as exc:
+            print(f"retrieval submit: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "demo":
-        _evaluate(str(demo_benchmark()), args.out or f"reports/{DEMO_BENCHMARK}", args)
+        benchmark = demo_benchmark()
+        _evaluate(str(benchmark), args.out or f"reports/{benchmark.name}", args)
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

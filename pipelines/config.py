@@ -2,13 +2,17 @@
 
 A config file is TOML (or JSON) with the same names as the command-line flags, e.g.::
 
-    runner = "beam"
+    runner = "beam"            # or "spark", "local"
     workers = 2
+    master = "spark://host:7077"   # Spark only (default: local[workers])
+    [spark_conf]                   # Spark only: any Spark setting
+    "spark.executor.memory" = "8g"
     [extract]
     backbone = "efficientnet-lite0"
     image_size = 362
     scales = [1.0]
     gem_p = 3.0
+    runtime = "tflite-fp32"
     shard_size = 256
     [index]
     factory = "auto"
@@ -38,15 +42,24 @@ from retrieval.images import DecodeLimits
 from retrieval.index.group_index import DEFAULT_GROUP_VECTORS
 from retrieval.index.merge import DEFAULT_FAN_IN
 from retrieval.index.search import DEFAULT_NPROBE
+from retrieval.redaction import MASK, is_secret_name, redact, redact_args
 from retrieval.rerank.query_expansion import QueryExpansion
+
+RUNNERS = ("beam", "spark", "local")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    runner: str = "beam"  # "beam" (FnApiRunner locally, or any runner via beam_args) or "local"
+    # "beam" (FnApiRunner locally, or any runner via beam_args), "spark" (local[workers], or
+    # any cluster via master / spark_conf) or "local" (one process, no runner)
+    runner: str = "beam"
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     threads_per_worker: int | None = None  # TensorFlow threads; default: cores / workers
     beam_args: tuple[str, ...] = ()
+    device: str = "cpu"  # "gpu": one worker per GPU, batches sized to its memory
+    master: str | None = None  # Spark master URL; None: local[workers]
+    spark_conf: tuple[tuple[str, str], ...] = ()  # extra Spark settings, (key, value) pairs
+    verbose: bool = False  # runners' own logs (Spark's JVM log, Beam workers' notices)
     gem: GeMConfig = field(default_factory=GeMConfig)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -68,33 +81,49 @@ class RunConfig:
         return QueryExpansion(n=self.qe, alpha=self.qe_alpha)
 
     def __post_init__(self) -> None:
-        if self.runner not in ("beam", "local"):
-            raise ValueError(f"runner must be 'beam' or 'local', not {self.runner!r}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {self.runner!r}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")
 
     @property
     def threads(self) -> int:
         if self.threads_per_worker:
             return self.threads_per_worker
-        workers = self.workers if self.runner == "beam" else 1
+        workers = self.workers if self.runner in ("beam", "spark") else 1
         return max(1, (os.cpu_count() or 1) // workers)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gem"] = self.gem.as_dict()
-        d["beam_args"] = list(self.beam_args)
+        d["beam_args"] = redact_args(self.beam_args)  # recorded in reports: no secrets
+        d["spark_conf"] = {
+            key: MASK if is_secret_name(key) else redact(value) for key, value in self.spark_conf
+        }
         return d
 
 
 # Flat names (as on the command line) -> where they live in RunConfig.
-_GEM_KEYS = {"backbone": "backbone", "image_size": "image_size", "scales": "scales", "gem_p": "p"}
+_GEM_KEYS = {
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "scales": "scales",
+    "gem_p": "p",
+    "runtime": "runtime",
+    "calibration": "calibration",
+}
 _LIMIT_KEYS = {f.name for f in fields(DecodeLimits)}
 _TOP_KEYS = {
     "runner",
+    "device",
     "workers",
     "threads_per_worker",
     "beam_args",
+    "master",
+    "spark_conf",
+    "verbose",
     "shard_size",
     "index_factory",
     "sample_size",
@@ -111,13 +140,26 @@ _TOP_KEYS = {
 }
 
 
+# Sections read by `retrieval submit` only (how to reach a cluster), not run settings.
+SUBMIT_SECTIONS = ("dataflow", "spark")
+
+
+def read_raw_config(path: str) -> dict[str, Any]:
+    """A TOML/JSON config file as written (sections as dicts)."""
+    with open(path, "rb") as f:
+        return json.load(f) if path.endswith(".json") else tomllib.load(f)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """Flatten a TOML/JSON config file's sections into command-line names."""
-    with open(path, "rb") as f:
-        raw = json.load(f) if path.endswith(".json") else tomllib.load(f)
+    raw = read_raw_config(path)
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):
+        if key in SUBMIT_SECTIONS:
+            continue
+        if key == "spark_conf":  # a table of Spark settings, not a section of flat names
+            flat[key] = value
+        elif isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
@@ -148,6 +190,25 @@ def build_config(values: dict[str, Any], base: RunConfig | None = None) -> RunCo
         top["beam_args"] = tuple(shlex.split(top["beam_args"]))
     elif "beam_args" in top:
         top["beam_args"] = tuple(top["beam_args"])
+    if "spark_conf" in top:
+        top["spark_conf"] = parse_spark_conf(top["spark_conf"], dict(config.spark_conf))
     return replace(
         config, gem=replace(config.gem, **gem), limits=replace(config.limits, **limits), **top
     )
+
+
+def parse_spark_conf(
+    values: dict[str, Any] | list[str] | tuple[Any, ...], base: dict[str, str] | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Spark settings from a config table or ``KEY=VALUE`` flags, over ``base`` (later wins)."""
+    conf = dict(base or {})
+    items = values.items() if isinstance(values, dict) else values
+    for item in items:
+        if isinstance(item, str):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--spark-conf wants KEY=VALUE, got {item!r}")
+        else:
+            key, value = item
+        conf[key.strip()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return tuple(sorted(conf.items()))

@@ -7,6 +7,11 @@
 ``results[0]`` is what the default pipeline (``retrieval search``, with α-query expansion)
 answers; the other rows use the same descriptors without expansion and with another index
 (exact or PQ), so the report shows what expansion gains and what compression costs.
+
+Where the protocol defines queries as crops, or keeps query images out of the database
+(Oxford5k, Paris6k, Revisited Oxford/Paris, GLDv2), the queries are described from their own
+cropped images (``retrieval.evaluation.queries``). With several ``protocols`` (e.g. the
+Revisited Easy, Medium and Hard), every ranking is scored under each, one row per pair.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +32,10 @@ import numpy as np
 from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval import storage
+from retrieval.evaluation import protocols as protocol_rules
 from retrieval.evaluation.ground_truth import Benchmark, load_benchmark
 from retrieval.evaluation.metrics import evaluate_rankings
+from retrieval.evaluation.queries import write_query_inputs
 from retrieval.evaluation.report import write_report
 from retrieval.extraction import failures
 from retrieval.index import factory as factories
@@ -86,27 +94,69 @@ def rank_queries(
     vectors_by_id: dict[str, np.ndarray],
     expansion: QueryExpansion,
 ) -> dict[str, list[str]]:
-    """Full rankings for every query; a query whose image failed gets an empty ranking."""
+    """Full rankings for every query; a query whose image failed gets an empty ranking.
+
+    Query expansion skips the query's own image among its neighbours, except where the
+    protocol keeps the query in its ranking (a crop's full image is a true match)."""
     query_ids = sorted({q.id for q in benchmark.queries})
     present = [q for q in query_ids if q in vectors_by_id]
     rankings: dict[str, list[str]] = {q: [] for q in query_ids}
     if present:
         queries = np.stack([vectors_by_id[q] for q in present])
         k = min(index.ntotal, MAX_RANKING)
-        _, found = index.search_expanded(queries, k, expansion, present)
+        own_ids = None if benchmark.query_in_ranking else present
+        _, found = index.search_expanded(queries, k, expansion, own_ids)
         rankings.update(zip(present, index.ranked_ids(found), strict=True))
     return rankings
 
 
+def query_vectors(
+    benchmark: Benchmark, database: dict[str, np.ndarray], out: str, config: RunConfig
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Query descriptors by query id, and {query id: reason} for queries without one.
+
+    Database descriptors serve when every query is a whole database image; otherwise each
+    query's own (cropped) image is written and described by the same extraction stage.
+    """
+    if not benchmark.needs_query_inputs:
+        return database, {}
+    inputs = Path(out) / "query_inputs"
+    problems = write_query_inputs(benchmark, inputs)
+    # A manifest names each query input by its query id (a folder listing would not).
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["id", "uri"])
+    for path in sorted(inputs.glob("*.png")):
+        writer.writerow([path.stem, "file://" + str(path.resolve())])
+    listing = storage.join(out, "query_inputs.csv")
+    storage.write_bytes(listing, rows.getvalue().encode())
+    descriptors = storage.join(out, "query_descriptors")
+    stages.extract(listing, descriptors, config)
+    ids, _, vectors = descriptor_shards.read_all(descriptors)
+    found = dict(zip(ids, vectors, strict=True))
+    for error in failures(descriptors):
+        problems.setdefault(error.id, f"{error.error_kind}: {error.message}")
+    return found, problems
+
+
 def evaluate_benchmark(
-    benchmark_dir: str, out: str, config: RunConfig, *, variants: bool = True
+    benchmark_dir: str,
+    out: str,
+    config: RunConfig,
+    *,
+    variants: bool = True,
+    protocols: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the default pipeline on ``benchmark_dir`` and write report.{json,md,html} to ``out``.
 
     With ``variants`` the report also scores exact search and PQ compression of the same
-    descriptors (whichever of them is not the default).
+    descriptors (whichever of them is not the default). ``protocols`` (names from
+    ``retrieval.evaluation.protocols``; default: the gt.json as it is) score every ranking
+    under each protocol; with more than one, row names end in " [E]", " [M]", ...
     """
     benchmark = load_benchmark(benchmark_dir)
+    protocols = protocols or [protocol_rules.DEFAULT]
+    scored_as = {p: protocol_rules.apply(benchmark, p) for p in protocols}  # fails early
     listing = write_benchmark_listing(benchmark, out)
     descriptors = storage.join(out, "descriptors")
     timings: dict[str, float] = {}
@@ -117,6 +167,8 @@ def evaluate_benchmark(
 
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     vectors_by_id = dict(zip(ids, vectors, strict=True))
+    with _timed(timings, "queries_s"):
+        queries_by_id, query_problems = query_vectors(benchmark, vectors_by_id, out, config)
     n, d = vectors.shape
     chosen = with_id_map(
         factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
@@ -143,19 +195,24 @@ def evaluate_benchmark(
     with _timed(timings, "search_and_score_s"):
         for name, index_dir, expansion in rows:
             index = load_index(index_dir, nprobe=config.nprobe)
-            rankings = rank_queries(index, benchmark, vectors_by_id, expansion)
-            metrics = evaluate_rankings(rankings, benchmark)
-            results.append(
-                {
-                    "name": name,
-                    "index": index.manifest["factory"],
-                    "query_expansion": {"n": expansion.n, "alpha": expansion.alpha}
-                    if expansion.n
-                    else None,
-                    **metrics.as_dict(),
-                }
-            )
-            all_rankings[name] = rankings
+            rankings = rank_queries(index, benchmark, queries_by_id, expansion)
+            for protocol, scored in scored_as.items():
+                metrics = evaluate_rankings(rankings, scored)
+                row_name = (
+                    name if len(protocols) == 1 else f"{name} [{protocol_rules.label(protocol)}]"
+                )
+                results.append(
+                    {
+                        "name": row_name,
+                        "index": index.manifest["factory"],
+                        "query_expansion": {"n": expansion.n, "alpha": expansion.alpha}
+                        if expansion.n
+                        else None,
+                        "protocol": protocol,
+                        **metrics.as_dict(),
+                    }
+                )
+                all_rankings[row_name] = rankings
 
     report = {
         "benchmark": benchmark.name,
@@ -171,12 +228,17 @@ def evaluate_benchmark(
                 extract_summary["indexed"] / max(timings["extract_s"], 1e-9), 2
             )
         },
-        "failures": [asdict(e) for e in failures(descriptors)],
+        "failures": [asdict(e) for e in failures(descriptors)]
+        + [
+            {"id": q, "uri": None, "stage": "query", "error_kind": "query_input", "message": m}
+            for q, m in sorted(query_problems.items())
+        ],
         "config": config.as_dict(),
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "created": utc_now(),
     }
-    write_report(report, out, benchmark=benchmark, rankings=all_rankings)
+    # Thumbnails are coloured with the ground truth of the first protocol (results[0]'s).
+    write_report(report, out, benchmark=scored_as[protocols[0]], rankings=all_rankings)
     return report
 
 

@@ -16,13 +16,14 @@ from tqdm import tqdm
 from pipelines.config import RunConfig
 from pipelines.progress import ShardProgress
 from retrieval import storage, versions
-from retrieval.descriptors.gem import model_info
+from retrieval.descriptors.gem import model_info, prepare_runtime
 from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, summarize_extraction
 from retrieval.index import group_index
 from retrieval.index.codebook import train_codebook
 from retrieval.index.merge import finish_merge, plan_merge, run_merge_task
 from retrieval.index.search import DEFAULT_NPROBE, NO_EXPANSION, load_index
 from retrieval.rerank.query_expansion import QueryExpansion
+from retrieval.runtimes.device import plan_worker
 from retrieval.shards import descriptor_shards
 from retrieval.summary import format_accounting, write_summary
 
@@ -38,13 +39,23 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
     run_start = time.perf_counter()
     if config.runner == "local" or not plan.pending:
         _extract_local(plan, config)
+    elif config.runner == "spark":
+        _extract_spark(plan, config, info)
     else:
         from pipelines.beam.extract import run_extraction
         from pipelines.beam.options import is_local, pipeline_options
 
         options = pipeline_options(config.workers, config.beam_args)
         # Local cores are shared by --workers processes; remote workers size their own pools.
-        threads = config.threads if is_local(options) else config.threads_per_worker
+        local = is_local(options)
+        if local:
+            prepare_runtime(config.gem)
+        worker = plan_worker(
+            config.device,
+            workers=config.workers if local else 1,
+            threads=config.threads if local else config.threads_per_worker,
+            image_side=config.gem.max_side,
+        )
         with ShardProgress(
             output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
         ):
@@ -55,7 +66,7 @@ def extract(source: str, output: str, config: RunConfig) -> dict[str, Any]:
                 model_info=info,
                 limits=config.limits,
                 options=options,
-                threads_per_worker=threads,
+                worker=worker,
             )
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
     summary = summarize_extraction(plan, info, timings)
@@ -68,10 +79,64 @@ def _extract_local(plan: ExtractionPlan, config: RunConfig) -> None:
         return
     from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
 
-    configure_tf_threads(config.threads)
-    extractor = GeMExtractor(config.gem)
+    worker = plan_worker(
+        config.device, workers=1, threads=config.threads, image_side=config.gem.max_side
+    )
+    if config.gem.runtime == "tensorflow":
+        configure_tf_threads(worker.inference_threads)
+    extractor = GeMExtractor(
+        config.gem,
+        threads=worker.inference_threads,
+        device=worker.device,
+        batch_bytes=worker.batch_bytes,
+    )
     shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
-    run_local(shard_ids, plan.output, extractor, config.limits)
+    run_local(
+        shard_ids,
+        plan.output,
+        extractor,
+        config.limits,
+        batch_size=worker.max_batch_images,
+        decode_threads=worker.decode_threads,
+    )
+
+
+def spark_session(config: RunConfig):
+    """The SparkSession for ``config`` (started once per process, then shared by stages)."""
+    from pipelines.spark.session import SparkSettings, get_session
+
+    settings = SparkSettings(
+        workers=config.workers,
+        master=config.master,
+        conf=dict(config.spark_conf),
+        verbose=config.verbose,
+    )
+    return settings, get_session(settings)
+
+
+def _extract_spark(plan: ExtractionPlan, config: RunConfig, info: dict[str, Any]) -> None:
+    from pipelines.spark.extract import run_extraction
+    from pipelines.spark.session import parallelism, task_threads
+
+    settings, session = spark_session(config)
+    # Local cores are shared by --workers tasks; on a cluster, spark.task.cpus says how many
+    # cores each task (one model) may use.
+    threads = config.threads if settings.is_local else task_threads(session, config)
+    if settings.is_local:
+        prepare_runtime(config.gem)  # convert once here, so local tasks find a warm cache
+    with ShardProgress(
+        plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
+    ):
+        run_extraction(
+            session,
+            plan.pending_ids,
+            plan.output,
+            config=config.gem,
+            model_info=info,
+            limits=config.limits,
+            threads_per_worker=threads,
+            parallelism=parallelism(session),
+        )
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
@@ -95,6 +160,11 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
     if config.runner == "local" or len(todo) <= 1:
         for task in tqdm(todo, desc="index", unit="group"):
             group_index.build_group_index(task, output)
+    elif config.runner == "spark":
+        from pipelines.spark.index import run_index_groups as spark_index_groups
+
+        with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
+            spark_index_groups(spark_session(config)[1], todo, output)
     else:
         from pipelines.beam.index import run_index_groups
         from pipelines.beam.options import pipeline_options
@@ -120,6 +190,10 @@ def merge(shards: str, output: str, config: RunConfig | None = None) -> dict[str
         for tasks in tqdm(rounds, desc="merge", unit="round"):
             for task in tasks:
                 run_merge_task(task)
+    elif config.runner == "spark":
+        from pipelines.spark.index import run_merge_rounds as spark_merge_rounds
+
+        spark_merge_rounds(spark_session(config)[1], rounds)
     else:
         from pipelines.beam.index import run_merge_rounds
         from pipelines.beam.options import pipeline_options

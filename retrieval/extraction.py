@@ -8,8 +8,9 @@ over workers (``pipelines/beam/extract.py``). Whatever goes wrong with one image
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from retrieval import plan, storage
 from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
+from retrieval.redaction import redact
 from retrieval.shards import descriptor_shards
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 from retrieval.summary import write_summary
@@ -43,22 +45,27 @@ def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedI
     """Read and decode one input, or say why not."""
     if ref.problem:
         kind, _, message = ref.problem.partition(": ")
-        return ErrorRow(ref.id, ref.uri, "list", kind, message)
+        return error_row(ref, "list", kind, message)
     try:
         data = storage.read_bytes(ref.uri, max_bytes=limits.max_bytes)
     except FileNotFoundError:
-        return ErrorRow(ref.id, ref.uri, "read", "missing", "the object does not exist")
+        return error_row(ref, "read", "missing", "the object does not exist")
     except storage.FileTooLargeError as exc:
-        return ErrorRow(ref.id, ref.uri, "read", "too_large", str(exc))
+        return error_row(ref, "read", "too_large", str(exc))
     except Exception as exc:  # after retries: permissions, network, ...
-        return ErrorRow(ref.id, ref.uri, "read", "read_failed", f"{type(exc).__name__}: {exc}")
+        return error_row(ref, "read", "read_failed", f"{type(exc).__name__}: {exc}")
     try:
         image = decode_image(data, max_side=max_side, limits=limits)
     except ImageError as exc:
-        return ErrorRow(ref.id, ref.uri, "decode", exc.kind, exc.message)
+        return error_row(ref, "decode", exc.kind, exc.message)
     except Exception as exc:  # a decoder bug must cost one image, not the job
-        return ErrorRow(ref.id, ref.uri, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
+        return error_row(ref, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
     return LoadedImage(ref, storage.sha256_bytes(data), image)
+
+
+def error_row(ref: ImageRef, stage: str, kind: str, message: str) -> ErrorRow:
+    """An error row, with credentials and signatures masked in its URI and message."""
+    return ErrorRow(ref.id, redact(ref.uri), stage, kind, redact(message))
 
 
 def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow:
@@ -69,26 +76,92 @@ def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow
 
 
 def model_error(loaded: LoadedImage, exc: BaseException) -> ErrorRow:
-    return ErrorRow(
-        loaded.ref.id, loaded.ref.uri, "extract", "model_error", f"{type(exc).__name__}: {exc}"
-    )
+    return error_row(loaded.ref, "extract", "model_error", f"{type(exc).__name__}: {exc}")
+
+
+def load_images(
+    refs: Iterable[ImageRef],
+    *,
+    max_side: int,
+    limits: DecodeLimits,
+    threads: int = 1,
+    prefetch: int = 4,
+) -> Iterator[LoadedImage | ErrorRow]:
+    """:func:`load_image` over ``refs`` on ``threads`` threads, results in input order.
+
+    Decode fan-in: up to ``prefetch`` images are read and decoded ahead of the consumer, so
+    reading (network latency) and decoding overlap with inference; Pillow and the runtimes
+    release the GIL, so threads do use more cores. ``threads=0`` decodes inline.
+    """
+    if threads <= 0:
+        for ref in refs:
+            yield load_image(ref, max_side=max_side, limits=limits)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        pending: deque[Future[LoadedImage | ErrorRow]] = deque()
+        for ref in refs:
+            pending.append(pool.submit(load_image, ref, max_side=max_side, limits=limits))
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def describe_loaded(
+    extractor: GeMExtractor, batch: Sequence[LoadedImage]
+) -> list[DescriptorRow | ErrorRow]:
+    """Describe a batch in one call; if that fails, image by image so that one bad image costs
+    only its own row (a ``model_error``), never its batch-mates'."""
+    try:
+        descriptors = extractor.describe_batch([loaded.image for loaded in batch])
+        return [descriptor_row(loaded, d) for loaded, d in zip(batch, descriptors, strict=True)]
+    except Exception as exc:
+        if len(batch) == 1:
+            return [model_error(batch[0], exc)]
+    out: list[DescriptorRow | ErrorRow] = []
+    for loaded in batch:
+        try:
+            out.append(descriptor_row(loaded, extractor.describe(loaded.image)))
+        except Exception as exc:
+            out.append(model_error(loaded, exc))
+    return out
 
 
 def extract_shard(
-    spec: ShardSpec, extractor: GeMExtractor, limits: DecodeLimits
+    spec: ShardSpec,
+    extractor: GeMExtractor,
+    limits: DecodeLimits,
+    *,
+    batch_size: int = 8,
+    decode_threads: int = 1,
 ) -> tuple[list[DescriptorRow], list[ErrorRow]]:
-    """Describe every input of a shard in this process (the plain loop, no runner)."""
+    """Describe every input of a shard in this process (no runner): decoding runs ahead on
+    ``decode_threads`` threads while the model describes batches of ``batch_size``."""
     rows: list[DescriptorRow] = []
     errors: list[ErrorRow] = []
-    for ref in spec.refs:
-        loaded = load_image(ref, max_side=extractor.config.max_side, limits=limits)
+    batch: list[LoadedImage] = []
+
+    def flush() -> None:
+        for result in describe_loaded(extractor, batch):
+            (errors if isinstance(result, ErrorRow) else rows).append(result)
+        batch.clear()
+
+    loaded_images = load_images(
+        spec.refs,
+        max_side=extractor.config.max_side,
+        limits=limits,
+        threads=decode_threads,
+        prefetch=max(batch_size, 4 * decode_threads),
+    )
+    for loaded in loaded_images:
         if isinstance(loaded, ErrorRow):
             errors.append(loaded)
             continue
-        try:
-            rows.append(descriptor_row(loaded, extractor.describe(loaded.image)))
-        except Exception as exc:
-            errors.append(model_error(loaded, exc))
+        batch.append(loaded)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
     return rows, errors
 
 
@@ -199,13 +272,21 @@ def summarize_extraction(
 
 
 def run_local(
-    shard_ids: Iterable[str], output: str, extractor: GeMExtractor, limits: DecodeLimits
+    shard_ids: Iterable[str],
+    output: str,
+    extractor: GeMExtractor,
+    limits: DecodeLimits,
+    *,
+    batch_size: int = 8,
+    decode_threads: int = 1,
 ) -> None:
     """Extract the planned shards ``shard_ids`` of ``output`` one after another (no runner)."""
     info = extractor.info()
     for shard_id in shard_ids:
         spec = plan.read_shard_spec(output, shard_id)
-        rows, errors = extract_shard(spec, extractor, limits)
+        rows, errors = extract_shard(
+            spec, extractor, limits, batch_size=batch_size, decode_threads=decode_threads
+        )
         descriptor_shards.write_shard(output, spec, rows, errors, info)
 
 

@@ -1,15 +1,21 @@
 """Reading and writing URIs (local paths, gs://, s3://, anything fsspec knows), with retries.
 
 Everything in the project that touches storage goes through these few functions, so runners and
-stages never care where data lives. Object stores are flaky at scale: transient errors are retried
-with exponential backoff and jitter; "not found" and "permission denied" are not retried because
-waiting does not fix them.
+stages never care where data lives. Object stores are flaky at scale, so this module is the one
+retry layer: transient errors (connection resets, timeouts, 5xx / 429 answers, short reads) are
+retried with exponential backoff and full jitter, a bounded number of times; permanent errors
+("not found", "permission denied", over the size limit) and programming errors (``TypeError``,
+``KeyError``, ...) are raised at once, because waiting does not fix them. The clients' own retry
+loops are turned off (gcsfs) or down to a single attempt (s3fs, botocore), so attempts do not
+multiply (5 here x 6 in gcsfs x ... was up to ~30 attempts per read).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -17,6 +23,7 @@ import os
 import posixpath
 import random
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -27,43 +34,96 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 import schemas
+from retrieval.redaction import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Errors that retrying cannot fix.
+# Errors that retrying cannot fix (checked before anything else).
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
+    FileExistsError,
     IsADirectoryError,
     NotADirectoryError,
     PermissionError,
-    ValueError,
 )
+# Client-library error classes (by name, so this module imports none of the clients) that mean
+# the request may succeed if sent again.
+_TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        "ClientPayloadError",  # aiohttp: body shorter than announced, broken chunked encoding
+        "ClientConnectionError",
+        "ClientOSError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "ChecksumError",  # gcsfs: the bytes read do not match the object's checksum
+        "EndpointConnectionError",  # botocore
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ProtocolError",  # urllib3
+    }
+)
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "503"}
+)
+DEFAULT_ATTEMPTS = 5
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if sending the same request again may succeed (see the module docstring)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (*PERMANENT_ERRORS, FileTooLargeError)):
+            return False
+        if isinstance(current, ConnectionError | TimeoutError | asyncio.TimeoutError):
+            return True
+        if isinstance(current, http.client.IncompleteRead | http.client.RemoteDisconnected):
+            return True
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if names & _TRANSIENT_CLASS_NAMES:
+            return True
+        status = None
+        if names & {"HttpError", "ClientResponseError"}:
+            status = getattr(current, "status", None) or getattr(current, "code", None)
+        if isinstance(status, int):
+            return status in _TRANSIENT_STATUS
+        if "ClientError" in names and hasattr(current, "response"):  # botocore
+            code = str(current.response.get("Error", {}).get("Code", ""))
+            return code in _TRANSIENT_S3_CODES
+        if type(current) is OSError:  # s3fs turns unknown service errors into plain EIO
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def with_retries(
     fn: Callable[[], T],
     *,
     what: str,
-    attempts: int = 5,
+    attempts: int = DEFAULT_ATTEMPTS,
     base_delay_s: float = 0.2,
     max_delay_s: float = 10.0,
 ) -> T:
-    """Call ``fn`` until it succeeds, retrying transient errors with exponential backoff."""
+    """Call ``fn``; retry it on transient errors, up to ``attempts`` calls in all, waiting
+    ``base * 2**n`` seconds (capped at ``max_delay_s``, with full jitter) in between."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except PERMANENT_ERRORS:
-            raise
-        except Exception as exc:  # object-store clients raise many unrelated types
-            if attempt == attempts:
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
                 raise
-            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+            delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
             log.warning(
                 "%s failed (%s: %s); retry %d/%d in %.1fs",
-                what,
+                redact(what),
                 type(exc).__name__,
-                exc,
+                redact(str(exc))[:300],
                 attempt,
                 attempts - 1,
                 delay,
@@ -72,9 +132,52 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+# Options that make each client try a request once: retrying is this module's job (botocore's
+# legacy mode counts retries: 0 = a single attempt; its standard mode still sent two here).
+_SINGLE_ATTEMPT_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {"config_kwargs": {"retries": {"max_attempts": 0, "mode": "legacy"}}},
+    "s3a": {"config_kwargs": {"retries": {"max_attempts": 0, "mode": "legacy"}}},
+}
+_GCSFS_RETRYING_METHODS = ("_request", "_get_file_request", "_get_file_concurrent")
+
+
+def _single_attempt(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """Turn off the client's own retry loop on this (cached) instance.
+
+    s3fs reads its attempt count from the instance (botocore's is set by ``config_kwargs``).
+    gcsfs wraps its request methods in a retry decorator (6 attempts) whose count is fixed when
+    the class is defined; the undecorated methods are kept as ``__wrapped__``.
+    """
+    module = type(fs).__module__
+    if module.startswith("s3fs"):
+        fs.retries = 1
+    if module.startswith("gcsfs") and not getattr(fs, "_cbir_single_attempt", False):
+        for name in _GCSFS_RETRYING_METHODS:
+            method = getattr(type(fs), name, None)
+            inner = getattr(method, "__wrapped__", None)
+            if inner is not None:
+                setattr(fs, name, types.MethodType(inner, fs))
+        fs._cbir_single_attempt = True
+    return fs
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path within it."""
-    return url_to_fs(uri)
+    """The fsspec filesystem for ``uri`` (client retries off) and the path within it."""
+    protocol = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    try:
+        fs, path = url_to_fs(uri, **_SINGLE_ATTEMPT_OPTIONS.get(protocol, {}))
+    except (ImportError, ValueError) as exc:
+        if isinstance(exc, ValueError) and "Protocol not known" not in str(exc):
+            raise
+        raise UnsupportedURIError(
+            f"{redact(uri)}: unknown or unavailable URI scheme {protocol + '://'!r} ({exc}); "
+            "use a local path, gs://, s3:// or another installed fsspec protocol"
+        ) from None
+    return _single_attempt(fs), path
+
+
+class UnsupportedURIError(ValueError):
+    """A URI whose scheme no installed filesystem handles."""
 
 
 def is_local(uri: str) -> bool:

@@ -16,6 +16,14 @@ BENCHMARKS = benchmarks_dir()
 OXFORD_IMAGES = BENCHMARKS / "oxford-dev" / "images"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Converted models go to a cache of this test session, never the user's."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["RETRIEVAL_MODEL_CACHE"] = str(path)
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """CI sets CBIR_REQUIRE_BENCHMARKS=1: there, missing benchmark data is an error, not a skip."""
     if os.environ.get("CBIR_REQUIRE_BENCHMARKS") and not BENCHMARKS.is_dir():
@@ -63,3 +71,35 @@ def default_backbone():
     from retrieval.descriptors.backbones import DEFAULT_BACKBONE, load_backbone
 
     return load_backbone(DEFAULT_BACKBONE)
+
+
+@pytest.fixture(scope="session")
+def ukbench_run(tmp_path_factory) -> Path:
+    """`retrieval evaluate` on ukbench-56 with Beam in 2 worker processes, shards of 16 (run once:
+    the end-to-end tests read it, and the runner parity tests compare Spark and local to it)."""
+    from support import require_benchmark
+
+    from pipelines import cli
+
+    folder = require_benchmark("ukbench-56")
+    out = tmp_path_factory.mktemp("ukbench-beam")
+    argv = ["evaluate", "--benchmark", str(folder), "--out", str(out)]
+    assert cli.main([*argv, "--runner", "beam", "--workers", "2", "--shard-size", "16"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real SparkSession, local[2], for the whole test session (Java from the machine).
+
+    The Spark stages join the running session instead of starting their own. If Spark cannot
+    start, the tests that need it fail: nothing about Spark is mocked or skipped.
+    """
+    from pipelines.spark.session import SparkSettings, get_session
+
+    try:
+        session = get_session(SparkSettings(workers=2))
+    except Exception as exc:
+        pytest.fail(f"Spark (local[2]) did not start: {exc}")
+    yield session
+    session.stop()

@@ -22,6 +22,20 @@ from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 TINY_CHANNELS = 4
 
 
+# --- benchmarks ----------------------------------------------------------------------------------
+
+
+def require_benchmark(name: str) -> Path:
+    """The shared benchmark folder ``name``; skips when the data is absent (CI requires it:
+    conftest turns a missing benchmarks folder into an error there)."""
+    from pipelines.cli import benchmarks_dir
+
+    folder = benchmarks_dir() / name
+    if not (folder / "gt.json").exists():
+        pytest.skip(f"benchmark {name} not available at {folder.parent}")
+    return folder
+
+
 # --- local servers -----------------------------------------------------------------------------
 
 
@@ -129,3 +143,137 @@ def write_descriptors(
     # What `retrieval extract` does: the folder's plan names exactly these shards.
     plan.write_extraction_plan(str(directory), specs, source="/img", shard_size=max(shard_sizes))
     return all_ids, np.concatenate(blocks)
+
+
+# --- object storage servers and a faulty proxy in front of them ---------------------------------
+
+
+def start_moto(tmp_dir: Path) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free port (fails the test, never skips, if it cannot start)."""
+    import sys
+
+    moto = Path(sys.executable).parent / "moto_server"
+    if not moto.exists():
+        pytest.fail(f"moto_server is not installed in {moto.parent} (pip install 'moto[server]')")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until_answering(endpoint, server, "moto_server")
+    return server, endpoint
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of a storage server that fails a fraction of requests.
+
+    Faults (chosen by a seeded generator): an S3/GCS-style ``503`` answer, a connection reset
+    before any answer, or, for GETs, a short read (full ``Content-Length`` announced, half the
+    body sent, connection closed). Every fault happens before the request reaches the server or
+    on a read, so a retried request has exactly the effect of one that never failed.
+    ``fail_paths`` always fail with 503 (to exhaust retries); ``requests`` counts them.
+    """
+
+    def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0) -> None:
+        import random
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.upstream = upstream.removeprefix("http://")
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.fail_paths: set[str] = set()
+        self.requests: dict[str, int] = {}
+        self.faults = {"503": 0, "reset": 0, "short": 0}
+        proxy = self
+
+        from http.server import BaseHTTPRequestHandler
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _handle(self) -> None:
+                proxy.forward(self)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _fault(self, method: str, path: str) -> str | None:
+        with self.lock:
+            self.requests[path] = self.requests.get(path, 0) + 1
+            if any(path.startswith(p) for p in self.fail_paths):
+                return "503"
+            if self.rng.random() >= self.rate:
+                return None
+            kind = self.rng.choice(["503", "reset", "short"])
+            if kind == "short" and method != "GET":
+                kind = "503"
+            self.faults[kind] += 1
+            return kind
+
+    def forward(self, handler) -> None:
+        import http.client
+        import socket
+        import struct
+
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        path = handler.path.split("?", 1)[0]
+        fault = self._fault(handler.command, path)
+        if fault == "reset":
+            handler.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            handler.close_connection = True
+            return
+        if fault == "503":
+            payload = (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                b"<Message>injected fault</Message></Error>"
+            )
+            handler.send_response(503)
+            handler.send_header("Content-Type", "application/xml")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            if handler.command != "HEAD":
+                handler.wfile.write(payload)
+            return
+        upstream = http.client.HTTPConnection(self.upstream, timeout=30)
+        headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
+        upstream.request(handler.command, handler.path, body=body, headers=headers)
+        answer = upstream.getresponse()
+        data = answer.read()
+        upstream.close()
+        handler.send_response(answer.status)
+        skip = {"connection", "transfer-encoding", "keep-alive", "content-length", "server", "date"}
+        for key, value in answer.getheaders():
+            if key.lower() not in skip:
+                handler.send_header(key, value)
+        announced = answer.getheader("Content-Length") if handler.command == "HEAD" else None
+        handler.send_header("Content-Length", announced or str(len(data)))
+        handler.end_headers()
+        if handler.command == "HEAD":
+            return
+        if fault == "short" and len(data) > 1:
+            handler.wfile.write(data[: len(data) // 2])
+            handler.wfile.flush()
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        handler.wfile.write(data)

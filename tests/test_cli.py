@@ -182,7 +182,11 @@ def test_unknown_config_keys_are_refused(tmp_path: Path, text: str):
 
 def test_invalid_values_are_refused():
     with pytest.raises(ValueError, match="runner"):
-        build_config({"runner": "spark"})
+        build_config({"runner": "flink"})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        build_config({"spark_conf": ["spark.executor.memory"]})
+    config = build_config({"runner": "spark", "spark_conf": ["a.b=1", "c.d=x=y"], "master": "yarn"})
+    assert dict(config.spark_conf) == {"a.b": "1", "c.d": "x=y"} and config.master == "yarn"
     with pytest.raises(ValueError, match="workers"):
         build_config({"workers": 0})
     with pytest.raises(ValueError, match="image_size"):
@@ -192,3 +196,75 @@ def test_invalid_values_are_refused():
 def test_threads_per_worker():
     assert RunConfig(threads_per_worker=3).threads == 3
     assert RunConfig(runner="local", workers=64).threads >= 1
+
+
+# --- user mistakes: one line, exit status 2, the traceback only with --verbose -----------------
+
+
+def _mistakes(tmp_path: Path) -> dict[str, list[str]]:
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[extract]\nimagesize = 3\n")
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    out = str(tmp_path / "out")
+    return {
+        "missing input": ["extract", "--input", str(tmp_path / "nonexistent"), "--output", out],
+        "unknown scheme": ["extract", "--input", "foo://bucket/photos", "--output", out],
+        "unknown config key": [
+            "extract",
+            "--input",
+            str(empty),
+            "--output",
+            out,
+            "--config",
+            str(bad_config),
+        ],
+        "no index": ["search", "--index", str(empty), "--queries", str(empty), "--output", out],
+        "no gt.json": ["evaluate", "--benchmark", str(empty), "--out", out],
+        "no descriptors": ["train", "--descriptors", str(empty), "--output", out],
+    }
+
+
+EXPECTED_MESSAGES = {
+    "missing input": "nonexistent: no such folder or prefix",
+    "unknown scheme": "unknown or unavailable URI scheme 'foo://'",
+    "unknown config key": "unknown settings ['imagesize']",
+    "no index": "no index.json (not a merged index folder",
+    "no gt.json": "no gt.json in",
+    "no descriptors": "has no run plan (plan.json)",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED_MESSAGES))
+def test_user_mistakes_end_in_one_line(case, tmp_path, capsys):
+    argv = _mistakes(tmp_path)[case]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("retrieval: error: "), err
+    assert EXPECTED_MESSAGES[case] in lines[0]
+
+    assert cli.main(["--verbose", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("retrieval: error: ")
+
+
+def test_user_mistake_from_the_console_script(tmp_path):
+    script = Path(sys.executable).parent / "retrieval"
+    done = subprocess.run(
+        [str(script), "extract", "--input", str(tmp_path / "nope"), "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("retrieval: error: ") and "Traceback" not in done.stderr
+
+
+def test_errors_are_redacted(tmp_path, capsys):
+    secret = "https://user:hunter2@example.com/x.csv?X-Amz-Signature=deadbeef"
+    code = cli.main(["extract", "--input", secret.replace("https", "foo"), "--output", "o"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hunter2" not in err and "deadbeef" not in err and "***" in err

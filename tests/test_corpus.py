@@ -273,7 +273,7 @@ def s3_endpoint():
     """A moto S3 server on a free port, with the environment s3fs/botocore read pointed at it."""
     moto = Path(sys.executable).parent / "moto_server"
     if not moto.exists():
-        pytest.skip("moto_server is not installed")
+        pytest.fail("moto_server is not installed (the S3 tests need it: pip install moto[server])")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(

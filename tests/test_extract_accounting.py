@@ -199,3 +199,29 @@ def test_beam_runner_matches_local(corpus, local_run, tmp_path):
         assert beam_m["shard"] == local_m["shard"]
         assert beam_m["input_digest"] == local_m["input_digest"]
         assert (beam_m["rows"], beam_m["errors"]) == (local_m["rows"], local_m["errors"])
+
+
+def test_spark_runner_matches_local(spark, corpus, local_run, tmp_path):
+    """Broken files through Spark: the same error rows, accounting and descriptors as the loop."""
+    folder, _ = corpus
+    out = tmp_path / "desc-spark"
+    summary = stages.extract(str(folder), str(out), replace(CONFIG, runner="spark", workers=2))
+    local_summary = local_run[1]
+    for key in ("inputs", "indexed", "failed", "shards", "failures_by_kind"):
+        assert summary[key] == local_summary[key], key
+    assert _errors(out) == EXPECTED_ERRORS
+
+    ids_l, uris_l, vectors_l = descriptor_shards.read_all(str(local_run[0]))
+    ids_s, uris_s, vectors_s = descriptor_shards.read_all(str(out))
+    assert ids_s == ids_l and uris_s == uris_l
+    np.testing.assert_allclose(vectors_s, vectors_l, atol=1e-5)
+    for local_m, spark_m in zip(
+        descriptor_shards.list_shards(str(local_run[0])),
+        descriptor_shards.list_shards(str(out)),
+        strict=True,
+    ):
+        assert (spark_m["shard"], spark_m["input_digest"]) == (
+            local_m["shard"],
+            local_m["input_digest"],
+        )
+        assert (spark_m["rows"], spark_m["errors"]) == (local_m["rows"], local_m["errors"])

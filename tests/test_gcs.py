@@ -38,7 +38,7 @@ def gcs(tmp_path_factory):
     """A GCS emulator with bucket ``cbir-test``; yields the gcsfs filesystem that talks to it."""
     emulator = Path(sys.executable).parent / "gcp-storage-emulator"
     if not emulator.exists():
-        pytest.skip("gcp-storage-emulator is not installed")
+        pytest.fail("gcp-storage-emulator is not installed (the GCS tests need it)")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(

@@ -162,7 +162,7 @@ def test_multi_scale_matches_cnnimageretrieval_formula(tiny_backbone):
         ),
         atol=1e-4,
     )
-    assert multi.config.model_id.endswith("@64x0.5-1-1.414")
+    assert multi.config.model_id.endswith(f"@64x0.5-1-1.414/{multi.config.runtime}")
 
 
 @pytest.mark.parametrize(

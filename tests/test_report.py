@@ -72,10 +72,11 @@ def _report(bench: Benchmark, rankings: dict[str, list[str]]) -> dict[str, Any]:
 def test_write_report_files(tiny_benchmark: Benchmark, tmp_path: Path) -> None:
     rankings = _rankings(tiny_benchmark)
     report = _report(tiny_benchmark, rankings)
-    paths = write_report(
+    uris = write_report(
         report, tmp_path / "out", benchmark=tiny_benchmark, rankings={"gem+flat": rankings}
     )
-    assert set(paths) == {"json", "markdown", "html"}
+    paths = {key: Path(uri) for key, uri in uris.items()}
+    assert set(paths) == {"json", "markdown", "html", "rankings"}
     assert all(p.is_file() and p.parent == tmp_path / "out" for p in paths.values())
 
     assert json.loads(paths["json"].read_text()) == report

@@ -5,8 +5,12 @@
                           write shard + manifest ◄─ group by shard ◄──────────────────────────┘
 
 Reshuffle spreads single images (not whole shards) over the workers, so a few large shards never
-leave workers idle; RunInference loads one model per worker and batches; grouping by shard id
-brings each shard's rows back together so it is written data-first and committed by one worker.
+leave workers idle; read + decode runs ahead of the model on a thread pool (decode fan-in, as
+``retrieval.extraction.load_images`` does locally); RunInference loads one model per worker and
+hands it batches bounded by an activation-memory budget, which ``GeMExtractor.describe_batch``
+runs as same-shape tensors (``retrieval/runtimes/device.py`` sizes both for a CPU or a GPU);
+grouping by shard id brings each shard's rows back together so it is written data-first and
+committed by one worker.
 
 The graph carries only shard ids: the launcher writes the run plan (listing cut into shards) to
 the output folder, and workers read each shard's references from it (``retrieval.plan``), so
@@ -20,7 +24,9 @@ shard must be written under its own deterministic name and then committed by a m
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -31,26 +37,45 @@ from apache_beam.ml.inference.base import (
     RunInference,
 )
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils.windowed_value import WindowedValue
 
 from retrieval import plan
+from retrieval.descriptors.batching import ACTIVATION_BYTES_PER_PIXEL
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
-from retrieval.extraction import LoadedImage, descriptor_row, load_image, model_error
+from retrieval.extraction import LoadedImage, describe_loaded, load_image, model_error
 from retrieval.images import DecodeLimits
+from retrieval.runtimes.device import WorkerPlan
 from retrieval.shards import descriptor_shards
 from retrieval.shards.descriptor_shards import ErrorRow
 
 
 class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
-    """RunInference handler for GeM: one extractor per worker, per-image failures kept as rows."""
+    """RunInference handler for GeM: one extractor per worker, real batches, per-image failures
+    kept as rows (``retrieval.extraction.describe_loaded``).
 
-    def __init__(self, config: GeMConfig, threads: int | None = None, max_batch_size: int = 8):
-        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+    Batches are capped by the worker plan's activation budget: each image counts for its pixel
+    count (BatchElements measures batch size with ``element_size_fn``), so a batch of large
+    images holds fewer of them than a batch of small ones.
+    """
+
+    def __init__(self, config: GeMConfig, worker: WorkerPlan):
+        super().__init__(
+            min_batch_size=1,
+            max_batch_size=max(1, worker.batch_bytes // ACTIVATION_BYTES_PER_PIXEL),
+            element_size_fn=_pixels,
+        )
         self._config = config
-        self._threads = threads
+        self._worker = worker
 
     def load_model(self) -> GeMExtractor:
-        configure_tf_threads(self._threads)
-        return GeMExtractor(self._config)
+        if self._config.runtime == "tensorflow":
+            configure_tf_threads(self._worker.inference_threads)
+        return GeMExtractor(
+            self._config,
+            threads=self._worker.inference_threads,
+            device=self._worker.device,
+            batch_bytes=self._worker.batch_bytes,
+        )
 
     def run_inference(
         self,
@@ -58,17 +83,56 @@ class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
         model: GeMExtractor,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        for loaded in batch:
-            try:
-                yield PredictionResult(loaded, descriptor_row(loaded, model.describe(loaded.image)))
-            except Exception as exc:  # one bad image must not fail its batch
-                yield PredictionResult(loaded, model_error(loaded, exc))
+        results = describe_loaded(model, batch)
+        return [PredictionResult(x, y) for x, y in zip(batch, results, strict=True)]
 
     def get_num_bytes(self, batch: Sequence[LoadedImage]) -> int:
         return sum(loaded.image.pixels.nbytes for loaded in batch)
 
     def get_metrics_namespace(self) -> str:
         return "retrieval.gem"
+
+
+def _pixels(element: Any) -> int:
+    """Batch weight of one element, keyed ``(shard, LoadedImage)`` or not: its pixel count."""
+    loaded = element[1] if isinstance(element, tuple) else element
+    height, width = loaded.image.pixels.shape[:2]
+    return height * width
+
+
+class _ReadDecode(beam.DoFn):
+    """``(shard, ref) -> (shard, LoadedImage | ErrorRow)`` with reading and decoding run ahead of
+    the model on ``threads`` threads (decode fan-in), results in input order within a bundle."""
+
+    def __init__(self, max_side: int, limits: DecodeLimits, threads: int, prefetch: int):
+        self._max_side = max_side
+        self._limits = limits
+        self._threads = threads
+        self._prefetch = prefetch
+
+    def setup(self) -> None:
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
+
+    def start_bundle(self) -> None:
+        self._pending: deque[tuple[str, Future, Any, Any]] = deque()
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        shard, ref = element
+        future = self._pool.submit(load_image, ref, max_side=self._max_side, limits=self._limits)
+        self._pending.append((shard, future, timestamp, window))
+        while len(self._pending) > self._prefetch:
+            yield self._ready()
+
+    def finish_bundle(self):
+        while self._pending:
+            yield self._ready()
+
+    def _ready(self) -> WindowedValue:
+        shard, future, timestamp, window = self._pending.popleft()
+        return WindowedValue((shard, future.result()), timestamp, [window])
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class _WriteShard(beam.DoFn):
@@ -100,7 +164,7 @@ def build_extraction(
     config: GeMConfig,
     model_info: dict[str, Any],
     limits: DecodeLimits,
-    threads_per_worker: int | None,
+    worker: WorkerPlan,
 ) -> beam.PCollection:
     """Add the extraction of the planned shards ``shard_ids`` of ``output`` to ``pipeline``;
     returns (shard, rows, errors) per shard."""
@@ -111,13 +175,11 @@ def build_extraction(
         >> beam.FlatMap(lambda sid: [(sid, ref) for ref in plan.read_shard_spec(output, sid).refs])
         | "Spread" >> beam.Reshuffle()
         | "ReadDecode"
-        >> beam.MapTuple(
-            lambda shard, ref: (shard, load_image(ref, max_side=config.max_side, limits=limits))
-        )
+        >> beam.ParDo(_ReadDecode(config.max_side, limits, worker.decode_threads, worker.prefetch))
     )
     decoded = loaded | "Decoded" >> beam.Filter(lambda kv: isinstance(kv[1], LoadedImage))
     undecodable = loaded | "Undecodable" >> beam.Filter(lambda kv: isinstance(kv[1], ErrorRow))
-    handler = KeyedModelHandler(GeMModelHandler(config, threads_per_worker))
+    handler = KeyedModelHandler(GeMModelHandler(config, worker))
     described, dead_letters = decoded | "GeM" >> RunInference(handler).with_exception_handling()
     rows = described | "Rows" >> beam.MapTuple(lambda shard, result: (shard, result.inference))
     failed = dead_letters.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows)
@@ -137,7 +199,7 @@ def run_extraction(
     model_info: dict[str, Any],
     limits: DecodeLimits,
     options: PipelineOptions,
-    threads_per_worker: int | None = None,
+    worker: WorkerPlan,
 ) -> None:
     """Run the extraction of the planned shards ``shard_ids`` of ``output`` to completion."""
     if not shard_ids:
@@ -150,5 +212,5 @@ def run_extraction(
             config=config,
             model_info=model_info,
             limits=limits,
-            threads_per_worker=threads_per_worker,
+            worker=worker,
         )

@@ -2,6 +2,10 @@
 
 Single- or multi-scale. Multi-scale follows cnnimageretrieval-pytorch: each scale's descriptor is
 L2-normalized, the p-th powers are averaged, the p-th root is taken, and the result normalized.
+
+The backbone runs in a runtime (``retrieval/runtimes``: TensorFlow, LiteRT or ONNX Runtime) on
+real batches: images of the same resized shape go through it as one tensor
+(``descriptors/batching.py``); pooling is NumPy, the same for every runtime.
 """
 
 from __future__ import annotations
@@ -21,8 +25,17 @@ from retrieval.descriptors.backbones import (
     backbone_identity,
     load_backbone,
 )
-from retrieval.descriptors.pooling import gem_tf, l2_normalize
+from retrieval.descriptors.batching import DEFAULT_CPU_BATCH_BYTES, plan_batches
+from retrieval.descriptors.pooling import gem, l2_normalize
 from retrieval.images import DecodedImage, shrink
+from retrieval.runtimes import (
+    DEFAULT_RUNTIME,
+    BackboneRunner,
+    converted_model,
+    load_runner,
+    parse_runtime,
+)
+from retrieval.runtimes.calibration import CalibrationSample
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +51,11 @@ class GeMConfig:
     image_size: int = DEFAULT_IMAGE_SIZE  # longer side, in pixels, at scale 1
     scales: tuple[float, ...] = (1.0,)
     p: float = 3.0
+    runtime: str = DEFAULT_RUNTIME  # see retrieval/runtimes; part of the hash: shards never mix
+    calibration: str | None = None  # images the int8 runtimes calibrate on (calibration.py)
 
     def __post_init__(self) -> None:
+        parse_runtime(self.runtime)
         if self.image_size < 32:
             raise ValueError("image_size must be at least 32 pixels")
         if not self.scales or any(s <= 0 for s in self.scales):
@@ -55,11 +71,13 @@ class GeMConfig:
     @property
     def model_id(self) -> str:
         scales = "" if self.scales == (1.0,) else "x" + "-".join(f"{s:g}" for s in self.scales)
-        return f"gem-p{self.p:g}/{self.backbone}@{self.image_size}{scales}"
+        return f"gem-p{self.p:g}/{self.backbone}@{self.image_size}{scales}/{self.runtime}"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scales"] = list(self.scales)
+        if not parse_runtime(self.runtime).needs_calibration:
+            del d["calibration"]  # only int8 depends on it
         return d
 
     def config_hash(self) -> str:
@@ -82,6 +100,7 @@ def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dic
             "resize": "longer side to image_size x scale, bilinear, shrink only",
         },
         "dim": identity["dim"],
+        "runtime": config.runtime,
     }
 
 
@@ -104,33 +123,48 @@ def configure_tf_threads(threads: int | None) -> None:
 
 @dataclass
 class GeMExtractor:
-    """GeM descriptors over a backbone; build one per worker (it holds the model)."""
+    """GeM descriptors over a backbone run by a runtime; build one per worker (it holds the model).
+
+    ``backbone`` (a TensorFlow model) is needed by the ``tensorflow`` runtime and to convert on a
+    cold cache; converted runtimes otherwise load the cached file. ``runner`` overrides both.
+    ``batch_bytes`` is the activation memory budget of one batch (``descriptors/batching.py``).
+    """
 
     config: GeMConfig = field(default_factory=GeMConfig)
     backbone: Backbone | None = None
+    runner: BackboneRunner | None = None
+    threads: int | None = None
+    device: str = "cpu"
+    batch_bytes: int = DEFAULT_CPU_BATCH_BYTES
 
     def __post_init__(self) -> None:
-        import tensorflow as tf
-
-        if self.backbone is None:
+        runtime = parse_runtime(self.config.runtime)
+        if self.backbone is None and runtime.engine == "tensorflow":
             self.backbone = load_backbone(self.config.backbone)
-        backbone = self.backbone
-        p = self.config.p
-
-        # One graph for any image size: dynamic H and W avoid a retrace per aspect ratio.
-        @tf.function(
-            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], reduce_retracing=True
+        identity = (
+            {
+                "dim": self.backbone.dim,
+                "weights_sha256": self.backbone.weights_sha256,
+                "preprocessing": self.backbone.preprocessing,
+            }
+            if self.backbone is not None
+            else backbone_identity(self.config.backbone)
         )
-        def describe_one(pixels: tf.Tensor) -> tf.Tensor:
-            batch = backbone.preprocess(tf.cast(pixels, tf.float32)[tf.newaxis])
-            return gem_tf(backbone.model(batch), p)[0]
-
-        self._describe_one = describe_one
+        self._identity = identity
+        if self.runner is None:
+            self.runner = load_runner(
+                self.config.runtime,
+                self.config.backbone,
+                backbone=self.backbone,
+                threads=self.threads,
+                device=self.device,
+                calibration=_calibration(self.config),
+                weights_sha256=identity["weights_sha256"],
+            )
 
     @property
     def dim(self) -> int:
-        assert self.backbone is not None
-        return self.backbone.dim
+        return int(self._identity["dim"])
 
     @property
     def model_id(self) -> str:
@@ -138,37 +172,56 @@ class GeMExtractor:
 
     def info(self) -> dict[str, Any]:
         """Model description for manifests and reports."""
-        assert self.backbone is not None
-        return model_info(
-            self.config,
-            {
-                "dim": self.dim,
-                "weights_sha256": self.backbone.weights_sha256,
-                "preprocessing": self.backbone.preprocessing,
-            },
-        )
+        return model_info(self.config, self._identity)
 
     def describe(self, image: DecodedImage) -> np.ndarray:
         """The L2-normalized float32 descriptor of one image."""
-        pixels = image.pixels
-        if len(self.config.scales) == 1 and max(pixels.shape[:2]) <= self.config.image_size:
-            return l2_normalize(self._describe_one(pixels).numpy()).astype(np.float32)
-        p = self.config.p
-        acc = np.zeros(self.dim, np.float64)
-        for scale in self.config.scales:
-            scaled = _shrink(pixels, round(self.config.image_size * scale))
-            acc += np.power(l2_normalize(self._describe_one(scaled).numpy().astype(np.float64)), p)
-        return l2_normalize(np.power(acc / len(self.config.scales), 1.0 / p)).astype(np.float32)
+        return self.describe_batch([image])[0]
 
     def describe_batch(self, images: list[DecodedImage]) -> np.ndarray:
-        """Descriptors of several images as an (n, dim) array.
+        """Descriptors of several images as an (n, dim) float32 array, rows in input order.
 
-        Images keep their own size and aspect ratio (padding would leak into GeM), so a batch is
-        a loop; on CPU the convolutions already use every thread given to TensorFlow.
+        Images of the same resized shape run through the backbone as one tensor, in batches that
+        fit ``batch_bytes``; the result equals describing them one at a time (within float
+        rounding: tested to 1e-4).
         """
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return np.stack([self.describe(image) for image in images])
+        p = self.config.p
+        if len(self.config.scales) == 1:
+            size = round(self.config.image_size * self.config.scales[0])
+            pooled = self._pool([_shrink(image.pixels, size) for image in images])
+            return l2_normalize(pooled).astype(np.float32)
+        acc = np.zeros((len(images), self.dim), np.float64)
+        for scale in self.config.scales:
+            size = round(self.config.image_size * scale)
+            pooled = self._pool([_shrink(image.pixels, size) for image in images])
+            acc += np.power(l2_normalize(pooled), p)
+        return l2_normalize(np.power(acc / len(self.config.scales), 1.0 / p)).astype(np.float32)
+
+    def _pool(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """GeM (not yet normalized) of each image, float64 (n, dim)."""
+        assert self.runner is not None
+        out = np.empty((len(pixels), self.dim), np.float64)
+        for batch in plan_batches([a.shape[:2] for a in pixels], self.batch_bytes):
+            stacked = np.stack([pixels[i] for i in batch]).astype(np.float32)
+            out[batch] = gem(self.runner.features(stacked), self.config.p)
+        return out
+
+
+def prepare_runtime(config: GeMConfig) -> None:
+    """Convert the backbone for ``config.runtime`` into the local cache if it is not there yet
+    (launchers call this once, so local workers all find a warm cache)."""
+    if parse_runtime(config.runtime).engine != "tensorflow":
+        converted_model(config.runtime, config.backbone, calibration=_calibration(config))
+
+
+def _calibration(config: GeMConfig) -> CalibrationSample | None:
+    if not (parse_runtime(config.runtime).needs_calibration and config.calibration):
+        return None
+    from retrieval.runtimes.calibration import calibration_sample
+
+    return calibration_sample(config.calibration, image_size=config.image_size)
 
 
 def _shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:

@@ -3,6 +3,18 @@
 A benchmark folder holds ``gt.json`` and ``images/`` (format in
 ``shared/benchmarks/README.md``). Loading validates the file up front, because a typo in a
 ground-truth id would otherwise surface as a silently lower mAP, not as an error.
+
+Optional fields carry the standard benchmarks' protocols (``retrieval datasets fetch`` writes
+them):
+
+- ``"query_images": [ids]``: images in ``queries/`` that are queries only, not part of the
+  searched database (Revisited Oxford/Paris, GLDv2 test images);
+- ``"query_in_ranking": true``: the query image stays in its own ranking and counts as a
+  result (Oxford5k/Paris6k, whose query images are database images and good results of their
+  own crops); by default it is removed (leave-one-out, Holidays);
+- per query ``"bbox": [x1, y1, x2, y2]``: the query is this crop of its image (pixels);
+- per query ``"easy"`` / ``"hard"``: the Revisited split of the positives, from which
+  ``retrieval.evaluation.protocols`` derives the Easy / Medium / Hard ground truth.
 """
 
 from __future__ import annotations
@@ -10,13 +22,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 GT_FILENAME = "gt.json"
 IMAGES_DIRNAME = "images"
+QUERY_IMAGES_DIRNAME = "queries"
 # Extensions tried, in order, when the image is not stored as `<id>.jpg`.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 UKBENCH_GROUP_SIZE = 4
@@ -30,6 +43,9 @@ class Query:
     landmark: str
     positives: frozenset[str]
     junk: frozenset[str]
+    bbox: tuple[float, float, float, float] | None = None
+    easy: frozenset[str] | None = None
+    hard: frozenset[str] | None = None
 
 
 @dataclass
@@ -44,13 +60,26 @@ class Benchmark:
     images: list[str]
     queries: list[Query]
     root: Path | None = None
+    query_images: list[str] = field(default_factory=list)
+    query_in_ranking: bool = False
+    protocol: str | None = None
 
     @cached_property
     def _image_set(self) -> frozenset[str]:
         return frozenset(self.images)
 
+    @cached_property
+    def _query_image_set(self) -> frozenset[str]:
+        return frozenset(self.query_images)
+
     def __contains__(self, image_id: object) -> bool:
-        return image_id in self._image_set
+        return image_id in self._image_set or image_id in self._query_image_set
+
+    @property
+    def needs_query_inputs(self) -> bool:
+        """Whether queries must be described from their own inputs (a crop, or an image that
+        is not in the database) rather than reuse the database descriptor of their image."""
+        return bool(self.query_images) or any(q.bbox is not None for q in self.queries)
 
     def query_keys(self) -> dict[str, Query]:
         """Every query under a unique key: its id, or ``"<id>@<landmark>"`` for an image that
@@ -74,7 +103,8 @@ class Benchmark:
             raise ValueError(f"benchmark {self.name!r} has no root folder, so no image files")
         if image_id not in self:
             raise KeyError(f"{image_id!r} is not an image of benchmark {self.name!r}")
-        folder = self.root / IMAGES_DIRNAME
+        in_queries = image_id in self._query_image_set and image_id not in self._image_set
+        folder = self.root / (QUERY_IMAGES_DIRNAME if in_queries else IMAGES_DIRNAME)
         for ext in IMAGE_EXTENSIONS:
             candidate = folder / f"{image_id}{ext}"
             if candidate.is_file():
@@ -135,21 +165,50 @@ def parse_benchmark(
         raise ValueError(f"{source}: expected a JSON object at top level")
     images = _string_list(data, "images", source)
     _require_unique(images, f"{source}: duplicate image id")
+    query_images = _string_list(data, "query_images", source, default=[])
+    _require_unique(query_images, f"{source}: duplicate query image id")
+    both = sorted(frozenset(images) & frozenset(query_images))
+    if both:
+        raise ValueError(f"{source}: ids both in 'images' and 'query_images': {_preview(both)}")
     image_set = frozenset(images)
+    query_in_ranking = data.get("query_in_ranking", False)
+    if not isinstance(query_in_ranking, bool):
+        raise ValueError(f"{source}: 'query_in_ranking' must be true or false")
 
     raw_queries = data.get("queries")
     if not isinstance(raw_queries, list):
         raise ValueError(f"{source}: 'queries' must be a list")
-    queries = [_parse_query(raw, i, image_set, source) for i, raw in enumerate(raw_queries)]
+    queries = [
+        _parse_query(
+            raw, i, image_set, image_set | frozenset(query_images), source, query_in_ranking
+        )
+        for i, raw in enumerate(raw_queries)
+    ]
     # The same image may be a query of several landmarks (see Benchmark.query_keys), but not
     # twice for the same landmark.
     _require_unique(
         (f"{q.id}@{q.landmark}" for q in queries), f"{source}: duplicate query (id@landmark)"
     )
-    return Benchmark(name=name, images=images, queries=queries, root=root)
+    protocol = data.get("protocol")
+    return Benchmark(
+        name=name,
+        images=images,
+        queries=queries,
+        root=root,
+        query_images=query_images,
+        query_in_ranking=query_in_ranking,
+        protocol=protocol if isinstance(protocol, str) else None,
+    )
 
 
-def _parse_query(raw: Any, index: int, image_set: frozenset[str], source: str) -> Query:
+def _parse_query(
+    raw: Any,
+    index: int,
+    image_set: frozenset[str],
+    query_set: frozenset[str],
+    source: str,
+    query_in_ranking: bool = False,
+) -> Query:
     where = f"{source}: queries[{index}]"
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected an object")
@@ -163,18 +222,56 @@ def _parse_query(raw: Any, index: int, image_set: frozenset[str], source: str) -
     positives = frozenset(_string_list(raw, "positives", where))
     junk = frozenset(_string_list(raw, "junk", where, default=[]))
 
-    if query_id not in image_set:
-        raise ValueError(f"{where}: the query id is not in 'images'")
-    for kind, ids in (("positive", positives), ("junk", junk)):
+    easy = _optional_set(raw, "easy", where)
+    hard = _optional_set(raw, "hard", where)
+    if (easy is None) != (hard is None):
+        raise ValueError(f"{where}: 'easy' and 'hard' come together (Revisited ground truth)")
+    bbox = _parse_bbox(raw.get("bbox"), where)
+
+    if query_id not in query_set:
+        raise ValueError(f"{where}: the query id is not in 'images' or 'query_images'")
+    splits = (("easy", easy or frozenset()), ("hard", hard or frozenset()))
+    for kind, ids in (("positive", positives), ("junk", junk), *splits):
         unknown = sorted(ids - image_set)
         if unknown:
             raise ValueError(f"{where}: {kind} ids not in 'images': {_preview(unknown)}")
-    if query_id in positives:
+    if query_id in positives and not query_in_ranking:
+        # Only meaningful where the query stays in its ranking (Oxford5k: the full query
+        # image is a good result for its crop); otherwise it would be a free hit.
         raise ValueError(f"{where}: the query lists itself as a positive")
+    if easy is not None and hard is not None and (easy | hard) != positives:
+        raise ValueError(f"{where}: 'positives' must be 'easy' + 'hard' (Revisited ground truth)")
     both = sorted(positives & junk)
     if both:
         raise ValueError(f"{where}: ids both positive and junk: {_preview(both)}")
-    return Query(id=query_id, landmark=landmark, positives=positives, junk=junk)
+    return Query(
+        id=query_id,
+        landmark=landmark,
+        positives=positives,
+        junk=junk,
+        bbox=bbox,
+        easy=easy,
+        hard=hard,
+    )
+
+
+def _optional_set(raw: dict[str, Any], key: str, where: str) -> frozenset[str] | None:
+    return frozenset(_string_list(raw, key, where)) if key in raw else None
+
+
+def _parse_bbox(value: Any, where: str) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"{where}: 'bbox' must be [x1, y1, x2, y2] (numbers)")
+    x1, y1, x2, y2 = (float(v) for v in value)
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"{where}: 'bbox' {value} is empty (needs x2 > x1 and y2 > y1)")
+    return (x1, y1, x2, y2)
 
 
 def _string_list(

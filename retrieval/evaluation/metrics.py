@@ -102,6 +102,34 @@ def precision_at_k(
     return sum(image_id in positives for image_id in top) / k
 
 
+def revisitop_precision_at_k(
+    ranked_ids: Sequence[str],
+    positives: Collection[str],
+    k: int,
+    junk: Collection[str] = (),
+    query_id: str | None = None,
+) -> float:
+    """Precision at k as the Revisited Oxford/Paris code defines its mP@k (``compute_map`` in
+    filipradenovic/revisitop): with r the (1-based, junk-removed) rank of the last positive
+    retrieved, the cut-off is ``min(k, r)`` and the score is hits in the cut-off / cut-off.
+
+    So a query whose every positive is in the top 3 scores 1 at k=10, unlike ``precision_at_k``.
+    A ranking with no positive at all scores 0 (revisitop's code assumes full rankings, which
+    always contain every positive, and has no such case).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ranks = _positive_ranks(clean_ranking(ranked_ids, junk, query_id), frozenset(positives))
+    if not ranks:
+        return 0.0
+    cutoff = min(ranks[-1] + 1, k)
+    return sum(rank < cutoff for rank in ranks) / cutoff
+
+
+#: How mP@k is defined: "standard" (hits in the top k / k) or "revisitop" (see above).
+PRECISION_DEFINITIONS = {"standard": precision_at_k, "revisitop": revisitop_precision_at_k}
+
+
 def pr_curve(
     ranked_ids: Sequence[str],
     positives: Collection[str],
@@ -193,6 +221,7 @@ def evaluate_rankings(
     rankings: Mapping[str, Sequence[str]],
     benchmark: Benchmark,
     ks: Sequence[int] = (1, 5, 10),
+    precision: str | None = None,
 ) -> RankingMetrics:
     """Score the rankings of every benchmark query (ranked image ids, best first).
 
@@ -205,7 +234,16 @@ def evaluate_rankings(
     ``rankings`` is keyed by query id; per-query results are keyed by
     ``Benchmark.query_keys`` (the id, or "<id>@<landmark>" for an image that is a query of
     several landmarks and is scored once per landmark, with that landmark's ground truth).
+
+    The query image is removed from its ranking unless ``benchmark.query_in_ranking``.
+    ``precision`` picks the mP@k definition (``PRECISION_DEFINITIONS``); by default
+    "revisitop" for a Revisited protocol (``benchmark.protocol`` "revisited-..."), else
+    "standard".
     """
+    if precision is None:
+        revisited = (benchmark.protocol or "").startswith("revisited")
+        precision = "revisitop" if revisited else "standard"
+    precision_at = PRECISION_DEFINITIONS[precision]
     missing = [q.id for q in benchmark.queries if q.id not in rankings]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5])
@@ -219,15 +257,16 @@ def evaluate_rankings(
     skipped: list[str] = []
     for key, query in benchmark.query_keys().items():
         ranking = rankings[query.id]
-        ap = average_precision(ranking, query.positives, query.junk, query.id)
+        self_id = None if benchmark.query_in_ranking else query.id
+        ap = average_precision(ranking, query.positives, query.junk, self_id)
         per_query[key] = ap
         if math.isnan(ap):
             skipped.append(key)
             continue
         by_landmark[query.landmark].append(ap)
         for k in ks:
-            precisions[k].append(precision_at_k(ranking, query.positives, k, query.junk, query.id))
-        curves.append(pr_curve(ranking, query.positives, query.junk, query.id))
+            precisions[k].append(precision_at(ranking, query.positives, k, query.junk, self_id))
+        curves.append(pr_curve(ranking, query.positives, query.junk, self_id))
 
     per_landmark = {name: _mean(aps) for name, aps in by_landmark.items()}
     groups = benchmark.ukbench_groups()

@@ -105,3 +105,61 @@ def per_landmark_plot(per_landmark: Mapping[str, Mapping[str, float | None]]) ->
     if len(names) > 1:
         ax.legend(fontsize=8, loc="lower right")
     return _to_data_uri(fig)
+
+
+def per_query_scatter_plot(
+    baseline: Mapping[str, float | None],
+    others: Mapping[str, Mapping[str, float | None]],
+    baseline_name: str,
+) -> str | None:
+    """AP of every query: baseline (x) against each other run (y). Points above the diagonal
+    got better, below it worse; one colour per compared run."""
+    fig = Figure(figsize=(5.4, 5.2))
+    ax = fig.add_subplot()
+    drawn = False
+    for name, scores in others.items():
+        pairs = [
+            (baseline[q], scores[q])
+            for q in baseline
+            if q in scores and _finite(baseline[q]) and _finite(scores[q])
+        ]
+        if not pairs:
+            continue
+        xs, ys = zip(*pairs, strict=True)
+        ax.scatter(xs, ys, s=14, alpha=0.7, label=name)
+        drawn = True
+    if not drawn:
+        return None
+    ax.plot([0, 100], [0, 100], color="#888", linewidth=1, linestyle="--")
+    ax.set_xlim(-2, 102)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel(f"AP (%), {baseline_name}")
+    ax.set_ylabel("AP (%), compared run")
+    ax.set_title("AP per query (above the line: better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _to_data_uri(fig)
+
+
+def landmark_delta_plot(deltas: Mapping[str, Mapping[str, float | None]]) -> str | None:
+    """Horizontal bars: mAP change per landmark (rows) for each compared run (colours)."""
+    landmarks = sorted({lm for d in deltas.values() for lm in d})
+    if not landmarks:
+        return None
+    names = list(deltas)
+    height = 0.8 / len(names)
+    fig = Figure(figsize=(5.4, max(2.5, 0.32 * len(landmarks) + 1)))
+    ax = fig.add_subplot()
+    for j, name in enumerate(names):
+        values = [deltas[name].get(lm) for lm in landmarks]
+        offsets = [i - 0.4 + height * (j + 0.5) for i in range(len(landmarks))]
+        ax.barh(offsets, [v if _finite(v) else 0.0 for v in values], height=height, label=name)
+    ax.axvline(0, color="#444", linewidth=1)
+    ax.set_yticks(range(len(landmarks)), landmarks, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ mAP (points)")
+    ax.set_title("mAP change per landmark")
+    ax.grid(axis="x", alpha=0.3)
+    if len(names) > 1:
+        ax.legend(fontsize=8)
+    return _to_data_uri(fig)

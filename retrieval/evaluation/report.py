@@ -18,7 +18,6 @@ Unknown top-level keys are shown as JSON under "Other", so nothing silently disa
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -26,15 +25,25 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
+from retrieval import storage
 from retrieval.evaluation import plots
-from retrieval.evaluation.ground_truth import Benchmark
+from retrieval.evaluation.ground_truth import Benchmark, Query
 from retrieval.evaluation.metrics import clean_ranking
-from retrieval.evaluation.thumbnails import Thumbnails
+from retrieval.evaluation.templating import render
+from retrieval.evaluation.thumbnails import EMBED_BUDGET_BYTES, Thumbnails
+from retrieval.redaction import redact
 
 MISSING = "–"
 DEFAULT_KS = (1, 5, 10)
 MAX_FAILURES_SHOWN = 20
 TOP_RESULTS_SHOWN = 10
+TOP_KEPT = 20  # ranked ids per query kept in rankings.parquet (the query itself may be first)
+RANKINGS_FILENAME = "rankings.parquet"
+RANKINGS_SCHEMA = pa.schema(
+    [("result", pa.string()), ("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string())]
+)
 KNOWN_KEYS = frozenset(
     {
         "benchmark",
@@ -208,69 +217,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- html
 
-_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
-       margin: 0; background: #f6f6f4; }
-main { max-width: 1180px; margin: 0 auto; padding: 14px 14px 40px; background: #fff; }
-h1 { font-size: 24px; margin: 4px 0 6px; }
-h2 { font-size: 18px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; padding-bottom: 3px; }
-h3 { font-size: 14px; margin: 16px 0 4px; font-weight: 600; }
-.meta { color: #555; margin: 2px 0; }
-.warn { color: #b00020; font-weight: 600; }
-table.data { border-collapse: collapse; margin: 6px 0; }
-table.data th, table.data td { border: 1px solid #ddd; padding: 3px 9px; text-align: left; }
-table.data th { background: #f0f0ee; }
-table.data td.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.data tr:nth-child(even) td { background: #fafaf8; }
-.plots img { max-width: 100%; display: block; margin: 8px 0; }
-.plots .pair { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
-.strip-wrap { overflow-x: auto; }
-table.strip { border-collapse: separate; border-spacing: 2px; }
-table.strip td { vertical-align: top; text-align: center; padding: 0; width: 102px; }
-table.strip .box { width: 102px; height: 102px; display: flex; align-items: center;
-       justify-content: center; }
-table.strip img, table.strip .noimg { border: 3px solid #999; display: block;
-       max-width: 96px; max-height: 96px; }
-table.strip .noimg { width: 90px; height: 64px; background: #eee; font-size: 11px;
-       color: #777; overflow: hidden; word-break: break-all; }
-table.strip .cap { font-size: 11px; color: #555; width: 102px; overflow: hidden;
-       text-overflow: ellipsis; white-space: nowrap; }
-table.strip .query img, table.strip .query .noimg { border-color: #1f5fbf; }
-table.strip .pos img, table.strip .pos .noimg { border-color: #2e9d3a; }
-table.strip .neg img, table.strip .neg .noimg { border-color: #d33; }
-table.strip .junk img, table.strip .junk .noimg { border-color: #aaa; }
-.legend span { display: inline-block; margin-right: 14px; font-size: 12px; }
-.legend i { display: inline-block; width: 12px; height: 12px; margin-right: 4px;
-       vertical-align: -1px; }
-pre { background: #f4f4f2; padding: 8px; overflow-x: auto; font-size: 12px; }
-code { font-size: 12px; }
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _html_table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool] = ()
-) -> str:
-    """A table of already-formatted text cells (escaped here)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = []
-        for i, cell in enumerate(row):
-            cls = ' class="num"' if i < len(numeric) and numeric[i] else ""
-            cells.append(f"<td{cls}>{_e(cell)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="data"><tr>{head}</tr>{"".join(body)}</table>'
-
-
-def _img(uri: str | None, alt: str) -> str:
-    if uri is None:
-        return f'<div class="noimg">{_e(alt)}</div>'
-    return f'<img src="{uri}" alt="{_e(alt)}" title="{_e(alt)}">'
-
 
 def _spread_positions(n: int, count: int) -> list[int]:
     """Indices of ``count`` of ``n`` items sorted by AP, most informative first: worst, best,
@@ -307,12 +253,37 @@ def _position_label(index: int, n: int) -> str:
     return f"#{index + 1} of {n} by AP"
 
 
-def _example_rows(
+def result_cells(
+    query: Query, ranking: Sequence[str], thumbs: Thumbnails, top: int = TOP_RESULTS_SHOWN
+) -> list[dict[str, Any]]:
+    """The strip of one query: its thumbnail, then its top results coloured by ground truth
+    (the query image itself omitted, as in the scores)."""
+    cells = [{"kind": "query", "id": query.id, "uri": thumbs.get(query.id), "caption": "query"}]
+    for rank, image_id in enumerate(clean_ranking(ranking, (), query.id)[:top], start=1):
+        if image_id in query.positives:
+            kind = "pos"
+        elif image_id in query.junk:
+            kind = "junk"
+        else:
+            kind = "neg"
+        cells.append(
+            {
+                "kind": kind,
+                "id": image_id,
+                "uri": thumbs.get(image_id),
+                "caption": f"{rank}. {image_id}",
+            }
+        )
+    return cells
+
+
+def _examples(
     result: Mapping[str, Any],
     ranking_of: Mapping[str, Sequence[str]],
     benchmark: Benchmark,
     count: int,
-) -> str:
+    thumbs: Thumbnails,
+) -> list[dict[str, Any]]:
     """Query thumbnail and its top results for the worst, best, median, ... queries."""
     per_query = result.get("per_query") or {}
     queries = benchmark.query_keys()
@@ -325,131 +296,25 @@ def _example_rows(
         and queries[key].id in ranking_of
     )
     if not scored or count <= 0:
-        return ""
-    thumbs = Thumbnails(benchmark)
-    parts = [
-        '<p class="legend"><span><i style="background:#1f5fbf"></i>query</span>'
-        '<span><i style="background:#2e9d3a"></i>positive</span>'
-        '<span><i style="background:#d33"></i>negative</span>'
-        '<span><i style="background:#aaa"></i>junk (not scored)</span>'
-        f"top {TOP_RESULTS_SHOWN} results, query itself omitted</p>"
-    ]
+        return []
+    examples = []
     for index in _spread_positions(len(scored), count):
         ap, key = scored[index]
         query = queries[key]
-        qid = query.id
-        label = _position_label(index, len(scored))
-        parts.append(
-            f"<h3>{_e(label)}: {_e(qid)} ({_e(query.landmark)}), AP {_fmt(ap)}, "
-            f"{len(query.positives)} positives</h3>"
+        examples.append(
+            {
+                "label": _position_label(index, len(scored)),
+                "query": query.id,
+                "landmark": query.landmark,
+                "ap": _fmt(ap),
+                "positives": len(query.positives),
+                "cells": result_cells(query, ranking_of[query.id], thumbs),
+            }
         )
-        thumb = _img(thumbs.get(qid), qid)
-        cells = [
-            f'<td class="query"><div class="box">{thumb}</div><div class="cap">query</div></td>'
-        ]
-        top = clean_ranking(ranking_of[qid], (), qid)[:TOP_RESULTS_SHOWN]
-        for rank, image_id in enumerate(top, start=1):
-            if image_id in query.positives:
-                kind = "pos"
-            elif image_id in query.junk:
-                kind = "junk"
-            else:
-                kind = "neg"
-            cells.append(
-                f'<td class="{kind}"><div class="box">{_img(thumbs.get(image_id), image_id)}</div>'
-                f'<div class="cap" title="{_e(image_id)}">{rank}. {_e(image_id)}</div></td>'
-            )
-        row = "".join(cells)
-        parts.append(f'<div class="strip-wrap"><table class="strip"><tr>{row}</tr></table></div>')
-    return "\n".join(parts)
+    return examples
 
 
-def render_html(
-    report: Mapping[str, Any],
-    *,
-    benchmark: Benchmark | None = None,
-    rankings: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    thumbnails_for: int = 4,
-) -> str:
-    """The report as one self-contained HTML page (inline CSS, base64 plots and thumbnails).
-
-    Thumbnails of example queries need both ``benchmark`` (for the image files and the
-    ground truth colouring) and ``rankings`` (result name -> query id -> ranked ids, for
-    the first result); without them that section is left out.
-    """
-    results: list[Mapping[str, Any]] = list(report.get("results") or [])
-    name = str(report.get("benchmark", "?"))
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Retrieval report: {_e(name)}</title>",
-        f"<style>{_CSS}</style></head><body><main>",
-        f"<h1>Retrieval report: {_e(name)}</h1>",
-        f'<p class="meta">{_e(_plain(report.get("images")))} images · '
-        f"{_e(_plain(report.get('queries')))} queries"
-        + (f" · created {_e(report['created'])}" if report.get("created") else "")
-        + "</p>",
-    ]
-    if report.get("accounting"):
-        line = _accounting_line(report["accounting"])
-        cls = "meta warn" if "NOT" in line else "meta"
-        out.append(f'<p class="{cls}">Accounting: {_e(line)}</p>')
-
-    out.append("<h2>Results</h2>")
-    if results:
-        columns = _results_columns(results)
-        rows = [[_cell(r, key) for _, key in columns] for r in results]
-        out.append(_html_table([h for h, _ in columns], rows, [False, False] + [True] * 99))
-    else:
-        out.append("<p>No results.</p>")
-
-    if results:
-        out.append(_plots_section(results))
-
-    if results and benchmark is not None and rankings is not None:
-        first_name = str(results[0].get("name"))
-        if first_name in rankings:
-            examples = _example_rows(results[0], rankings[first_name], benchmark, thumbnails_for)
-            if examples:
-                out.append(f"<h2>Example queries ({_e(first_name)})</h2>")
-                out.append(examples)
-
-    if results and results[0].get("per_landmark"):
-        per_landmark = results[0]["per_landmark"]
-        out.append(f"<h2>Per landmark ({_e(results[0].get('name', '?'))})</h2>")
-        rows = [[lm, _fmt(v)] for lm, v in per_landmark.items()]
-        out.append(_html_table(["landmark", "mAP"], rows, [False, True]))
-
-    if report.get("model"):
-        out.append("<h2>Model</h2>")
-        rows = [[k, _plain(v)] for k, v in report["model"].items()]
-        out.append(_html_table(["key", "value"], rows))
-
-    if report.get("timings"):
-        out.append("<h2>Timings</h2>")
-        rows = [list(_timing(k, v)) for k, v in report["timings"].items()]
-        out.append(_html_table(["step", "time"], rows, [False, True]))
-
-    failures = list(report.get("failures") or [])
-    if failures:
-        out.append(f"<h2>Failures ({len(failures)})</h2>")
-        keys = ("id", "stage", "error_kind", "message", "uri")
-        rows = [[_plain(f.get(k)) for k in keys] for f in failures[:MAX_FAILURES_SHOWN]]
-        out.append(_html_table(["id", "stage", "error kind", "message", "uri"], rows))
-        if len(failures) > MAX_FAILURES_SHOWN:
-            more = len(failures) - MAX_FAILURES_SHOWN
-            out.append(f"<p>… and {more} more (see report.json)</p>")
-
-    for title, value in (("Config", report.get("config")), ("Other", _other_keys(report))):
-        if value:
-            body = json.dumps(_jsonable(value), indent=2, ensure_ascii=False)
-            out.append(f"<h2>{title}</h2><pre>{_e(body)}</pre>")
-
-    out.append("</main></body></html>")
-    return "\n".join(out) + "\n"
-
-
-def _plots_section(results: Sequence[Mapping[str, Any]]) -> str:
+def _plots(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     first = results[0]
     pr = plots.pr_curves_plot({str(r.get("name")): r.get("pr_curve") or [] for r in results})
     landmarks = plots.per_landmark_plot(
@@ -459,17 +324,102 @@ def _plots_section(results: Sequence[Mapping[str, Any]]) -> str:
         first.get("per_query") or {}, f"AP per query, sorted ({first.get('name', '?')})"
     )
     pair = [
-        _img(uri, alt)
+        {"uri": uri, "alt": alt}
         for uri, alt in ((pr, "mean precision-recall curves"), (landmarks, "mAP per landmark"))
         if uri is not None
     ]
-    parts = ['<div class="plots">']
-    if per_query is not None:
-        parts.append(_img(per_query, "AP per query"))
-    if pair:
-        parts.append(f'<div class="pair">{"".join(pair)}</div>')
-    parts.append("</div>")
-    return "<h2>Plots</h2>" + "".join(parts) if len(parts) > 2 else ""
+    return {"per_query": per_query, "pair": pair}
+
+
+def render_html(
+    report: Mapping[str, Any],
+    *,
+    benchmark: Benchmark | None = None,
+    rankings: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    thumbnails_for: int = 4,
+    thumbnails: Thumbnails | None = None,
+) -> str:
+    """The report as one HTML page (templates/report.html.j2, autoescaped; inline CSS, plots
+    as data URIs). Result rows are rendered from whatever ``results`` holds.
+
+    Thumbnails of example queries need both ``benchmark`` (for the image files and the
+    ground truth colouring) and ``rankings`` (result name -> query id -> ranked ids, for
+    the first result); without them that section is left out. ``thumbnails`` decides how
+    they are stored (embedded within a byte budget, then linked files; see Thumbnails).
+    """
+    results: list[Mapping[str, Any]] = list(report.get("results") or [])
+    columns = _results_columns(results) if results else []
+    context: dict[str, Any] = {
+        "name": str(report.get("benchmark", "?")),
+        "images": _plain(report.get("images")),
+        "queries": _plain(report.get("queries")),
+        "created": report.get("created"),
+        "accounting": None,
+        "accounting_bad": False,
+        "results_headers": [h for h, _ in columns],
+        "results_rows": [[_cell(r, key) for _, key in columns] for r in results],
+        "results_numeric": [False, False] + [True] * len(columns),
+        "plots": _plots(results) if results else {},
+        "examples": [],
+        "examples_of": None,
+        "top": TOP_RESULTS_SHOWN,
+        "per_landmark_rows": [],
+        "per_landmark_of": None,
+        "sections": [],
+    }
+    if report.get("accounting"):
+        line = _accounting_line(report["accounting"])
+        context.update(accounting=line, accounting_bad="NOT" in line)
+
+    if results and benchmark is not None and rankings is not None:
+        first_name = str(results[0].get("name"))
+        if first_name in rankings:
+            thumbs = thumbnails or Thumbnails(benchmark)
+            context["examples"] = _examples(
+                results[0], rankings[first_name], benchmark, thumbnails_for, thumbs
+            )
+            context["examples_of"] = first_name
+
+    if results and results[0].get("per_landmark"):
+        context["per_landmark_rows"] = [
+            [lm, _fmt(v)] for lm, v in results[0]["per_landmark"].items()
+        ]
+        context["per_landmark_of"] = results[0].get("name", "?")
+
+    sections = context["sections"]
+
+    def section(title, headers=(), rows=None, numeric=(), more=0, pre=None):
+        sections.append(
+            {
+                "title": title,
+                "headers": list(headers),
+                "rows": rows,
+                "numeric": list(numeric),
+                "more": more,
+                "pre": pre,
+            }
+        )
+
+    if report.get("model"):
+        section("Model", ["key", "value"], [[k, _plain(v)] for k, v in report["model"].items()])
+    if report.get("timings"):
+        rows = [list(_timing(k, v)) for k, v in report["timings"].items()]
+        section("Timings", ["step", "time"], rows, [False, True])
+    failures = list(report.get("failures") or [])
+    if failures:
+        keys = ("id", "stage", "error_kind", "message", "uri")
+        rows = [[_plain(f.get(k)) for k in keys] for f in failures[:MAX_FAILURES_SHOWN]]
+        more = max(0, len(failures) - MAX_FAILURES_SHOWN)
+        section(
+            f"Failures ({len(failures)})",
+            ["id", "stage", "error kind", "message", "uri"],
+            rows,
+            more=more,
+        )
+    for title, value in (("Config", report.get("config")), ("Other", _other_keys(report))):
+        if value:
+            section(title, pre=json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
+    return render("report.html.j2", **context)
 
 
 # --------------------------------------------------------------------------- files
@@ -482,24 +432,73 @@ def write_report(
     benchmark: Benchmark,
     rankings: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     thumbnails_for: int = 4,
-) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (created if
-    needed) and return their paths under the keys "json", "markdown" and "html".
+    thumbnail_budget_bytes: int = EMBED_BUDGET_BYTES,
+) -> dict[str, str]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (any URI:
+    local, gs://, s3://) and return their URIs under the keys "json", "markdown" and "html";
+    with ``rankings``, also ``rankings.parquet`` (every result's top 10 per query, what
+    ``retrieval compare`` shows), and thumbnails past the embedding budget in thumbnails/.
 
-    The JSON is strict (NaN written as null) so any JSON parser can read it back.
+    The JSON is strict (NaN written as null) so any JSON parser can read it back. Credentials
+    and signatures in URIs are masked in all three files.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out / "report.json",
-        "markdown": out / "report.md",
-        "html": out / "report.html",
+    out = str(out_dir)
+    uris = {
+        "json": storage.join(out, "report.json"),
+        "markdown": storage.join(out, "report.md"),
+        "html": storage.join(out, "report.html"),
     }
     text = json.dumps(_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False)
-    paths["json"].write_text(text + "\n", encoding="utf-8")
-    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
-    page = render_html(
-        report, benchmark=benchmark, rankings=rankings, thumbnails_for=thumbnails_for
+    if rankings:
+        uris["rankings"] = storage.join(out, RANKINGS_FILENAME)
+        write_top_rankings(uris["rankings"], rankings)
+    thumbs = Thumbnails(
+        benchmark,
+        budget_bytes=thumbnail_budget_bytes,
+        write_file=lambda name, data: storage.write_bytes(storage.join(out, name), data),
     )
-    paths["html"].write_text(page, encoding="utf-8")
-    return paths
+    page = render_html(
+        report,
+        benchmark=benchmark,
+        rankings=rankings,
+        thumbnails_for=thumbnails_for,
+        thumbnails=thumbs,
+    )
+    for key, content in (
+        ("json", text + "\n"),
+        ("markdown", render_markdown(report)),
+        ("html", page),
+    ):
+        storage.write_bytes(uris[key], redact(content).encode("utf-8"))
+    return uris
+
+
+def write_top_rankings(
+    uri: str | Path, rankings: Mapping[str, Mapping[str, Sequence[str]]], top: int = TOP_KEPT
+) -> None:
+    """Every result's first ``top`` ranked ids per query as a table (result, query_id, rank,
+    id): small even for 10k queries, and enough for ``retrieval compare`` to show what
+    changed without keeping full rankings."""
+    columns: dict[str, list] = {"result": [], "query_id": [], "rank": [], "id": []}
+    for result, by_query in rankings.items():
+        for query_id, ranking in by_query.items():
+            for rank, image_id in enumerate(list(ranking[:top]), start=1):
+                columns["result"].append(result)
+                columns["query_id"].append(query_id)
+                columns["rank"].append(rank)
+                columns["id"].append(image_id)
+    storage.write_parquet(str(uri), pa.table(columns, schema=RANKINGS_SCHEMA))
+
+
+def read_top_rankings(uri: str | Path) -> dict[str, dict[str, list[str]]]:
+    """``rankings.parquet`` back as result -> query id -> ids in rank order."""
+    table = storage.read_parquet(str(uri)).to_pydict()
+    out: dict[str, dict[str, list[tuple[int, str]]]] = {}
+    for result, query_id, rank, image_id in zip(
+        table["result"], table["query_id"], table["rank"], table["id"], strict=True
+    ):
+        out.setdefault(result, {}).setdefault(query_id, []).append((rank, image_id))
+    return {
+        r: {q: [i for _, i in sorted(items)] for q, items in by_query.items()}
+        for r, by_query in out.items()
+    }

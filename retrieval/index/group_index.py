@@ -46,6 +46,11 @@ class IndexGroupTask:
     codebook: str
     codebook_id: str
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexGroupTask:
+        """The inverse of ``dataclasses.asdict`` (tasks travel to workers as JSON)."""
+        return cls(**{**d, "shard_manifests": tuple(d["shard_manifests"])})
+
     @property
     def rows(self) -> int:
         return sum(m["rows"] for m in self.shard_manifests)

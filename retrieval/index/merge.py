@@ -77,6 +77,11 @@ class MergeTask:
     piece: int | None = None
     on_disk: bool = False
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MergeTask:
+        """The inverse of ``dataclasses.asdict`` (tasks travel to workers as JSON)."""
+        return cls(**{**d, "inputs": tuple(CodesNode(**n) for n in d["inputs"])})
+
     @property
     def final(self) -> bool:
         return self.piece is not None
@@ -321,6 +326,7 @@ def finish_merge(
         failed=0,
         timings=timings,
         groups=len(groups),
+        shards=body["shards"],
         rounds=len(rounds),
         pieces=len(pieces),
         bytes=manifest["bytes"],

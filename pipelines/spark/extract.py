@@ -1,0 +1,225 @@
+"""Descriptor extraction on Spark: a thin adapter over ``retrieval.extraction``.
+
+    pending shard ids ─► mapInArrow: the shard's inputs, read from the run plan
+        ─► repartition by image id ─► mapInArrow: read + decode + GeM, one result row per input
+        ─► group by shard ─► applyInArrow: write the shard, then commit its manifest
+
+Images, not shards, are spread over the tasks (as Beam's Reshuffle does), so a few large shards
+never leave workers idle. Each Python worker builds one model and keeps it for every task it
+runs (Spark reuses Python workers). The DataFrames carry only shard ids until the workers read
+each shard's references from the run plan in the output folder (``retrieval.plan``), and the
+shard writer checks what came back against that plan (``write_shard``): an input lost on the way
+fails its shard loudly instead of vanishing. Files, names and manifests are the ones every runner
+writes, so Spark, Beam and local runs skip each other's committed shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from retrieval import plan
+from retrieval.corpus import ImageRef
+from retrieval.descriptors.gem import GeMConfig
+from retrieval.extraction import LoadedImage, describe_loaded, load_image
+from retrieval.images import DecodeLimits
+from retrieval.shards import descriptor_shards
+from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from retrieval.descriptors.gem import GeMExtractor
+
+REFS_SCHEMA = pa.schema(
+    [("shard", pa.string()), ("id", pa.string()), ("uri", pa.string()), ("problem", pa.string())]
+)
+REFS_DDL = "shard string, id string, uri string, problem string"
+RESULT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("descriptor", pa.list_(pa.float32())),
+        ("stage", pa.string()),
+        ("error_kind", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+RESULT_DDL = (
+    "shard string, id string, uri string, sha256 string, width int, height int, "
+    "descriptor array<float>, stage string, error_kind string, message string"
+)
+WRITTEN_DDL = "shard string, rows long, errors long"
+
+# Images decoded and described per step inside a task: bounds a worker's memory to this many
+# decoded images whatever Arrow's batch size is.
+IMAGES_PER_STEP = 16
+
+_EXTRACTORS: dict[tuple[GeMConfig, int | None], GeMExtractor] = {}
+
+
+def _extractor(config: GeMConfig, threads: int | None) -> GeMExtractor:
+    """This Python worker's model, built on first use and kept for later tasks."""
+    key = (config, threads)
+    if key not in _EXTRACTORS:
+        from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
+
+        configure_tf_threads(threads)
+        _EXTRACTORS[key] = GeMExtractor(config)
+    return _EXTRACTORS[key]
+
+
+def shard_refs(batches: Iterator[pa.RecordBatch], *, output: str) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: shard ids in, the shards' planned inputs out (read from the plan)."""
+    for batch in batches:
+        for shard_id in batch.column("shard").to_pylist():
+            refs = plan.read_shard_spec(output, shard_id).refs
+            yield pa.RecordBatch.from_pydict(
+                {
+                    "shard": [shard_id] * len(refs),
+                    "id": [r.id for r in refs],
+                    "uri": [r.uri for r in refs],
+                    "problem": [r.problem for r in refs],
+                },
+                schema=REFS_SCHEMA,
+            )
+
+
+def _result_batch(results: Sequence[tuple[str, DescriptorRow | ErrorRow]]) -> pa.RecordBatch:
+    columns: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA.names}
+    for shard, result in results:
+        columns["shard"].append(shard)
+        columns["id"].append(result.id)
+        columns["uri"].append(result.uri)
+        is_row = isinstance(result, DescriptorRow)
+        for name in ("sha256", "width", "height"):
+            columns[name].append(getattr(result, name) if is_row else None)
+        columns["descriptor"].append(result.descriptor if is_row else None)
+        for name in ("stage", "error_kind", "message"):
+            columns[name].append(None if is_row else getattr(result, name))
+    return pa.RecordBatch.from_pydict(columns, schema=RESULT_SCHEMA)
+
+
+def describe_partition(
+    batches: Iterator[pa.RecordBatch],
+    *,
+    config: GeMConfig,
+    limits: DecodeLimits,
+    threads: int | None,
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: planned inputs in, one result row per input out."""
+    for batch in batches:
+        rows = batch.to_pylist()
+        for start in range(0, len(rows), IMAGES_PER_STEP):
+            results: list[tuple[str, DescriptorRow | ErrorRow]] = []
+            decoded: list[tuple[str, LoadedImage]] = []
+            for row in rows[start : start + IMAGES_PER_STEP]:
+                ref = ImageRef(row["id"], row["uri"], row["problem"])
+                loaded = load_image(ref, max_side=config.max_side, limits=limits)
+                if isinstance(loaded, ErrorRow):
+                    results.append((row["shard"], loaded))
+                else:
+                    decoded.append((row["shard"], loaded))
+            if decoded:
+                extractor = _extractor(config, threads)
+                described = describe_loaded(extractor, [image for _, image in decoded])
+                results += [(s, r) for (s, _), r in zip(decoded, described, strict=True)]
+            yield _result_batch(results)
+
+
+def write_shard_group(
+    key: tuple[pa.Scalar, ...], results: pa.Table, *, output: str, model_info: dict[str, Any]
+) -> pa.Table:
+    """applyInArrow body: one shard's results -> rows and errors -> written and committed."""
+    shard_id = key[0].as_py()
+    spec = plan.read_shard_spec(output, shard_id)
+    is_error = results.column("error_kind").is_valid()
+    rows_table = results.filter(pc.invert(is_error))
+    vectors = _vectors(rows_table.column("descriptor"), int(model_info["dim"]))
+    rows = [
+        DescriptorRow(r["id"], r["uri"], r["sha256"], r["width"], r["height"], vector)
+        for r, vector in zip(
+            rows_table.select(["id", "uri", "sha256", "width", "height"]).to_pylist(),
+            vectors,
+            strict=True,
+        )
+    ]
+    errors = [
+        ErrorRow(**r)
+        for r in results.filter(is_error)
+        .select(["id", "uri", "stage", "error_kind", "message"])
+        .to_pylist()
+    ]
+    manifest = descriptor_shards.write_shard(output, spec, rows, errors, model_info)
+    return pa.table(
+        {"shard": [shard_id], "rows": [manifest["rows"]], "errors": [manifest["errors"]]},
+        schema=pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64())]),
+    )
+
+
+def _vectors(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    if len(column) == 0:
+        return np.zeros((0, dim), np.float32)
+    values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(-1, dim)
+
+
+def run_extraction(
+    session: SparkSession,
+    shard_ids: Sequence[str],
+    output: str,
+    *,
+    config: GeMConfig,
+    model_info: dict[str, Any],
+    limits: DecodeLimits,
+    threads_per_worker: int | None,
+    parallelism: int,
+) -> list[tuple[str, int, int]]:
+    """Extract and commit the planned shards ``shard_ids`` of ``output``; returns (shard, rows,
+    errors) for each shard written."""
+    if not shard_ids:
+        return []
+    shards = session.createDataFrame(pa.table({"shard": list(shard_ids)}))
+    refs = shards.repartition(min(len(shard_ids), parallelism)).mapInArrow(
+        functools.partial(shard_refs, output=output), REFS_DDL
+    )
+    images = sum(s.inputs for s in plan.read_plan(output).shards if s.shard_id in set(shard_ids))
+    # A few tasks per core keep the cores busy to the end without paying a model per image.
+    spread = refs.repartition(max(1, min(images, 4 * parallelism)), "id")
+    results = spread.mapInArrow(
+        functools.partial(
+            describe_partition, config=config, limits=limits, threads=threads_per_worker
+        ),
+        RESULT_DDL,
+    )
+
+    def write(key, shard_results):  # unannotated: PySpark 4.3 fails inferring a partial's hints
+        return write_shard_group(key, shard_results, output=output, model_info=model_info)
+
+    written = results.groupBy("shard").applyInArrow(write, WRITTEN_DDL)
+    with shuffle_partitions(session, max(1, min(len(shard_ids), 2 * parallelism))):
+        return [(r["shard"], r["rows"], r["errors"]) for r in written.collect()]
+
+
+@contextmanager
+def shuffle_partitions(session: SparkSession, partitions: int) -> Iterator[None]:
+    """Size ``spark.sql.shuffle.partitions`` for one job when it is Spark's default (200 tasks,
+    mostly empty, for a few shards on a laptop); a value the user set is kept."""
+    conf = session.conf
+    before = conf.get("spark.sql.shuffle.partitions")
+    if before == "200":
+        conf.set("spark.sql.shuffle.partitions", str(partitions))
+    try:
+        yield
+    finally:
+        conf.set("spark.sql.shuffle.partitions", before)

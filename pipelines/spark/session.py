@@ -1,0 +1,166 @@
+"""Starting (or joining) the SparkSession the Spark stages run in.
+
+Three situations, one function:
+
+* ``local[N]`` (the default, ``--workers N``): the JVM starts in this process. Everything binds to
+  127.0.0.1 (no hostname lookup, no network needed), the web UI is off, Python workers run this
+  interpreter, and unless ``verbose`` the JVM's log goes to a file instead of the terminal.
+* ``--master URL`` (standalone ``spark://``, ``yarn``, ``k8s://``): the same, with the master given;
+  Python/archives settings come from ``--spark-conf`` (see ``deploy/spark/``).
+* inside ``spark-submit`` / Dataproc: a JVM already exists (``PYSPARK_GATEWAY_PORT`` is set) and
+  its configuration wins; only the ``--spark-conf`` values are added.
+
+One session per process: the stages of ``retrieval evaluate`` (extract, index) share it, and so do
+the tests (a session fixture starts it once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+QUIET_LOG4J = Path(__file__).with_name("log4j2-quiet.properties")
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """Where and how to run Spark: ``master`` (None: ``local[workers]``) and extra conf."""
+
+    workers: int = 1
+    master: str | None = None
+    conf: Mapping[str, str] = field(default_factory=dict)
+    verbose: bool = False
+
+    @property
+    def resolved_master(self) -> str:
+        return self.master or f"local[{max(1, self.workers)}]"
+
+    @property
+    def is_local(self) -> bool:
+        return self.resolved_master.startswith("local")
+
+
+def session_conf(settings: SparkSettings) -> dict[str, str]:
+    """The Spark configuration a session starts with: project defaults, then ``settings.conf``."""
+    conf = {
+        "spark.master": settings.resolved_master,
+        "spark.app.name": "cbir-retrieval",
+        # Arrow moves image references and descriptors between the JVM and Python workers.
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # Our own progress bar counts committed shards; Spark's console bar would fight it.
+        "spark.ui.showConsoleProgress": "false",
+        # Each Python worker keeps its model loaded across tasks (the default; stated on purpose).
+        "spark.python.worker.reuse": "true",
+        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    if settings.is_local:
+        conf.update(
+            {
+                "spark.ui.enabled": "false",
+                "spark.driver.host": "127.0.0.1",
+                "spark.driver.bindAddress": "127.0.0.1",
+                "spark.pyspark.python": sys.executable,
+                "spark.pyspark.driver.python": sys.executable,
+                # A local run's tasks share the driver JVM's memory; images live in Python workers.
+                "spark.driver.memory": "1g",
+            }
+        )
+    if not settings.verbose:
+        conf["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile={QUIET_LOG4J.as_uri()}"
+    conf.update(settings.conf)
+    return conf
+
+
+_LOG_FILE: Path | None = None
+
+
+def active_session() -> SparkSession | None:
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession()
+
+
+def get_session(settings: SparkSettings) -> SparkSession:
+    """The process's SparkSession: the running one if any, else a new one from ``settings``."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        master = session.sparkContext.master
+        if settings.master and master != settings.master:
+            log.warning("a Spark session on %s is already running; %s is ignored", master, settings)
+        for key, value in settings.conf.items():
+            _set_runtime_conf(session, key, value)
+        return session
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):  # under spark-submit: its configuration wins
+        builder = SparkSession.builder
+        for key, value in settings.conf.items():
+            builder = builder.config(key, value)
+        return builder.getOrCreate()
+    return _start_session(settings)
+
+
+def _set_runtime_conf(session: SparkSession, key: str, value: str) -> None:
+    try:
+        session.conf.set(key, value)
+    except Exception as exc:  # static settings cannot change once the JVM runs
+        log.warning("cannot change %s on a running Spark session: %s", key, exc)
+
+
+def _start_session(settings: SparkSettings) -> SparkSession:
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+    from pyspark.sql import SparkSession
+
+    conf = SparkConf(loadDefaults=False).setAll(list(session_conf(settings).items()))
+    if settings.is_local:
+        # Python workers are started by the JVM with this environment; 127.0.0.1 avoids a
+        # hostname lookup (and its warning) on machines whose name resolves to loopback.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+    popen_kwargs = {}
+    if not settings.verbose:
+        global _LOG_FILE
+        _LOG_FILE = Path(tempfile.gettempdir()) / f"cbir-spark-{os.getpid()}.log"
+        log.info("Spark's JVM log: %s", _LOG_FILE)
+        popen_kwargs = {"stdout": subprocess.DEVNULL, "stderr": _LOG_FILE.open("ab")}
+    try:
+        gateway = launch_gateway(conf, popen_kwargs=popen_kwargs)
+    except Exception as exc:
+        raise RuntimeError(f"Spark did not start: {exc}{_log_tail()}") from exc
+    context = SparkContext(conf=conf, gateway=gateway)
+    if not settings.verbose:
+        context.setLogLevel("ERROR")
+    return SparkSession(context)
+
+
+def _log_tail(lines: int = 20) -> str:
+    if _LOG_FILE is None or not _LOG_FILE.exists():
+        return ""
+    tail = _LOG_FILE.read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last lines of {_LOG_FILE} ---\n" + "\n".join(tail)
+
+
+def task_threads(session: SparkSession, config: object) -> int | None:
+    """TensorFlow threads per task on a cluster: ``--threads-per-worker``, else spark.task.cpus."""
+    given = getattr(config, "threads_per_worker", None)
+    if given:
+        return int(given)
+    return int(session.sparkContext.getConf().get("spark.task.cpus", "1"))
+
+
+def parallelism(session: SparkSession) -> int:
+    """How many tasks the cluster runs at once (local[N]: N)."""
+    return max(1, session.sparkContext.defaultParallelism)

@@ -1,0 +1,334 @@
+"""`retrieval submit`: the printed commands are complete and valid, contradictions are refused,
+the deploy files are well-formed, and a Spark submission really runs (spark-submit, local[2])."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from support import require_benchmark
+
+from pipelines import cli
+from pipelines.config import build_config, read_config_file
+from pipelines.submit import flex_template
+from pipelines.submit.job import parse_job_args
+from pipelines.submit.spark import IMAGE_JOB_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIG = """\
+runner = "spark"
+workers = 2
+[extract]
+image_size = 362
+shard_size = 64
+[index]
+factory = "auto"
+[spark_conf]
+"spark.sql.execution.arrow.maxRecordsPerBatch" = "512"
+[dataflow]
+project = "acme-vision"
+region = "europe-west4"
+temp_location = "gs://acme-cbir/tmp"
+sdk_container_image = "europe-west4-docker.pkg.dev/acme-vision/cbir/cbir:0.1.0"
+machine_type = "n1-standard-8"
+max_workers = 40
+gpu_type = "nvidia-tesla-t4"
+gpu_count = 1
+[spark]
+master = "yarn"
+deploy_mode = "cluster"
+env_archive = "gs://acme-cbir/cbir-env.tar.gz"
+executor_memory = "8g"
+executor_cores = 4
+task_cpus = 2
+cluster = "acme-dataproc"
+region = "europe-west4"
+"""
+
+
+def _config(tmp_path: Path, text: str = CONFIG, name: str = "job.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _submit(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["submit", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _commands(out: str) -> list[list[str]]:
+    """The commands of a dry run (comment lines dropped, continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", out)
+    return [shlex.split(line) for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_same_config_file_drives_local_runs(tmp_path):
+    config = build_config(read_config_file(str(_config(tmp_path))))
+    assert (config.runner, config.workers, config.shard_size) == ("spark", 2, 64)
+    assert dict(config.spark_conf) == {"spark.sql.execution.arrow.maxRecordsPerBatch": "512"}
+
+
+def test_dataflow_dry_run_prints_every_step_with_its_options(tmp_path, capsys):
+    config = _config(tmp_path)
+    code, out, _ = _submit(
+        capsys,
+        *("--runner", "dataflow", "--input", "gs://acme/photos", "--output", "gs://acme/run1"),
+        *("--queries", "gs://acme/queries", "--config", str(config), "--dry-run"),
+    )
+    assert code == 0
+    assert "placeholder" not in out
+    commands = _commands(out)
+    assert [c[1] for c in commands] == ["extract", "train", "index", "merge", "extract"]
+    parser = cli.build_parser()
+    for command in commands:
+        assert command[0] == "retrieval"
+        parser.parse_args(cli._attach_beam_args(command[1:]))  # a valid invocation
+    extract = commands[0]
+    assert extract[extract.index("--output") + 1] == "gs://acme/run1/descriptors"
+    assert extract[extract.index("--runner") + 1] == "beam"
+    options = extract[extract.index("--beam-args") + 1].split()
+    for expected in (
+        "--runner=DataflowRunner",
+        "--project=acme-vision",
+        "--region=europe-west4",
+        "--temp_location=gs://acme-cbir/tmp",
+        "--staging_location=gs://acme-cbir/tmp/staging",
+        "--machine_type=n1-standard-8",
+        "--max_num_workers=40",
+        "--sdk_container_image=europe-west4-docker.pkg.dev/acme-vision/cbir/cbir:0.1.0",
+        "--sdk_location=container",
+        "--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;"
+        "install-nvidia-driver",
+    ):
+        assert expected in options
+    assert "--job_name=cbir-extract-corpus" in options
+    queries = commands[4]
+    assert queries[queries.index("--input") + 1] == "gs://acme/queries"
+    assert "--job_name=cbir-extract-queries" in queries[queries.index("--beam-args") + 1]
+    assert "--beam-args" in commands[2]  # index: Dataflow
+    for local_step in (commands[1], commands[3]):
+        assert "--beam-args" not in local_step  # train and merge run on the submitting machine
+
+
+def test_dataflow_without_config_shows_placeholders_and_refuses_to_run(capsys):
+    argv = ("--runner", "dataflow", "--input", "gs://a/photos", "--output", "gs://a/run")
+    code, out, _ = _submit(capsys, *argv, "--dry-run")
+    assert code == 0
+    assert "--project=<PROJECT>" in out and "--temp_location=gs://<BUCKET>/tmp" in out
+    assert "set project, region, temp_location, sdk_container_image in the [dataflow]" in out
+    code, _, err = _submit(capsys, *argv)
+    assert code == 2 and "[dataflow] needs project" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "input", "message"),
+    [
+        ("", "/home/me/photos", "is not on gs://"),
+        ('gpu_type = "nvidia-tesla-t4"', "gs://a/p", "gpu_type and dataflow.gpu_count"),
+        ("num_workers = 20\nmax_workers = 5", "gs://a/p", "exceeds max_workers"),
+        ('temp_location = "/tmp/x"', "gs://a/p", "must be a gs:// location"),
+        ("job_name = 'My Job'", "gs://a/p", "job_name"),
+        ("zone_typo = 1", "gs://a/p", "unknown settings"),
+    ],
+)
+def test_dataflow_refuses_contradictions(tmp_path, capsys, extra, input, message):
+    config = _config(tmp_path, f"[dataflow]\n{extra}\n")
+    code, _, err = _submit(
+        capsys,
+        *("--runner", "dataflow", "--input", input, "--output", "gs://a/run"),
+        *("--config", str(config), "--dry-run"),
+    )
+    assert code == 2 and message in err
+
+
+def test_spark_dry_run_prints_spark_submit_and_dataproc(tmp_path, capsys):
+    config = _config(tmp_path)
+    code, out, _ = _submit(
+        capsys,
+        *("--runner", "spark", "--input", "gs://acme/photos", "--output", "gs://acme/run1"),
+        *("--queries", "gs://acme/q", "--config", str(config), "--dry-run"),
+    )
+    assert code == 0
+    submit, dataproc = _commands(out)
+    assert submit[:7] == [
+        "spark-submit",
+        "--master",
+        "yarn",
+        "--deploy-mode",
+        "cluster",
+        "--name",
+        "cbir-index",
+    ]
+    assert submit[submit.index("--archives") + 1] == "gs://acme-cbir/cbir-env.tar.gz#environment"
+    confs = {submit[i + 1] for i, word in enumerate(submit) if word == "--conf"}
+    for expected in (
+        "spark.executor.memory=8g",
+        "spark.executor.cores=4",
+        "spark.task.cpus=2",
+        "spark.pyspark.python=./environment/bin/python",
+        "spark.pyspark.driver.python=./environment/bin/python",
+        "spark.sql.execution.arrow.pyspark.enabled=true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch=512",  # from [spark_conf]
+    ):
+        assert expected in confs
+    assert submit[submit.index("--files") + 1] == str(config)  # cluster mode: config shipped
+    job = submit.index("deploy/spark/job.py")
+    args = parse_job_args(submit[job + 1 :])
+    assert (args.input, args.output, args.queries) == (
+        "gs://acme/photos",
+        "gs://acme/run1",
+        "gs://acme/q",
+    )
+    assert args.config == "job.toml"  # the shipped copy, in the driver's working folder
+
+    assert dataproc[:6] == [
+        "gcloud",
+        "dataproc",
+        "jobs",
+        "submit",
+        "pyspark",
+        "deploy/spark/job.py",
+    ]
+    assert "--cluster=acme-dataproc" in dataproc and "--region=europe-west4" in dataproc
+    assert "--archives=gs://acme-cbir/cbir-env.tar.gz#environment" in dataproc
+    props = next(w for w in dataproc if w.startswith("--properties="))
+    assert "spark.task.cpus=2" in props and "spark.executor.memory=8g" in props
+    separator = dataproc.index("--")
+    assert parse_job_args(dataproc[separator + 1 :]).output == "gs://acme/run1"
+    assert "(what runs: [spark] cluster is set)" in out
+    assert (REPO / "deploy/spark/job.py").exists()
+
+
+def test_spark_on_kubernetes_uses_the_image(tmp_path, capsys):
+    config = _config(
+        tmp_path,
+        '[spark]\nmaster = "k8s://https://10.0.0.1:443"\ndeploy_mode = "cluster"\n'
+        'container_image = "registry.example/cbir-spark:0.1.0"\n'
+        '[spark_conf]\n"spark.kubernetes.namespace" = "vision"\n'
+        '"spark.driver.extraJavaOptions" = "-Da=1,b"\n',
+    )
+    code, out, _ = _submit(
+        capsys,
+        *("--runner", "spark", "--input", "s3://b/p", "--output", "s3://b/run"),
+        *("--config", str(config), "--dry-run"),
+    )
+    assert code == 0
+    submit, dataproc = _commands(out)
+    assert "--archives" not in submit
+    assert "spark.kubernetes.container.image=registry.example/cbir-spark:0.1.0" in submit
+    assert "spark.kubernetes.namespace=vision" in submit
+    assert IMAGE_JOB_FILE in submit
+    props = next(w for w in dataproc if w.startswith("--properties="))
+    assert props.startswith("--properties=^#^")  # a value holds a comma
+    assert "set cluster, region, env_archive in the [spark] section" in out
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('master = "yarn"\nexecutor_cores = 2\ntask_cpus = 4', "exceeds executor_cores"),
+        ('master = "local[2]"\ndeploy_mode = "cluster"', "no cluster to deploy"),
+        ('deploy_mode = "server"', "'client' or 'cluster'"),
+        ('master = "yarn"\ncontainer_image = "x"', "for Kubernetes masters"),
+    ],
+)
+def test_spark_refuses_contradictions(tmp_path, capsys, section, message):
+    config = _config(tmp_path, f"[spark]\n{section}\n")
+    code, _, err = _submit(
+        capsys,
+        *("--runner", "spark", "--input", "gs://a/p", "--output", "gs://a/r"),
+        *("--config", str(config), "--dry-run"),
+    )
+    assert code == 2 and message in err
+
+
+def test_flex_template_metadata_matches_its_program():
+    metadata = json.loads((REPO / "deploy/dataflow/metadata.json").read_text())
+    assert metadata["name"] and metadata["description"]
+    names = [p["name"] for p in metadata["parameters"]]
+    assert names == list(flex_template.PARAMETERS)
+    for parameter in metadata["parameters"]:
+        assert {"name", "label", "helpText"} <= set(parameter)
+        assert isinstance(parameter.get("isOptional", False), bool)
+        for regex in parameter.get("regexes", []):
+            re.compile(regex)
+        example = re.search(r"Example: (\S+)", parameter["helpText"])
+        if example:
+            assert all(re.fullmatch(r, example.group(1)) for r in parameter["regexes"])
+    required = [p["name"] for p in metadata["parameters"] if not p.get("isOptional")]
+    assert required == ["input", "output"]
+    args, pipeline_args = flex_template.parse(
+        [
+            "--input=gs://b/p",
+            "--output=gs://b/d",
+            "--image_size=512",
+            "--scales=0.7,1",
+            "--runner=DataflowRunner",
+            "--project=p",
+        ]
+    )
+    assert (args.input, args.image_size, args.scales) == ("gs://b/p", 512, [0.7, 1.0])
+    assert pipeline_args == ["--runner=DataflowRunner", "--project=p"]
+    dockerfile = (REPO / "deploy/dataflow/Dockerfile").read_text()
+    assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/opt/cbir/pipelines/submit/flex_template.py" in dockerfile
+
+
+def test_spark_operator_manifest_runs_the_same_job():
+    manifest = yaml.safe_load((REPO / "deploy/spark/spark-application.yaml").read_text())
+    assert manifest["kind"] == "SparkApplication"
+    spec = manifest["spec"]
+    assert spec["type"] == "Python" and spec["mainApplicationFile"] == IMAGE_JOB_FILE
+    args = parse_job_args(spec["arguments"])
+    assert args.input and args.output
+    assert int(spec["sparkConf"]["spark.task.cpus"]) <= spec["executor"]["cores"]
+
+
+@pytest.mark.parametrize("dockerfile", ["deploy/dataflow/Dockerfile", "deploy/spark/Dockerfile"])
+def test_dockerfiles_copy_files_that_exist_and_build(dockerfile):
+    text = (REPO / dockerfile).read_text()
+    for line in text.splitlines():
+        if line.startswith("COPY") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), f"{dockerfile}: COPY {source} does not exist"
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "info"], capture_output=True).returncode:
+        pytest.skip("no Docker engine on this machine: the image build is not run")
+    subprocess.run(
+        [docker, "build", "-f", dockerfile, "-t", "cbir-test", "."], cwd=REPO, check=True
+    )
+
+
+def test_spark_submission_runs_the_whole_job(tmp_path, capsys):
+    """`retrieval submit --runner spark` for real: spark-submit on local[2] runs
+    deploy/spark/job.py, which runs extract, train, index and merge in its Spark driver."""
+    images = require_benchmark("ukbench-56") / "images"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted(images.iterdir())[:8]:
+        (corpus / path.name).symlink_to(path)
+    config = _config(
+        tmp_path,
+        '[extract]\nshard_size = 4\n[spark]\nmaster = "local[2]"\n'
+        '[spark_conf]\n"spark.driver.memory" = "1g"\n',
+    )
+    out = tmp_path / "run"
+    code, printed, _ = _submit(
+        capsys,
+        *("--runner", "spark", "--input", str(corpus), "--output", str(out)),
+        *("--config", str(config)),
+    )
+    assert code == 0, printed
+    summary = json.loads((out / "descriptors" / "summary.json").read_text())
+    assert (summary["inputs"], summary["indexed"], summary["shards"]) == (8, 8, 2)
+    merged = json.loads((out / "index" / "summary.json").read_text())
+    assert merged["inputs"] == merged["indexed"] == 8
+    assert (out / "index" / "index.faissindex").exists()
