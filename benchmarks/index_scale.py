@@ -42,6 +42,14 @@ NOISE = 0.3  # norm of the noise added to each mix of two real descriptors
 CHUNK = 50_000  # vectors per descriptor shard / .npy file
 
 
+PEAK_FOOTER = """
+import json as _json
+with open("/proc/self/status") as _status:
+    _kb = next(int(line.split()[1]) for line in _status if line.startswith("VmHWM"))
+print(_json.dumps({"peak_rss_mb": round(_kb / 1024, 1)}))
+"""
+
+
 def _search_child(code: str, *args: str, python: str = sys.executable) -> dict:
     return {f"search_{k}" if k in ("peak_rss_mb", "wall_s") else k: v
             for k, v in _child(code, *args, python=python).items()}  # fmt: skip
@@ -49,24 +57,26 @@ def _search_child(code: str, *args: str, python: str = sys.executable) -> dict:
 
 def _child(code: str, *args: str, python: str = sys.executable) -> dict:
     """Run ``code`` in a fresh interpreter; its last stdout line is JSON. Adds that process's
-    own peak RSS (MB, from ``wait4``) and wall time."""
+    own peak RSS (MB: ``VmHWM`` of its memory map, read at its end; ``ru_maxrss`` would include
+    this parent's size, inherited through fork) and its wall time."""
+    code = textwrap.dedent(code) + PEAK_FOOTER
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [python, "-c", textwrap.dedent(code), *args],
+            [python, "-c", code, *args],
             stdout=out,
             stderr=err,
             cwd=REPO,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"child failed:\n{err.read()[-3000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+        lines = out.read().strip().splitlines()
+        result = {**json.loads(lines[-2]), **json.loads(lines[-1])}
     result["wall_s"] = round(wall, 2)
     return result
 
