@@ -25,7 +25,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements/constraints.txt
 install: $(STAMP)
 
 # Real Airflow for parsing deploy/airflow/ in the tests (its own venv; see requirements/airflow.txt).
-$(AIRFLOW_STAMP): requirements/airflow.txt $(STAMP)
+$(AIRFLOW_STAMP): requirements/airflow.txt | $(STAMP)
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(BIN)/uv pip install --python $(AIRFLOW_VENV)/bin/python --quiet -r requirements/airflow.txt
 	touch $(AIRFLOW_STAMP)
