@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test test-slow lint bench bench-runners clean
+.PHONY: install airflow demo test test-slow lint bench bench-runners clean
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +24,20 @@ $(STAMP): $(BIN)/python pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
+# Real Airflow for parsing deploy/airflow/ in the tests (its own venv; see requirements/airflow.txt).
+$(AIRFLOW_STAMP): requirements/airflow.txt | $(STAMP)
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(BIN)/uv pip install --python $(AIRFLOW_VENV)/bin/python --quiet -r requirements/airflow.txt
+	touch $(AIRFLOW_STAMP)
+
+airflow: $(AIRFLOW_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/retrieval demo --out reports/oxford-dev
 
-test: $(STAMP)
+test: $(STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	CBIR_AIRFLOW_PYTHON=$(AIRFLOW_VENV)/bin/python $(BIN)/pytest
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
@@ -39,4 +49,4 @@ bench-runners: $(STAMP)
 	$(BIN)/python benchmarks/runner_scaling.py
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) reports .pytest_cache .ruff_cache

@@ -24,14 +24,19 @@ The indexing pipeline, one command per stage, each reading and writing URIs
 
   retrieval extract  --input IMAGES --output DESC       images -> GeM descriptor shards (Parquet)
   retrieval train    --descriptors DESC --output CB     codebook on a uniform sample
-  retrieval index    --descriptors DESC --codebook CB --output SHARDS   one index per shard
-  retrieval merge    --shards SHARDS --output INDEX     one searchable index + id map
+  retrieval index    --descriptors DESC --codebook CB --output GROUPS   codes per shard group
+  retrieval merge    --shards GROUPS --output INDEX     tree merge: one index (or N pieces)
   retrieval search   --index INDEX --queries QDESC --output RESULTS [--local LOCAL]
 
 learning from the corpus itself (no labels): mine verified pairs, learn a whitening, apply it
 
   retrieval learn    --descriptors DESC --local LOCAL --output MODEL
   retrieval whiten   --descriptors DESC --whitening MODEL --output WDESC   then train/index WDESC
+
+and, for a corpus that changes, a versioned index kept up to date:
+
+  retrieval reindex  --corpus IMAGES --root ROOT      extract only new/changed, new version
+  retrieval rollback --root ROOT                      CURRENT back to the previous version
 
 and the whole default pipeline on a benchmark folder, with a report:
 
@@ -316,6 +321,18 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="training sample size (default: chosen from the factory)",
     )
+    group.add_argument(
+        "--max-index-memory",
+        dest="max_index_memory",
+        metavar="SIZE",
+        help="memory budget of the index (e.g. 512M, 2G): with 'auto', the largest code that "
+        "fits (exact up to 20k vectors, else IVF-PQ with 64/32/16/8/4-byte codes)",
+    )
+    group.add_argument(
+        "--pretransform",
+        choices=["opq", "pca", "none"],
+        help="rotation before IVF-PQ with 'auto': opq (default), pca (faster to train), none",
+    )
     group.add_argument("--seed", type=int, help="seed of the uniform training sample (default 0)")
     group.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
     _expansion_options(group)
@@ -377,25 +394,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "index",
         formatter_class=fmt,
-        help="build one index per descriptor shard",
-        description="Add each descriptor shard, under global int64 ids, to a copy "
-        "of the trained codebook; writes part-XXXXX.faissindex and "
-        "an id map per shard.",
+        help="encode groups of descriptor shards with the codebook",
+        description=textwrap.dedent("""\
+        Encode the descriptors with the trained codebook, in tasks over groups of consecutive
+        shards (--group-size vectors each; the codebook is loaded once per task). Each group
+        writes only its codes and ids (group-XXXXX.codes: the IVF inverted lists, no codebook
+        copy) and an id map, committed by a manifest; a re-run skips committed groups."""),
     )
     p.add_argument("--descriptors", required=True, metavar="URI")
     p.add_argument("--codebook", required=True, metavar="URI")
-    p.add_argument("--output", required=True, metavar="URI", help="shard index folder")
+    p.add_argument("--output", required=True, metavar="URI", help="index group folder")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        dest="group_vectors",
+        metavar="N",
+        help="vectors per index task (default 50000); also the smallest piece of the merge",
+    )
     _runner_options(p)
 
     p = sub.add_parser(
         "merge",
         formatter_class=fmt,
-        help="merge shard indexes into one",
-        description="Merge the shard indexes into index.faissindex + "
-        "idmap.parquet (index id -> image id, uri).",
+        help="merge index groups into one index or N pieces",
+        description=textwrap.dedent("""\
+        Merge the index groups in rounds of bounded fan-in (each merge task reads at most
+        --fan-in inputs, one at a time, so its memory stays below twice what it writes) into
+        index.faissindex + idmap.parquet (index id -> image id, uri), or into --pieces N
+        index pieces over contiguous id ranges (searched together by `retrieval search`).
+        --on-disk writes IVF indexes whose inverted lists stay on disk (<piece>.ivfdata,
+        memory-mapped at search time; faiss.contrib.ondisk) for larger-than-memory indexes."""),
     )
-    p.add_argument("--shards", required=True, metavar="URI", help="shard index folder")
+    p.add_argument("--shards", required=True, metavar="URI", help="index group folder")
     p.add_argument("--output", required=True, metavar="URI", help="merged index folder")
+    p.add_argument(
+        "--fan-in", type=int, dest="fan_in", metavar="F", help="inputs per merge task (default 8)"
+    )
+    p.add_argument("--pieces", type=int, metavar="N", help="index pieces to write (default 1)")
+    p.add_argument(
+        "--on-disk",
+        action="store_true",
+        default=None,
+        dest="on_disk",
+        help="on-disk inverted lists (IVF index types only)",
+    )
+    _runner_options(p)
 
     p = sub.add_parser(
         "search",
@@ -406,7 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
         "extract` on the query images) and write the top --k results "
         "per query as results.parquet (query_id, rank, id, uri, score).",
     )
-    p.add_argument("--index", required=True, metavar="URI", help="merged index folder")
+    p.add_argument(
+        "--index",
+        required=True,
+        metavar="URI",
+        help="merged index folder, or a versioned root (its CURRENT version is searched)",
+    )
     p.add_argument("--queries", required=True, metavar="URI", help="query descriptor folder")
     p.add_argument(
         "--output", required=True, metavar="URI", help="folder for results.parquet and summary.json"
@@ -462,6 +510,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptors", required=True, metavar="URI")
     p.add_argument("--whitening", required=True, metavar="URI", help="folder from `learn`")
     p.add_argument("--output", required=True, metavar="URI", help="whitened descriptor folder")
+
+    p = sub.add_parser(
+        "reindex",
+        formatter_class=fmt,
+        help="re-index only what changed in a corpus (nightly)",
+        description=textwrap.dedent("""\
+        Compare the corpus with the live version under --root (content keys: GCS generation
+        + size, S3 ETag + size, else SHA-256 of the bytes), extract only new and changed
+        images, drop deleted ones, and write a new complete version:
+
+          ROOT/versions/vNNNNNN/   state, descriptors, codebook, index, summary.json
+          ROOT/CURRENT             moved to the new version atomically once it is complete
+
+        The codebook is kept unless the new vectors' quantization error exceeds
+        --drift-threshold times the training sample's (default 1.5), or the corpus size calls
+        for another index type; then it is retrained. summary.json counts new, changed,
+        deleted, unchanged and failed images. The last --keep versions are kept."""),
+    )
+    p.add_argument("--corpus", required=True, metavar="URI", help="image prefix or manifest")
+    p.add_argument("--root", required=True, metavar="URI", help="versioned index root")
+    p.add_argument("--keep", type=int, default=3, metavar="N", help="versions to keep (default 3)")
+    p.add_argument(
+        "--drift-threshold",
+        type=float,
+        default=1.5,
+        dest="drift_threshold",
+        metavar="R",
+        help="retrain when new vectors quantize R times worse than the training sample",
+    )
+    _extract_options(p)
+    _index_options(p)
+    _runner_options(p)
+
+    p = sub.add_parser(
+        "rollback",
+        formatter_class=fmt,
+        help="point CURRENT back at the previous version",
+        description="Move ROOT/CURRENT back to the newest kept version older than the live "
+        "one (atomically); `retrieval search --index ROOT` then answers from it.",
+    )
+    p.add_argument("--root", required=True, metavar="URI", help="versioned index root")
 
     p = sub.add_parser(
         "submit",
@@ -886,7 +975,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "index":
         _print_json(stages.index(args.descriptors, args.codebook, args.output, _config(args)))
     elif args.command == "merge":
-        _print_json(stages.merge(args.shards, args.output))
+        _print_json(stages.merge(args.shards, args.output, _config(args)))
     elif args.command == "search":
         _search(args)
     elif args.command == "learn":
@@ -905,6 +994,27 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "whiten":
         info = stages.whiten(args.descriptors, args.whitening, args.output)
         print(f"whitened descriptors ({info['id']}) -> {args.output}")
+    elif args.command == "reindex":
+        from pipelines.reindex import reindex
+
+        summary = reindex(
+            args.corpus,
+            args.root,
+            _config(args),
+            keep=args.keep,
+            drift_threshold=args.drift_threshold,
+        )
+        print(
+            f"{summary['version']}: {summary['new']} new, {summary['changed']} changed, "
+            f"{summary['deleted']} deleted, {summary['unchanged']} unchanged, "
+            f"{summary['failed']} failed; codebook "
+            + ("retrained" if summary["retrained"] else "kept")
+            + f" ({summary['retrain_reason']})"
+        )
+    elif args.command == "rollback":
+        from retrieval.versions import rollback
+
+        print(f"CURRENT -> {rollback(args.root)}")
     elif args.command == "datasets":
         _datasets(args)
     elif args.command == "compare":

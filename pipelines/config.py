@@ -18,6 +18,10 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     factory = "auto"
     seed = 0
     nprobe = 32
+    group_vectors = 50000
+    fan_in = 8
+    pieces = 1
+    on_disk = false
     qe = 0
     qe_alpha = 3.0
     [local]
@@ -53,6 +57,8 @@ from typing import Any
 from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import DEFAULT_SHARD_SIZE
 from retrieval.images import DecodeLimits
+from retrieval.index.group_index import DEFAULT_GROUP_VECTORS
+from retrieval.index.merge import DEFAULT_FAN_IN
 from retrieval.index.search import DEFAULT_NPROBE
 from retrieval.learning.mining import MiningConfig
 from retrieval.learning.whitening import DEFAULT_DIM, DEFAULT_SHRINKAGE
@@ -82,8 +88,14 @@ class RunConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     index_factory: str = "auto"
     sample_size: int | None = None
+    max_index_memory: int | None = None  # bytes; None: the default index for n and d
+    pretransform: str = "opq"  # before IVF-PQ: opq, pca or none
     seed: int = 0
     nprobe: int = DEFAULT_NPROBE
+    group_vectors: int = DEFAULT_GROUP_VECTORS  # vectors per index task
+    fan_in: int = DEFAULT_FAN_IN  # inputs per merge task
+    pieces: int = 1  # index pieces the merge writes
+    on_disk: bool = False  # on-disk IVF inverted lists (faiss.contrib.ondisk)
     # αQE neighbours at search time (0: off). Off by default: on photos with 1-2 true matches
     # it pulls in strangers; verified_qe cannot.
     qe: int = 0
@@ -156,8 +168,14 @@ _TOP_KEYS = {
     "shard_size",
     "index_factory",
     "sample_size",
+    "max_index_memory",
+    "pretransform",
     "seed",
     "nprobe",
+    "group_vectors",
+    "fan_in",
+    "pieces",
+    "on_disk",
     "qe",
     "qe_alpha",
     "verify",
@@ -226,6 +244,10 @@ def build_config(values: dict[str, Any], base: RunConfig | None = None) -> RunCo
         gem["scales"] = tuple(float(s) for s in gem["scales"])
     limits = {k: v for k, v in given.items() if k in _LIMIT_KEYS}
     top = {k: v for k, v in given.items() if k in _TOP_KEYS}
+    if isinstance(top.get("max_index_memory"), str):
+        from retrieval.index.factory import parse_bytes
+
+        top["max_index_memory"] = parse_bytes(top["max_index_memory"])
     if "beam_args" in top and isinstance(top["beam_args"], str):
         import shlex
 

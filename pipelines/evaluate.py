@@ -72,7 +72,7 @@ def build_index(
     with _timed(timings, f"{prefix}index_s"):
         stages.index(descriptors, codebook, shards, config)
     with _timed(timings, f"{prefix}merge_s"):
-        stages.merge(shards, index)
+        stages.merge(shards, index, config)
     return index
 
 
@@ -118,7 +118,7 @@ def rank_queries(
     rankings: dict[str, list[str]] = {q: [] for q in query_ids}
     if present:
         queries = np.stack([vectors_by_id[q] for q in present])
-        k = min(index.index.ntotal, MAX_RANKING)
+        k = min(index.ntotal, MAX_RANKING)
         own_ids = None if benchmark.query_in_ranking else present
         _, found = index.search_expanded(queries, k, expansion, own_ids)
         rankings.update(zip(present, index.ranked_ids(found), strict=True))
@@ -141,7 +141,7 @@ def rank_queries_reranked(
     if not present:
         return rankings, {}
     queries = np.stack([vectors_by_id[q] for q in present])
-    k = min(index.index.ntotal, MAX_RANKING)
+    k = min(index.ntotal, MAX_RANKING)
     reranked = rerank_search(
         index, present, queries, k, rerank, query_store.get, store.get, inlier_cache
     )

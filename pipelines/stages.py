@@ -15,12 +15,12 @@ from tqdm import tqdm
 
 from pipelines.config import RunConfig
 from pipelines.progress import ShardProgress
-from retrieval import storage
+from retrieval import storage, versions
 from retrieval.descriptors.gem import model_info, prepare_runtime
 from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, summarize_extraction
-from retrieval.index import shard_index
+from retrieval.index import group_index
 from retrieval.index.codebook import train_codebook
-from retrieval.index.merge import merge_shard_indexes
+from retrieval.index.merge import finish_merge, plan_merge, run_merge_task
 from retrieval.index.search import DEFAULT_NPROBE, NO_EXPANSION, load_index
 from retrieval.learning.mining import mine_pairs
 from retrieval.learning.whitening import (
@@ -191,38 +191,60 @@ def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
         factory=config.index_factory,
         sample_size=config.sample_size,
         seed=config.seed,
+        max_index_memory=config.max_index_memory,
+        pretransform=config.pretransform,
     )
 
 
 def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> dict[str, Any]:
-    """Build one index per descriptor shard (skipping those already built with this codebook)."""
+    """Encode groups of descriptor shards with the codebook (skipping groups already built)."""
     start = time.perf_counter()
-    tasks = shard_index.plan_shard_indexes(descriptors, codebook)
-    shard_index.write_index_plan(tasks, output)
-    todo = shard_index.pending(tasks, output)
+    tasks = group_index.plan_index_groups(descriptors, codebook, group_vectors=config.group_vectors)
+    group_index.write_index_plan(tasks, output)
+    todo = group_index.pending(tasks, output)
     if config.runner == "local" or len(todo) <= 1:
-        for task in tqdm(todo, desc="index", unit="shard"):
-            shard_index.build_shard_index(task, output)
+        for task in tqdm(todo, desc="index", unit="group"):
+            group_index.build_group_index(task, output)
     elif config.runner == "spark":
-        from pipelines.spark.index import run_shard_indexes as spark_shard_indexes
+        from pipelines.spark.index import run_index_groups as spark_index_groups
 
         with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
-            spark_shard_indexes(spark_session(config)[1], todo, output)
+            spark_index_groups(spark_session(config)[1], todo, output)
     else:
-        from pipelines.beam.index import run_shard_indexes
+        from pipelines.beam.index import run_index_groups
         from pipelines.beam.options import pipeline_options
 
         with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
-            run_shard_indexes(
+            run_index_groups(
                 todo, output, options=pipeline_options(config.workers, config.beam_args)
             )
-    return shard_index.summarize_shard_indexes(
+    return group_index.summarize_index_groups(
         tasks, output, len(tasks) - len(todo), {"index_s": time.perf_counter() - start}
     )
 
 
-def merge(shards: str, output: str) -> dict[str, Any]:
-    return merge_shard_indexes(shards, output)
+def merge(shards: str, output: str, config: RunConfig | None = None) -> dict[str, Any]:
+    """Merge the index groups in rounds of bounded fan-in into one index or N pieces."""
+    config = config or RunConfig(runner="local")
+    start = time.perf_counter()
+    rounds = plan_merge(
+        shards, output, fan_in=config.fan_in, pieces=config.pieces, on_disk=config.on_disk
+    )
+    storage.makedirs(output)
+    if config.runner == "local" or sum(len(r) for r in rounds) <= 1:
+        for tasks in tqdm(rounds, desc="merge", unit="round"):
+            for task in tasks:
+                run_merge_task(task)
+    elif config.runner == "spark":
+        from pipelines.spark.index import run_merge_rounds as spark_merge_rounds
+
+        spark_merge_rounds(spark_session(config)[1], rounds)
+    else:
+        from pipelines.beam.index import run_merge_rounds
+        from pipelines.beam.options import pipeline_options
+
+        run_merge_rounds(rounds, options=pipeline_options(config.workers, config.beam_args))
+    return finish_merge(shards, output, rounds, {"merge_s": time.perf_counter() - start})
 
 
 def search(
@@ -245,6 +267,7 @@ def search(
     expanded with verified neighbours; results then carry each image's inlier count.
     """
     start = time.perf_counter()
+    index_dir = versions.resolve_index(index_dir)  # a versioned root: follow CURRENT
     index = load_index(index_dir, nprobe=nprobe or DEFAULT_NPROBE)
     query_manifests = descriptor_shards.list_shards(queries)
     whitening = query_whitening(index.manifest["model"], [m["model"] for m in query_manifests])
@@ -275,7 +298,7 @@ def search(
         indexed=answered,
         failed=len(query_ids) - answered,
         timings={"search_s": time.perf_counter() - start},
-        k=min(k, index.index.ntotal),
+        k=min(k, index.ntotal),
         query_expansion={"n": expansion.n, "alpha": expansion.alpha},
         whitening=index.manifest["model"].get("whitening"),
         rerank=rerank.as_dict() if rerank is not None and rerank_stats is not None else None,

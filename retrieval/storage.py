@@ -13,6 +13,7 @@ multiply (5 here x 6 in gcsfs x ... was up to ~30 attempts per read).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import io
@@ -323,3 +324,24 @@ def local_copy(uri: str, directory: str) -> str:
     target = os.path.join(directory, posixpath.basename(path.rstrip("/")))
     with_retries(lambda: fs.get(path, target, recursive=True), what=f"copy {uri}")
     return target
+
+
+def upload(local_path: str, uri: str) -> None:
+    """Copy a local file to ``uri`` (streamed by fsspec; atomic rename on a local disk)."""
+    fs, path = filesystem(uri)
+    if _is_local_fs(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(tmp, path)
+        return
+    with_retries(lambda: fs.put_file(local_path, path), what=f"upload {uri}")
+
+
+def remove(uri: str, *, recursive: bool = False) -> None:
+    """Delete an object (or a folder with ``recursive``); a missing one is not an error."""
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=recursive)

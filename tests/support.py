@@ -115,15 +115,21 @@ def write_descriptors(
     seed: int = 0,
     errors_per_shard: int = 0,
     model_info: dict = MODEL_INFO,
+    vectors: np.ndarray | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """Random unit vectors as committed descriptor shards; returns ids and vectors in order."""
+    """Unit vectors (random, or ``vectors`` in order) as committed descriptor shards; returns
+    ids and vectors in order."""
     rng = np.random.default_rng(seed)
     all_ids, blocks, specs = [], [], []
+    given = None if vectors is None else np.split(vectors, np.cumsum(shard_sizes)[:-1])
     for s, size in enumerate(shard_sizes):
         ids = [f"s{s:02d}/img{i:03d}" for i in range(size)]
         failed = [f"s{s:02d}/bad{i}" for i in range(errors_per_shard)]
-        vectors = rng.standard_normal((size, D)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        if given is not None:
+            vectors = given[s]
+        else:
+            vectors = rng.standard_normal((size, D)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         spec = ShardSpec(f"part-{s:05d}", tuple(ImageRef(i, f"/img/{i}.jpg") for i in ids + failed))
         rows = [
             DescriptorRow(i, f"/img/{i}.jpg", "0" * 64, 64, 48, v)

@@ -15,14 +15,14 @@ from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval.index import factory as factories
 from retrieval.index.codebook import SAMPLE_FILE, train_codebook, uniform_sample, with_id_map
-from retrieval.index.merge import IDMAP_FILE, merge_shard_indexes
-from retrieval.index.search import load_index
-from retrieval.index.shard_index import (
-    build_shard_index,
+from retrieval.index.group_index import (
+    build_group_index,
+    build_index_groups,
     pending,
-    plan_shard_indexes,
-    write_index_plan,
+    plan_index_groups,
 )
+from retrieval.index.merge import IDMAP_FILE, merge_index_groups
+from retrieval.index.search import load_index
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,8 @@ def descriptors(tmp_path_factory) -> tuple[Path, list[str], np.ndarray]:
 def build_all(desc: Path, root: Path, factory: str) -> tuple[dict, Path]:
     codebook, shards, merged = root / "codebook", root / "shards", root / "index"
     cb = train_codebook(str(desc), str(codebook), factory=factory, seed=0)
-    tasks = plan_shard_indexes(str(desc), str(codebook))
-    write_index_plan(tasks, str(shards))
-    for task in pending(tasks, str(shards)):
-        build_shard_index(task, str(shards))
-    merge_shard_indexes(str(shards), str(merged))
+    build_index_groups(str(desc), str(codebook), str(shards), group_vectors=100)
+    merge_index_groups(str(shards), str(merged), fan_in=2)
     return cb, merged
 
 
@@ -58,8 +55,9 @@ def test_build_merge_load(descriptors, tmp_path, factory, expected, exact):
     assert codebook["factory"] == expected and codebook["vectors"] == n and codebook["dim"] == D
 
     index = load_index(str(merged))
-    assert index.index.ntotal == n == index.manifest["ntotal"]
+    assert index.ntotal == n == index.manifest["ntotal"]
     assert index.manifest["factory"] == expected and index.manifest["shards"] == 4
+    assert index.manifest["groups"] == 3  # 120 | 0 + 150 | 130 with groups of >= 100 vectors
     assert list(index.ids) == ids  # (shard, row) order
     idmap = pq.read_table(merged / IDMAP_FILE)
     assert idmap.column("index_id").to_pylist() == list(range(n))
@@ -121,8 +119,37 @@ def test_default_factory_rules():
     assert with_id_map("Flat") == "IDMap2,Flat"
     assert with_id_map("IVF16,PQ8") == "IVF16,PQ8"
     assert factories.training_sample_size("IVF1024,PQ32", 10**7) == 65_536
-    assert factories.training_sample_size("IVF8192,PQ64", 10**7) == 200_000
+    # 64 points per list, capped at 1 GiB of float32 vectors
+    assert factories.training_sample_size("IVF8192,PQ64", 10**7, 128) == 64 * 8192
+    assert factories.training_sample_size("IVF8192,PQ64", 10**7, 1280) == 2**30 // (4 * 1280)
     assert factories.training_sample_size("IVF16,Flat", 300) == 300
+
+
+def test_index_type_from_a_memory_budget():
+    n, d = 1_000_000, 1280
+    assert factories.choose_factory(n, d) == factories.default_factory(n, d)
+    roomy = factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("1G"))
+    assert roomy == "OPQ64_256,IVF4096,PQ64"
+    tight = factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("30M"))
+    assert tight == "OPQ16_64,IVF4096,PQ16"  # 24 bytes per vector: the largest code that fits
+    assert factories.estimated_bytes(tight, n, d) <= factories.parse_bytes("30M")
+    assert factories.choose_factory(n, d, max_index_memory=2**30, pretransform="pca") == (
+        "PCAR256,IVF4096,PQ64"
+    )
+    assert factories.choose_factory(n, 128, max_index_memory=2**30, pretransform="none") == (
+        "IVF4096,PQ32"
+    )
+    # small sets stay exact while they fit, and compress when they do not
+    assert factories.choose_factory(5_000, d, max_index_memory=2**30) == "IDMap2,Flat"
+    assert factories.choose_factory(5_000, d, max_index_memory=2**20).endswith("x4")
+    with pytest.raises(ValueError, match="need at least"):
+        factories.choose_factory(n, d, max_index_memory=10 * n)
+    assert factories.parse_bytes("16M") == 16 * 2**20 and factories.parse_bytes("2GiB") == 2**31
+    assert factories.parse_bytes("1000") == 1000
+    with pytest.raises(ValueError):
+        factories.parse_bytes("lots")
+    for factory in (roomy, tight, "PCAR256,IVF4096,PQ64"):
+        faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
 
 
 def test_index_stage_rerun_skips_and_beam_matches_local(descriptors, tmp_path):
@@ -131,21 +158,30 @@ def test_index_stage_rerun_skips_and_beam_matches_local(descriptors, tmp_path):
     codebook = tmp_path / "codebook"
     stages.train(str(desc), str(codebook), config)
 
+    config = replace(config, group_vectors=100, fan_in=2)
     local = stages.index(str(desc), str(codebook), str(tmp_path / "shards-local"), config)
-    assert local["shards"] == 4 and local["shards_skipped"] == 0
+    assert local["groups"] == 3 and local["groups_skipped"] == 0 and local["shards"] == 4
     assert local["inputs"] == local["indexed"] == len(ids)
     again = stages.index(str(desc), str(codebook), str(tmp_path / "shards-local"), config)
-    assert again["shards_skipped"] == again["shards"] == 4
+    assert again["groups_skipped"] == again["groups"] == 3
 
     beam = stages.index(
         str(desc), str(codebook), str(tmp_path / "shards-beam"), replace(config, runner="beam")
     )
-    assert beam["shards_skipped"] == 0 and beam["indexed"] == len(ids)
+    assert beam["groups_skipped"] == 0 and beam["indexed"] == len(ids)
 
-    merged_local = stages.merge(str(tmp_path / "shards-local"), str(tmp_path / "index-local"))
-    merged_beam = stages.merge(str(tmp_path / "shards-beam"), str(tmp_path / "index-beam"))
+    merged_local = stages.merge(
+        str(tmp_path / "shards-local"), str(tmp_path / "index-local"), config
+    )
+    merged_beam = stages.merge(
+        str(tmp_path / "shards-beam"), str(tmp_path / "index-beam"), replace(config, runner="beam")
+    )
     assert merged_beam["ntotal"] == merged_local["ntotal"] == len(ids)
-    assert merged_beam["sha256"] == merged_local["sha256"]  # the same bytes
+    # the same bytes
+    assert (
+        merged_beam["pieces"][0]["index"]["sha256"] == merged_local["pieces"][0]["index"]["sha256"]
+    )
+    assert not (tmp_path / "index-beam" / "rounds").exists()  # intermediate rounds cleaned up
     assert pq.read_table(tmp_path / "index-beam" / IDMAP_FILE).equals(
         pq.read_table(tmp_path / "index-local" / IDMAP_FILE)
     )
@@ -154,14 +190,14 @@ def test_index_stage_rerun_skips_and_beam_matches_local(descriptors, tmp_path):
 def test_stale_shard_index_is_rebuilt_after_new_codebook(descriptors, tmp_path):
     desc, _, _ = descriptors
     train_codebook(str(desc), str(tmp_path / "cb1"), factory="IVF16,Flat", seed=0)
-    tasks = plan_shard_indexes(str(desc), str(tmp_path / "cb1"))
+    tasks = plan_index_groups(str(desc), str(tmp_path / "cb1"), group_vectors=100)
     for task in tasks:
-        build_shard_index(task, str(tmp_path / "shards"))
+        build_group_index(task, str(tmp_path / "shards"))
     assert pending(tasks, str(tmp_path / "shards")) == []
     # (Another seed would not do: when the sample is every vector, the codebook is the same.)
     train_codebook(str(desc), str(tmp_path / "cb2"), factory="IVF8,Flat", seed=0)
-    tasks2 = plan_shard_indexes(str(desc), str(tmp_path / "cb2"))
-    assert len(pending(tasks2, str(tmp_path / "shards"))) == 4
+    tasks2 = plan_index_groups(str(desc), str(tmp_path / "cb2"), group_vectors=100)
+    assert len(pending(tasks2, str(tmp_path / "shards"))) == 3
 
 
 def test_training_is_skipped_when_the_codebook_is_up_to_date(descriptors, tmp_path):

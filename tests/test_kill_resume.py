@@ -101,7 +101,7 @@ def fingerprint(run: Path) -> dict:
         m = json.loads(manifest.read_text())
         out[manifest.name] = {k: f["sha256"] for k, f in m["files"].items()}
     index = json.loads((run / "index" / "index.json").read_text())
-    out["index"] = (index["sha256"], index["idmap_sha256"])
+    out["index"] = [(p["index"]["sha256"], p["idmap"]["sha256"]) for p in index["pieces"]]
     out["results"] = (run / "search" / "results.parquet").read_bytes()
     return out
 
@@ -118,7 +118,7 @@ def reference(setup) -> dict:
     ("stage", "kill_at"),
     [
         ("extract", "part-00001.errors.parquet"),
-        ("index", "part-00002.faissindex"),
+        ("index", "group-00000.codes"),
         ("merge", "index/idmap.parquet"),
     ],
 )

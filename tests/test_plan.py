@@ -18,9 +18,9 @@ import schemas
 from retrieval import manifests, plan
 from retrieval.corpus import ImageRef, ShardSpec, plan_shards
 from retrieval.index.codebook import train_codebook
-from retrieval.index.merge import merge_shard_indexes
+from retrieval.index.group_index import build_group_index, plan_index_groups, write_index_plan
+from retrieval.index.merge import merge_index_groups
 from retrieval.index.search import load_index
-from retrieval.index.shard_index import build_shard_index, plan_shard_indexes, write_index_plan
 from retrieval.shards import descriptor_shards
 from retrieval.shards import manifest as shard_manifests
 from retrieval.shards.descriptor_shards import DescriptorRow
@@ -99,8 +99,8 @@ def test_stale_shards_of_an_earlier_run_do_not_count(tmp_path: Path, caplog):
 
     codebook = train_codebook(str(desc), str(tmp_path / "cb"), factory="IDMap2,Flat")
     assert codebook["vectors"] == 10
-    tasks = plan_shard_indexes(str(desc), str(tmp_path / "cb"))
-    assert [t.shard_id for t in tasks] == ["part-00000", "part-00001"]
+    tasks = plan_index_groups(str(desc), str(tmp_path / "cb"), group_vectors=1)
+    assert [m["shard"] for t in tasks for m in t.shard_manifests] == ["part-00000", "part-00001"]
 
 
 def test_a_shard_not_committed_for_the_plan_is_an_error(tmp_path: Path):
@@ -118,10 +118,10 @@ def test_a_shard_not_committed_for_the_plan_is_an_error(tmp_path: Path):
 
 def _index(tmp_path: Path, desc: Path, name: str) -> Path:
     train_codebook(str(desc), str(tmp_path / f"cb-{name}"), factory="IDMap2,Flat")
-    tasks = plan_shard_indexes(str(desc), str(tmp_path / f"cb-{name}"))
+    tasks = plan_index_groups(str(desc), str(tmp_path / f"cb-{name}"), group_vectors=1)
     write_index_plan(tasks, str(tmp_path / f"shards-{name}"))
     for task in tasks:
-        build_shard_index(task, str(tmp_path / f"shards-{name}"))
+        build_group_index(task, str(tmp_path / f"shards-{name}"))
     return tmp_path / f"shards-{name}"
 
 
@@ -132,11 +132,11 @@ def test_stale_shard_indexes_are_not_merged(tmp_path: Path):
     small = tmp_path / "small"
     ids, _ = write_descriptors(small, [4, 4])
     train_codebook(str(small), str(tmp_path / "cb-y"), factory="IDMap2,Flat")
-    tasks = plan_shard_indexes(str(small), str(tmp_path / "cb-y"))
+    tasks = plan_index_groups(str(small), str(tmp_path / "cb-y"), group_vectors=1)
     write_index_plan(tasks, str(shards))  # the same shard folder, fewer shards
     for task in tasks:
-        build_shard_index(task, str(shards))
-    merge_shard_indexes(str(shards), str(tmp_path / "index"))
+        build_group_index(task, str(shards))
+    merge_index_groups(str(shards), str(tmp_path / "index"))
     assert list(load_index(str(tmp_path / "index")).ids) == ids
 
 
@@ -154,7 +154,7 @@ def test_ids_must_be_unique_across_an_index(tmp_path: Path):
     )
     shards = _index(tmp_path, desc, "dup")
     with pytest.raises(plan.PlanError, match=r"'same.jpg'.*unique across an index"):
-        merge_shard_indexes(str(shards), str(tmp_path / "index"))
+        merge_index_groups(str(shards), str(tmp_path / "index"))
 
 
 # --- manifests ---------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_index_refuses_descriptors_of_another_model(tmp_path: Path):
     other = tmp_path / "other"
     write_descriptors(other, [6], model_info={**MODEL_INFO, "config_hash": "e" * 16})
     with pytest.raises(manifests.ManifestError, match="different models: config_hash differs"):
-        plan_shard_indexes(str(other), str(tmp_path / "cb"))
+        plan_index_groups(str(other), str(tmp_path / "cb"), group_vectors=1)
 
 
 def test_merge_refuses_shards_of_different_codebooks(tmp_path: Path):
@@ -220,22 +220,22 @@ def test_merge_refuses_shards_of_different_codebooks(tmp_path: Path):
     write_descriptors(desc, [6, 6])
     train_codebook(str(desc), str(tmp_path / "cb1"), factory="IVF2,Flat")
     train_codebook(str(desc), str(tmp_path / "cb2"), factory="IVF3,Flat")
-    tasks1 = plan_shard_indexes(str(desc), str(tmp_path / "cb1"))
-    tasks2 = plan_shard_indexes(str(desc), str(tmp_path / "cb2"))
+    tasks1 = plan_index_groups(str(desc), str(tmp_path / "cb1"), group_vectors=1)
+    tasks2 = plan_index_groups(str(desc), str(tmp_path / "cb2"), group_vectors=1)
     mixed = [tasks1[0], tasks2[1]]
     write_index_plan(mixed, str(tmp_path / "shards"))
     for task in mixed:
-        build_shard_index(task, str(tmp_path / "shards"))
+        build_group_index(task, str(tmp_path / "shards"))
     with pytest.raises(manifests.ManifestError, match="different codebooks: codebook_id differs"):
-        merge_shard_indexes(str(tmp_path / "shards"), str(tmp_path / "index"))
+        merge_index_groups(str(tmp_path / "shards"), str(tmp_path / "index"))
 
 
 def test_altered_codebook_is_refused(tmp_path: Path):
     desc = tmp_path / "desc"
     write_descriptors(desc, [6])
     train_codebook(str(desc), str(tmp_path / "cb"), factory="IDMap2,Flat")
-    tasks = plan_shard_indexes(str(desc), str(tmp_path / "cb"))
+    tasks = plan_index_groups(str(desc), str(tmp_path / "cb"), group_vectors=1)
     with open(tmp_path / "cb" / "codebook.faissindex", "ab") as f:
         f.write(b"\0")
     with pytest.raises(OSError, match="checksum does not match"):
-        build_shard_index(tasks[0], str(tmp_path / "shards"))
+        build_group_index(tasks[0], str(tmp_path / "shards"))

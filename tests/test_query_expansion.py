@@ -8,9 +8,9 @@ from support import MODEL_INFO, write_descriptors
 
 from retrieval.descriptors.pooling import l2_normalize
 from retrieval.index.codebook import train_codebook
-from retrieval.index.merge import merge_shard_indexes
+from retrieval.index.group_index import build_index_groups
+from retrieval.index.merge import merge_index_groups
 from retrieval.index.search import NO_EXPANSION, load_index
-from retrieval.index.shard_index import build_shard_index, plan_shard_indexes, write_index_plan
 from retrieval.rerank.query_expansion import QueryExpansion, alpha_query_expansion
 from retrieval.shards import descriptor_shards
 
@@ -43,11 +43,8 @@ def exact_index(tmp_path_factory):
     desc = root / "desc"
     ids, vectors = write_descriptors(desc, [20, 20, 20], seed=3)
     train_codebook(str(desc), str(root / "cb"), factory="IDMap2,Flat")
-    tasks = plan_shard_indexes(str(desc), str(root / "cb"))
-    write_index_plan(tasks, str(root / "shards"))
-    for task in tasks:
-        build_shard_index(task, str(root / "shards"))
-    merge_shard_indexes(str(root / "shards"), str(root / "index"))
+    build_index_groups(str(desc), str(root / "cb"), str(root / "shards"), group_vectors=20)
+    merge_index_groups(str(root / "shards"), str(root / "index"), fan_in=2)
     return load_index(str(root / "index")), ids, vectors
 
 

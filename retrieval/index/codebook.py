@@ -7,6 +7,7 @@ sample and the coarse quantizer would fit only part of the corpus.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import pyarrow as pa
 
 from retrieval import storage
 from retrieval.index import factory as factories
+from retrieval.index.drift import quantization_error
 from retrieval.index.faiss_io import read_index, write_index
 from retrieval.manifests import read_manifest, require_same, write_manifest
 from retrieval.shards import descriptor_shards
@@ -82,6 +84,8 @@ def train_codebook(
     factory: str = "auto",
     sample_size: int | None = None,
     seed: int = 0,
+    max_index_memory: int | None = None,
+    pretransform: str = "opq",
 ) -> dict[str, Any]:
     """Train an empty index on a uniform sample of the descriptors; write it and its manifest."""
     start = time.perf_counter()
@@ -101,9 +105,11 @@ def train_codebook(
     if total == 0:
         raise ValueError(f"{descriptors}: no descriptors to train on (every input failed)")
     if factory == "auto":
-        factory = factories.default_factory(total, d)
+        factory = factories.choose_factory(
+            total, d, max_index_memory=max_index_memory, pretransform=pretransform
+        )
     factory = with_id_map(factory)
-    size = sample_size or factories.training_sample_size(factory, total)
+    size = sample_size or factories.training_sample_size(factory, total, d)
     # The codebook is a function of these; if a committed one matches, training is skipped.
     inputs_digest = storage.sha256_bytes(
         "\n".join(m["files"]["data"]["sha256"] for m in shard_manifests).encode()
@@ -143,7 +149,10 @@ def train_codebook(
         {"position": pa.array(positions, pa.int64()), "id": pa.array(ids, pa.string())}
     )
     storage.write_parquet(storage.join(output, SAMPLE_FILE), sample_table)
+    # Recorded so re-indexing can tell when new vectors no longer fit (``drift.py``).
+    training_error = quantization_error(index, sample)
     body = {
+        "training_quantization_error": training_error,
         "codebook_id": storage.sha256_bytes(data)[:16],
         "factory": factory,
         "metric": "inner_product",
@@ -194,3 +203,18 @@ def read_codebook(codebook: str, manifest: dict[str, Any] | None = None) -> fais
     """The trained, empty index of a codebook folder, checked against its manifest."""
     manifest = manifest or read_codebook_manifest(codebook)
     return read_index(storage.join(codebook, CODEBOOK_FILE), expect_sha256=manifest["sha256"])
+
+
+@functools.lru_cache(maxsize=2)
+def _trained_index(codebook: str, sha256: str) -> faiss.Index:
+    return read_codebook(codebook, {"sha256": sha256})
+
+
+def load_codebook(codebook: str) -> tuple[faiss.Index, dict[str, Any]]:
+    """A fresh copy of the trained, empty index and its manifest.
+
+    The codebook is read from storage once per worker process (cached by its checksum) and
+    copied in memory for each task, so a worker running many index tasks reads it once.
+    """
+    manifest = read_codebook_manifest(codebook)
+    return faiss.clone_index(_trained_index(codebook, manifest["sha256"])), manifest

@@ -16,8 +16,20 @@ n > 2,000,000               ``OPQ{m}_{4m},IVF{k}_HNSW32,PQ{m}``    an HNSW coars
 ==========================  =====================================  ==============================
 
 ``m`` is 64 (64 bytes per vector) for descriptors of 256 dimensions or more, else the largest
-divisor of d/4 that faiss PQ supports. The training sample is large enough for k-means on the
-lists (~50 points per list) and for the PQ codebooks, capped so training fits in memory.
+divisor of d/4 that faiss PQ supports.
+
+**A memory budget** (``--max-index-memory``, :func:`choose_factory`) picks the largest code that
+fits: the index costs about ``n × (bytes per vector)`` plus the codebook, where a vector costs
+``4d + 8`` bytes exact (float32 + id) and ``m + 8`` bytes in IVF-PQ (code + id in its list). The
+exact index is kept up to 20,000 vectors while it fits; otherwise ``m`` steps down through 64, 32,
+16, 8, 4 until the codes fit, and a budget below ``n × 12`` bytes is refused with the figure
+needed. **The pre-transform** before IVF-PQ is OPQ (rotation learned with the PQ, the default),
+PCA (``PCAR{4m}``: cheaper to train, a little less accurate) or none.
+
+**The training sample** follows faiss's own guidance: k-means wants at least 39 and uses at
+most 256 training points per centroid, so the sample is 64 points per IVF list, and at least
+65,536 (256 × 256, what faiss's PQ and OPQ training use for 256-centroid sub-quantizers), capped
+at 1 GiB of float32 vectors; all vectors when there are fewer.
 """
 
 from __future__ import annotations
@@ -27,7 +39,12 @@ import re
 
 EXACT_MAX_VECTORS = 20_000
 HNSW_COARSE_MIN_VECTORS = 2_000_000
-MAX_TRAINING_SAMPLE = 200_000
+MAX_TRAINING_BYTES = 1 << 30
+POINTS_PER_LIST = 64
+PQ_TRAINING_POINTS = 65_536
+CODE_LADDER = (64, 32, 16, 8, 4)
+ID_BYTES = 8
+PRETRANSFORMS = ("opq", "pca", "none")
 
 
 def pq_bytes(d: int) -> int:
@@ -45,16 +62,69 @@ def n_lists(n: int) -> int:
     return int(min(65536, max(64, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
-def default_factory(n: int, d: int) -> str:
+def default_factory(n: int, d: int, *, pretransform: str = "opq", m: int | None = None) -> str:
     """The default faiss factory string for ``n`` vectors of dimension ``d`` (see module doc)."""
     if n <= EXACT_MAX_VECTORS:
         return "IDMap2,Flat"
-    m = pq_bytes(d)
+    return ivf_pq_factory(n, d, m or pq_bytes(d), pretransform)
+
+
+def ivf_pq_factory(n: int, d: int, m: int, pretransform: str = "opq") -> str:
+    if pretransform not in PRETRANSFORMS:
+        raise ValueError(f"pretransform must be one of {PRETRANSFORMS}, not {pretransform!r}")
     coarse = f"IVF{n_lists(n)}" + ("_HNSW32" if n > HNSW_COARSE_MIN_VECTORS else "")
-    return f"OPQ{m}_{min(d, 4 * m)},{coarse},PQ{m}"
+    out = min(d, 4 * m)
+    prefix = {"opq": f"OPQ{m}_{out},", "pca": f"PCAR{out},", "none": ""}[pretransform]
+    return f"{prefix}{coarse},PQ{m}"
 
 
-def compressed_factory(n: int, d: int) -> str:
+def estimated_bytes(factory: str, n: int, d: int) -> int:
+    """About how much memory an index of ``n`` vectors takes (codes, ids, codebook)."""
+    lists = re.search(r"IVF(\d+)", factory)
+    if factory.endswith("Flat") and not lists:
+        return n * (4 * d + ID_BYTES)
+    m = int(re.search(r"PQ(\d+)", factory).group(1))
+    k = int(lists.group(1)) if lists else 0
+    inner = min(d, 4 * m) if ("OPQ" in factory or "PCA" in factory) else d
+    codebook = 4 * (k * inner + 256 * inner + (d * inner if inner != d else 0))
+    return n * (m + ID_BYTES) + codebook
+
+
+def choose_factory(
+    n: int, d: int, *, max_index_memory: int | None = None, pretransform: str = "opq"
+) -> str:
+    """The default factory for ``n`` × ``d`` vectors within ``max_index_memory`` bytes."""
+    if max_index_memory is None:
+        return default_factory(n, d, pretransform=pretransform)
+    if n <= EXACT_MAX_VECTORS and estimated_bytes("IDMap2,Flat", n, d) <= max_index_memory:
+        return "IDMap2,Flat"
+    for m in (c for c in CODE_LADDER if c <= pq_bytes(d) and d % c == 0):
+        factory = (
+            ivf_pq_factory(n, d, m, pretransform)
+            if n > EXACT_MAX_VECTORS
+            else compressed_factory(n, d, m=m, pretransform=pretransform)
+        )
+        if estimated_bytes(factory, n, d) <= max_index_memory:
+            return factory
+    need = estimated_bytes(ivf_pq_factory(n, d, CODE_LADDER[-1], pretransform), n, d)
+    raise ValueError(
+        f"{n:,} vectors of {d} dimensions need at least {need:,} bytes of index; "
+        f"--max-index-memory is {max_index_memory:,}"
+    )
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"16M"``, ``"2G"``, ``"500k"`` or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 512M, 2G)")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def compressed_factory(n: int, d: int, *, m: int | None = None, pretransform: str = "opq") -> str:
     """A PQ index for any n, to show what compression costs even where the default is exact.
 
     Small sets cannot train 256-centroid sub-quantizers well, so below 10,000 vectors the codes
@@ -63,18 +133,18 @@ def compressed_factory(n: int, d: int) -> str:
     """
     if n > EXACT_MAX_VECTORS:
         return default_factory(n, d)
-    m = pq_bytes(d)
+    m = m or pq_bytes(d)
     bits = 8 if n >= 10_000 else 4
-    rotation = f"OPQ{m}_{min(d, 4 * m)}," if n >= 1_000 else ""
+    rotation = f"OPQ{m}_{min(d, 4 * m)}," if n >= 1_000 and pretransform == "opq" else ""
     return f"{rotation}PQ{m}x{bits}"
 
 
-def training_sample_size(factory: str, n: int) -> int:
-    """How many vectors to train ``factory`` on (all of them when the set is small)."""
+def training_sample_size(factory: str, n: int, d: int = 1280) -> int:
+    """How many vectors to train ``factory`` on, as faiss recommends (see module doc)."""
     match = re.search(r"IVF(\d+)", factory)
     lists = int(match.group(1)) if match else 0
-    wanted = max(50 * lists, 65_536)
-    return min(n, wanted, MAX_TRAINING_SAMPLE)
+    wanted = max(POINTS_PER_LIST * lists, PQ_TRAINING_POINTS)
+    return min(n, wanted, MAX_TRAINING_BYTES // (4 * d))
 
 
 def needs_training(factory: str) -> bool:

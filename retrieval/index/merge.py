@@ -1,96 +1,354 @@
-"""Merging shard indexes into one index and one id map.
+r"""Merging index groups: a tree of bounded fan-in, into one index or N pieces, in RAM or on disk.
 
-Shard indexes hold disjoint global ids, so merging is appending (``merge_from`` with no id
-shift). Shard indexes are read one at a time and folded into the first, so memory holds the
-merged index plus one shard; past RAM, ``faiss.contrib.ondisk.merge_ondisk`` is the way for IVF
-indexes.
+    groups (codes)  g0  g1  g2  g3  g4  g5  g6  g7        retrieval index
+                     \  /    \  /    \  /    \  /
+    round 1          node    node    node    node         codes only, under rounds/
+                        \    /          \    /
+    round 2             piece 0         piece 1           codebook + codes: a searchable index
+
+Every merge task is a plain function over a :class:`MergeTask` (which inputs, where to write), so
+the tasks of one round can run on any workers (Beam, Spark, a loop) and rounds run one after
+another. Inputs hold disjoint global ids, so merging appends codes with no id shift, and the
+result is the index a single process would have built adding every vector in id order.
+
+Memory: a task holds its output plus one input at a time (inputs are folded in one by one) and
+writes the index with faiss's file writer, so the final task peaks below 2x the index it writes.
+With ``on_disk`` the final task builds an on-disk IVF index (``faiss.contrib.ondisk``: the
+inverted lists live in ``<piece>.ivfdata``, memory-mapped at search time) for larger-than-RAM
+indexes; then only one input is ever in memory.
+
+Pieces split the groups into N contiguous id ranges; searching queries every piece and merges
+the top-k (``search.py``), which gives the same results as one index.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import faiss
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import schemas
 from retrieval import plan, storage
-from retrieval.index.codebook import read_codebook_manifest
-from retrieval.index.faiss_io import read_index, write_index
-from retrieval.index.shard_index import KIND, idmap_uri, index_uri
+from retrieval.index import codes as codes_io
+from retrieval.index.codebook import load_codebook
+from retrieval.index.faiss_io import write_index_file
+from retrieval.index.group_index import KIND as GROUP_KIND
+from retrieval.index.group_index import codes_uri, idmap_uri
 from retrieval.manifests import require_same, write_manifest
-from retrieval.plan import check_unique_ids
+from retrieval.shards import manifest as manifests
 from retrieval.summary import write_summary
 
 INDEX_FILE = "index.faissindex"
 IDMAP_FILE = "idmap.parquet"
 INDEX_MANIFEST = "index.json"
 INDEX_KIND = "merged_index"
+ROUNDS_DIR = "rounds"
+NODE_KIND = "merge_node"
+PIECE_KIND = "index_piece"
+DEFAULT_FAN_IN = 8
 
 
-def merge_shard_indexes(shards: str, output: str) -> dict[str, Any]:
-    """Merge exactly the shard indexes of the plan of ``shards`` into ``output``.
+@dataclass(frozen=True)
+class CodesNode:
+    """Committed codes + id map that a merge task reads: a group, or an earlier round's output."""
 
-    Refuses shards built with different codebooks and ids that are not unique across the index.
+    directory: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    """Merge ``inputs`` (in id order) into ``node_id`` under ``directory``.
+
+    A final task (``piece`` set) writes a searchable index; the others write codes only.
     """
-    start = time.perf_counter()
-    shard_manifests = plan.committed_manifests(shards, kind=KIND)
-    if not shard_manifests:
-        raise FileNotFoundError(f"no shard indexes in the plan of {shards}")
-    for m in shard_manifests[1:]:
+
+    node_id: str
+    round: int
+    inputs: tuple[CodesNode, ...]
+    directory: str
+    codebook: str
+    piece: int | None = None
+    on_disk: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MergeTask:
+        """The inverse of ``dataclasses.asdict`` (tasks travel to workers as JSON)."""
+        return cls(**{**d, "inputs": tuple(CodesNode(**n) for n in d["inputs"])})
+
+    @property
+    def final(self) -> bool:
+        return self.piece is not None
+
+
+def piece_name(piece: int, pieces: int) -> str:
+    return "index" if pieces == 1 else f"index-{piece:05d}-of-{pieces:05d}"
+
+
+def read_groups(shards: str) -> list[dict[str, Any]]:
+    """The committed group manifests of the index folder's plan, in id order."""
+    groups = plan.committed_manifests(shards, kind=GROUP_KIND)
+    if not groups:
+        raise FileNotFoundError(f"no index groups in the plan of {shards}")
+    for g in groups[1:]:
         require_same(
-            m,
-            shard_manifests[0],
+            g,
+            groups[0],
             ("codebook_id",),
-            what=f"{shards}: shard indexes {shard_manifests[0]['shard']} and {m['shard']} were "
-            "built with different codebooks",
+            what=f"{shards}: index groups {groups[0]['shard']} and {g['shard']} were built "
+            "with different codebooks",
         )
-    codebooks = {shard_manifests[0]["codebook_id"]}
-    index, idmaps = None, []
-    for m in shard_manifests:
-        shard = read_index(
-            index_uri(shards, m["shard"]), expect_sha256=m["files"]["index"]["sha256"]
+    return groups
+
+
+def plan_merge(
+    shards: str,
+    output: str,
+    *,
+    fan_in: int = DEFAULT_FAN_IN,
+    pieces: int = 1,
+    on_disk: bool = False,
+) -> list[list[MergeTask]]:
+    """The merge tasks, round by round: every task of a round depends only on earlier rounds."""
+    if fan_in < 2:
+        raise ValueError("fan_in must be at least 2")
+    groups = read_groups(shards)
+    if not 1 <= pieces <= len(groups):
+        raise ValueError(
+            f"cannot split {len(groups)} index groups into {pieces} pieces "
+            "(a smaller --group-size makes more groups)"
         )
-        if index is None:
-            index = shard
-        else:
-            index.merge_from(shard, 0)  # ids are already global: no shift
-        idmaps.append(
-            storage.read_parquet(
-                idmap_uri(shards, m["shard"]),
-                schema="idmap",
-                expect_sha256=m["files"]["idmap"]["sha256"],
-            )
+    if on_disk and groups[0]["codes_format"] != codes_io.INVLISTS:
+        raise ValueError("an on-disk index needs an IVF index type")
+    codebook = groups[0]["codebook"]
+    rounds_dir = storage.join(output, ROUNDS_DIR)
+    rounds: dict[int, list[MergeTask]] = {}
+    for p, members in enumerate(np.array_split(np.arange(len(groups)), pieces)):
+        level = [CodesNode(shards, groups[i]["shard"]) for i in members]
+        r = 1
+        while len(level) > fan_in:
+            nodes = []
+            for j in range(0, len(level), fan_in):
+                task = MergeTask(
+                    f"p{p:05d}-r{r}-{j // fan_in:05d}",
+                    r,
+                    tuple(level[j : j + fan_in]),
+                    rounds_dir,
+                    codebook,
+                )
+                rounds.setdefault(r, []).append(task)
+                nodes.append(CodesNode(rounds_dir, task.node_id))
+            level, r = nodes, r + 1
+        final = MergeTask(
+            piece_name(p, pieces), r, tuple(level), output, codebook, piece=p, on_disk=on_disk
         )
-    expected = sum(m["rows"] for m in shard_manifests)
-    if index.ntotal != expected:
-        raise RuntimeError(f"merged index has {index.ntotal} vectors, shards hold {expected}")
-    idmap = pa.concat_tables(idmaps).sort_by("index_id")
-    check_unique_ids(idmap.column("id").to_pylist(), what=f"merging {shards}")
-    data = write_index(storage.join(output, INDEX_FILE), index)
-    codebook = read_codebook_manifest(shard_manifests[0]["codebook"])
-    idmap_data = storage.write_parquet(storage.join(output, IDMAP_FILE), idmap)
+        rounds.setdefault(r, []).append(final)
+    return [rounds[r] for r in sorted(rounds)]
+
+
+def _output_idmap_uri(task: MergeTask) -> str:
+    # A single index keeps the plain names: index.faissindex + idmap.parquet.
+    if task.final and task.node_id == piece_name(0, 1):
+        return storage.join(task.directory, IDMAP_FILE)
+    return idmap_uri(task.directory, task.node_id)
+
+
+def _read_input(node: CodesNode) -> dict[str, Any]:
+    manifest = manifests.read(node.directory, node.node_id)
+    if manifest is None:
+        raise FileNotFoundError(f"{node.directory}: {node.node_id} is not committed")
+    uri = codes_uri(node.directory, node.node_id)
+    if storage.sha256_file(uri) != manifest["files"]["codes"]["sha256"]:
+        raise OSError(f"{uri}: checksum does not match its manifest")
+    return manifest
+
+
+def _idmap(node: CodesNode, manifest: dict[str, Any]) -> pa.Table:
+    return storage.read_parquet(
+        idmap_uri(node.directory, node.node_id),
+        schema="idmap",
+        expect_sha256=manifest["files"]["idmap"]["sha256"],
+    )
+
+
+def run_merge_task(task: MergeTask) -> dict[str, Any]:
+    """Run one merge task; returns the manifest it committed."""
+    index, codebook = load_codebook(task.codebook)
+    idmaps, fmt = [], None
+    if task.on_disk:
+        with tempfile.TemporaryDirectory() as scratch:
+            parts = []
+            for i, node in enumerate(task.inputs):
+                manifest = _read_input(node)
+                part = faiss.clone_index(index)
+                codes_io.fold_codes(
+                    part, codes_uri(node.directory, node.node_id), manifest["codes_format"]
+                )
+                parts.append(os.path.join(scratch, f"input-{i}.faissindex"))
+                faiss.write_index(part, parts[-1])
+                del part
+                idmaps.append(_idmap(node, manifest))
+            files = _write_on_disk(task, index, parts, scratch)
+    else:
+        for node in task.inputs:
+            manifest = _read_input(node)
+            fmt = manifest["codes_format"]
+            codes_io.fold_codes(index, codes_uri(node.directory, node.node_id), fmt)
+            idmaps.append(_idmap(node, manifest))
+        files = {}
+    idmap = pa.concat_tables(idmaps)
+    rows = idmap.num_rows
+    ids = idmap.column("id")
+    # Counted in Arrow: a Python set of millions of id strings would outweigh the index itself.
+    if task.final and pc.count_distinct(ids).as_py() != rows:
+        plan.check_unique_ids(ids.to_pylist(), what=f"merging {task.node_id}")  # names them
+    if int(index.ntotal) != rows:
+        raise RuntimeError(f"{task.node_id}: {index.ntotal} vectors but {rows} id map rows")
+    first_id = int(idmap.column("index_id")[0].as_py()) if rows else 0
+    if not np.array_equal(
+        idmap.column("index_id").to_numpy(), np.arange(first_id, first_id + rows)
+    ):
+        raise RuntimeError(f"{task.node_id}: inputs do not hold one contiguous id range")
+    idmap_out = _output_idmap_uri(task)
+    files["idmap"] = manifests.file_entry(idmap_out, storage.write_parquet(idmap_out, idmap), rows)
+    if not task.final:
+        data = codes_io.write_codes(codes_uri(task.directory, task.node_id), index)
+        files["codes"] = manifests.file_entry(codes_uri(task.directory, task.node_id), data, rows)
+        kind, extra = NODE_KIND, {"codes_format": fmt}
+    else:
+        if not task.on_disk:
+            uri = storage.join(task.directory, f"{task.node_id}.faissindex")
+            files["index"] = {
+                "name": uri.rsplit("/", 1)[-1],
+                "rows": rows,
+                **write_index_file(uri, index),
+            }
+        kind, extra = PIECE_KIND, {"piece": task.piece, "on_disk": task.on_disk}
+    return manifests.commit(
+        task.directory,
+        task.node_id,
+        {
+            "kind": kind,
+            "codebook_id": codebook["codebook_id"],
+            "rows": rows,
+            "first_id": first_id,
+            "inputs": [n.node_id for n in task.inputs],
+            **extra,
+            "files": files,
+        },
+    )
+
+
+def _write_on_disk(
+    task: MergeTask, index: faiss.Index, parts: list[str], scratch: str
+) -> dict[str, Any]:
+    """``faiss.contrib.ondisk.merge_ondisk`` the inputs: ``<piece>.faissindex`` + ``.ivfdata``."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    name = task.node_id
+    local = storage.is_local(task.directory)
+    folder = storage.filesystem(task.directory)[1] if local else scratch
+    os.makedirs(folder, exist_ok=True)
+    ivfdata = os.path.join(folder, f"{name}.ivfdata")
+    if os.path.exists(ivfdata):
+        os.remove(ivfdata)  # OnDiskInvertedLists would append to a stale file
+    merge_ondisk(index, parts, ivfdata)
+    codes_io.set_ntotal(index, int(faiss.extract_index_ivf(index).ntotal))
+    index_path = os.path.join(scratch, f"{name}.faissindex")
+    faiss.write_index(index, index_path)
+    del index
+    files = {}
+    for key, path in (("index", index_path), ("ivfdata", ivfdata)):
+        uri = storage.join(task.directory, os.path.basename(path))
+        entry = {
+            "name": os.path.basename(path),
+            "sha256": storage.sha256_file(path),
+            "bytes": os.path.getsize(path),
+        }
+        if path != storage.filesystem(uri)[1] or not local:
+            storage.upload(path, uri)
+        files[key] = entry
+    return files
+
+
+def finish_merge(
+    shards: str, output: str, rounds: list[list[MergeTask]], timings: dict[str, float]
+) -> dict[str, Any]:
+    """Check the pieces, write ``index.json`` (the commit point) and the summary; drop rounds/."""
+    groups = read_groups(shards)
+    finals = sorted((t for r in rounds for t in r if t.final), key=lambda t: t.piece)
+    pieces, next_id = [], 0
+    for task in finals:
+        manifest = manifests.read(output, task.node_id)
+        if manifest is None or manifest.get("kind") != PIECE_KIND:
+            raise RuntimeError(f"{output}: piece {task.node_id} not committed after the run")
+        if manifest["rows"] and manifest["first_id"] != next_id:
+            raise RuntimeError(f"{output}: piece {task.node_id} does not start at id {next_id}")
+        pieces.append(
+            {
+                "name": task.node_id,
+                **manifest["files"],
+                "first_id": next_id,
+                "ntotal": manifest["rows"],
+            }
+        )
+        next_id += manifest["rows"]
+    expected = sum(g["rows"] for g in groups)
+    if next_id != expected:
+        raise RuntimeError(f"merged pieces hold {next_id} vectors, the groups {expected}")
+    codebook = load_codebook(groups[0]["codebook"])[1]
     body = {
-        "codebook_id": codebooks.pop(),
+        "codebook_id": codebook["codebook_id"],
+        "codebook": groups[0]["codebook"],
         "factory": codebook["factory"],
         "metric": codebook["metric"],
         "dim": codebook["dim"],
         "model": codebook["model"],
-        "ntotal": int(index.ntotal),
-        "shards": len(shard_manifests),
-        "sha256": storage.sha256_bytes(data),
-        "bytes": len(data),
-        "idmap_sha256": storage.sha256_bytes(idmap_data),
+        "ntotal": next_id,
+        "groups": len(groups),
+        "shards": sum(len(g["shards"]) for g in groups),
+        "on_disk": any(p.get("ivfdata") for p in pieces),
+        "pieces": pieces,
+        "bytes": sum(p["index"]["bytes"] + p.get("ivfdata", {}).get("bytes", 0) for p in pieces),
         "schemas": {"idmap": schemas.CURRENT_VERSIONS["idmap"]},
     }
     manifest = write_manifest(storage.join(output, INDEX_MANIFEST), INDEX_KIND, body)
+    storage.remove(storage.join(output, ROUNDS_DIR), recursive=True)
     write_summary(
         output,
         "merge",
         inputs=expected,
-        indexed=int(index.ntotal),
+        indexed=next_id,
         failed=0,
-        timings={"merge_s": time.perf_counter() - start},
-        shards=len(shard_manifests),
+        timings=timings,
+        groups=len(groups),
+        shards=body["shards"],
+        rounds=len(rounds),
+        pieces=len(pieces),
+        bytes=manifest["bytes"],
     )
     return manifest
+
+
+def merge_index_groups(
+    shards: str,
+    output: str,
+    *,
+    fan_in: int = DEFAULT_FAN_IN,
+    pieces: int = 1,
+    on_disk: bool = False,
+) -> dict[str, Any]:
+    """Plan and run the whole merge in this process (runners run the rounds' tasks in parallel)."""
+    start = time.perf_counter()
+    rounds = plan_merge(shards, output, fan_in=fan_in, pieces=pieces, on_disk=on_disk)
+    for tasks in rounds:
+        for task in tasks:
+            run_merge_task(task)
+    return finish_merge(shards, output, rounds, {"merge_s": time.perf_counter() - start})

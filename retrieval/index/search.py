@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +13,8 @@ import pyarrow as pa
 
 from retrieval import storage
 from retrieval.index.faiss_io import read_index
-from retrieval.index.merge import IDMAP_FILE, INDEX_FILE, INDEX_KIND, INDEX_MANIFEST
-from retrieval.manifests import ManifestError, read_manifest
+from retrieval.index.merge import INDEX_KIND, INDEX_MANIFEST
+from retrieval.manifests import ManifestError, check_name, read_manifest
 from retrieval.rerank.query_expansion import QueryExpansion, alpha_query_expansion
 
 DEFAULT_NPROBE = 32
@@ -21,24 +23,43 @@ NO_EXPANSION = QueryExpansion(n=0)
 
 @dataclass
 class SearchableIndex:
-    """A merged index with its id map and manifest, ready for queries."""
+    """A merged index (one or more pieces over contiguous id ranges) with its id map."""
 
-    index: faiss.Index
+    pieces: list[faiss.Index]
+    first_ids: np.ndarray  # the first global id of each piece
     ids: np.ndarray  # image id per faiss id (faiss ids are 0..n-1 positions)
     uris: np.ndarray
     manifest: dict[str, Any]
     _direct_map: bool = False
 
+    @property
+    def ntotal(self) -> int:
+        return sum(int(p.ntotal) for p in self.pieces)
+
+    @property
+    def d(self) -> int:
+        return int(self.pieces[0].d)
+
     def set_nprobe(self, nprobe: int) -> None:
         """Lists visited per query on IVF indexes (no effect on exact or flat-PQ indexes)."""
         if "IVF" in self.manifest.get("factory", ""):
-            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+            for piece in self.pieces:
+                faiss.ParameterSpace().set_index_parameter(piece, "nprobe", nprobe)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, faiss ids) per query; ids are -1 where fewer than k were found."""
-        k = min(k, self.index.ntotal)
-        scores, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, found
+        """Top-``k`` (scores, faiss ids) per query; ids are -1 where fewer than k were found.
+
+        Pieces hold disjoint global ids under one codebook: each is searched and the per-piece
+        top-k lists are merged by score, which is what one index holding everything returns.
+        """
+        k = min(k, self.ntotal)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(self.pieces) == 1:
+            return self.pieces[0].search(queries, k)
+        results = [piece.search(queries, k) for piece in self.pieces]
+        scores = np.stack([r[0] for r in results])
+        found = np.stack([r[1] for r in results])
+        return faiss.merge_knn_results(scores, found, keep_max=True)
 
     def check_query_model(self, query_manifests: list[dict[str, Any]]) -> None:
         """Refuse query descriptors made by another model than the indexed ones.
@@ -60,12 +81,19 @@ class SearchableIndex:
     def reconstruct(self, found: np.ndarray) -> np.ndarray:
         """Stored vectors (decoded codes for PQ) of an (nq, n) id array; zeros for -1."""
         if "IVF" in self.manifest.get("factory", "") and not self._direct_map:
-            faiss.extract_index_ivf(self.index).make_direct_map()  # id -> code, for reconstruct
+            for piece, first_id in zip(self.pieces, self.first_ids, strict=True):
+                # id -> code, for reconstruct; an array needs ids 0..n-1, later pieces a hash
+                kind = faiss.DirectMap.Array if first_id == 0 else faiss.DirectMap.Hashtable
+                faiss.extract_index_ivf(piece).set_direct_map_type(kind)
             self._direct_map = True
         keys = found.reshape(-1)
-        vectors = self.index.reconstruct_batch(np.where(keys >= 0, keys, 0).astype(np.int64))
-        vectors[keys < 0] = 0.0
-        return vectors.reshape(*found.shape, self.index.d)
+        vectors = np.zeros((len(keys), self.d), dtype=np.float32)
+        owner = np.searchsorted(self.first_ids, keys, side="right") - 1
+        for p, piece in enumerate(self.pieces):
+            mine = (keys >= 0) & (owner == p)
+            if mine.any():
+                vectors[mine] = piece.reconstruct_batch(keys[mine].astype(np.int64))
+        return vectors.reshape(*found.shape, self.d)
 
     def search_expanded(
         self,
@@ -128,8 +156,32 @@ class SearchableIndex:
         return [[str(self.ids[i]) for i in row if i >= 0] for row in found]
 
 
+def _load_piece(directory: str, piece: dict[str, Any]) -> faiss.Index:
+    for key in ("index", "idmap", "ivfdata"):
+        if key in piece:
+            check_name(piece[key]["name"], what="index file name")
+    uri = storage.join(directory, piece["index"]["name"])
+    if "ivfdata" not in piece:
+        return read_index(uri, expect_sha256=piece["index"]["sha256"])
+    # On disk: faiss memory-maps <piece>.ivfdata found next to the index file.
+    folder = (
+        storage.filesystem(directory)[1]
+        if storage.is_local(directory)
+        else tempfile.mkdtemp(prefix="cbir-index-")
+    )
+    for key in ("index", "ivfdata"):
+        name = piece[key]["name"]
+        if not storage.is_local(directory):
+            storage.local_copy(storage.join(directory, name), folder)
+        if storage.sha256_file(os.path.join(folder, name)) != piece[key]["sha256"]:
+            raise OSError(f"{directory}/{name}: checksum does not match index.json")
+    return faiss.read_index(
+        os.path.join(folder, piece["index"]["name"]), faiss.IO_FLAG_ONDISK_SAME_DIR
+    )
+
+
 def load_index(directory: str, *, nprobe: int = DEFAULT_NPROBE) -> SearchableIndex:
-    """The merged index in ``directory``, checked against ``index.json`` (version, checksums)."""
+    """Load a merged index folder (one index, N pieces, or an on-disk IVF index)."""
     uri = storage.join(directory, INDEX_MANIFEST)
     if not storage.exists(uri):
         raise FileNotFoundError(
@@ -137,15 +189,24 @@ def load_index(directory: str, *, nprobe: int = DEFAULT_NPROBE) -> SearchableInd
             "build one with `retrieval merge`)"
         )
     manifest = read_manifest(uri, kind=INDEX_KIND)
-    index = read_index(storage.join(directory, INDEX_FILE), expect_sha256=manifest["sha256"])
-    idmap = storage.read_parquet(
-        storage.join(directory, IDMAP_FILE), schema="idmap", expect_sha256=manifest["idmap_sha256"]
+    entries = manifest["pieces"]
+    pieces = [_load_piece(directory, entry) for entry in entries]
+    idmap = pa.concat_tables(
+        storage.read_parquet(
+            storage.join(directory, e["idmap"]["name"]),
+            schema="idmap",
+            expect_sha256=e["idmap"]["sha256"],
+        )
+        for e in entries
     )
     index_ids = idmap.column("index_id").to_numpy()
     if not np.array_equal(index_ids, np.arange(len(index_ids))):
         raise ValueError(f"{directory}: id map is not the dense range 0..{len(index_ids) - 1}")
+    if len(index_ids) != sum(int(p.ntotal) for p in pieces):
+        raise ValueError(f"{directory}: id map and index pieces disagree on the vector count")
     searchable = SearchableIndex(
-        index,
+        pieces,
+        np.asarray([e["first_id"] for e in entries], dtype=np.int64),
         np.asarray(idmap.column("id").to_pylist(), dtype=object),
         np.asarray(idmap.column("uri").to_pylist(), dtype=object),
         manifest,

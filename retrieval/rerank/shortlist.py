@@ -85,7 +85,7 @@ def rerank_search(
     verification = config.verification
     start = time.perf_counter()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    depth = min(max(k, verification.shortlist), index.index.ntotal)
+    depth = min(max(k, verification.shortlist), index.ntotal)
     scores, found = index.search(queries, depth)
 
     pairs, where = [], []

@@ -1,0 +1,327 @@
+"""Index at scale: this project's build vs autofaiss, same vectors, same memory budget, one run.
+
+    python benchmarks/index_scale.py [--n 1000000] [--budget 100M] [--autofaiss-python V/bin/python]
+
+* vectors: ``--n`` database vectors + 1,000 held-out queries at the stored dimension, drawn to
+  resemble real descriptors: each is a random mix of two real GeM descriptors of oxford-dev
+  (extracted with the default model, or read from ``--base``) plus Gaussian noise, L2-normalized.
+  They are written once as descriptor shards (what ``retrieval extract`` writes) and as ``.npy``
+  files (what autofaiss reads).
+* project: ``train`` (index type from ``--max-index-memory``) -> ``index`` (groups of shards) ->
+  ``merge`` (tree of fan-in 8), in a fresh subprocess: wall time and peak RSS.
+* autofaiss: ``build_index`` with ``max_index_memory_usage`` = the same budget, in its own venv
+  (it needs numpy<2; see the shared stack notes), in a fresh subprocess: wall time and peak RSS.
+* both indexes: bytes on disk, bytes per vector, recall@1 (the exact nearest neighbour ranked
+  first) and recall@10 (|top-10 ∩ exact top-10| / 10) against exact inner-product search,
+  queries/s for single queries and for one batch of 1,000.
+* driver memory: peak RSS of the extraction launcher (listing + planning only, no images read)
+  on a 10k- and a 1M-entry manifest.
+
+Writes ``benchmarks/results/index_scale.json`` (figures and ratios). Slow: minutes to hours on
+2 cores at 1M; ``--n 20000 --skip-autofaiss`` is the quick smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+OXFORD = REPO.parent / "shared" / "benchmarks" / "oxford-dev" / "images"
+NOISE = 0.3  # norm of the noise added to each mix of two real descriptors
+CHUNK = 50_000  # vectors per descriptor shard / .npy file
+
+
+PEAK_FOOTER = """
+import json as _json
+with open("/proc/self/status") as _status:
+    _kb = next(int(line.split()[1]) for line in _status if line.startswith("VmHWM"))
+print(_json.dumps({"peak_rss_mb": round(_kb / 1024, 1)}))
+"""
+
+
+def _search_child(code: str, *args: str, python: str = sys.executable) -> dict:
+    return {f"search_{k}" if k in ("peak_rss_mb", "wall_s") else k: v
+            for k, v in _child(code, *args, python=python).items()}  # fmt: skip
+
+
+def _child(code: str, *args: str, python: str = sys.executable) -> dict:
+    """Run ``code`` in a fresh interpreter; its last stdout line is JSON. Adds that process's
+    own peak RSS (MB: ``VmHWM`` of its memory map, read at its end; ``ru_maxrss`` would include
+    this parent's size, inherited through fork) and its wall time."""
+    code = textwrap.dedent(code) + PEAK_FOOTER
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [python, "-c", code, *args],
+            stdout=out,
+            stderr=err,
+            cwd=REPO,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+        _, status, _ = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"child failed:\n{err.read()[-3000:]}")
+        lines = out.read().strip().splitlines()
+        result = {**json.loads(lines[-2]), **json.loads(lines[-1])}
+    result["wall_s"] = round(wall, 2)
+    return result
+
+
+def base_descriptors(base: str | None, scratch: Path) -> np.ndarray:
+    from retrieval.shards import descriptor_shards
+
+    if base is None:
+        base = str(scratch / "base")
+        subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "extract", "--input", str(OXFORD),
+             "--output", base, "--runner", "local"],
+            check=True, cwd=REPO,
+        )  # fmt: skip
+    _, _, vectors = descriptor_shards.read_all(base)
+    return vectors
+
+
+def _cached_base(scratch: Path) -> str | None:
+    """A descriptor folder extracted by an earlier run in the same --workdir, if any."""
+    return str(scratch / "base") if (scratch / "base" / "plan.json").exists() else None
+
+
+def draw(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    i, j = rng.integers(0, len(base), n), rng.integers(0, len(base), n)
+    w = rng.random((n, 1), dtype=np.float32)
+    x = w * base[i] + (1 - w) * base[j]
+    noise = rng.standard_normal(x.shape, dtype=np.float32)
+    x += NOISE * noise / np.sqrt(x.shape[1])
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_vectors(base: np.ndarray, n: int, scratch: Path, seed: int) -> tuple[Path, Path]:
+    """Database vectors as descriptor shards (+ plan) and as .npy chunks; returns both folders."""
+    from retrieval import plan
+    from retrieval.corpus import ImageRef, ShardSpec
+    from retrieval.shards import descriptor_shards
+    from retrieval.shards.descriptor_shards import DescriptorRow
+
+    rng = np.random.default_rng(seed)
+    desc, npy = scratch / "descriptors", scratch / "npy"
+    npy.mkdir(parents=True)
+    d = base.shape[1]
+    info = {"id": "bench", "config_hash": "b" * 16, "weights_sha256": "0" * 64, "dim": d}
+    specs = []
+    for c, start in enumerate(range(0, n, CHUNK)):
+        x = draw(base, min(CHUNK, n - start), rng)
+        np.save(npy / f"part-{c:05d}.npy", x)
+        ids = [f"v{start + k:09d}" for k in range(len(x))]
+        spec = ShardSpec(f"part-{c:05d}", tuple(ImageRef(i, f"/v/{i}") for i in ids))
+        rows = [DescriptorRow(i, f"/v/{i}", "0" * 64, 1, 1, v) for i, v in zip(ids, x, strict=True)]
+        descriptor_shards.write_shard(str(desc), spec, rows, [], info)
+        specs.append(spec)
+    plan.write_extraction_plan(str(desc), specs, source="bench", shard_size=CHUNK)
+    return desc, npy
+
+
+def exact_top10(npy: Path, queries: np.ndarray) -> np.ndarray:
+    """Exact inner-product top-10 of every query, streaming the database chunks from disk."""
+    import faiss
+
+    best_d = np.full((len(queries), 10), -np.inf, np.float32)
+    best_i = np.full((len(queries), 10), -1, np.int64)
+    offset = 0
+    for path in sorted(npy.glob("*.npy")):
+        x = np.load(path)
+        d, i = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        best_d, best_i = faiss.merge_knn_results(
+            np.stack([best_d, d]), np.stack([best_i, i + offset]), keep_max=True
+        )
+        offset += len(x)
+    return best_i
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    r1 = float(np.mean(found[:, 0] == truth[:, 0]))
+    r10 = float(
+        np.mean([len(set(f[:10]) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+    )
+    return {"recall@1": round(r1, 4), "recall@10": round(r10, 4)}
+
+
+PROJECT_BUILD = """
+import json, sys, time
+from pipelines import stages
+from pipelines.config import RunConfig
+desc, root, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = RunConfig(runner="local", max_index_memory=budget)
+t = time.perf_counter()
+cb = stages.train(desc, root + "/codebook", config)
+t1 = time.perf_counter()
+stages.index(desc, root + "/codebook", root + "/groups", config)
+t2 = time.perf_counter()
+m = stages.merge(root + "/groups", root + "/index", config)
+t3 = time.perf_counter()
+print(json.dumps({"factory": cb["factory"], "train_s": t1 - t, "index_s": t2 - t1,
+                  "merge_s": t3 - t2, "build_s": t3 - t, "bytes": m["bytes"]}))
+"""
+
+PROJECT_SEARCH = """
+import json, sys, time
+import numpy as np
+from retrieval.index.search import load_index
+index = load_index(sys.argv[1])
+q = np.load(sys.argv[2])
+t = time.perf_counter(); _, found = index.search(q, 10); batch = time.perf_counter() - t
+t = time.perf_counter()
+for row in q[:200]:
+    index.search(row[None], 10)
+single = time.perf_counter() - t
+np.save(sys.argv[3], found)
+print(json.dumps({"qps_batch": len(q) / batch, "qps_single": 200 / single}))
+"""
+
+AUTOFAISS_BUILD = """
+import json, sys, time
+from autofaiss import build_index
+npy, out, budget = sys.argv[1], sys.argv[2], sys.argv[3]
+t = time.perf_counter()
+_, infos = build_index(embeddings=npy, index_path=out + "/knn.index",
+                       index_infos_path=out + "/infos.json", max_index_memory_usage=budget,
+                       current_memory_available="16G", metric_type="ip", verbose=30)
+print(json.dumps({"build_s": time.perf_counter() - t, "factory": infos.get("index_key")}))
+"""
+
+AUTOFAISS_SEARCH = """
+import json, sys, time
+import faiss, numpy as np
+index = faiss.read_index(sys.argv[1])
+q = np.load(sys.argv[2])
+t = time.perf_counter(); _, found = index.search(q, 10); batch = time.perf_counter() - t
+t = time.perf_counter()
+for row in q[:200]:
+    index.search(row[None], 10)
+single = time.perf_counter() - t
+np.save(sys.argv[3], found)
+print(json.dumps({"qps_batch": len(q) / batch, "qps_single": 200 / single}))
+"""
+
+PLANNING = """
+import json, sys
+from retrieval.extraction import plan_extraction
+info = {"id": "x", "config_hash": "c" * 16, "weights_sha256": "0" * 64, "dim": 8}
+plan = plan_extraction(sys.argv[1], sys.argv[2], info)
+print(json.dumps({"shards": len(plan.shards), "pending": len(plan.pending)}))
+"""
+
+
+def driver_memory(scratch: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    for n in (10_000, 1_000_000):
+        manifest = scratch / f"manifest-{n}.parquet"
+        uris = pa.array([f"gs://bucket/photos/{i:08d}.jpg" for i in range(n)])
+        pq.write_table(pa.table({"uri": uris}), manifest)
+        result = _child(PLANNING, str(manifest), str(scratch / f"plan-{n}"))
+        out[str(n)] = result
+    small, big = out["10000"]["peak_rss_mb"], out["1000000"]["peak_rss_mb"]
+    out["growth_ratio"] = round(big / small, 2) if small and big else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=1_000)
+    parser.add_argument("--budget", default="100M", help="index memory budget for both tools")
+    parser.add_argument(
+        "--base", help="descriptor folder of real GeM descriptors (else oxford-dev)"
+    )
+    parser.add_argument("--autofaiss-python", help="python of a venv with autofaiss installed")
+    parser.add_argument("--skip-autofaiss", action="store_true")
+    parser.add_argument("--skip-driver-check", action="store_true")
+    parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "index_scale.json"))
+    args = parser.parse_args()
+
+    from retrieval.index.factory import parse_bytes
+
+    budget = parse_bytes(args.budget)
+    scratch = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    result: dict = {
+        "n": args.n,
+        "queries": args.queries,
+        "budget_bytes": budget,
+        "noise": NOISE,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "note": "shared 2-core machine: timings are noisy",
+    }
+    base = base_descriptors(args.base or _cached_base(scratch), scratch)
+    result["dim"] = int(base.shape[1])
+    result["base_descriptors"] = len(base)
+    t = time.perf_counter()
+    desc, npy = write_vectors(base, args.n, scratch, seed=0)
+    queries = draw(base, args.queries, np.random.default_rng(1))
+    np.save(scratch / "queries.npy", queries)
+    result["write_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    truth = exact_top10(npy, queries)
+    result["exact_search_s"] = round(time.perf_counter() - t, 1)
+
+    project = _child(PROJECT_BUILD, str(desc), str(scratch / "project"), str(budget))
+    project.update(
+        _search_child(
+            PROJECT_SEARCH,
+            str(scratch / "project" / "index"),
+            str(scratch / "queries.npy"),
+            str(scratch / "project-found.npy"),
+        )
+    )
+    project.update(recall(np.load(scratch / "project-found.npy"), truth))
+    project["bytes_per_vector"] = round(project["bytes"] / args.n, 2)
+    result["project"] = project
+
+    if not args.skip_autofaiss:
+        if not args.autofaiss_python:
+            raise SystemExit("--autofaiss-python is required (or --skip-autofaiss)")
+        (scratch / "autofaiss").mkdir(exist_ok=True)
+        auto = _child(
+            AUTOFAISS_BUILD, str(npy), str(scratch / "autofaiss"), args.budget,
+            python=args.autofaiss_python,
+        )  # fmt: skip
+        auto.update(
+            _search_child(AUTOFAISS_SEARCH, str(scratch / "autofaiss" / "knn.index"),
+                   str(scratch / "queries.npy"), str(scratch / "autofaiss-found.npy"),
+                   python=args.autofaiss_python)
+        )  # fmt: skip
+        auto.update(recall(np.load(scratch / "autofaiss-found.npy"), truth))
+        auto["bytes"] = (scratch / "autofaiss" / "knn.index").stat().st_size
+        auto["bytes_per_vector"] = round(auto["bytes"] / args.n, 2)
+        result["autofaiss"] = auto
+        result["ratios"] = {
+            "build_time_project_over_autofaiss": round(project["build_s"] / auto["build_s"], 3),
+            "recall@10_project_minus_autofaiss": round(project["recall@10"] - auto["recall@10"], 4),
+            "bytes_project_over_autofaiss": round(project["bytes"] / auto["bytes"], 3),
+        }
+    if not args.skip_driver_check:
+        result["driver_memory"] = driver_memory(scratch)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

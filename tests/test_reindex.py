@@ -1,0 +1,161 @@
+"""``retrieval reindex``: only what changed is extracted, deletions disappear, the result agrees
+with a full rebuild, versions roll back; and the drift measure behind retraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+from support import save_tiny_saved_model
+
+from pipelines import cli
+from pipelines.config import build_config
+from pipelines.reindex import reindex
+from retrieval import versions
+from retrieval.index.drift import DRIFT_THRESHOLD, drift_ratio, quantization_error
+from retrieval.index.search import load_index
+from retrieval.shards import descriptor_shards
+
+
+def _image(path: Path, seed: int) -> None:
+    """A small picture with its own colours and layout (distinct descriptors per seed)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((48, 64, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
+    for _ in range(6):
+        y, x = rng.integers(0, 40), rng.integers(0, 56)
+        pixels[y : y + 12, x : x + 12] = rng.integers(0, 256, 3, dtype=np.uint8)
+    pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _answers(root: Path, queries: np.ndarray, k: int = 10) -> list[list[str]]:
+    index = load_index(versions.resolve_index(str(root)))
+    _, found = index.search(queries, k)
+    return index.ranked_ids(found)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    model = save_tiny_saved_model(tmp_path_factory.mktemp("model") / "tiny")
+    return build_config(
+        {
+            "backbone": f"savedmodel:{model}",
+            "image_size": 64,
+            "runner": "local",
+            "workers": 1,
+            "shard_size": 8,
+        }
+    )
+
+
+def test_reindex_extracts_only_changes_and_rolls_back(tmp_path: Path, config):
+    corpus, root = tmp_path / "corpus", tmp_path / "root"
+    corpus.mkdir()
+    for i in range(40):
+        _image(corpus / f"img{i:03d}.png", seed=i)
+    first = reindex(str(corpus), str(root), config)
+    assert (first["new"], first["changed"], first["deleted"], first["unchanged"]) == (40, 0, 0, 0)
+    assert first["failed"] == 0 and versions.current(str(root)) == "v000001"
+    v1_desc = root / "versions" / "v000001" / "descriptors"
+    _, _, v1_vectors = descriptor_shards.read_all(str(v1_desc))
+    before = _answers(root, v1_vectors)
+
+    for i in range(40, 50):  # 10 new
+        _image(corpus / f"img{i:03d}.png", seed=i)
+    for i in (3, 4, 5):  # 3 changed
+        _image(corpus / f"img{i:03d}.png", seed=1000 + i)
+    deleted = [f"img{i:03d}.png" for i in (10, 11, 12, 13, 14)]
+    for name in deleted:  # 5 deleted
+        (corpus / name).unlink()
+    (corpus / "img020.png").touch()  # a new modification time, the same bytes: unchanged
+
+    second = reindex(str(corpus), str(root), config)
+    counts = {k: second[k] for k in ("new", "changed", "deleted", "unchanged", "failed")}
+    assert counts == {"new": 10, "changed": 3, "deleted": 5, "unchanged": 32, "failed": 0}
+    v2 = root / "versions" / "v000002"
+    on_disk = json.loads((v2 / "summary.json").read_text())
+    assert on_disk["new"] == 10 and on_disk["extracted"] == 13
+    extracted = json.loads((v2 / "extracted" / "summary.json").read_text())
+    assert extracted["inputs"] == 13  # exactly the new and changed images went through the model
+    assert second["indexed"] == 45 and versions.current(str(root)) == "v000002"
+
+    index = load_index(versions.resolve_index(str(root)))
+    assert not set(deleted) & set(index.ids)
+    _, _, vectors = descriptor_shards.read_all(str(v2 / "descriptors"))
+    after = _answers(root, vectors)
+    assert not set(deleted) & {i for row in after for i in row}
+
+    rebuilt = tmp_path / "rebuilt"
+    full = reindex(str(corpus), str(rebuilt), config)
+    assert full["new"] == 45
+    reference = _answers(rebuilt, vectors)
+    agree = sum(len(set(a) & set(b)) for a, b in zip(after, reference, strict=True))
+    assert agree / sum(len(b) for b in reference) >= 0.99
+
+    # search --index ROOT follows CURRENT; rollback moves it back and the old answers return
+    assert cli.main(["rollback", "--root", str(root)]) == 0
+    assert versions.current(str(root)) == "v000001"
+    assert _answers(root, v1_vectors) == before
+    assert (
+        cli.main(
+            [
+                "search",
+                "--index",
+                str(root),
+                "--queries",
+                str(v1_desc),
+                "--output",
+                str(tmp_path / "search"),
+                "--k",
+                "10",
+                "--qe",
+                "0",
+            ]
+        )
+        == 0
+    )
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "search" / "results.parquet")
+    assert set(table.column("id").to_pylist()) <= {f"img{i:03d}.png" for i in range(40)}
+    assert any(i in deleted for i in table.column("id").to_pylist())  # v1 still had them
+
+
+def test_old_versions_are_pruned_and_never_the_live_one(tmp_path: Path, config):
+    corpus, root = tmp_path / "corpus", tmp_path / "root"
+    corpus.mkdir()
+    for i in range(6):
+        _image(corpus / f"a{i}.png", seed=i)
+    for run in range(3):
+        _image(corpus / f"b{run}.png", seed=100 + run)
+        reindex(str(corpus), str(root), config, keep=2)
+    assert versions.versions(str(root)) == ["v000002", "v000003"]
+    assert versions.current(str(root)) == "v000003"
+    assert versions.rollback(str(root)) == "v000002"
+    with pytest.raises(ValueError, match="no version older"):
+        versions.rollback(str(root))
+    (root / "CURRENT").write_text("../../etc\n")
+    with pytest.raises(ValueError, match="not a version name"):
+        versions.current(str(root))
+
+
+def test_drift_is_measured_against_the_training_sample():
+    rng = np.random.default_rng(0)
+    d = 32
+    train = rng.standard_normal((4000, d)).astype(np.float32)
+    train[:, :8] *= 4  # most energy in a few directions, as in real descriptors
+    held_out = rng.standard_normal((1000, d)).astype(np.float32)
+    held_out[:, :8] *= 4
+    other = rng.standard_normal((1000, d)).astype(np.float32)
+    other[:, 24:] *= 4  # energy in other directions: a different kind of image
+    index = faiss.index_factory(d, "IVF16,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(train)
+    base = quantization_error(index, train)
+    assert drift_ratio(quantization_error(index, held_out), base) < 1.2
+    assert drift_ratio(quantization_error(index, other), base) > DRIFT_THRESHOLD
+    flat = faiss.index_factory(d, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert quantization_error(flat, other) == 0.0
