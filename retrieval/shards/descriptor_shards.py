@@ -60,23 +60,11 @@ def errors_uri(directory: str, shard_id: str) -> str:
     return storage.join(directory, f"{check_name(shard_id, what='shard id')}.errors.parquet")
 
 
-def expected_manifest(
-    spec: ShardSpec | plan.PlannedShard, model_info: dict[str, Any]
-) -> dict[str, Any]:
-    """What a committed manifest must say for ``spec`` to be skipped on a re-run."""
-    return {
-        "kind": KIND,
-        "input_digest": spec.input_digest,
-        "model.config_hash": model_info["config_hash"],
-        "model.weights_sha256": model_info["weights_sha256"],
-    }
-
-
 def committed_manifest(
     directory: str, spec: ShardSpec | plan.PlannedShard, model_info: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The shard's manifest if it is committed for these inputs and this model, else None."""
-    return manifests.committed(directory, spec.shard_id, expect=expected_manifest(spec, model_info))
+    return manifests.committed_for_model(directory, KIND, spec, model_info)
 
 
 def is_committed(

@@ -36,22 +36,10 @@ class LocalFeatureRow:
     seconds: float = 0.0  # extractor time (not stored per row; summed into the manifest)
 
 
-def expected_manifest(
-    spec: ShardSpec | plan.PlannedShard, local_info: dict[str, Any]
-) -> dict[str, Any]:
-    """What a committed manifest must say for ``spec`` to be skipped on a re-run."""
-    return {
-        "kind": KIND,
-        "input_digest": spec.input_digest,
-        "model.config_hash": local_info["config_hash"],
-        "model.weights_sha256": local_info["weights_sha256"],
-    }
-
-
 def committed_manifest(
     directory: str, spec: ShardSpec | plan.PlannedShard, local_info: dict[str, Any]
 ) -> dict[str, Any] | None:
-    return manifests.committed(directory, spec.shard_id, expect=expected_manifest(spec, local_info))
+    return manifests.committed_for_model(directory, KIND, spec, local_info)
 
 
 def is_committed(

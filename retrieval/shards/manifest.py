@@ -72,6 +72,23 @@ def committed(directory: str, shard_id: str, *, expect: dict[str, Any]) -> dict[
     return manifest
 
 
+def committed_for_model(
+    directory: str, kind: str, spec: Any, model_info: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The manifest of ``spec``'s shard (a ``ShardSpec`` or ``PlannedShard``) if it is committed
+    as ``kind`` for the same inputs (digest) and the same model (config hash and weights)."""
+    return committed(
+        directory,
+        spec.shard_id,
+        expect={
+            "kind": kind,
+            "input_digest": spec.input_digest,
+            "model.config_hash": model_info["config_hash"],
+            "model.weights_sha256": model_info["weights_sha256"],
+        },
+    )
+
+
 def _get(manifest: dict[str, Any], dotted: str) -> Any:
     value: Any = manifest
     for part in dotted.split("."):
