@@ -891,10 +891,13 @@ def _evaluate(benchmark: str, out: str, args: argparse.Namespace) -> None:
         f"\n{report['benchmark']}: {acc['inputs']} inputs = {acc['indexed']} indexed + "
         f"{acc['failed']} failed; {report['queries']} queries"
     )
+    name_width = max(len(result["name"]) for result in report["results"])
+    index_width = max(len(result["index"]) for result in report["results"])
     for result in report["results"]:
         ns = f"  N-S {result['ns_score']:.2f}" if result.get("ns_score") is not None else ""
         print(
-            f"  {result['name']:<12} {result['index']:<24} mAP {result['mAP']:6.2f}  "
+            f"  {result['name']:<{name_width}}  {result['index']:<{index_width}}  "
+            f"mAP {result['mAP']:6.2f}  "
             f"landmark mAP {result['landmark_mAP']:6.2f}  mP@10 {result['mP@10']:6.2f}{ns}"
         )
     from retrieval import storage
