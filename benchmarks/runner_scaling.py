@@ -4,8 +4,9 @@
 
 On the same images, each in a fresh subprocess:
 
-* bare loop with T TensorFlow threads (T = each worker count): read + decode + describe in one
-  process, model build excluded (the strictest baseline at the same cores).
+* bare loop with T threads of the default runtime (T = each worker count; the loop of
+  extract_throughput.py): read + decode + describe in one process, model build excluded (the
+  strictest baseline at the same cores).
 * beam with W worker processes of one TensorFlow thread each (``pipelines.stages.extract``):
   timed end to end: pipeline and worker start-up, model loading, reading, decoding, inference,
   Parquet writing and commits.
@@ -29,38 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO.parent / "shared" / "benchmarks" / "oxford-dev" / "images"
-
-
-def _image_folder(source: Path, limit: int | None, scratch: Path) -> Path:
-    """A folder of links to the first ``limit`` images, so every side sees the same inputs."""
-    folder = scratch / "images"
-    folder.mkdir()
-    for path in sorted(source.iterdir())[:limit]:
-        (folder / path.name).symlink_to(path)
-    return folder
-
-
-def run_bare(images: str, threads: int) -> dict:
-    from retrieval.corpus import list_corpus
-    from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
-    from retrieval.extraction import LoadedImage, load_image
-    from retrieval.images import DecodeLimits
-
-    configure_tf_threads(threads)
-    extractor = GeMExtractor()
-    refs = list_corpus(images)
-    limits = DecodeLimits()
-    start = time.perf_counter()
-    described = 0
-    for ref in refs:
-        loaded = load_image(ref, max_side=extractor.config.max_side, limits=limits)
-        if isinstance(loaded, LoadedImage):
-            extractor.describe(loaded.image)
-            described += 1
-    seconds = time.perf_counter() - start
-    return {"images": described, "seconds": seconds, "images_per_s": described / seconds}
+from extract_throughput import DEFAULT_IMAGES, REPO, _image_folder, run_bare
 
 
 def run_runner(runner: str, images: str, workers: int, output: str) -> dict:
@@ -111,7 +81,10 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child == "bare":
-        print(json.dumps(run_bare(args.images, int(args.workers))))
+        # The same bare loop as extract_throughput.py, with the default runtime and T threads.
+        from retrieval.descriptors.gem import GeMConfig
+
+        print(json.dumps(run_bare(args.images, int(args.workers), GeMConfig().runtime)))
         return
     if args.child:
         print(json.dumps(run_runner(args.child, args.images, int(args.workers), args.output)))
