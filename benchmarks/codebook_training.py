@@ -1,0 +1,122 @@
+"""Codebook training: time and recall of training recipes, side by side on the same vectors.
+
+    python benchmarks/codebook_training.py [--n 100000] [--recipes faiss-default,project]
+
+The vectors are drawn as in ``index_scale.py`` (mixes of two real GeM descriptors + noise, at the
+stored dimension). Each recipe trains an empty index on a uniform sample, adds every vector and
+searches 1,000 held-out queries at the project's default ``nprobe``; recall@1 / recall@10 are
+against exact inner-product search. A recipe is a factory string and the training settings of
+``retrieval.index.codebook`` (sample size, OPQ iterations / points), so what is timed is what
+``retrieval train`` does. Writes ``benchmarks/results/codebook_training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from index_scale import _cached_base, base_descriptors, draw, recall
+
+from retrieval.index import codebook, factory
+from retrieval.index.search import DEFAULT_NPROBE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipes(n: int, d: int, budget: int | None) -> dict[str, dict]:
+    """name -> (factory, training settings). ``project`` is what ``retrieval train`` picks."""
+    chosen = factory.choose_factory(n, d, max_index_memory=budget)
+    project = codebook.training_settings(chosen, n, d)
+    return {
+        # faiss's own defaults for the project's previous choice: sample 64 per list (>= 65,536),
+        # OPQ 50 iterations on up to 65,536 points.
+        "faiss-default": {
+            "factory": factory.choose_factory(n, d, max_index_memory=budget, pretransform="opq"),
+            "sample": factory.training_sample_size(chosen, n, d),
+            "opq_niter": 50,
+            "opq_points": 65_536,
+            "pca_first": False,
+        },
+        "project": {"factory": chosen, **project},
+        "pca": {
+            "factory": factory.choose_factory(n, d, max_index_memory=budget, pretransform="pca"),
+            "sample": project["sample"],
+            "opq_niter": 0,
+            "opq_points": 0,
+            "pca_first": False,
+        },
+    }
+
+
+def run_recipe(recipe: dict, x: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> dict:
+    d = x.shape[1]
+    index = codebook.new_index(recipe["factory"], d)
+    codebook.apply_training_settings(index, recipe)
+    positions = codebook.uniform_sample(len(x), recipe["sample"], seed=0)
+    sample = np.ascontiguousarray(x[positions])
+    t = time.perf_counter()
+    index.train(sample)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    index.add(x)
+    add_s = time.perf_counter() - t
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", DEFAULT_NPROBE)
+    t = time.perf_counter()
+    _, found = index.search(queries, 10)
+    search_s = time.perf_counter() - t
+    return {
+        **{k: v for k, v in recipe.items()},
+        "train_s": round(train_s, 1),
+        "add_s": round(add_s, 1),
+        "qps_batch": round(len(queries) / search_s),
+        **recall(found, truth),
+        "bytes_per_vector": round(len(faiss.serialize_index(index)) / len(x), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=1_000)
+    parser.add_argument("--budget", help="index memory budget (as --max-index-memory)")
+    parser.add_argument("--recipes", default="faiss-default,project,pca")
+    parser.add_argument("--threads", type=int, help="faiss OpenMP threads (default: faiss's)")
+    parser.add_argument("--workdir", default="/tmp/codebook-training")
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "results" / "codebook_training.json")
+    )
+    args = parser.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    budget = factory.parse_bytes(args.budget) if args.budget else None
+    scratch = Path(args.workdir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    base = base_descriptors(_cached_base(scratch), scratch)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([draw(base, min(50_000, args.n - s), rng) for s in range(0, args.n, 50_000)])
+    queries = draw(base, args.queries, np.random.default_rng(1))
+    _, truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    table = recipes(args.n, x.shape[1], budget)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    key = f"n={args.n},budget={args.budget}"
+    runs = result.setdefault(key, {})
+    for name in args.recipes.split(","):
+        row = run_recipe(table[name], x, queries, truth)
+        row["threads"] = faiss.omp_get_max_threads()
+        row["load_average"] = [round(v, 2) for v in os.getloadavg()]
+        runs[name] = row
+        print(name, json.dumps(row), flush=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
