@@ -26,44 +26,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index_scale import _cached_base, base_descriptors, draw, recall
 
 from retrieval.index import codebook, factory
+from retrieval.index.drift import quantization_error
 from retrieval.index.search import DEFAULT_NPROBE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def recipes(n: int, d: int, budget: int | None) -> dict[str, dict]:
-    """name -> (factory, training settings). ``project`` is what ``retrieval train`` picks."""
+def recipe(name: str, n: int, d: int, budget: int | None) -> dict:
+    """A recipe by name: ``project`` (what ``retrieval train`` does), ``faiss`` (faiss's own
+    defaults for the same factory: OPQ from a random rotation, 50 iterations, 65,536 points),
+    ``pca`` (``--pretransform pca``), or ``opq[-random][-niterN][-pointsP]``: OPQ started from
+    the PCA eigenvalue allocation (or faiss's random rotation) trained N iterations on P points."""
     chosen = factory.choose_factory(n, d, max_index_memory=budget)
-    project = codebook.training_settings(chosen, n, d)
+    settings = codebook.training_settings(chosen, n, d)
+    if name == "project":
+        return {"factory": chosen, **settings}
+    if name == "faiss":
+        name = "opq-random-niter50-points65536"
+    if name == "pca":
+        chosen = factory.choose_factory(n, d, max_index_memory=budget, pretransform="pca")
+        return {"factory": chosen, **settings}
+    parts = name.split("-")
+    if parts[0] != "opq":
+        raise ValueError(f"unknown recipe {name!r}")
+    numbers = {p.rstrip("0123456789"): p[len(p.rstrip("0123456789")) :] for p in parts[1:]}
     return {
-        # faiss's own defaults for the project's previous choice: sample 64 per list (>= 65,536),
-        # OPQ 50 iterations on up to 65,536 points.
-        "faiss-default": {
-            "factory": factory.choose_factory(n, d, max_index_memory=budget, pretransform="opq"),
-            "sample": factory.training_sample_size(chosen, n, d),
-            "opq_niter": 50,
-            "opq_points": 65_536,
-            "pca_first": False,
-        },
-        "project": {"factory": chosen, **project},
-        "pca": {
-            "factory": factory.choose_factory(n, d, max_index_memory=budget, pretransform="pca"),
-            "sample": project["sample"],
-            "opq_niter": 0,
-            "opq_points": 0,
-            "pca_first": False,
-        },
+        "factory": factory.choose_factory(n, d, max_index_memory=budget, pretransform="opq"),
+        "sample": settings["sample"],
+        "opq_niter": int(numbers.get("niter") or settings["opq_niter"]),
+        "opq_points": int(numbers.get("points") or settings["opq_points"]),
+        "opq_init": "random" if "random" in parts else "pca",
     }
 
 
 def run_recipe(recipe: dict, x: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> dict:
-    d = x.shape[1]
-    index = codebook.new_index(recipe["factory"], d)
-    codebook.apply_training_settings(index, recipe)
+    index = codebook.new_index(recipe["factory"], x.shape[1])
     positions = codebook.uniform_sample(len(x), recipe["sample"], seed=0)
     sample = np.ascontiguousarray(x[positions])
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
+    codebook.apply_training_settings(index, recipe, sample)
     index.train(sample)
+    train_cpu_s = time.process_time() - cpu
+    error = quantization_error(index, queries)  # held out: not part of the sample
     train_s = time.perf_counter() - t
     t = time.perf_counter()
     index.add(x)
@@ -73,10 +77,12 @@ def run_recipe(recipe: dict, x: np.ndarray, queries: np.ndarray, truth: np.ndarr
     _, found = index.search(queries, 10)
     search_s = time.perf_counter() - t
     return {
-        **{k: v for k, v in recipe.items()},
+        **recipe,
         "train_s": round(train_s, 1),
+        "train_cpu_s": round(train_cpu_s, 1),
         "add_s": round(add_s, 1),
         "qps_batch": round(len(queries) / search_s),
+        "quantization_error": round(error, 5),
         **recall(found, truth),
         "bytes_per_vector": round(len(faiss.serialize_index(index)) / len(x), 1),
     }
@@ -87,7 +93,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--budget", help="index memory budget (as --max-index-memory)")
-    parser.add_argument("--recipes", default="faiss-default,project,pca")
+    parser.add_argument("--recipes", default="faiss,project,pca", help="comma-separated names")
+    parser.add_argument(
+        "--base", help="descriptor folder of real GeM descriptors (else oxford-dev)"
+    )
     parser.add_argument("--threads", type=int, help="faiss OpenMP threads (default: faiss's)")
     parser.add_argument("--workdir", default="/tmp/codebook-training")
     parser.add_argument(
@@ -99,18 +108,17 @@ def main() -> None:
     budget = factory.parse_bytes(args.budget) if args.budget else None
     scratch = Path(args.workdir)
     scratch.mkdir(parents=True, exist_ok=True)
-    base = base_descriptors(_cached_base(scratch), scratch)
+    base = base_descriptors(args.base or _cached_base(scratch), scratch)
     rng = np.random.default_rng(0)
     x = np.concatenate([draw(base, min(50_000, args.n - s), rng) for s in range(0, args.n, 50_000)])
     queries = draw(base, args.queries, np.random.default_rng(1))
     _, truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
-    table = recipes(args.n, x.shape[1], budget)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     key = f"n={args.n},budget={args.budget}"
     runs = result.setdefault(key, {})
     for name in args.recipes.split(","):
-        row = run_recipe(table[name], x, queries, truth)
+        row = run_recipe(recipe(name, args.n, x.shape[1], budget), x, queries, truth)
         row["threads"] = faiss.omp_get_max_threads()
         row["load_average"] = [round(v, 2) for v in os.getloadavg()]
         runs[name] = row

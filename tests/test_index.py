@@ -14,7 +14,14 @@ from support import D, write_descriptors
 from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval.index import factory as factories
-from retrieval.index.codebook import SAMPLE_FILE, train_codebook, uniform_sample, with_id_map
+from retrieval.index.codebook import (
+    SAMPLE_FILE,
+    apply_training_settings,
+    pca_rotation,
+    train_codebook,
+    uniform_sample,
+    with_id_map,
+)
 from retrieval.index.group_index import (
     build_group_index,
     build_index_groups,
@@ -123,6 +130,44 @@ def test_default_factory_rules():
     assert factories.training_sample_size("IVF8192,PQ64", 10**7, 128) == 64 * 8192
     assert factories.training_sample_size("IVF8192,PQ64", 10**7, 1280) == 2**30 // (4 * 1280)
     assert factories.training_sample_size("IVF16,Flat", 300) == 300
+
+
+def _anisotropic(n: int, d: int, seed: int) -> np.ndarray:
+    """Vectors whose variance falls off over the dimensions, as real descriptors' does."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, d)) * np.linspace(3.0, 0.1, d)).astype(np.float32)
+
+
+def test_opq_starts_from_balanced_principal_axes():
+    x = _anisotropic(4_000, 64, seed=1)
+    rotation = pca_rotation(x, 32, 8)
+    assert rotation.shape == (32, 64)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(32), atol=1e-4)  # orthonormal
+    # the 32 highest-variance axes, dealt so every sub-space of 4 gets a similar share
+    variance = np.var((x - x.mean(0)) @ rotation.T, axis=0).reshape(8, 4)
+    log_product = np.log(variance).sum(1)
+    assert log_product.max() - log_product.min() < 0.5
+    projected = np.var(x @ rotation.T, axis=0).sum()
+    assert projected > 0.85 * np.var(x, axis=0)[:32].sum() * (32 / 32)
+
+    def trained(settings: dict) -> tuple[faiss.Index, float]:
+        index = faiss.index_factory(64, "OPQ8_32,PQ8", faiss.METRIC_INNER_PRODUCT)
+        apply_training_settings(index, settings, x)
+        opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+        assert (opq.niter, opq.max_train_points) == (settings["opq_niter"], 3_000)
+        index.train(x)
+        held = _anisotropic(1_000, 64, seed=2)
+        return opq, float(np.mean(np.sum((held - index.sa_decode(index.sa_encode(held))) ** 2, 1)))
+
+    # OPQ started from the balanced principal axes, 2 iterations, encodes held-out vectors
+    # better than faiss's random start after the same 2 iterations.
+    opq, from_pca = trained({"opq_niter": 2, "opq_points": 3_000, "opq_init": "pca"})
+    _, from_random = trained({"opq_niter": 2, "opq_points": 3_000, "opq_init": "random"})
+    assert from_pca < 0.95 * from_random
+    # with no iteration, the rotation is the start itself
+    opq, _ = trained({"opq_niter": 0, "opq_points": 3_000, "opq_init": "pca"})
+    start = pca_rotation(x[:3_000], 32, 8)
+    np.testing.assert_allclose(faiss.vector_to_array(opq.A).reshape(32, 64), start, atol=1e-6)
 
 
 def test_index_type_from_a_memory_budget():
