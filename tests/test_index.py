@@ -174,16 +174,19 @@ def test_index_type_from_a_memory_budget():
     n, d = 1_000_000, 1280
     assert factories.choose_factory(n, d) == factories.default_factory(n, d)
     roomy = factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("1G"))
-    assert roomy == "OPQ64_256,IVF4096,PQ64"
+    assert roomy == "OPQ128_512,IVF4096,PQ128"  # up to twice the default code when it fits
     tight = factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("30M"))
     assert tight == "OPQ16_64,IVF4096,PQ16"  # 24 bytes per vector: the largest code that fits
     assert factories.estimated_bytes(tight, n, d) <= factories.parse_bytes("30M")
     assert factories.choose_factory(n, d, max_index_memory=2**30, pretransform="pca") == (
-        "PCAR256,IVF4096,PQ64"
+        "PCAR512,IVF4096,PQ128"
     )
     assert factories.choose_factory(n, 128, max_index_memory=2**30, pretransform="none") == (
-        "IVF4096,PQ32"
+        "IVF4096,PQ64"
     )
+    # 100k x 1280-d in 16 MB: 96-byte codes (OPQ to 384 dims), not the 64 of the default
+    sixteen = factories.choose_factory(100_000, d, max_index_memory=factories.parse_bytes("16M"))
+    assert sixteen == "OPQ96_384,IVF1024,PQ96"
     # small sets stay exact while they fit, and compress when they do not
     assert factories.choose_factory(5_000, d, max_index_memory=2**30) == "IDMap2,Flat"
     assert factories.choose_factory(5_000, d, max_index_memory=2**20).endswith("x4")
@@ -193,7 +196,7 @@ def test_index_type_from_a_memory_budget():
     assert factories.parse_bytes("1000") == 1000
     with pytest.raises(ValueError):
         factories.parse_bytes("lots")
-    for factory in (roomy, tight, "PCAR256,IVF4096,PQ64"):
+    for factory in (roomy, tight, sixteen, "PCAR512,IVF4096,PQ128"):
         faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
 
 

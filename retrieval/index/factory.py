@@ -42,10 +42,10 @@ HNSW_COARSE_MIN_VECTORS = 2_000_000
 MAX_TRAINING_BYTES = 1 << 30
 POINTS_PER_LIST = 64
 PQ_TRAINING_POINTS = 65_536
-OPQ_ITERATIONS = 50
+OPQ_ITERATIONS = 10
 OPQ_TRAINING_POINTS = 65_536
 OPQ_INIT = "pca"
-CODE_LADDER = (64, 32, 16, 8, 4)
+CODE_LADDER = (128, 96, 64, 32, 16, 8, 4)
 ID_BYTES = 8
 PRETRANSFORMS = ("opq", "pca", "none")
 
@@ -101,7 +101,7 @@ def choose_factory(
         return default_factory(n, d, pretransform=pretransform)
     if n <= EXACT_MAX_VECTORS and estimated_bytes("IDMap2,Flat", n, d) <= max_index_memory:
         return "IDMap2,Flat"
-    for m in (c for c in CODE_LADDER if c <= pq_bytes(d) and d % c == 0):
+    for m in (c for c in CODE_LADDER if _code_fits_dimension(c, d, pretransform)):
         factory = (
             ivf_pq_factory(n, d, m, pretransform)
             if n > EXACT_MAX_VECTORS
@@ -114,6 +114,13 @@ def choose_factory(
         f"{n:,} vectors of {d} dimensions need at least {need:,} bytes of index; "
         f"--max-index-memory is {max_index_memory:,}"
     )
+
+
+def _code_fits_dimension(m: int, d: int, pretransform: str) -> bool:
+    """Up to twice the default code (4 dims per byte at most), in whole sub-vectors."""
+    if m > 2 * pq_bytes(d):
+        return False
+    return d % m == 0 if pretransform == "none" else min(d, 4 * m) % m == 0
 
 
 def parse_bytes(text: str | int) -> int:
