@@ -225,19 +225,43 @@ print(json.dumps({"shards": len(plan.shards), "pending": len(plan.pending)}))
 """
 
 
-def driver_memory(scratch: Path) -> dict:
+MANIFEST_ROW_GROUP = 65_536  # rows per row group of the benchmark's Parquet manifests
+
+
+def _write_manifest(path: Path, n: int, row_group_size: int | None) -> None:
+    """A manifest of ``n`` gs:// URIs in shuffled order (the planner must sort it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = {}
-    for n in (10_000, 1_000_000):
-        manifest = scratch / f"manifest-{n}.parquet"
-        uris = pa.array([f"gs://bucket/photos/{i:08d}.jpg" for i in range(n)])
-        pq.write_table(pa.table({"uri": uris}), manifest)
-        result = _child(PLANNING, str(manifest), str(scratch / f"plan-{n}"))
-        out[str(n)] = result
-    small, big = out["10000"]["peak_rss_mb"], out["1000000"]["peak_rss_mb"]
-    out["growth_ratio"] = round(big / small, 2) if small and big else None
+    order = np.random.default_rng(n).permutation(n)
+    uris = pa.array([f"gs://bucket/photos/{i:08d}.jpg" for i in order])
+    if path.suffix == ".csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(pa.table({"uri": uris}), path)
+    else:
+        pq.write_table(pa.table({"uri": uris}), path, row_group_size=row_group_size)
+
+
+def driver_memory(scratch: Path, sizes: tuple[int, ...] = (10_000, 1_000_000)) -> dict:
+    """Peak RSS of the extraction launcher (listing + external sort + plan written, no images)
+    for manifests of each size: CSV, Parquet in row groups of 65,536 rows, and (largest size
+    only) Parquet as ``pq.write_table`` writes it by default (one row group of up to 1Mi rows:
+    a Parquet reader decodes a whole row group at once, so that row group is held)."""
+    out: dict = {}
+    small, big = min(sizes), max(sizes)
+    cases = [(fmt, n, MANIFEST_ROW_GROUP) for fmt in ("csv", "parquet") for n in sizes]
+    cases.append(("parquet-one-row-group", big, None))
+    for fmt, n, row_group in cases:
+        suffix = ".csv" if fmt == "csv" else ".parquet"
+        manifest = scratch / f"manifest-{fmt}-{n}{suffix}"
+        if not manifest.exists():
+            _write_manifest(manifest, n, row_group)
+        result = _child(PLANNING, str(manifest), str(scratch / f"plan-{fmt}-{n}"))
+        out.setdefault(fmt, {})[str(n)] = result
+    for fmt, runs in out.items():
+        first = out["parquet" if fmt == "parquet-one-row-group" else fmt][str(small)]
+        runs["growth_ratio"] = round(runs[str(big)]["peak_rss_mb"] / first["peak_rss_mb"], 3)
     return out
 
 
