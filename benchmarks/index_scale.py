@@ -265,6 +265,76 @@ def driver_memory(scratch: Path, sizes: tuple[int, ...] = (10_000, 1_000_000)) -
     return out
 
 
+MERGE_CHILD = """
+import json, sys
+def _rss(key):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key)) / 1024
+from retrieval.index.merge import merge_index_groups
+start = _rss("VmRSS")
+m = merge_index_groups(sys.argv[1], sys.argv[2], fan_in=int(sys.argv[3]),
+                       on_disk=sys.argv[4] == "1")
+print(json.dumps({"start_rss_mb": round(start, 1), "index_bytes": m["bytes"]}))
+"""
+
+
+def merge_memory(scratch: Path, n: int = 1_000_000, d: int = 32, groups: int = 8) -> dict:
+    """Peak memory of ``retrieval merge`` against the size of the index it writes.
+
+    ``n`` random ``d``-dim vectors with realistic ids and URIs (``photos/01234/IMG_….jpg``,
+    ``gs://bucket/…``) as descriptor shards, an ``IVF256,PQ16`` codebook, ``groups`` index
+    groups, merged with fan-in 2 (a tree of 3 rounds) in a fresh process, in RAM and on disk.
+    Peak = that process's VmHWM; "above start" subtracts its RSS after imports (Python, faiss,
+    Arrow), which does not depend on the index.
+    """
+    from retrieval.corpus import ImageRef, ShardSpec
+    from retrieval.index.codebook import train_codebook
+    from retrieval.index.group_index import build_index_groups
+    from retrieval.shards import descriptor_shards
+    from retrieval.shards.descriptor_shards import DescriptorRow
+
+    root = scratch / f"merge-{n}"
+    desc = root / "descriptors"
+    if not (root / "groups" / "plan.json").exists():
+        from retrieval import plan
+
+        rng = np.random.default_rng(0)
+        info = {"id": "bench", "config_hash": "b" * 16, "weights_sha256": "0" * 64, "dim": d}
+        specs = []
+        for c, start in enumerate(range(0, n, CHUNK)):
+            x = rng.standard_normal((min(CHUNK, n - start), d), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            ids = [f"photos/{i // 1000:05d}/IMG_{i:08d}.jpg" for i in range(start, start + len(x))]
+            refs = tuple(ImageRef(i, f"gs://bucket/{i}") for i in ids)
+            spec = ShardSpec(f"part-{c:05d}", refs)
+            rows = [
+                DescriptorRow(r.id, r.uri, "0" * 64, 640, 480, v)
+                for r, v in zip(refs, x, strict=True)
+            ]
+            descriptor_shards.write_shard(str(desc), spec, rows, [], info)
+            specs.append(spec)
+        plan.write_extraction_plan(str(desc), specs, source="bench", shard_size=CHUNK)
+        train_codebook(str(desc), str(root / "codebook"), factory="IVF256,PQ16", sample_size=20_000)
+        build_index_groups(
+            str(desc), str(root / "codebook"), str(root / "groups"), group_vectors=-(-n // groups)
+        )
+    out: dict = {"n": n, "dim": d, "factory": "IVF256,PQ16", "groups": groups, "fan_in": 2}
+    for name, on_disk in (("in_ram", "0"), ("on_disk", "1")):
+        target = root / f"index-{name}"
+        result = _child(MERGE_CHILD, str(root / "groups"), str(target), "2", on_disk)
+        files = {f.name: f.stat().st_size for f in target.iterdir() if f.is_file()}
+        result["idmap_bytes"] = files.get("idmap.parquet", 0)
+        result["above_start_mb"] = round(result["peak_rss_mb"] - result["start_rss_mb"], 1)
+        index_mb = result["index_bytes"] / 2**20
+        result["above_start_over_index"] = round(result["above_start_mb"] / index_mb, 2)
+        with_idmap_mb = (result["index_bytes"] + result["idmap_bytes"]) / 2**20
+        result["above_start_over_index_and_idmap"] = round(
+            result["above_start_mb"] / with_idmap_mb, 2
+        )
+        out[name] = result
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
