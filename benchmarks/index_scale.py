@@ -278,7 +278,20 @@ print(json.dumps({"start_rss_mb": round(start, 1), "index_bytes": m["bytes"]}))
 """
 
 
-def merge_memory(scratch: Path, n: int = 1_000_000, d: int = 32, groups: int = 8) -> dict:
+def merge_memory(scratch: Path, sizes: tuple[int, ...] = (20_000, 1_000_000)) -> dict:
+    """:func:`merge_memory_at` for each size, and the growth between the smallest and largest:
+    extra peak memory per extra byte of index (the fixed cost of a merge process, Python +
+    faiss + Arrow and their first use, does not depend on the index and cancels out)."""
+    out: dict = {str(n): merge_memory_at(scratch, n) for n in sizes}
+    small, big = out[str(min(sizes))], out[str(max(sizes))]
+    for mode in ("in_ram", "on_disk"):
+        extra_peak = (big[mode]["peak_rss_mb"] - small[mode]["peak_rss_mb"]) * 2**20
+        extra_index = big[mode]["index_bytes"] - small[mode]["index_bytes"]
+        out[f"{mode}_peak_growth_over_index_growth"] = round(extra_peak / extra_index, 2)
+    return out
+
+
+def merge_memory_at(scratch: Path, n: int, d: int = 32, groups: int = 8) -> dict:
     """Peak memory of ``retrieval merge`` against the size of the index it writes.
 
     ``n`` random ``d``-dim vectors with realistic ids and URIs (``photos/01234/IMG_….jpg``,

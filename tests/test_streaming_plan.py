@@ -148,3 +148,82 @@ def test_planning_does_not_hold_the_listing(tmp_path: Path):
         tracemalloc.stop()
     assert written.inputs == n and len(written.shards) == 235
     assert peak < 10 * 2**20, f"{peak / 2**20:.1f} MB of Python objects"
+
+
+# --- the merge's id map and the re-index comparison, streamed ----------------------------------
+
+
+def _idmap_table(first: int, ids: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "index_id": pa.array(range(first, first + len(ids)), pa.int64()),
+            "id": ids,
+            "uri": [f"/img/{i}" for i in ids],
+            "shard": ["part-00000"] * len(ids),
+        },
+        schema=schemas.arrow_schema("idmap"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("batches", "repeated"),
+    [
+        ([["a", "b"], ["c", "d"]], None),  # in order
+        ([["b", "a"], ["d", "c"]], None),  # out of order, unique: checked by the external sort
+        ([["a", "b"], ["b", "c"]], "'b'"),  # neighbours across row groups
+        ([["b", "a"], ["c", "a"]], "'a'"),  # out of order
+    ],
+)
+def test_merged_id_map_is_streamed_and_checked(tmp_path: Path, batches, repeated):
+    from retrieval.index.merge import _IdmapMerger
+
+    merger = _IdmapMerger(str(tmp_path / "idmap.parquet"), "merging x")
+    first = 7
+    for ids in batches:
+        merger._add(_idmap_table(first, ids))
+        first += len(ids)
+    if repeated is None:
+        merger.close()
+        table = pq.read_table(tmp_path / "idmap.parquet")
+        assert table.column("id").to_pylist() == [i for b in batches for i in b]
+        assert merger.first_id == 7 and merger.rows == 4
+        assert pq.ParquetFile(tmp_path / "idmap.parquet").metadata.num_row_groups == 2
+    else:
+        with pytest.raises(plan.PlanError, match=rf"1 image id.*{repeated}.*unique across an"):
+            merger.close()
+
+
+def test_merged_id_map_must_be_one_contiguous_range(tmp_path: Path):
+    from retrieval.index.merge import _IdmapMerger
+
+    merger = _IdmapMerger(str(tmp_path / "idmap.parquet"), "merging x")
+    merger._add(_idmap_table(0, ["a", "b"]))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        merger._add(_idmap_table(3, ["c"]))
+
+
+def test_corpus_comparison_is_a_merge_join(tmp_path: Path, monkeypatch):
+    from retrieval import corpus_state
+
+    monkeypatch.setattr(corpus_state, "STATE_ROW_GROUP_ROWS", 3)
+    previous = [(f"i{k:02d}", f"/x/{k}", f"key{k}") for k in range(0, 20, 2)]
+    now = [(f"i{k:02d}", f"/x/{k}", f"key{k}" if k % 4 else "new") for k in range(5, 25)]
+    writer = corpus_state.StateWriter(str(tmp_path / "now.parquet"))
+    changes = corpus_state.compare(iter(previous), iter(now), writer)
+    writer.close()
+    before = {r[0]: r for r in previous}
+    assert changes.new == [r[0] for r in now if r[0] not in before]
+    assert changes.changed == [r[0] for r in now if r[0] in before and before[r[0]] != r]
+    assert changes.unchanged == sum(1 for r in now if before.get(r[0]) == r)
+    assert changes.deleted == sorted(set(before) - {r[0] for r in now})
+    assert changes.uris == {r[0]: r[1] for r in now if before.get(r[0]) != r}
+    assert list(corpus_state.iter_state_file(writer.path)) == now
+    count = corpus_state.write_state(str(tmp_path / "v"), writer.path, leave_out={"i05", "i24"})
+    assert count == 18
+    assert [r[0] for r in corpus_state.iter_state(str(tmp_path / "v"), str(tmp_path))] == [
+        r[0] for r in now if r[0] not in {"i05", "i24"}
+    ]
+    bad = corpus_state.StateWriter(str(tmp_path / "bad.parquet"))
+    bad.add(now[1])
+    with pytest.raises(ValueError, match="out of id order"):
+        bad.add(now[0])
