@@ -15,7 +15,9 @@
   first) and recall@10 (|top-10 ∩ exact top-10| / 10) against exact inner-product search,
   queries/s for single queries and for one batch of 1,000.
 * driver memory: peak RSS of the extraction launcher (listing + planning only, no images read)
-  on a 10k- and a 1M-entry manifest.
+  on a 10k- and a 1M-entry manifest (CSV and Parquet).
+* merge memory: peak RSS of ``merge`` (8 groups, fan-in 2) against the index it writes, on 20k
+  and 1M vectors (``--memory-only`` runs just these two checks).
 
 Writes ``benchmarks/results/index_scale.json`` (figures and ratios). Slow: minutes to hours on
 2 cores at 1M; ``--n 20000 --skip-autofaiss`` is the quick smoke run.
@@ -359,6 +361,11 @@ def main() -> None:
     parser.add_argument("--autofaiss-python", help="python of a venv with autofaiss installed")
     parser.add_argument("--skip-autofaiss", action="store_true")
     parser.add_argument("--skip-driver-check", action="store_true")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the launcher and merge memory checks (writes index_scale_memory.json)",
+    )
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "index_scale.json"))
     args = parser.parse_args()
@@ -368,6 +375,12 @@ def main() -> None:
     budget = parse_bytes(args.budget)
     scratch = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        memory = {"driver_memory": driver_memory(scratch), "merge_memory": merge_memory(scratch)}
+        out = Path(args.out).with_name("index_scale_memory.json")
+        out.write_text(json.dumps(memory, indent=2) + "\n")
+        print(json.dumps(memory, indent=2))
+        return
     result: dict = {
         "n": args.n,
         "queries": args.queries,
@@ -425,6 +438,7 @@ def main() -> None:
         }
     if not args.skip_driver_check:
         result["driver_memory"] = driver_memory(scratch)
+        result["merge_memory"] = merge_memory(scratch)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

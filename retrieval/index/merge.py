@@ -11,8 +11,10 @@ the tasks of one round can run on any workers (Beam, Spark, a loop) and rounds r
 another. Inputs hold disjoint global ids, so merging appends codes with no id shift, and the
 result is the index a single process would have built adding every vector in id order.
 
-Memory: a task holds its output plus one input at a time (inputs are folded in one by one) and
-writes the index with faiss's file writer, so the final task peaks below 2x the index it writes.
+Memory: a task holds its output plus one input's codes at a time (inputs are folded in one by
+one), streams the id maps row group by row group into one Parquet file (never a whole id map:
+millions of id and URI strings outweigh the codes), and writes codes and the index with faiss's
+file writer (no in-memory copy). Measured peak growth: ~5 MB per MB of index (README).
 With ``on_disk`` the final task builds an on-disk IVF index (``faiss.contrib.ondisk``: the
 inverted lists live in ``<piece>.ivfdata``, memory-mapped at search time) for larger-than-RAM
 indexes; then only one input is ever in memory.
