@@ -150,24 +150,26 @@ def test_opq_starts_from_balanced_principal_axes():
     projected = np.var(x @ rotation.T, axis=0).sum()
     assert projected > 0.85 * np.var(x, axis=0)[:32].sum() * (32 / 32)
 
-    def trained(settings: dict) -> tuple[faiss.Index, float]:
+    def trained(settings: dict) -> tuple[faiss.Index, faiss.OPQMatrix, float]:
         index = faiss.index_factory(64, "OPQ8_32,PQ8", faiss.METRIC_INNER_PRODUCT)
         apply_training_settings(index, settings, x)
         opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
         assert (opq.niter, opq.max_train_points) == (settings["opq_niter"], 3_000)
         index.train(x)
         held = _anisotropic(1_000, 64, seed=2)
-        return opq, float(np.mean(np.sum((held - index.sa_decode(index.sa_encode(held))) ** 2, 1)))
+        error = float(np.mean(np.sum((held - index.sa_decode(index.sa_encode(held))) ** 2, 1)))
+        return index, opq, error  # the index owns the OPQ matrix: keep it alive with it
 
     # OPQ started from the balanced principal axes, 2 iterations, encodes held-out vectors
     # better than faiss's random start after the same 2 iterations.
-    opq, from_pca = trained({"opq_niter": 2, "opq_points": 3_000, "opq_init": "pca"})
-    _, from_random = trained({"opq_niter": 2, "opq_points": 3_000, "opq_init": "random"})
+    _, _, from_pca = trained({"opq_niter": 2, "opq_points": 3_000, "opq_init": "pca"})
+    _, _, from_random = trained({"opq_niter": 2, "opq_points": 3_000, "opq_init": "random"})
     assert from_pca < 0.95 * from_random
     # with no iteration, the rotation is the start itself
-    opq, _ = trained({"opq_niter": 0, "opq_points": 3_000, "opq_init": "pca"})
+    index, opq, _ = trained({"opq_niter": 0, "opq_points": 3_000, "opq_init": "pca"})
     start = pca_rotation(x[:3_000], 32, 8)
     np.testing.assert_allclose(faiss.vector_to_array(opq.A).reshape(32, 64), start, atol=1e-6)
+    assert index.is_trained
 
 
 def test_index_type_from_a_memory_budget():

@@ -93,10 +93,12 @@ def apply_training_settings(
     """Set the OPQ rotation's iterations and training points (faiss: 50 and 65,536) and, with
     ``opq_init == "pca"``, start it from the sample's principal axes (``pca_rotation``) instead
     of faiss's random rotation. Everything else trains with faiss's own defaults."""
-    for part in _components(index):
+    parts = list(_components(index))
+    for part in parts:
         if isinstance(part, faiss.OPQMatrix):
             part.niter = settings["opq_niter"]
             part.max_train_points = settings["opq_points"]
+    for part in parts:  # after the settings: the start uses the same points as the OPQ
         if isinstance(part, faiss.IndexPreTransform) and sample is not None:
             first = faiss.downcast_VectorTransform(part.chain.at(0))
             if settings.get("opq_init") == "pca" and isinstance(first, faiss.OPQMatrix):

@@ -33,16 +33,16 @@ most 256 training points per centroid, so the sample is 64 points per IVF list, 
 65,536 (256 × 256, what faiss's PQ and OPQ training use for 256-centroid sub-quantizers), capped
 at 1 GiB of float32 vectors; all vectors when there are fewer.
 
-**OPQ training** (``codebook.apply_training_settings``) is where the build time goes: faiss's
+**OPQ training** (``codebook.apply_training_settings``) was where the build time went: faiss's
 ``OPQMatrix`` starts from a random rotation and runs 50 iterations, each a d × 4m product over
-up to 65,536 points and a PQ training of m sub-quantizers (at 1280-d, 64 bytes: ~14 CPU-s per
-iteration on this project's 2-core machine, so ~12 CPU-minutes). Here the rotation is the sample's principal axes grouped by eigenvalue allocation (Ge et al.
-2013's parametric OPQ, the start that paper uses for its iterative OPQ), computed in a few
-CPU-seconds, followed by ``OPQ_ITERATIONS`` = 0 iterations of faiss's non-parametric OPQ: on
-20,000 of the benchmark's 1280-d vectors (held-out squared error of the OPQ64_256,PQ64 codec,
-``/tmp`` scratch runs, see README) the allocation alone gave 0.1657, with 4 more iterations
-0.1682: iterating fits the sample, not the held-out vectors. The random start needs its 50
-iterations to find the high-variance sub-space at all.
+up to 65,536 points and a PQ training of m sub-quantizers (at 1280-d, 64 bytes: an estimated
+~14 CPU-s per iteration on this project's 2-core machine, ~12 CPU-minutes in all). Here the
+rotation is the sample's principal axes grouped by eigenvalue allocation (Ge et al. 2013's
+parametric OPQ, the start that paper uses for its iterative OPQ), computed in a few CPU-seconds,
+and ``OPQ_ITERATIONS`` = 0 iterations of faiss's OPQ follow. Held-out squared error of the
+OPQ64_256,PQ64 codec trained on 20,000 of the index benchmark's 1280-d vectors (README):
+this start alone 0.1657; it plus 4 iterations 0.1682 (iterating fits the sample, not the
+held-out vectors); faiss's random start plus 4 iterations 0.1811.
 """
 
 from __future__ import annotations
