@@ -213,6 +213,9 @@ class _IdmapMerger:
         schemas.check_schema("idmap", parquet.schema_arrow, source=uri)
         for group in range(parquet.metadata.num_row_groups):
             self._add(parquet.read_row_group(group, use_threads=False))
+            # Arrow's allocator (mimalloc) keeps freed row group buffers: measured on 1M ids,
+            # ~45 MB resident for 6 MB ever live in Arrow, unless handed back here.
+            pa.default_memory_pool().release_unused()
         if local != storage.filesystem(uri)[1]:
             os.remove(local)
 
