@@ -11,13 +11,14 @@ the tasks of one round can run on any workers (Beam, Spark, a loop) and rounds r
 another. Inputs hold disjoint global ids, so merging appends codes with no id shift, and the
 result is the index a single process would have built adding every vector in id order.
 
-Memory: a task holds its output plus one input's codes at a time (inputs are folded in one by
-one), streams the id maps row group by row group into one Parquet file (never a whole id map:
-millions of id and URI strings outweigh the codes), and writes codes and the index with faiss's
-file writer (no in-memory copy). Measured peak growth: ~5 MB per MB of index (README).
-With ``on_disk`` the final task builds an on-disk IVF index (``faiss.contrib.ondisk``: the
-inverted lists live in ``<piece>.ivfdata``, memory-mapped at search time) for larger-than-RAM
-indexes; then only one input is ever in memory.
+Memory: a task holds no inverted list. It copies its inputs' IVF codes file to file, list by
+list (``codes.write_merged_lists``: the merged lists, a searchable index, or an on-disk index's
+``.ivfdata``, byte-identical to what faiss's ``merge_from`` / ``merge_ondisk`` write), and
+streams the id maps row group by row group into one Parquet file (never a whole id map:
+millions of id and URI strings outweigh the codes). Measured peak growth: 0.3 MB per MB of
+index, on top of a fixed ~70 MB (README, "Index at scale"). With ``on_disk`` the final task
+writes an on-disk IVF index (the inverted lists in ``<piece>.ivfdata``, memory-mapped at search
+time, as ``faiss.contrib.ondisk`` lays them out) for larger-than-RAM indexes.
 
 Pieces split the groups into N contiguous id ranges; searching queries every piece and merges
 the top-k (``search.py``), which gives the same results as one index.
@@ -214,7 +215,7 @@ class _IdmapMerger:
         for group in range(parquet.metadata.num_row_groups):
             self._add(parquet.read_row_group(group, use_threads=False))
             # Arrow's allocator (mimalloc) keeps freed row group buffers: measured on 1M ids,
-            # ~45 MB resident for 6 MB ever live in Arrow, unless handed back here.
+            # ~35 MB more at the merge's peak (6 MB ever live in Arrow) unless handed back.
             pa.default_memory_pool().release_unused()
         if local != storage.filesystem(uri)[1]:
             os.remove(local)
