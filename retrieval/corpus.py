@@ -69,7 +69,7 @@ def list_corpus(source: str) -> list[ImageRef]:
     after the first (in URI order) is kept with a ``duplicate_id`` problem so it is reported, not
     dropped.
     """
-    if source.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(source):
+    if source.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(source):
         refs = _read_manifest(source)
     else:
         if not storage.exists(source):
@@ -77,11 +77,6 @@ def list_corpus(source: str) -> list[ImageRef]:
         uris = storage.list_files(source, suffixes=IMAGE_SUFFIXES)
         refs = [ImageRef(image_id(u, source), u) for u in uris]
     return _mark_duplicates(refs)
-
-
-def _is_dir(uri: str) -> bool:
-    fs, path = storage.filesystem(uri)
-    return fs.isdir(path)
 
 
 def _read_manifest(uri: str) -> list[ImageRef]:
