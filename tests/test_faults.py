@@ -58,8 +58,9 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture
-def proxy(s3):
+def proxy(s3, monkeypatch):
     endpoint, use = s3
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "2")  # a stalled request fails after 2 s
     faulty = FaultyProxy(endpoint, rate=0.0, seed=1)
     use(faulty.endpoint)
     yield faulty
@@ -118,7 +119,6 @@ def test_ten_percent_faults_change_nothing(
     proxy, corpus, config, benchmark, fault_free, monkeypatch
 ):
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # backoff is tested elsewhere
-    monkeypatch.setenv(storage.TIMEOUT_ENV, "2")  # a stalled request fails after 2 s
     proxy.rate = 0.1
     # Extraction on Beam with 2 worker processes (they reach S3 through the proxy too).
     faulty = run_pipeline(
@@ -260,6 +260,8 @@ def test_write_then_read_through_faults(proxy, corpus, monkeypatch):
         assert storage.read_bytes(uri) == data
     proxy.rate = 0.0
     assert sum(proxy.faults.values()) > 0
+    proxy.close()  # counts the last stalls the client hung up on
+    assert proxy.abandoned == proxy.faults["timeout"]
 
 
 def test_storage_errors_in_rows_are_redacted(tmp_path: Path):
