@@ -326,12 +326,14 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
         dest="max_index_memory",
         metavar="SIZE",
         help="memory budget of the index (e.g. 512M, 2G): with 'auto', the largest code that "
-        "fits (exact up to 20k vectors, else IVF-PQ with 64/32/16/8/4-byte codes)",
+        "fits (exact up to 20k vectors, else IVF-PQ with 128/96/64/32/16/8/4-byte codes; "
+        "without a budget 64)",
     )
     group.add_argument(
         "--pretransform",
         choices=["opq", "pca", "none"],
-        help="rotation before IVF-PQ with 'auto': opq (default), pca (faster to train), none",
+        help="rotation before IVF-PQ with 'auto': opq (default: started from the sample's "
+        "principal axes), pca, none",
     )
     group.add_argument("--seed", type=int, help="seed of the uniform training sample (default 0)")
     group.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
