@@ -39,8 +39,6 @@ from retrieval.runtimes.calibration import (
 )
 from retrieval.runtimes.device import plan_worker
 
-UKBENCH_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "ukbench-56"
-
 
 @pytest.fixture(scope="module")
 def photos(oxford_images) -> list[DecodedImage]:
@@ -56,12 +54,9 @@ def photos(oxford_images) -> list[DecodedImage]:
 
 
 @pytest.fixture(scope="module")
-def calibration(oxford_images):
-    """A small calibration sample for tests (8 images; the README's figures use 32)."""
-    source = UKBENCH_IMAGES / "images"
-    if not source.is_dir():
-        source = oxford_images[0].parent
-    return calibration_sample(str(source), image_size=362, count=8, seed=0)
+def calibration():
+    """The int8 runtimes' default: the built-in sample (scikit-image's photos), at 362 px."""
+    return resolve_calibration(None, image_size=362)
 
 
 @pytest.fixture(scope="module")
