@@ -121,9 +121,12 @@ def run_decode(images: str, threads: int) -> dict:
 
 def run_pipeline(images: str, threads: int, output: str) -> dict:
     start = time.perf_counter()
+    import apache_beam  # noqa: F401  (timed apart: a fixed cost of every Beam job)
+
     from pipelines import stages
     from pipelines.config import RunConfig
 
+    imported = time.perf_counter()
     config = RunConfig(runner="beam", workers=threads)
     summary = stages.extract(images, output, config)
     seconds = time.perf_counter() - start
@@ -132,6 +135,10 @@ def run_pipeline(images: str, threads: int, output: str) -> dict:
         "images": summary["indexed"],
         "seconds": seconds,
         "images_per_s": summary["indexed"] / seconds,
+        # where the time went: imports, then listing + planning + the Beam job (worker start,
+        # model load, read, decode, inference, writes, commits, teardown), then the summary
+        "import_s": imported - start,
+        "extract_s": summary["timings"]["extract_s"],
         "workers": threads,
         "threads_per_worker": config.threads,
     }
@@ -175,6 +182,17 @@ def _sides(images: str, threads: int, rounds: int, scratch: Path) -> dict:
     sides["speedup"] = pipeline / sides["tf_fp32_bare"]["images_per_s"]
     sides["efficiency"] = pipeline / sides["default_bare"]["images_per_s"]
     return sides
+
+
+def _cost_model(small: dict, big: dict) -> dict:
+    """The pipeline's seconds as ``fixed_s + images / per_image_rate``, solved from the two set
+    sizes (medians): what a run costs before its first image, and its rate once running."""
+    n1, t1 = small["images"], small["images"] / small["images_per_s"]
+    n2, t2 = big["images"], big["images"] / big["images_per_s"]
+    if n2 == n1:
+        return {}
+    rate = (n2 - n1) / (t2 - t1) if t2 > t1 else float("inf")
+    return {"fixed_s": t1 - n1 / rate, "steady_images_per_s": rate}
 
 
 def main() -> None:
@@ -244,8 +262,9 @@ def main() -> None:
             manifest = _repeated_manifest(folder, args.repeat, Path(scratch))
             steady = _sides(str(manifest), args.threads, args.steady_rounds, Path(scratch) / "big")
             results["steady"] = {"repeat": args.repeat, **steady}
+            results["pipeline_cost_model"] = _cost_model(results["pipeline"], steady["pipeline"])
     for name, result in results.items():
-        if name not in ("runtimes", "steady", "speedup", "efficiency"):
+        if name not in ("runtimes", "steady", "speedup", "efficiency", "pipeline_cost_model"):
             print(f"{name:>13}: {result['images_per_s']:7.2f} images/s", flush=True)
     for name, result in results.get("runtimes", {}).items():
         print(f"{name:>13}: {result['images_per_s']:7.2f} images/s (bare loop)", flush=True)
@@ -256,6 +275,12 @@ def main() -> None:
             rate = steady[name]["images_per_s"]
             print(f"{name:>13}: {rate:7.2f} images/s ({images} images)", flush=True)
         print(f"steady: speedup {steady['speedup']:.2f}, efficiency {steady['efficiency']:.2f}")
+        model = results["pipeline_cost_model"]
+        if model:
+            print(
+                f"pipeline: {model['fixed_s']:.1f} s fixed + "
+                f"{model['steady_images_per_s']:.1f} images/s once running"
+            )
     speedup, efficiency = results["speedup"], results["efficiency"]
     result = {
         "benchmark": "extract_throughput",
