@@ -285,6 +285,24 @@ def test_converted_model_is_cached(tiny_backbone, monkeypatch, tmp_path):
         load_runner("tflite-fp32", "test:tiny", backbone=other)
 
 
+def test_tflite_resizes_its_interpreters_instead_of_building_more(
+    tiny_backbone, monkeypatch, tmp_path
+):
+    """More shapes than interpreters kept ready: the least recently used one is resized (no new
+    model load), and every shape still gives what a fresh interpreter gives."""
+    from retrieval.runtimes.tflite import MAX_READY_SHAPES, TFLiteRunner
+
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    runner = load_runner("tflite-fp32", "test:tiny", backbone=tiny_backbone)
+    rng = np.random.default_rng(0)
+    shapes = [(1, 40 + 4 * (i % 7), 56, 3) for i in range(3 * MAX_READY_SHAPES)]
+    for shape in shapes:
+        pixels = rng.uniform(0, 255, shape).astype(np.float32)
+        fresh = TFLiteRunner(runner.path, name=runner.name).features(pixels)
+        np.testing.assert_array_equal(runner.features(pixels), fresh)
+    assert runner.interpreters_built == MAX_READY_SHAPES
+
+
 # --- the GPU worker path, on a CPU -------------------------------------------------------------
 
 
