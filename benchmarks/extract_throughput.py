@@ -18,7 +18,9 @@ none inherits another's thread pools):
   K-times larger corpus, a CSV manifest listing every image K times under distinct ids
   (``copy0/…``, ``copy1/…``), so the pipeline's fixed costs (Beam and worker start-up, model
   load, teardown) are spread over K times more work, as on a real corpus. The small-set figures
-  stay the headline ones; both are reported.
+  stay the headline ones; both are reported, and ``pipeline_cost_model`` solves the pipeline's
+  time as ``fixed_s + images / steady_images_per_s`` from the two sizes (only meaningful when
+  the machine's load is steady across the run).
 * with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
   the int8 runtimes calibrate on their built-in sample unless ``--calibration URI`` is given.
 
