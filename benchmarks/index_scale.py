@@ -15,7 +15,9 @@
   first) and recall@10 (|top-10 ∩ exact top-10| / 10) against exact inner-product search,
   queries/s for single queries and for one batch of 1,000.
 * driver memory: peak RSS of the extraction launcher (listing + planning only, no images read)
-  on a 10k- and a 1M-entry manifest.
+  on a 10k- and a 1M-entry manifest (CSV and Parquet).
+* merge memory: peak RSS of ``merge`` (8 groups, fan-in 2) against the index it writes, on 20k
+  and 1M vectors (``--memory-only`` runs just these two checks).
 
 Writes ``benchmarks/results/index_scale.json`` (figures and ratios). Slow: minutes to hours on
 2 cores at 1M; ``--n 20000 --skip-autofaiss`` is the quick smoke run.
@@ -225,19 +227,126 @@ print(json.dumps({"shards": len(plan.shards), "pending": len(plan.pending)}))
 """
 
 
-def driver_memory(scratch: Path) -> dict:
+MANIFEST_ROW_GROUP = 65_536  # rows per row group of the benchmark's Parquet manifests
+
+
+def _write_manifest(path: Path, n: int, row_group_size: int | None) -> None:
+    """A manifest of ``n`` gs:// URIs in shuffled order (the planner must sort it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = {}
-    for n in (10_000, 1_000_000):
-        manifest = scratch / f"manifest-{n}.parquet"
-        uris = pa.array([f"gs://bucket/photos/{i:08d}.jpg" for i in range(n)])
-        pq.write_table(pa.table({"uri": uris}), manifest)
-        result = _child(PLANNING, str(manifest), str(scratch / f"plan-{n}"))
-        out[str(n)] = result
-    small, big = out["10000"]["peak_rss_mb"], out["1000000"]["peak_rss_mb"]
-    out["growth_ratio"] = round(big / small, 2) if small and big else None
+    order = np.random.default_rng(n).permutation(n)
+    uris = pa.array([f"gs://bucket/photos/{i:08d}.jpg" for i in order])
+    if path.suffix == ".csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(pa.table({"uri": uris}), path)
+    else:
+        pq.write_table(pa.table({"uri": uris}), path, row_group_size=row_group_size)
+
+
+def driver_memory(scratch: Path, sizes: tuple[int, ...] = (10_000, 1_000_000)) -> dict:
+    """Peak RSS of the extraction launcher (listing + external sort + plan written, no images)
+    for manifests of each size: CSV, Parquet in row groups of 65,536 rows, and (largest size
+    only) Parquet as ``pq.write_table`` writes it by default (one row group of up to 1Mi rows:
+    a Parquet reader decodes a whole row group at once, so that row group is held)."""
+    out: dict = {}
+    small, big = min(sizes), max(sizes)
+    cases = [(fmt, n, MANIFEST_ROW_GROUP) for fmt in ("csv", "parquet") for n in sizes]
+    cases.append(("parquet-one-row-group", big, None))
+    for fmt, n, row_group in cases:
+        suffix = ".csv" if fmt == "csv" else ".parquet"
+        manifest = scratch / f"manifest-{fmt}-{n}{suffix}"
+        if not manifest.exists():
+            _write_manifest(manifest, n, row_group)
+        result = _child(PLANNING, str(manifest), str(scratch / f"plan-{fmt}-{n}"))
+        out.setdefault(fmt, {})[str(n)] = result
+    for fmt, runs in out.items():
+        first = out["parquet" if fmt == "parquet-one-row-group" else fmt][str(small)]
+        runs["growth_ratio"] = round(runs[str(big)]["peak_rss_mb"] / first["peak_rss_mb"], 3)
+    return out
+
+
+MERGE_CHILD = """
+import json, sys
+def _rss(key):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key)) / 1024
+from retrieval.index.merge import merge_index_groups
+start = _rss("VmRSS")
+m = merge_index_groups(sys.argv[1], sys.argv[2], fan_in=int(sys.argv[3]),
+                       on_disk=sys.argv[4] == "1")
+print(json.dumps({"start_rss_mb": round(start, 1), "index_bytes": m["bytes"]}))
+"""
+
+
+def merge_memory(scratch: Path, sizes: tuple[int, ...] = (20_000, 1_000_000)) -> dict:
+    """:func:`merge_memory_at` for each size, and the growth between the smallest and largest:
+    extra peak memory per extra byte of index (the fixed cost of a merge process, Python +
+    faiss + Arrow and their first use, does not depend on the index and cancels out)."""
+    out: dict = {str(n): merge_memory_at(scratch, n) for n in sizes}
+    small, big = out[str(min(sizes))], out[str(max(sizes))]
+    for mode in ("in_ram", "on_disk"):
+        extra_peak = (big[mode]["peak_rss_mb"] - small[mode]["peak_rss_mb"]) * 2**20
+        extra_index = big[mode]["index_bytes"] - small[mode]["index_bytes"]
+        out[f"{mode}_peak_growth_over_index_growth"] = round(extra_peak / extra_index, 2)
+    return out
+
+
+def merge_memory_at(scratch: Path, n: int, d: int = 32, groups: int = 8) -> dict:
+    """Peak memory of ``retrieval merge`` against the size of the index it writes.
+
+    ``n`` random ``d``-dim vectors with realistic ids and URIs (``photos/01234/IMG_….jpg``,
+    ``gs://bucket/…``) as descriptor shards, an ``IVF256,PQ16`` codebook, ``groups`` index
+    groups, merged with fan-in 2 (a tree of 3 rounds) in a fresh process, in RAM and on disk.
+    Peak = that process's VmHWM; "above start" subtracts its RSS after imports (Python, faiss,
+    Arrow), which does not depend on the index.
+    """
+    from retrieval.corpus import ImageRef, ShardSpec
+    from retrieval.index.codebook import train_codebook
+    from retrieval.index.group_index import build_index_groups
+    from retrieval.shards import descriptor_shards
+    from retrieval.shards.descriptor_shards import DescriptorRow
+
+    root = scratch / f"merge-{n}"
+    desc = root / "descriptors"
+    if not (root / "groups" / "plan.json").exists():
+        from retrieval import plan
+
+        rng = np.random.default_rng(0)
+        info = {"id": "bench", "config_hash": "b" * 16, "weights_sha256": "0" * 64, "dim": d}
+        specs = []
+        for c, start in enumerate(range(0, n, CHUNK)):
+            x = rng.standard_normal((min(CHUNK, n - start), d), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            ids = [f"photos/{i // 1000:05d}/IMG_{i:08d}.jpg" for i in range(start, start + len(x))]
+            refs = tuple(ImageRef(i, f"gs://bucket/{i}") for i in ids)
+            spec = ShardSpec(f"part-{c:05d}", refs)
+            rows = [
+                DescriptorRow(r.id, r.uri, "0" * 64, 640, 480, v)
+                for r, v in zip(refs, x, strict=True)
+            ]
+            descriptor_shards.write_shard(str(desc), spec, rows, [], info)
+            specs.append(spec)
+        plan.write_extraction_plan(str(desc), specs, source="bench", shard_size=CHUNK)
+        train_codebook(str(desc), str(root / "codebook"), factory="IVF256,PQ16", sample_size=20_000)
+        build_index_groups(
+            str(desc), str(root / "codebook"), str(root / "groups"), group_vectors=-(-n // groups)
+        )
+    out: dict = {"n": n, "dim": d, "factory": "IVF256,PQ16", "groups": groups, "fan_in": 2}
+    for name, on_disk in (("in_ram", "0"), ("on_disk", "1")):
+        target = root / f"index-{name}"
+        result = _child(MERGE_CHILD, str(root / "groups"), str(target), "2", on_disk)
+        files = {f.name: f.stat().st_size for f in target.iterdir() if f.is_file()}
+        result["idmap_bytes"] = files.get("idmap.parquet", 0)
+        result["above_start_mb"] = round(result["peak_rss_mb"] - result["start_rss_mb"], 1)
+        index_mb = result["index_bytes"] / 2**20
+        result["above_start_over_index"] = round(result["above_start_mb"] / index_mb, 2)
+        with_idmap_mb = (result["index_bytes"] + result["idmap_bytes"]) / 2**20
+        result["above_start_over_index_and_idmap"] = round(
+            result["above_start_mb"] / with_idmap_mb, 2
+        )
+        out[name] = result
     return out
 
 
@@ -252,6 +361,11 @@ def main() -> None:
     parser.add_argument("--autofaiss-python", help="python of a venv with autofaiss installed")
     parser.add_argument("--skip-autofaiss", action="store_true")
     parser.add_argument("--skip-driver-check", action="store_true")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the launcher and merge memory checks (writes index_scale_memory.json)",
+    )
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "index_scale.json"))
     args = parser.parse_args()
@@ -261,6 +375,12 @@ def main() -> None:
     budget = parse_bytes(args.budget)
     scratch = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        memory = {"driver_memory": driver_memory(scratch), "merge_memory": merge_memory(scratch)}
+        out = Path(args.out).with_name("index_scale_memory.json")
+        out.write_text(json.dumps(memory, indent=2) + "\n")
+        print(json.dumps(memory, indent=2))
+        return
     result: dict = {
         "n": args.n,
         "queries": args.queries,
@@ -318,6 +438,7 @@ def main() -> None:
         }
     if not args.skip_driver_check:
         result["driver_memory"] = driver_memory(scratch)
+        result["merge_memory"] = merge_memory(scratch)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -17,6 +17,8 @@ versions never breaks a newer one, and ``retrieval rollback`` only moves ``CURRE
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -27,7 +29,7 @@ import pyarrow.compute as pc
 from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval import corpus_state, plan, storage, versions
-from retrieval.corpus import ImageRef, list_corpus, plan_shards
+from retrieval.corpus import ImageRef, iter_corpus, plan_shards
 from retrieval.descriptors.gem import model_info
 from retrieval.index import factory as factories
 from retrieval.index.codebook import (
@@ -50,8 +52,8 @@ VERSION_KIND = "index_version"
 DEFAULT_KEEP = 3
 
 
-def _descriptor_rows(directory: str, keep: set[str] | None = None) -> list[DescriptorRow]:
-    """Rows of a descriptor folder's plan (only ids in ``keep`` when given), in plan order."""
+def _descriptor_rows(directory: str, drop: set[str] | None = None) -> list[DescriptorRow]:
+    """Rows of a descriptor folder's plan (less the ids in ``drop``), in plan order."""
     rows = []
     for manifest in descriptor_shards.list_shards(directory):
         table = storage.read_parquet(
@@ -59,8 +61,9 @@ def _descriptor_rows(directory: str, keep: set[str] | None = None) -> list[Descr
             schema="descriptors",
             expect_sha256=manifest["files"]["data"]["sha256"],
         )
-        if keep is not None:
-            table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(keep), pa.string())))
+        if drop:
+            gone = pc.is_in(table.column("id"), pa.array(sorted(drop), pa.string()))
+            table = table.filter(pc.invert(gone))
         dim = table.schema.field("descriptor").type.list_size
         vectors = table.column("descriptor").combine_chunks().values.to_numpy().reshape(-1, dim)
         for i, row in enumerate(table.drop(["descriptor"]).to_pylist()):
@@ -139,18 +142,30 @@ def reindex(
     live = versions.current(root)
     live_dir = versions.version_dir(root, live) if live else None
     info = model_info(config.gem)
-    previous = corpus_state.read_state(live_dir) if live_dir else {}
+    compare_previous = live_dir is not None
     if live_dir:
         live_manifest = read_manifest(storage.join(live_dir, VERSION_MANIFEST), kind=VERSION_KIND)
         if live_manifest["model"]["config_hash"] != info["config_hash"] or (
             live_manifest["model"]["weights_sha256"] != info["weights_sha256"]
         ):
             log.warning("the model changed since %s: every image is extracted again", live)
-            previous = {}
+            compare_previous = False
 
-    refs = list_corpus(corpus)
-    now = {r.id: (r.uri, corpus_state.content_key(r.uri)) for r in refs if not r.problem}
-    changes = corpus_state.diff(previous, now)
+    # A merge join of two id-sorted streams (the corpus listing, the last indexed state): the
+    # corpus is never held as Python objects, only the changes are.
+    scratch_dir = tempfile.TemporaryDirectory(prefix="retrieval-reindex-")
+    scratch = scratch_dir.name
+    now_state = corpus_state.StateWriter(os.path.join(scratch, "state-now.parquet"))
+    previous = corpus_state.iter_state(live_dir, scratch) if compare_previous else iter(())
+    now = (
+        (r.id, r.uri, corpus_state.content_key(r.uri))
+        for r in iter_corpus(corpus, scratch=scratch)
+        if not r.problem
+    )
+    try:
+        changes = corpus_state.compare(previous, now, now_state)
+    finally:
+        now_state.close()
     timings["list_s"] = time.perf_counter() - start
 
     name = versions.next_name(root)
@@ -166,7 +181,7 @@ def reindex(
             manifest_uri,
             pa.table(
                 {
-                    "uri": [now[i][0] for i in sorted(wanted)],
+                    "uri": [changes.uris[i] for i in sorted(wanted)],
                     "id": sorted(wanted),
                 }
             ),
@@ -179,7 +194,9 @@ def reindex(
 
     t = time.perf_counter()
     carried = (
-        _descriptor_rows(storage.join(live_dir, "descriptors"), set(changes.unchanged))
+        _descriptor_rows(
+            storage.join(live_dir, "descriptors"), drop=set(changes.changed + changes.deleted)
+        )
         if live_dir and changes.unchanged
         else []
     )
@@ -220,21 +237,25 @@ def reindex(
     stages.merge(storage.join(vdir, "index_groups"), storage.join(vdir, versions.INDEX_DIR), config)
     timings["index_s"] = time.perf_counter() - t
 
-    state = {r.id: now[r.id] for r in rows}
-    corpus_state.write_state(vdir, state)
+    extracted_ids = {r.id for r in extracted_rows}
+    failed_ids = {i for i in changes.to_extract if i not in extracted_ids}
+    state_rows = corpus_state.write_state(vdir, now_state.path, leave_out=failed_ids)
+    scratch_dir.cleanup()
+    if state_rows != len(rows):
+        raise RuntimeError(f"{vdir}: state of {state_rows} images, index of {len(rows)}")
     timings["total_s"] = time.perf_counter() - start
     counts = {
         "new": len(changes.new),
         "changed": len(changes.changed),
         "deleted": len(changes.deleted),
-        "unchanged": len(changes.unchanged),
+        "unchanged": changes.unchanged,
         "failed": failures,
     }
     # inputs (the corpus now) = indexed + failed
     summary = write_summary(
         vdir,
         "reindex",
-        inputs=len(now),
+        inputs=now_state.rows,
         indexed=len(rows),
         failed=failures,
         timings=timings,

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import posixpath
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import pyarrow.parquet as pq
 
 from retrieval import storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+MANIFEST_BATCH_ROWS = 8_192  # manifest rows read at a time
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,16 @@ def image_id(uri: str, root: str) -> str:
 
 
 def list_corpus(source: str) -> list[ImageRef]:
-    """The images of a corpus, sorted by id.
+    """The images of a corpus, sorted by id, as one list (see :func:`iter_corpus`).
+
+    For small corpora and callers that need random access (the calibration sample); planning an
+    extraction streams with :func:`iter_corpus` instead.
+    """
+    return list(iter_corpus(source))
+
+
+def iter_corpus(source: str, *, scratch: str | None = None) -> Iterator[ImageRef]:
+    """The images of a corpus, sorted by id (then URI), streamed in bounded memory.
 
     ``source`` is either a prefix (local folder, ``gs://bucket/dir``, ``s3://bucket/dir``) listed
     recursively for image files, or a manifest file (CSV with a ``uri`` column and an optional
@@ -68,15 +81,23 @@ def list_corpus(source: str) -> list[ImageRef]:
     Two inputs with the same id cannot both be indexed: every one
     after the first (in URI order) is kept with a ``duplicate_id`` problem so it is reported, not
     dropped.
+
+    Neither the listing nor the manifest is held whole: entries are read in batches and sorted
+    with an external sort (:mod:`retrieval.external_sort`, spilling to ``scratch``), and
+    duplicates are found between neighbours of the sorted stream.
     """
+    from retrieval.external_sort import sort_refs  # it imports ImageRef from here
+
+    return mark_duplicates(sort_refs(iter_listing(source), scratch=scratch))
+
+
+def iter_listing(source: str) -> Iterator[ImageRef]:
+    """The corpus's image references in no particular order (one listing pass, streamed)."""
     if source.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(source):
-        refs = _read_manifest(source)
-    else:
-        if not storage.exists(source):
-            raise FileNotFoundError(f"{source}: no such folder or prefix")
-        uris = storage.list_files(source, suffixes=IMAGE_SUFFIXES)
-        refs = [ImageRef(image_id(u, source), u) for u in uris]
-    return _mark_duplicates(refs)
+        return _iter_manifest(source)
+    if not storage.exists(source):
+        raise FileNotFoundError(f"{source}: no such folder or prefix")
+    return (ImageRef(image_id(u, source), u) for u in storage.iter_files(source, IMAGE_SUFFIXES))
 
 
 def _is_dir(uri: str) -> bool:
@@ -84,26 +105,44 @@ def _is_dir(uri: str) -> bool:
     return fs.isdir(path)
 
 
-def _read_manifest(uri: str) -> list[ImageRef]:
+def _manifest_rows(uri: str, local_path: str) -> Iterator[dict]:
+    """The rows of a manifest file (a local copy of ``uri``), a batch at a time."""
     if uri.lower().endswith(".parquet"):
-        rows = storage.read_parquet(uri).to_pylist()
-    else:
-        text = storage.read_bytes(uri).decode("utf-8-sig")
-        rows = list(csv.DictReader(io.StringIO(text)))
-    if not rows:
-        return []
-    if "uri" not in rows[0]:
-        raise ValueError(f"{uri}: a manifest needs a 'uri' column (found {sorted(rows[0])})")
+        # One row group at a time, not pre-buffered: pre-buffering reads every row group's
+        # column chunks up front (memory growing with the manifest). A row group is decoded
+        # whole, so memory is bounded by the manifest's largest row group.
+        parquet = pq.ParquetFile(local_path, pre_buffer=False)
+        names = parquet.schema_arrow.names
+        columns = [c for c in ("uri", "id") if c in names]
+        if parquet.metadata.num_rows and "uri" not in names:
+            raise ValueError(f"{uri}: a manifest needs a 'uri' column (found {sorted(names)})")
+        for group in range(parquet.metadata.num_row_groups):
+            batches = parquet.iter_batches(
+                MANIFEST_BATCH_ROWS, row_groups=[group], columns=columns, use_threads=False
+            )
+            for batch in batches:
+                yield from batch.to_pylist()
+        return
+    with open(local_path, encoding="utf-8-sig", newline="") as f:
+        for row in csv.DictReader(f):
+            if "uri" not in row:
+                raise ValueError(f"{uri}: a manifest needs a 'uri' column (found {sorted(row)})")
+            yield row
+
+
+def _iter_manifest(uri: str) -> Iterator[ImageRef]:
     base = posixpath.dirname(uri) if "://" in uri else storage.filesystem(uri)[1].rsplit("/", 1)[0]
     remote = "://" in uri and not uri.startswith("file://")
-    refs = []
-    for row in rows:
-        written = str(row["uri"] or "").strip()
-        image_uri, problem = resolve_manifest_uri(written, base, remote=remote)
-        given = row.get("id")
-        ref_id = str(given).strip() if given not in (None, "") else image_id(image_uri, base)
-        refs.append(ImageRef(ref_id, image_uri, problem))
-    return refs
+    # A remote manifest is copied to local scratch first (with retries: a storage hiccup
+    # mid-read must not end the listing), then streamed from there.
+    with tempfile.TemporaryDirectory(prefix="retrieval-manifest-") as scratch:
+        local_path = storage.local_copy(uri, scratch)
+        for row in _manifest_rows(uri, local_path):
+            written = str(row["uri"] or "").strip()
+            image_uri, problem = resolve_manifest_uri(written, base, remote=remote)
+            given = row.get("id")
+            ref_id = str(given).strip() if given not in (None, "") else image_id(image_uri, base)
+            yield ImageRef(ref_id, image_uri, problem)
 
 
 def resolve_manifest_uri(written: str, base: str, *, remote: bool) -> tuple[str, str | None]:
@@ -130,23 +169,34 @@ def resolve_manifest_uri(written: str, base: str, *, remote: bool) -> tuple[str,
     return storage.join(base, normal), None
 
 
-def _mark_duplicates(refs: list[ImageRef]) -> list[ImageRef]:
-    refs = sorted(refs, key=lambda r: (r.id, r.uri))
-    out: list[ImageRef] = []
+def mark_duplicates(refs: Iterable[ImageRef]) -> Iterator[ImageRef]:
+    """Give every input after the first with the same id a ``duplicate_id`` problem; ``refs``
+    must be sorted by (id, uri), so same-id inputs are neighbours."""
+    previous: ImageRef | None = None
     for ref in refs:
-        if out and out[-1].id == ref.id:
+        if previous is not None and previous.id == ref.id:
             ref = ImageRef(
-                ref.id, ref.uri, problem=f"duplicate_id: id {ref.id!r} is also {out[-1].uri}"
+                ref.id, ref.uri, problem=f"duplicate_id: id {ref.id!r} is also {previous.uri}"
             )
-        out.append(ref)
-    return out
+        yield ref
+        previous = ref
+
+
+def iter_shards(refs: Iterable[ImageRef], shard_size: int) -> Iterator[ShardSpec]:
+    """Cut the id-sorted listing into shards of at most ``shard_size`` inputs, streamed."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    batch: list[ImageRef] = []
+    count = 0
+    for ref in refs:
+        batch.append(ref)
+        if len(batch) == shard_size:
+            yield ShardSpec(f"part-{count:05d}", tuple(batch))
+            batch, count = [], count + 1
+    if batch:
+        yield ShardSpec(f"part-{count:05d}", tuple(batch))
 
 
 def plan_shards(refs: list[ImageRef], shard_size: int) -> list[ShardSpec]:
     """Cut the id-sorted listing into shards of at most ``shard_size`` inputs."""
-    if shard_size < 1:
-        raise ValueError("shard_size must be at least 1")
-    return [
-        ShardSpec(f"part-{i // shard_size:05d}", tuple(refs[i : i + shard_size]))
-        for i in range(0, len(refs), shard_size)
-    ]
+    return list(iter_shards(refs, shard_size))

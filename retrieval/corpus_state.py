@@ -3,20 +3,26 @@
 Each image gets a content key: the object store's own version where it has one (GCS
 ``generation`` + size, S3 ``ETag`` + size: no bytes read), else (local disks, other stores) the
 SHA-256 of the bytes, since a modification time says nothing about content. Comparing the keys
-with the last indexed state sorts every image into new, changed, deleted or unchanged.
+with the last indexed state sorts every image into new, changed, deleted or unchanged. Both
+sides are streamed in id order (the corpus listing from the external sort, the state from its
+Parquet file), so the comparison never holds either as Python objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from retrieval import storage
-from retrieval.corpus import ImageRef
 
 STATE_FILE = "state.parquet"
+STATE_ROW_GROUP_ROWS = 65_536
+STATE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("content_key", pa.string())])
 
 
 def content_key(uri: str, info: dict | None = None) -> str:
@@ -32,63 +38,112 @@ def content_key(uri: str, info: dict | None = None) -> str:
     return f"sha256:{storage.sha256_file(uri)}"
 
 
-def content_keys(refs: Iterable[ImageRef]) -> dict[str, str]:
-    """Content key per image id (listing problems such as duplicate ids are skipped)."""
-    return {r.id: content_key(r.uri) for r in refs if not r.problem}
-
-
 @dataclass
 class CorpusChanges:
+    """How the corpus differs from the last indexed state. Only the changes are listed (their
+    volume, not the corpus's); unchanged images are counted."""
+
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    uris: dict[str, str] = field(default_factory=dict)  # URI of every new and changed image
 
     @property
     def to_extract(self) -> list[str]:
         return sorted(self.new + self.changed)
 
 
-def diff(previous: dict[str, tuple[str, str]], now: dict[str, tuple[str, str]]) -> CorpusChanges:
-    """Compare ``{id: (uri, content key)}`` maps: the last indexed state and the corpus now."""
+StateRow = tuple[str, str, str]  # id, uri, content key
+
+
+class StateWriter:
+    """Writes a state table (id, uri, content key; ids ascending) row group by row group."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rows = 0
+        self._writer = pq.ParquetWriter(path, STATE_SCHEMA, compression="zstd")
+        self._buffer: list[StateRow] = []
+        self._last: str | None = None
+
+    def add(self, row: StateRow) -> None:
+        if self._last is not None and row[0] <= self._last:
+            raise ValueError(f"state rows out of id order: {row[0]!r} after {self._last!r}")
+        self._last = row[0]
+        self._buffer.append(row)
+        if len(self._buffer) == STATE_ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            columns = list(zip(*self._buffer, strict=True))
+            self._writer.write_table(
+                pa.table([pa.array(c, pa.string()) for c in columns], schema=STATE_SCHEMA)
+            )
+            self.rows += len(self._buffer)
+            self._buffer = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def iter_state_file(path: str) -> Iterator[StateRow]:
+    """The rows of a local state file, in id order, one row group in memory at a time."""
+    parquet = pq.ParquetFile(path, pre_buffer=False)
+    for group in range(parquet.metadata.num_row_groups):
+        table = parquet.read_row_group(group, columns=["id", "uri", "content_key"])
+        yield from zip(*(table.column(c).to_pylist() for c in range(3)), strict=True)
+
+
+def iter_state(directory: str, scratch: str) -> Iterator[StateRow]:
+    """The indexed state of a version folder (empty if it has none), streamed in id order."""
+    uri = storage.join(directory, STATE_FILE)
+    if not storage.exists(uri):
+        return iter(())
+    return iter_state_file(storage.local_copy(uri, scratch))
+
+
+def compare(
+    previous: Iterable[StateRow], now: Iterable[StateRow], now_state: StateWriter
+) -> CorpusChanges:
+    """Sort every image into new, changed, deleted or unchanged: a merge join of two listings
+    sorted by id (the last indexed state and the corpus now), in constant memory apart from the
+    changes themselves. The corpus now is written to ``now_state`` on the way."""
     changes = CorpusChanges()
-    for image_id in sorted(now):
-        if image_id not in previous:
-            changes.new.append(image_id)
-        elif previous[image_id] != now[image_id]:
-            changes.changed.append(image_id)
+    old = iter(previous)
+    before = next(old, None)
+    for row in now:
+        now_state.add(row)
+        image_id = row[0]
+        while before is not None and before[0] < image_id:
+            changes.deleted.append(before[0])
+            before = next(old, None)
+        if before is not None and before[0] == image_id:
+            if before[1:] == row[1:]:
+                changes.unchanged += 1
+            else:
+                changes.changed.append(image_id)
+                changes.uris[image_id] = row[1]
+            before = next(old, None)
         else:
-            changes.unchanged.append(image_id)
-    changes.deleted = sorted(set(previous) - set(now))
+            changes.new.append(image_id)
+            changes.uris[image_id] = row[1]
+    while before is not None:
+        changes.deleted.append(before[0])
+        before = next(old, None)
     return changes
 
 
-def state_table(state: dict[str, tuple[str, str]]) -> pa.Table:
-    ids = sorted(state)
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.string()),
-            "uri": pa.array([state[i][0] for i in ids], pa.string()),
-            "content_key": pa.array([state[i][1] for i in ids], pa.string()),
-        }
-    )
-
-
-def read_state(directory: str) -> dict[str, tuple[str, str]]:
-    uri = storage.join(directory, STATE_FILE)
-    if not storage.exists(uri):
-        return {}
-    table = storage.read_parquet(uri)
-    return {
-        i: (u, k)
-        for i, u, k in zip(
-            table.column("id").to_pylist(),
-            table.column("uri").to_pylist(),
-            table.column("content_key").to_pylist(),
-            strict=True,
-        )
-    }
-
-
-def write_state(directory: str, state: dict[str, tuple[str, str]]) -> None:
-    storage.write_parquet(storage.join(directory, STATE_FILE), state_table(state))
+def write_state(directory: str, now_state_path: str, *, leave_out: set[str]) -> int:
+    """The new version's state: the corpus now (a state file written by :func:`compare`) less
+    ``leave_out`` (images that failed), streamed; returns its row count."""
+    with tempfile.TemporaryDirectory(prefix="retrieval-state-") as scratch:
+        writer = StateWriter(os.path.join(scratch, STATE_FILE))
+        for row in iter_state_file(now_state_path):
+            if row[0] not in leave_out:
+                writer.add(row)
+        writer.close()
+        storage.upload(writer.path, storage.join(directory, STATE_FILE))
+        return writer.rows

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval import plan, storage
-from retrieval.corpus import ImageRef, ShardSpec, list_corpus, plan_shards
+from retrieval.corpus import ImageRef, ShardSpec, iter_corpus, iter_shards
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
 from retrieval.redaction import redact
 from retrieval.shards import descriptor_shards, local_feature_shards
@@ -281,11 +281,15 @@ def plan_extraction(
     """List the corpus, cut it into shards, write the run plan to ``output`` (and the same plan
     to ``local_output``), and find the shards not yet committed there (or committed with
     transient errors, to retry)."""
-    specs = plan_shards(list_corpus(source), shard_size)
-    run_plan = plan.write_extraction_plan(output, specs, source=source, shard_size=shard_size)
-    if local_output is not None:
-        plan.write_extraction_plan(local_output, specs, source=source, shard_size=shard_size)
-    del specs  # from here on, shard references are read from the plan in storage
+    # Streamed: listing -> external sort -> shards -> plan.refs.parquet row group by row group;
+    # the launcher never holds the listing (memory does not grow with the corpus).
+    run_plan = plan.write_extraction_plan(
+        output,
+        iter_shards(iter_corpus(source), shard_size),
+        source=source,
+        shard_size=shard_size,
+        also_to=[local_output] if local_output is not None else [],
+    )
     pending, retried = [], []
     for shard in run_plan.shards:
         manifest = descriptor_shards.committed_manifest(output, shard, model_info)

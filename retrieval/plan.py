@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,20 +88,6 @@ def plan_uri(directory: str) -> str:
     return storage.join(directory, PLAN_MANIFEST)
 
 
-def _refs_table(specs: Sequence[ShardSpec]) -> pa.Table:
-    shard_ids, ids, uris, problems = [], [], [], []
-    for spec in specs:
-        for ref in spec.refs:
-            shard_ids.append(spec.shard_id)
-            ids.append(ref.id)
-            uris.append(ref.uri)
-            problems.append(ref.problem)
-    return pa.table(
-        {"shard_id": shard_ids, "id": ids, "uri": uris, "problem": problems},
-        schema=schemas.arrow_schema("plan_refs"),
-    )
-
-
 def _shards_table(shards: Sequence[PlannedShard]) -> pa.Table:
     return pa.table(
         {
@@ -111,64 +99,148 @@ def _shards_table(shards: Sequence[PlannedShard]) -> pa.Table:
     )
 
 
-def _check_unique_ids(specs: Sequence[ShardSpec]) -> None:
-    seen: set[str] = set()
-    for spec in specs:
+class _RefsWriter:
+    """Writes ``plan.refs.parquet`` to a local file row group by row group, so the listing is
+    never held whole; the file is byte-identical to writing the whole table at once with
+    ``row_group_size=ROW_GROUP_ROWS`` (the same row groups, written the same way).
+
+    Checks that planned ids (inputs without a listing problem) are unique: a sorted listing
+    (every listing :func:`retrieval.corpus.iter_corpus` makes) is checked between neighbours in
+    constant memory; ids out of order (hand-made specs) are checked on the written file, in Arrow.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rows = 0
+        self._schema = schemas.arrow_schema("plan_refs")
+        self._writer = pq.ParquetWriter(path, self._schema, compression="zstd")
+        self._columns: tuple[list, list, list, list] = ([], [], [], [])
+        self._last_id: str | None = None
+        self._in_order = True
+
+    def add(self, spec: ShardSpec) -> None:
+        shard_ids, ids, uris, problems = self._columns
         for ref in spec.refs:
             if ref.problem is None:
-                if ref.id in seen:
-                    raise PlanError(f"image id {ref.id!r} is planned twice ({ref.uri})")
-                seen.add(ref.id)
+                if self._last_id is not None and ref.id <= self._last_id:
+                    if ref.id == self._last_id:
+                        raise PlanError(f"image id {ref.id!r} is planned twice ({ref.uri})")
+                    self._in_order = False
+                self._last_id = ref.id
+            shard_ids.append(spec.shard_id)
+            ids.append(ref.id)
+            uris.append(ref.uri)
+            problems.append(ref.problem)
+            if len(ids) == ROW_GROUP_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        shard_ids, ids, uris, problems = self._columns
+        if ids:
+            table = pa.table(
+                {"shard_id": shard_ids, "id": ids, "uri": uris, "problem": problems},
+                schema=self._schema,
+            )
+            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            self.rows += len(ids)
+        for column in self._columns:
+            column.clear()  # in place: add() holds these lists
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        if not self._in_order:
+            self._check_unique_on_file()
+
+    def _check_unique_on_file(self) -> None:
+        table = pq.read_table(self.path, columns=["id", "uri", "problem"])
+        planned = table.filter(pc.is_null(table["problem"]))
+        counts = pc.value_counts(planned["id"])
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+        if len(repeated):
+            image_id = repeated.field("values")[0].as_py()
+            uri = planned.filter(pc.equal(planned["id"], image_id))["uri"][1].as_py()
+            raise PlanError(f"image id {image_id!r} is planned twice ({uri})")
 
 
 def write_extraction_plan(
-    directory: str, specs: Sequence[ShardSpec], *, source: str, shard_size: int
+    directory: str,
+    specs: Iterable[ShardSpec],
+    *,
+    source: str,
+    shard_size: int,
+    also_to: Sequence[str] = (),
 ) -> RunPlan:
-    """Write the listing ``specs`` (cut by :func:`retrieval.corpus.plan_shards`) as the plan of
-    the descriptor folder ``directory``; ``plan.json`` is written last."""
-    _check_unique_ids(specs)
-    shards = [PlannedShard(s.shard_id, len(s.refs), s.input_digest) for s in specs]
-    return write_plan(
-        directory,
-        shards,
-        refs=_refs_table(specs),
-        stage="extract",
-        source=source,
-        shard_size=shard_size,
-    )
+    """Write the listing ``specs`` (cut by :func:`retrieval.corpus.iter_shards`) as the plan of
+    the descriptor folder ``directory`` (and the same plan to each folder of ``also_to``);
+    ``plan.json`` is written last.
+
+    ``specs`` is consumed once, as a stream: the references go to a local Parquet file row
+    group by row group and only the per-shard summary (id, count, digest) stays in memory.
+    """
+    with tempfile.TemporaryDirectory(prefix="retrieval-plan-") as scratch:
+        writer = _RefsWriter(os.path.join(scratch, REFS_FILE))
+        shards: list[PlannedShard] = []
+        try:
+            for spec in specs:
+                writer.add(spec)
+                shards.append(PlannedShard(spec.shard_id, len(spec.refs), spec.input_digest))
+        finally:
+            writer.close()
+        refs = (writer.path, writer.rows)
+        written = write_plan(
+            directory, shards, refs_file=refs, stage="extract", source=source,
+            shard_size=shard_size,
+        )  # fmt: skip
+        for other in also_to:
+            write_plan(
+                other, shards, refs_file=refs, stage="extract", source=source,
+                shard_size=shard_size,
+            )  # fmt: skip
+    return written
 
 
 def write_plan(
     directory: str,
     shards: Sequence[PlannedShard],
     *,
-    refs: pa.Table | None = None,
+    refs_file: tuple[str, int] | None = None,
     stage: str,
     **details: Any,
 ) -> RunPlan:
-    """Write a plan for ``shards`` (and, for extraction, the per-input ``refs``); returns it."""
+    """Write a plan for ``shards`` (and, for extraction, the per-input references: a local
+    ``plan.refs.parquet`` file and its row count); returns it."""
     for shard in shards:
         check_name(shard.shard_id, what="shard id")
-    encoded = {"shards": (SHARDS_FILE, _parquet_bytes(_shards_table(shards)), len(shards))}
-    if refs is not None:
-        encoded["refs"] = (REFS_FILE, _parquet_bytes(refs, ROW_GROUP_ROWS), refs.num_rows)
+    shards_data = _parquet_bytes(_shards_table(shards))
+    files = {
+        "shards": shard_manifests.file_entry(
+            storage.join(directory, SHARDS_FILE), shards_data, len(shards)
+        )
+    }
+    if refs_file is not None:
+        path, rows = refs_file
+        files["refs"] = {
+            "name": REFS_FILE,
+            "sha256": storage.sha256_file(path),
+            "bytes": os.path.getsize(path),
+            "rows": rows,
+        }
     plan_id = storage.sha256_bytes("\n".join(s.input_digest for s in shards).encode())
     body = {
         "stage": stage,
         "plan_id": plan_id,
         "shards": len(shards),
         "inputs": sum(s.inputs for s in shards),
-        "files": {
-            key: shard_manifests.file_entry(storage.join(directory, name), data, rows)
-            for key, (name, data, rows) in encoded.items()
-        },
+        "files": files,
         **details,
     }
     existing = _existing_plan(directory, body)
     if existing is not None:  # a re-run with the same listing: leave the plan untouched
         return RunPlan(directory, tuple(shards), existing)
-    for name, data, _ in encoded.values():
-        storage.write_bytes(storage.join(directory, name), data)
+    storage.write_bytes(storage.join(directory, SHARDS_FILE), shards_data)
+    if refs_file is not None:
+        storage.upload(refs_file[0], storage.join(directory, REFS_FILE))
     manifest = write_manifest(plan_uri(directory), KIND, body)
     return RunPlan(directory, tuple(shards), manifest)
 

@@ -13,6 +13,7 @@ multiply (5 here x 6 in gcsfs x ... was up to ~30 attempts per read).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import http.client
@@ -25,7 +26,8 @@ import random
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import fsspec
@@ -300,6 +302,50 @@ def list_files(prefix: str, *, suffixes: Iterable[str] | None = None) -> list[st
     found = with_retries(find, what=f"list {prefix}")
     uris = [with_scheme(fs, p) for p in found if not wanted or p.lower().endswith(wanted)]
     return sorted(uris)
+
+
+LIST_THREADS = 8  # folders (prefixes) listed at once by iter_files
+
+
+def iter_files(
+    prefix: str, suffixes: Iterable[str] | None = None, *, threads: int = LIST_THREADS
+) -> Iterator[str]:
+    """Files under ``prefix`` (recursively), as full URIs, in no particular order, streamed.
+
+    One folder (object-store prefix) is listed per request, up to ``threads`` at a time, and its
+    files are yielded before the next ones are asked for, so memory holds a few folders'
+    listings, never the corpus's (:func:`list_files` holds it all, sorted). Listings are not
+    kept in fsspec's listing cache, which would otherwise grow with the corpus.
+    """
+    fs, path = filesystem(prefix)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    fs.invalidate_cache()
+
+    def ls(folder: str) -> tuple[list[str], list[str]]:
+        entries = with_retries(
+            lambda: fs.ls(folder, detail=True), what=f"list {with_scheme(fs, folder)}"
+        )
+        fs.invalidate_cache(folder)
+        files, folders = [], []
+        for entry in entries:
+            name = entry["name"]
+            if entry["type"] == "directory":
+                if name.rstrip("/") != folder.rstrip("/"):  # some stores list the prefix itself
+                    folders.append(name)
+            elif not wanted or name.lower().endswith(wanted):
+                files.append(name)
+        return files, folders
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="list") as pool:
+        running = collections.deque([pool.submit(ls, path)])
+        waiting: collections.deque[str] = collections.deque()
+        while running:
+            files, folders = running.popleft().result()
+            waiting.extend(folders)
+            while waiting and len(running) < 2 * threads:
+                running.append(pool.submit(ls, waiting.popleft()))
+            for name in files:
+                yield with_scheme(fs, name)
 
 
 def sha256_bytes(data: bytes) -> str:

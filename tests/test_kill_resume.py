@@ -32,7 +32,13 @@ def write(uri, data):
             f.write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
     real(uri, data)
+def upload(path, uri):  # large files (id maps, plan references) are uploaded from scratch
+    if uri.endswith(target):
+        write(uri, open(path, "rb").read())
+    real_upload(path, uri)
+real_upload = storage.upload
 storage.write_bytes = write
+storage.upload = upload
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -66,8 +66,9 @@ def test_a_replaced_refs_file_is_refused_by_workers(tmp_path: Path):
     specs = plan_shards(_refs(10), 4)
     plan.write_extraction_plan(str(tmp_path), specs, source="/data", shard_size=4)
     other = plan_shards(_refs(10, prefix="other"), 4)
-    table = plan._refs_table(other)
-    pq.write_table(table, tmp_path / plan.REFS_FILE)  # a plan file swapped under the manifest
+    plan.write_extraction_plan(str(tmp_path / "other"), other, source="/data", shard_size=4)
+    # a plan file swapped under the manifest
+    (tmp_path / plan.REFS_FILE).write_bytes((tmp_path / "other" / plan.REFS_FILE).read_bytes())
     with pytest.raises(plan.PlanError, match="do not match the plan"):
         plan.read_shard_spec(str(tmp_path), "part-00000")
 

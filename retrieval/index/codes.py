@@ -12,6 +12,9 @@ shift); the result is byte-identical to adding every vector to one index in the 
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import faiss
 import numpy as np
 
@@ -83,6 +86,22 @@ def fold_codes(target: faiss.Index, uri: str, fmt: str) -> int:
         target.merge_from(other, 0)
         return added
     raise ValueError(f"{uri}: unknown codes format {fmt!r}")
+
+
+def write_codes_file(uri: str, index: faiss.Index) -> dict[str, int | str]:
+    """Write what :func:`codes_bytes` would give through faiss's file writer (no in-memory copy
+    of the codes: a merge node of millions of vectors must not hold its codes twice); returns
+    the file's sha256 and size in bytes."""
+    with tempfile.TemporaryDirectory(prefix="retrieval-codes-") as scratch:
+        local = os.path.join(scratch, "codes")
+        ivf = ivf_of(index)
+        if ivf is None:
+            faiss.write_index(index, local)
+        else:
+            faiss.write_InvertedLists(ivf.invlists, faiss.FileIOWriter(local))
+        entry = {"sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
+        storage.upload(local, uri)
+    return entry
 
 
 def write_codes(uri: str, index: faiss.Index) -> bytes:

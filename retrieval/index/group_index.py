@@ -32,6 +32,9 @@ from retrieval.summary import write_summary
 
 KIND = "index_group"
 DEFAULT_GROUP_VECTORS = 50_000
+# Rows per Parquet row group of the id maps: a reader decodes a whole row group at once, so the
+# merge (which streams id maps row group by row group) holds at most this many id map rows.
+IDMAP_ROW_GROUP_ROWS = 16_384
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ def build_group_index(task: IndexGroupTask, output: str) -> dict[str, Any]:
     idmap = storage.write_parquet(
         idmap_uri(output, task.group_id),
         pa.concat_tables(idmaps) if idmaps else idmap_table(np.zeros(0, np.int64), [], [], ""),
+        row_group_size=IDMAP_ROW_GROUP_ROWS,
     )
     return manifests.commit(
         output,

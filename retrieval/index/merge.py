@@ -11,8 +11,10 @@ the tasks of one round can run on any workers (Beam, Spark, a loop) and rounds r
 another. Inputs hold disjoint global ids, so merging appends codes with no id shift, and the
 result is the index a single process would have built adding every vector in id order.
 
-Memory: a task holds its output plus one input at a time (inputs are folded in one by one) and
-writes the index with faiss's file writer, so the final task peaks below 2x the index it writes.
+Memory: a task holds its output plus one input's codes at a time (inputs are folded in one by
+one), streams the id maps row group by row group into one Parquet file (never a whole id map:
+millions of id and URI strings outweigh the codes), and writes codes and the index with faiss's
+file writer (no in-memory copy). Measured peak growth: ~5 MB per MB of index (README).
 With ``on_disk`` the final task builds an on-disk IVF index (``faiss.contrib.ondisk``: the
 inverted lists live in ``<piece>.ivfdata``, memory-mapped at search time) for larger-than-RAM
 indexes; then only one input is ever in memory.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,14 +36,15 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 import schemas
 from retrieval import plan, storage
 from retrieval.index import codes as codes_io
 from retrieval.index.codebook import load_codebook
 from retrieval.index.faiss_io import write_index_file
+from retrieval.index.group_index import IDMAP_ROW_GROUP_ROWS, codes_uri, idmap_uri
 from retrieval.index.group_index import KIND as GROUP_KIND
-from retrieval.index.group_index import codes_uri, idmap_uri
 from retrieval.manifests import require_same, write_manifest
 from retrieval.shards import manifest as manifests
 from retrieval.summary import write_summary
@@ -170,57 +174,146 @@ def _read_input(node: CodesNode) -> dict[str, Any]:
     return manifest
 
 
-def _idmap(node: CodesNode, manifest: dict[str, Any]) -> pa.Table:
-    return storage.read_parquet(
-        idmap_uri(node.directory, node.node_id),
-        schema="idmap",
-        expect_sha256=manifest["files"]["idmap"]["sha256"],
-    )
+class _IdmapMerger:
+    """Concatenates the inputs' id maps into one Parquet file, one input row group at a time.
+
+    Never holds a whole id map (millions of id and URI strings weigh more than the codes): each
+    row group is checked (contiguous global ids; image ids unique) and written through a
+    Parquet writer before the next is read. Ids come in plan order, which is id order for every
+    listing ``retrieval extract`` makes, so uniqueness is checked between neighbours in constant
+    memory; ids out of order are checked afterwards with an external sort of the written file.
+    """
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        self.what = what
+        self.rows = 0
+        self.first_id: int | None = None
+        self._writer = pq.ParquetWriter(path, schemas.arrow_schema("idmap"), compression="zstd")
+        self._last_id: str | None = None
+        self._in_order = True
+        self._repeated: list[str] = []
+        self._repeats = 0
+
+    def add_input(self, node: CodesNode, manifest: dict[str, Any], scratch: str) -> None:
+        uri = idmap_uri(node.directory, node.node_id)
+        local = storage.local_copy(uri, scratch)  # a local file is read in place
+        if storage.sha256_file(local) != manifest["files"]["idmap"]["sha256"]:
+            raise OSError(f"{uri}: checksum does not match its manifest (partial or altered file)")
+        parquet = pq.ParquetFile(local, pre_buffer=False)
+        schemas.check_schema("idmap", parquet.schema_arrow, source=uri)
+        for group in range(parquet.metadata.num_row_groups):
+            self._add(parquet.read_row_group(group, use_threads=False))
+        if local != storage.filesystem(uri)[1]:
+            os.remove(local)
+
+    def _add(self, table: pa.Table) -> None:
+        n = table.num_rows
+        if not n:
+            return
+        index_ids = table.column("index_id").to_numpy()
+        start = int(index_ids[0]) if self.first_id is None else self.first_id + self.rows
+        if not np.array_equal(index_ids, np.arange(start, start + n)):
+            raise RuntimeError(f"{self.what}: inputs do not hold one contiguous id range")
+        if self.first_id is None:
+            self.first_id = start
+        ids = table.column("id").combine_chunks()
+        if self._last_id is not None:
+            ids_before = pa.concat_arrays([pa.array([self._last_id], pa.string()), ids])
+        else:
+            ids_before = ids
+        if len(ids_before) > 1:
+            left, right = ids_before.slice(0, len(ids_before) - 1), ids_before.slice(1)
+            same = pc.equal(left, right)
+            if pc.any(same).as_py():
+                self._repeats += pc.sum(same).as_py()
+                self._repeated += right.filter(same).to_pylist()[: 5 - len(self._repeated)]
+            if not pc.all(pc.less_equal(left, right)).as_py():
+                self._in_order = False
+        self._last_id = ids[-1].as_py()
+        self._writer.write_table(table, row_group_size=IDMAP_ROW_GROUP_ROWS)
+        self.rows += n
+
+    def close(self) -> None:
+        self._writer.close()
+        if not self._in_order:
+            self._count_repeats_sorted()
+        if self._repeats:
+            raise plan.PlanError(
+                f"{self.what}: {self._repeats} image id(s) occur more than once "
+                f"({', '.join(map(repr, self._repeated))}): every id must be unique across an "
+                "index"
+            )
+
+    def _count_repeats_sorted(self) -> None:
+        """Ids out of order: count repeats between neighbours of the externally sorted ids."""
+        from retrieval.corpus import ImageRef
+        from retrieval.external_sort import sort_refs
+
+        def ids() -> Iterator[ImageRef]:
+            parquet = pq.ParquetFile(self.path, pre_buffer=False)
+            for group in range(parquet.metadata.num_row_groups):
+                column = parquet.read_row_group(group, columns=["id"]).column("id")
+                for image_id in column.to_pylist():
+                    yield ImageRef(image_id, "")
+
+        self._repeated, self._repeats, previous = [], 0, None
+        for ref in sort_refs(ids(), scratch=os.path.dirname(self.path)):
+            if ref.id == previous:
+                self._repeats += 1
+                if len(self._repeated) < 5:
+                    self._repeated.append(ref.id)
+            previous = ref.id
 
 
 def run_merge_task(task: MergeTask) -> dict[str, Any]:
     """Run one merge task; returns the manifest it committed."""
     index, codebook = load_codebook(task.codebook)
-    idmaps, fmt = [], None
-    if task.on_disk:
-        with tempfile.TemporaryDirectory() as scratch:
-            parts = []
-            for i, node in enumerate(task.inputs):
-                manifest = _read_input(node)
-                part = faiss.clone_index(index)
-                codes_io.fold_codes(
-                    part, codes_uri(node.directory, node.node_id), manifest["codes_format"]
-                )
-                parts.append(os.path.join(scratch, f"input-{i}.faissindex"))
-                faiss.write_index(part, parts[-1])
-                del part
-                idmaps.append(_idmap(node, manifest))
-            files = _write_on_disk(task, index, parts, scratch)
-    else:
-        for node in task.inputs:
-            manifest = _read_input(node)
-            fmt = manifest["codes_format"]
-            codes_io.fold_codes(index, codes_uri(node.directory, node.node_id), fmt)
-            idmaps.append(_idmap(node, manifest))
-        files = {}
-    idmap = pa.concat_tables(idmaps)
-    rows = idmap.num_rows
-    ids = idmap.column("id")
-    # Counted in Arrow: a Python set of millions of id strings would outweigh the index itself.
-    if task.final and pc.count_distinct(ids).as_py() != rows:
-        plan.check_unique_ids(ids.to_pylist(), what=f"merging {task.node_id}")  # names them
-    if int(index.ntotal) != rows:
-        raise RuntimeError(f"{task.node_id}: {index.ntotal} vectors but {rows} id map rows")
-    first_id = int(idmap.column("index_id")[0].as_py()) if rows else 0
-    if not np.array_equal(
-        idmap.column("index_id").to_numpy(), np.arange(first_id, first_id + rows)
-    ):
-        raise RuntimeError(f"{task.node_id}: inputs do not hold one contiguous id range")
-    idmap_out = _output_idmap_uri(task)
-    files["idmap"] = manifests.file_entry(idmap_out, storage.write_parquet(idmap_out, idmap), rows)
+    fmt = None
+    with tempfile.TemporaryDirectory(prefix="retrieval-merge-") as scratch:
+        idmap = _IdmapMerger(os.path.join(scratch, IDMAP_FILE), f"merging {task.node_id}")
+        try:
+            if task.on_disk:
+                parts = []
+                for i, node in enumerate(task.inputs):
+                    manifest = _read_input(node)
+                    part = faiss.clone_index(index)
+                    codes_io.fold_codes(
+                        part, codes_uri(node.directory, node.node_id), manifest["codes_format"]
+                    )
+                    parts.append(os.path.join(scratch, f"input-{i}.faissindex"))
+                    faiss.write_index(part, parts[-1])
+                    del part
+                    idmap.add_input(node, manifest, scratch)
+            else:
+                for node in task.inputs:
+                    manifest = _read_input(node)
+                    fmt = manifest["codes_format"]
+                    codes_io.fold_codes(index, codes_uri(node.directory, node.node_id), fmt)
+                    idmap.add_input(node, manifest, scratch)
+        finally:
+            idmap.close()
+        rows = idmap.rows
+        first_id = idmap.first_id or 0
+        files = _write_on_disk(task, index, parts, scratch) if task.on_disk else {}
+        ntotal = int(index.ntotal)  # on disk: set by merge_ondisk
+        if ntotal != rows:
+            raise RuntimeError(f"{task.node_id}: {ntotal} vectors but {rows} id map rows")
+        idmap_out = _output_idmap_uri(task)
+        files["idmap"] = {
+            "name": idmap_out.rsplit("/", 1)[-1],
+            "sha256": storage.sha256_file(idmap.path),
+            "bytes": os.path.getsize(idmap.path),
+            "rows": rows,
+        }
+        storage.upload(idmap.path, idmap_out)
     if not task.final:
-        data = codes_io.write_codes(codes_uri(task.directory, task.node_id), index)
-        files["codes"] = manifests.file_entry(codes_uri(task.directory, task.node_id), data, rows)
+        uri = codes_uri(task.directory, task.node_id)
+        files["codes"] = {
+            "name": uri.rsplit("/", 1)[-1],
+            **codes_io.write_codes_file(uri, index),
+            "rows": rows,
+        }
         kind, extra = NODE_KIND, {"codes_format": fmt}
     else:
         if not task.on_disk:
