@@ -387,7 +387,13 @@ def upload(local_path: str, uri: str) -> None:
 
 
 def remove(uri: str, *, recursive: bool = False) -> None:
-    """Delete an object (or a folder with ``recursive``); a missing one is not an error."""
+    """Delete an object (or a folder with ``recursive``); a missing one is not an error.
+    Retried like every other call: a transient fault while cleaning up after a commit must not
+    fail the stage (a retry after a partial delete finds less to delete, or nothing)."""
     fs, path = filesystem(uri)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(path, recursive=recursive)
+
+    def rm() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=recursive)
+
+    with_retries(rm, what=f"remove {uri}")
