@@ -970,9 +970,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "extract":
         config = _config(args)  # a bad config file fails before anything is listed
         summary = stages.extract(args.input, args.output, config, local_output=args.local_output)
+        noted = summary.get("images_with_notes")
         print(
             f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
             f"failed -> {args.output}"
+            + (f" ({noted} indexed with notes, e.g. a broken EXIF block)" if noted else "")
         )
     elif args.command == "train":
         _print_json(stages.train(args.descriptors, args.output, _config(args)))
