@@ -275,9 +275,20 @@ def _rss(key):
 from retrieval.index.merge import merge_index_groups
 start = _rss("VmRSS")
 m = merge_index_groups(sys.argv[1], sys.argv[2], fan_in=int(sys.argv[3]),
-                       on_disk=sys.argv[4] == "1")
+                       on_disk=sys.argv[4] == "1", stream_codes=sys.argv[5] == "1")
 print(json.dumps({"start_rss_mb": round(start, 1), "index_bytes": m["bytes"]}))
 """
+
+
+# (on_disk, stream_codes): the merge as it runs (codes copied file to file, list by list) and,
+# side by side, folding every input into one in-memory index (``stream_codes=False``: how the
+# merge worked before, and what faiss's ``merge_from`` / ``merge_ondisk`` do).
+MERGE_MODES = {
+    "in_ram": ("0", "1"),
+    "on_disk": ("1", "1"),
+    "in_ram_folded": ("0", "0"),
+    "on_disk_folded": ("1", "0"),
+}
 
 
 def merge_memory(scratch: Path, sizes: tuple[int, ...] = (20_000, 1_000_000)) -> dict:
@@ -286,7 +297,7 @@ def merge_memory(scratch: Path, sizes: tuple[int, ...] = (20_000, 1_000_000)) ->
     faiss + Arrow and their first use, does not depend on the index and cancels out)."""
     out: dict = {str(n): merge_memory_at(scratch, n) for n in sizes}
     small, big = out[str(min(sizes))], out[str(max(sizes))]
-    for mode in ("in_ram", "on_disk"):
+    for mode in MERGE_MODES:
         extra_peak = (big[mode]["peak_rss_mb"] - small[mode]["peak_rss_mb"]) * 2**20
         extra_index = big[mode]["index_bytes"] - small[mode]["index_bytes"]
         out[f"{mode}_peak_growth_over_index_growth"] = round(extra_peak / extra_index, 2)
@@ -334,9 +345,9 @@ def merge_memory_at(scratch: Path, n: int, d: int = 32, groups: int = 8) -> dict
             str(desc), str(root / "codebook"), str(root / "groups"), group_vectors=-(-n // groups)
         )
     out: dict = {"n": n, "dim": d, "factory": "IVF256,PQ16", "groups": groups, "fan_in": 2}
-    for name, on_disk in (("in_ram", "0"), ("on_disk", "1")):
+    for name, (on_disk, stream) in MERGE_MODES.items():
         target = root / f"index-{name}"
-        result = _child(MERGE_CHILD, str(root / "groups"), str(target), "2", on_disk)
+        result = _child(MERGE_CHILD, str(root / "groups"), str(target), "2", on_disk, stream)
         files = {f.name: f.stat().st_size for f in target.iterdir() if f.is_file()}
         result["idmap_bytes"] = files.get("idmap.parquet", 0)
         result["above_start_mb"] = round(result["peak_rss_mb"] - result["start_rss_mb"], 1)

@@ -150,7 +150,8 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
         "--calibration",
         metavar="URI",
         help="folder, prefix or manifest of representative images that the int8 runtimes "
-        "calibrate on (32 drawn with seed 0); needed by tflite-int8 and onnx-int8",
+        "(tflite-int8, onnx-int8) calibrate on (32 drawn with seed 0). Default: the built-in "
+        "sample, scikit-image's public-domain/CC0 photos (see the README's runtime section)",
     )
     group.add_argument(
         "--device",
@@ -969,9 +970,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "extract":
         config = _config(args)  # a bad config file fails before anything is listed
         summary = stages.extract(args.input, args.output, config, local_output=args.local_output)
+        noted = summary.get("images_with_notes")
         print(
             f"{summary['inputs']} inputs = {summary['indexed']} indexed + {summary['failed']} "
             f"failed -> {args.output}"
+            + (f" ({noted} indexed with notes, e.g. a broken EXIF block)" if noted else "")
         )
     elif args.command == "train":
         _print_json(stages.train(args.descriptors, args.output, _config(args)))

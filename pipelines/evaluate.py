@@ -164,14 +164,14 @@ def query_vectors(
     """
     if not benchmark.needs_query_inputs:
         return database, {}, local
-    inputs = Path(out) / "query_inputs"
-    problems = write_query_inputs(benchmark, inputs)
+    written, problems = write_query_inputs(benchmark, storage.join(out, "query_inputs"))
     # A manifest names each query input by its query id (a folder listing would not).
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
     writer.writerow(["id", "uri"])
-    for path in sorted(inputs.glob("*.png")):
-        writer.writerow([path.stem, "file://" + str(path.resolve())])
+    for query_id, uri in sorted(written.items()):
+        local = storage.is_local(uri) and not uri.startswith("file://")
+        writer.writerow([query_id, "file://" + str(Path(uri).resolve()) if local else uri])
     listing = storage.join(out, "query_inputs.csv")
     storage.write_bytes(listing, rows.getvalue().encode())
     descriptors = storage.join(out, "query_descriptors")

@@ -69,7 +69,13 @@ def _descriptor_rows(directory: str, drop: set[str] | None = None) -> list[Descr
         for i, row in enumerate(table.drop(["descriptor"]).to_pylist()):
             rows.append(
                 DescriptorRow(
-                    row["id"], row["uri"], row["sha256"], row["width"], row["height"], vectors[i]
+                    row["id"],
+                    row["uri"],
+                    row["sha256"],
+                    row["width"],
+                    row["height"],
+                    vectors[i],
+                    row.get("notes"),  # absent from version-1 shards
                 )
             )
     return rows

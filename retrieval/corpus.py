@@ -93,16 +93,11 @@ def iter_corpus(source: str, *, scratch: str | None = None) -> Iterator[ImageRef
 
 def iter_listing(source: str) -> Iterator[ImageRef]:
     """The corpus's image references in no particular order (one listing pass, streamed)."""
-    if source.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(source):
+    if source.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(source):
         return _iter_manifest(source)
     if not storage.exists(source):
         raise FileNotFoundError(f"{source}: no such folder or prefix")
     return (ImageRef(image_id(u, source), u) for u in storage.iter_files(source, IMAGE_SUFFIXES))
-
-
-def _is_dir(uri: str) -> bool:
-    fs, path = storage.filesystem(uri)
-    return fs.isdir(path)
 
 
 def _manifest_rows(uri: str, local_path: str) -> Iterator[dict]:

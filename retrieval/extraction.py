@@ -78,8 +78,10 @@ def error_row(ref: ImageRef, stage: str, kind: str, message: str) -> ErrorRow:
 
 def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow:
     ref = loaded.ref
+    image = loaded.image
+    notes = redact("; ".join(image.notes)) if image.notes else None
     return DescriptorRow(
-        ref.id, ref.uri, loaded.sha256, loaded.image.width, loaded.image.height, descriptor
+        ref.id, ref.uri, loaded.sha256, image.width, image.height, descriptor, notes
     )
 
 
@@ -365,7 +367,7 @@ def summarize_extraction(
         if local_output is not None and local_info is not None
         else {}
     )
-    rows = failed = 0
+    rows = failed = noted = 0
     kinds: Counter[str] = Counter()
     missing = []
     for shard in extraction.shards:
@@ -375,6 +377,7 @@ def summarize_extraction(
             continue
         rows += manifest["rows"]
         failed += manifest["errors"]
+        noted += manifest.get("rows_with_notes", 0)  # absent from older manifests
         if manifest["errors"]:
             kinds.update(
                 e.error_kind for e in descriptor_shards.read_errors(extraction.output, manifest)
@@ -393,6 +396,8 @@ def summarize_extraction(
         shards_retried=len(extraction.retried),
         stale_shards_ignored=len(extraction.run_plan.stale_shard_ids()),
         failures_by_kind=dict(kinds),
+        # Described, but something was odd (a broken EXIF block): the `notes` column says what.
+        images_with_notes=noted,
         model=model_info,
         input=extraction.input,
         **local_summary,

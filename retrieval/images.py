@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -139,6 +140,9 @@ def decode_image(
         raise ImageError(kind, f"cannot decode: {exc}") from None
 
     notes: list[str] = []
+    broken = exif_problem(image.info.get("exif"))
+    if broken:  # Pillow only warns (or says nothing) and reads what it can
+        notes.append(f"broken EXIF block ({broken})")
     orientation = 1
     try:
         orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
@@ -163,6 +167,56 @@ def decode_image(
         rgb = rgb.transpose(_TRANSPOSE[orientation])
     rgb = shrink(rgb, max_side) if max_side else rgb
     return DecodedImage(np.asarray(rgb, dtype=np.uint8), width, height, tuple(notes))
+
+
+# Bytes per value of each TIFF field type (an unknown type is skipped, as readers do).
+_TIFF_TYPE_BYTES = {
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 1,
+    7: 1,
+    8: 2,
+    9: 4,
+    10: 8,
+    11: 4,
+    12: 8,
+    13: 4,
+}
+
+
+def exif_problem(raw: bytes | None) -> str | None:
+    """What is structurally wrong with an EXIF block (a TIFF header and its first directory,
+    where the orientation lives), or None when it is absent or sound.
+
+    Pillow reads a broken block without raising: it warns ("Corrupt EXIF data") or quietly
+    returns fewer tags, so the orientation may be lost without a trace. This check is
+    deterministic and thread-safe (no global warning filters), so the image's row can say so.
+    """
+    if not raw:
+        return None
+    data = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+    if len(data) < 8:
+        return f"{len(data)}-byte TIFF header"
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(bytes(data[:4]))
+    if order is None:
+        return "no TIFF byte-order mark"
+    (offset,) = struct.unpack_from(f"{order}I", data, 4)
+    if not 8 <= offset <= len(data) - 2:
+        return f"first directory at byte {offset}, outside the {len(data)}-byte block"
+    (count,) = struct.unpack_from(f"{order}H", data, offset)
+    if offset + 2 + 12 * count > len(data):
+        return f"{count} directory entries run past the end of the block"
+    for entry in range(count):
+        tag, field_type, values, where = struct.unpack_from(
+            f"{order}HHII", data, offset + 2 + 12 * entry
+        )
+        size = _TIFF_TYPE_BYTES.get(field_type, 0) * values
+        if size > 4 and where + size > len(data):  # stored elsewhere: it must be inside
+            return f"tag 0x{tag:04x} points outside the block"
+    return None
 
 
 def reduce_early(image: Image.Image, max_side: int | None) -> Image.Image:

@@ -134,12 +134,43 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-# Options that make each client try a request once: retrying is this module's job (botocore's
-# legacy mode counts retries: 0 = a single attempt; its standard mode still sent two here).
-_SINGLE_ATTEMPT_OPTIONS: dict[str, dict[str, Any]] = {
-    "s3": {"config_kwargs": {"retries": {"max_attempts": 0, "mode": "legacy"}}},
-    "s3a": {"config_kwargs": {"retries": {"max_attempts": 0, "mode": "legacy"}}},
-}
+# Seconds a request may wait to connect, or wait for its next bytes, before it fails as a
+# timeout (transient: retried here). Without it a stalled connection holds a worker for minutes
+# (aiohttp's 5-minute total under gcsfs). It bounds stalls, not transfers: a large upload that
+# keeps moving is never cut. RETRIEVAL_STORAGE_TIMEOUT_S overrides it (slow links, tests).
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+TIMEOUT_ENV = "RETRIEVAL_STORAGE_TIMEOUT_S"
+
+
+def request_timeout_s() -> float:
+    value = os.environ.get(TIMEOUT_ENV)
+    return float(value) if value else DEFAULT_REQUEST_TIMEOUT_S
+
+
+def _client_options(protocol: str) -> dict[str, Any]:
+    """Options that make each client try a request once (retrying is this module's job;
+    botocore's legacy mode counts retries: 0 = a single attempt, its standard mode still sent
+    two here) and give up on a stalled request after :func:`request_timeout_s`."""
+    timeout = request_timeout_s()
+    if protocol in ("s3", "s3a"):
+        return {
+            "config_kwargs": {
+                "retries": {"max_attempts": 0, "mode": "legacy"},
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+            }
+        }
+    if protocol in ("gs", "gcs"):
+        import aiohttp  # gcsfs's HTTP client
+
+        return {
+            "requests_timeout": aiohttp.ClientTimeout(
+                total=None, sock_connect=timeout, sock_read=timeout
+            )
+        }
+    return {}
+
+
 _GCSFS_RETRYING_METHODS = ("_request", "_get_file_request", "_get_file_concurrent")
 
 
@@ -164,10 +195,11 @@ def _single_attempt(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` (client retries off) and the path within it."""
+    """The fsspec filesystem for ``uri`` (client retries off, stall timeout set) and the path
+    within it."""
     protocol = uri.split("://", 1)[0].lower() if "://" in uri else "file"
     try:
-        fs, path = url_to_fs(uri, **_SINGLE_ATTEMPT_OPTIONS.get(protocol, {}))
+        fs, path = url_to_fs(uri, **_client_options(protocol))
     except (ImportError, ValueError) as exc:
         if isinstance(exc, ValueError) and "Protocol not known" not in str(exc):
             raise
@@ -284,6 +316,12 @@ def exists(uri: str) -> bool:
     return with_retries(lambda: fs.exists(path), what=f"stat {uri}")
 
 
+def is_dir(uri: str) -> bool:
+    """True if ``uri`` is a folder (a prefix with objects under it, on object stores)."""
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.isdir(path), what=f"stat {uri}")
+
+
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if _is_local_fs(fs):
@@ -355,11 +393,15 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(uri: str, *, chunk_bytes: int = 1 << 20) -> str:
     """Hex SHA-256 of an object, streamed."""
     fs, path = filesystem(uri)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+    def digest() -> str:
+        hashed = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                hashed.update(chunk)
+        return hashed.hexdigest()
+
+    return with_retries(digest, what=f"read {uri}")
 
 
 def local_copy(uri: str, directory: str) -> str:
@@ -390,4 +432,4 @@ def remove(uri: str, *, recursive: bool = False) -> None:
     """Delete an object (or a folder with ``recursive``); a missing one is not an error."""
     fs, path = filesystem(uri)
     with contextlib.suppress(FileNotFoundError):
-        fs.rm(path, recursive=recursive)
+        with_retries(lambda: fs.rm(path, recursive=recursive), what=f"remove {uri}")

@@ -39,10 +39,12 @@ def current(root: str) -> str | None:
 
 
 def _names(root: str) -> list[str]:
-    fs, path = storage.filesystem(storage.join(root, VERSIONS_DIR))
-    if not fs.exists(path):
+    uri = storage.join(root, VERSIONS_DIR)
+    fs, path = storage.filesystem(uri)
+    if not storage.exists(uri):
         return []
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    listed = storage.with_retries(lambda: fs.ls(path, detail=False), what=f"list {uri}")
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in listed)
     return sorted(n for n in names if _NAME.fullmatch(n))
 
 

@@ -20,9 +20,9 @@ METADATA_NAME = b"cbir.schema"
 METADATA_VERSION = b"cbir.schema_version"
 METADATA_DIM = b"cbir.descriptor_dim"
 
-# The versions this code writes and can read.
+# The versions this code writes.
 CURRENT_VERSIONS = {
-    "descriptors": 1,
+    "descriptors": 2,
     "errors": 1,
     "idmap": 1,
     "manifest": 2,
@@ -30,6 +30,14 @@ CURRENT_VERSIONS = {
     "plan_shards": 1,
     "local_features": 1,
 }
+
+# Older versions this code still reads (each is a subset of the current one: readers of an
+# older file see the columns it has; ``descriptors`` v1 has no ``notes``).
+OLDER_READABLE_VERSIONS = {"descriptors": (1,)}
+
+
+def readable_versions(name: str) -> tuple[int, ...]:
+    return (*OLDER_READABLE_VERSIONS.get(name, ()), CURRENT_VERSIONS[name])
 
 
 class SchemaMismatchError(ValueError):
@@ -72,10 +80,12 @@ def _arrow_type(field: dict[str, Any], dim: int | None, element: str | None = No
     return _SIMPLE_TYPES[field["type"]]
 
 
-def arrow_schema(name: str, *, dim: int | None = None, element: str | None = None) -> pa.Schema:
-    """The Arrow schema of table ``name`` at its current version (``dim`` for descriptors; also
-    ``element``, float16 or float32, for local features)."""
-    spec = definition(name)
+def arrow_schema(
+    name: str, *, dim: int | None = None, element: str | None = None, version: int | None = None
+) -> pa.Schema:
+    """The Arrow schema of table ``name`` at its current version or ``version`` (``dim`` for
+    descriptors; also ``element``, float16 or float32, for local features)."""
+    spec = definition(name, version)
     fields = [
         pa.field(f["name"], _arrow_type(f, dim, element), nullable=f["nullable"])
         for f in spec["fields"]
@@ -117,16 +127,18 @@ def check_schema(name: str, schema: pa.Schema, *, source: str = "table") -> None
         raise SchemaMismatchError(
             f"{source}: expected a {name!r} table, found schema {found_name!r}"
         )
-    if found_version != str(CURRENT_VERSIONS[name]):
+    readable = readable_versions(name)
+    if found_version not in {str(v) for v in readable}:
         raise SchemaMismatchError(
             f"{source}: {name!r} schema version {found_version} is not supported "
-            f"(this code reads version {CURRENT_VERSIONS[name]})"
+            f"(this code reads version{'s' if len(readable) > 1 else ''} "
+            f"{', '.join(map(str, readable))})"
         )
     dim = descriptor_dim(schema) if name == "descriptors" else None
     element = local_descriptor_element(schema) if name == "local_features" else None
     if name == "local_features":
         dim = int((schema.metadata or {}).get(METADATA_DIM, b"0"))
-    expected = arrow_schema(name, dim=dim, element=element)
+    expected = arrow_schema(name, dim=dim, element=element, version=int(found_version))
     for field in expected:
         if field.name not in schema.names:
             raise SchemaMismatchError(f"{source}: missing column {field.name!r}")

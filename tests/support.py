@@ -247,24 +247,35 @@ class FaultyProxy:
     """An HTTP proxy in front of a storage server that fails a fraction of requests.
 
     Faults (chosen by a seeded generator): an S3/GCS-style ``503`` answer, a connection reset
-    before any answer, or, for GETs, a short read (full ``Content-Length`` announced, half the
-    body sent, connection closed). Every fault happens before the request reaches the server or
-    on a read, so a retried request has exactly the effect of one that never failed.
-    ``fail_paths`` always fail with 503 (to exhaust retries); ``requests`` counts them.
+    before any answer, a stall (no answer for ``stall_s``: the client must time out, see
+    ``storage.request_timeout_s``), or, for GETs, a short read (full ``Content-Length``
+    announced, half the body sent, connection closed). Every fault happens before the request
+    reaches the server or on a read, so a retried request has exactly the effect of one that
+    never failed. ``fail_paths`` always fail with 503 and ``stall_paths`` always stall (to
+    exhaust retries); ``requests`` counts requests by path.
     """
 
-    def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0) -> None:
+    KINDS = ("503", "reset", "short", "timeout")
+
+    def __init__(
+        self, upstream: str, rate: float = 0.1, seed: int = 0, stall_s: float = 30.0
+    ) -> None:
         import random
         import threading
         from http.server import ThreadingHTTPServer
 
         self.upstream = upstream.removeprefix("http://")
         self.rate = rate
+        self.stall_s = stall_s
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
+        self.closing = threading.Event()
         self.fail_paths: set[str] = set()
+        self.stall_paths: set[str] = set()
         self.requests: dict[str, int] = {}
-        self.faults = {"503": 0, "reset": 0, "short": 0}
+        self.faults = dict.fromkeys(self.KINDS, 0)
+        self.abandoned = 0  # stalled requests the client gave up on (timed out)
+        self.stalling = 0  # stalled requests not yet over
         proxy = self
 
         from http.server import BaseHTTPRequestHandler
@@ -287,6 +298,12 @@ class FaultyProxy:
         self.thread.start()
 
     def close(self) -> None:
+        import time
+
+        deadline = time.monotonic() + 2  # let stalls whose client hung up count it
+        while self.stalling and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.closing.set()  # releases the remaining stalled requests
         self.server.shutdown()
         self.server.server_close()
 
@@ -295,13 +312,42 @@ class FaultyProxy:
             self.requests[path] = self.requests.get(path, 0) + 1
             if any(path.startswith(p) for p in self.fail_paths):
                 return "503"
+            if any(path.startswith(p) for p in self.stall_paths):
+                return "timeout"
             if self.rng.random() >= self.rate:
                 return None
-            kind = self.rng.choice(["503", "reset", "short"])
+            kind = self.rng.choice(self.KINDS)
             if kind == "short" and method != "GET":
                 kind = "503"
             self.faults[kind] += 1
             return kind
+
+    def _stall(self, connection) -> None:
+        """Answer nothing until the client hangs up (counted in ``abandoned``: its timeout
+        worked) or ``stall_s`` passes."""
+        import select
+        import socket
+        import time
+
+        deadline = time.monotonic() + self.stall_s
+        with self.lock:
+            self.stalling += 1
+        try:
+            while not self.closing.is_set() and (left := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select([connection], [], [], min(left, 0.05))
+                if not readable:
+                    continue
+                try:
+                    hung_up = not connection.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    hung_up = True
+                if hung_up:
+                    with self.lock:
+                        self.abandoned += 1
+                    return
+        finally:
+            with self.lock:
+                self.stalling -= 1
 
     def forward(self, handler) -> None:
         import http.client
@@ -312,6 +358,10 @@ class FaultyProxy:
         body = handler.rfile.read(length) if length else b""
         path = handler.path.split("?", 1)[0]
         fault = self._fault(handler.command, path)
+        if fault == "timeout":  # hold the request, never forward it
+            self._stall(handler.connection)
+            handler.close_connection = True
+            return
         if fault == "reset":
             handler.connection.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
@@ -353,3 +403,150 @@ class FaultyProxy:
             handler.connection.shutdown(socket.SHUT_RDWR)
             return
         handler.wfile.write(data)
+
+
+def start_gcs_emulator(tmp_dir: Path, bucket: str) -> tuple[subprocess.Popen, str]:
+    """gcp-storage-emulator (in memory, bucket ``bucket``) on a free port; fails the test, never
+    skips, if it cannot start."""
+    import sys
+
+    emulator = Path(sys.executable).parent / "gcp-storage-emulator"
+    if not emulator.exists():
+        pytest.fail(f"gcp-storage-emulator is not installed in {emulator.parent}")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            str(emulator),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--default-bucket",
+            bucket,
+            "--in-memory",
+            "--quiet",
+        ],
+        cwd=tmp_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until_answering(endpoint, server, "gcp-storage-emulator")
+    return server, endpoint
+
+
+def use_gcs_emulator(env: pytest.MonkeyPatch, endpoint: str):
+    """Point gcsfs at the emulator, in this process and in the worker processes it starts.
+
+    gcsfs needs three things against ``gcp-storage-emulator`` (STACK.md pitfall 4):
+    ``STORAGE_EMULATOR_HOST`` (read on every request, so :func:`point_gcs_at` can move it to a
+    proxy), anonymous credentials (fsspec's config here, ``FSSPEC_GS`` for fresh processes, so
+    ``url_to_fs("gs://...")`` in library code picks them up), and the plain
+    ``gcsfs.core.GCSFileSystem``: with ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` unset when gcsfs is
+    first imported, ``gcsfs.GCSFileSystem`` is the experimental class, which asks the bucket's
+    type over gRPC and hangs 60 s per call. Setting the variable after that import changes
+    nothing, so the plain class is also registered for ``gs``/``gcs`` in fsspec itself (worker
+    processes import gcsfs with the variable already set). Returns the plain class.
+    """
+    import fsspec
+    from fsspec.registry import _registry as fsspec_registry
+
+    env.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # for a first import
+    env.setenv("FSSPEC_GS", '{"token": "anon"}')  # read by fsspec when a worker imports it
+    import gcsfs.core
+
+    plain = gcsfs.core.GCSFileSystem
+    for protocol in ("gs", "gcs"):  # in case gcsfs was imported before (see docstring)
+        env.setitem(fsspec_registry, protocol, plain)
+    env.setitem(fsspec.config.conf, "gs", {"token": "anon"})
+    plain.clear_instance_cache()
+    return plain
+
+
+def point_gcs_at(env: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Send gcsfs's requests (here and in workers started from now on) to ``endpoint``."""
+    import gcsfs.core
+
+    env.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    gcsfs.core.GCSFileSystem.clear_instance_cache()
+
+
+# --- the whole pipeline on object storage -----------------------------------------------------
+
+
+def pattern_images(n: int, seed: int = 0) -> dict[str, bytes]:
+    """``n`` small random-pattern images, alternately JPEG and PNG: {file name: bytes}."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = {}
+    for i in range(n):
+        pixels = (rng.random((40 + i, 56, 3)) * 255).astype(np.uint8)
+        sink = io.BytesIO()
+        fmt = "PNG" if i % 2 else "JPEG"
+        Image.fromarray(pixels).save(sink, fmt)
+        images[f"img{i:02d}.{fmt.lower()}"] = sink.getvalue()
+    return images
+
+
+def write_tiny_benchmark(folder: Path, images: dict[str, bytes]) -> Path:
+    """A benchmark folder (images/ + gt.json) over ``images``: two queries, one of them a crop
+    (so `evaluate` writes query inputs to its output), each with the next image as positive."""
+    import json
+
+    (folder / "images").mkdir(parents=True)
+    ids = []
+    for name, data in images.items():
+        (folder / "images" / name.replace(".jpeg", ".jpg")).write_bytes(data)
+        ids.append(name.rsplit(".", 1)[0])
+    queries = [
+        {"id": ids[0], "landmark": "a", "positives": [ids[1]], "bbox": [4, 4, 40, 36]},
+        {"id": ids[2], "landmark": "b", "positives": [ids[3]]},
+    ]
+    (folder / "gt.json").write_text(json.dumps({"images": ids, "queries": queries}))
+    return folder
+
+
+def run_pipeline(corpus: str, root: str, config, benchmark: Path | None = None) -> dict:
+    """extract -> train -> index -> merge -> search (the corpus as its own queries) with every
+    output under ``root``; then, with ``benchmark``, `evaluate` with its report in ``root``.
+    Checks that every stage's summary.json adds up; returns what the tests compare."""
+    from dataclasses import replace
+
+    from pipelines import stages
+    from pipelines.evaluate import evaluate_benchmark
+    from retrieval import storage
+
+    summaries = {
+        "extract": stages.extract(corpus, f"{root}/desc", config),
+        "train": stages.train(f"{root}/desc", f"{root}/cb", config),
+        "index": stages.index(f"{root}/desc", f"{root}/cb", f"{root}/shards", config),
+        "merge": stages.merge(f"{root}/shards", f"{root}/index"),
+        "search": stages.search(f"{root}/index", f"{root}/desc", f"{root}/search", k=5),
+    }
+    for stage in ("extract", "index", "search"):
+        s = summaries[stage]
+        assert s["inputs"] == s["indexed"] + s["failed"], stage
+    for folder in ("desc", "cb", "shards", "index", "search"):  # what each stage wrote there
+        s = storage.read_json(f"{root}/{folder}/summary.json")
+        assert s["inputs"] == s["indexed"] + s["failed"], folder
+    ids, _, vectors = descriptor_shards.read_all(f"{root}/desc")
+    results = storage.read_parquet(f"{root}/search/results.parquet").to_pylist()
+    out = {"summaries": summaries, "ids": ids, "vectors": vectors, "results": results}
+    if benchmark is not None:
+        report_dir = f"{root}/report"
+        report = evaluate_benchmark(
+            str(benchmark), report_dir, replace(config, runner="local"), variants=False
+        )
+        written = storage.read_json(f"{report_dir}/report.json")
+        assert written["results"] == report["results"]
+        for name in ("report.md", "report.html", "rankings.parquet"):
+            assert storage.exists(f"{report_dir}/{name}"), name
+        accounting = written["accounting"]
+        assert accounting["inputs"] == accounting["indexed"] + accounting["failed"]
+        out["report"] = written
+    return out

@@ -1,28 +1,35 @@
 """The whole pipeline on s3:// against a real S3 server (moto), with and without faults.
 
-A proxy in front of the server fails 10% of requests (503 answers, connection resets, short
-reads). The job must complete, account for every image, and produce the same descriptors and
-search results as a fault-free run. Also: one retry layer (attempts do not multiply with the
-client's own), and a re-run retries shards that hold transient errors.
+A proxy in front of the server fails 10% of requests (503 answers, connection resets, stalls
+the client must time out on, short reads). The job (extract on Beam, train, index, merge,
+search, and an `evaluate` report written to s3://) must complete, account for every image, and
+produce the same descriptors, search results and scores as a fault-free run. Also: one retry
+layer (attempts do not multiply with the client's own), stalled requests time out, and a re-run
+retries shards that hold transient errors.
 """
 
 from __future__ import annotations
 
-import io
 import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from support import FaultyProxy, save_tiny_saved_model, start_moto, stop_server
+from support import (
+    FaultyProxy,
+    pattern_images,
+    run_pipeline,
+    save_tiny_saved_model,
+    start_moto,
+    stop_server,
+    write_tiny_benchmark,
+)
 
 from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval import storage
 from retrieval.descriptors.gem import GeMConfig
-from retrieval.shards import descriptor_shards
 
 N_IMAGES = 20
 
@@ -51,8 +58,9 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture
-def proxy(s3):
+def proxy(s3, monkeypatch):
     endpoint, use = s3
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "2")  # a stalled request fails after 2 s
     faulty = FaultyProxy(endpoint, rate=0.0, seed=1)
     use(faulty.endpoint)
     yield faulty
@@ -68,14 +76,15 @@ def corpus(s3) -> str:
     bucket = f"faults-{uuid.uuid4().hex[:8]}"
     fs = s3fs.S3FileSystem()
     fs.mkdir(bucket)
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        pixels = (rng.random((40 + i, 56, 3)) * 255).astype(np.uint8)
-        sink = io.BytesIO()
-        fmt = "PNG" if i % 2 else "JPEG"
-        Image.fromarray(pixels).save(sink, fmt)
-        fs.pipe(f"{bucket}/corpus/img{i:02d}.{fmt.lower()}", sink.getvalue())
+    for name, data in pattern_images(N_IMAGES).items():
+        fs.pipe(f"{bucket}/corpus/{name}", data)
     return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> Path:
+    """A benchmark folder over the same images, for `evaluate` (its report goes to s3://)."""
+    return write_tiny_benchmark(tmp_path_factory.mktemp("benchmark") / "tiny", pattern_images(6))
 
 
 @pytest.fixture(scope="module")
@@ -90,26 +99,9 @@ def config(tmp_path_factory) -> RunConfig:
     )
 
 
-def run_pipeline(corpus: str, root: str, config: RunConfig) -> dict:
-    """extract -> train -> index -> merge -> search (the corpus as its own queries)."""
-    summaries = {
-        "extract": stages.extract(f"{corpus}/corpus", f"{root}/desc", config),
-        "train": stages.train(f"{root}/desc", f"{root}/cb", config),
-        "index": stages.index(f"{root}/desc", f"{root}/cb", f"{root}/shards", config),
-        "merge": stages.merge(f"{root}/shards", f"{root}/index"),
-        "search": stages.search(f"{root}/index", f"{root}/desc", f"{root}/search", k=5),
-    }
-    for stage in ("extract", "index", "search"):
-        s = summaries[stage]
-        assert s["inputs"] == s["indexed"] + s["failed"], stage
-    ids, _, vectors = descriptor_shards.read_all(f"{root}/desc")
-    results = storage.read_parquet(f"{root}/search/results.parquet").to_pylist()
-    return {"summaries": summaries, "ids": ids, "vectors": vectors, "results": results}
-
-
 @pytest.fixture(scope="module")
-def fault_free(s3, corpus, config) -> dict:
-    return run_pipeline(corpus, f"{corpus}/clean", config)
+def fault_free(s3, corpus, config, benchmark) -> dict:
+    return run_pipeline(f"{corpus}/corpus", f"{corpus}/clean", config, benchmark)
 
 
 def test_pipeline_on_s3(fault_free):
@@ -123,11 +115,15 @@ def test_pipeline_on_s3(fault_free):
     assert top1 == {i: i for i in fault_free["ids"]}
 
 
-def test_ten_percent_faults_change_nothing(proxy, corpus, config, fault_free, monkeypatch):
+def test_ten_percent_faults_change_nothing(
+    proxy, corpus, config, benchmark, fault_free, monkeypatch
+):
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # backoff is tested elsewhere
     proxy.rate = 0.1
     # Extraction on Beam with 2 worker processes (they reach S3 through the proxy too).
-    faulty = run_pipeline(corpus, f"{corpus}/faulty", replace(config, runner="beam"))
+    faulty = run_pipeline(
+        f"{corpus}/corpus", f"{corpus}/faulty", replace(config, runner="beam"), benchmark
+    )
     proxy.rate = 0.0
     assert sum(proxy.faults.values()) >= 10, proxy.faults  # faults of every kind happened
     assert all(proxy.faults.values()), proxy.faults
@@ -139,6 +135,27 @@ def test_ten_percent_faults_change_nothing(proxy, corpus, config, fault_free, mo
     assert [(r["query_id"], r["rank"], r["id"]) for r in sorted(faulty["results"], key=key)] == [
         (r["query_id"], r["rank"], r["id"]) for r in sorted(fault_free["results"], key=key)
     ]
+    assert faulty["report"]["accounting"] == fault_free["report"]["accounting"]
+    scores = lambda report: [(r["name"], r["mAP"], r["mP@1"]) for r in report["results"]]  # noqa: E731
+    assert scores(faulty["report"]) == scores(fault_free["report"])
+    proxy.close()  # counts the last stalls the clients hung up on
+    assert proxy.abandoned == proxy.faults["timeout"]  # the client timed out on every stall
+
+
+def test_stalled_requests_time_out_and_are_retried(proxy, corpus, monkeypatch, caplog):
+    """A request that gets no answer fails after the storage timeout (botocore hangs up, it
+    does not wait for the server) and counts as transient: DEFAULT_ATTEMPTS tries in all."""
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "0.5")
+    bucket = corpus.removeprefix("s3://")
+    path = f"/{bucket}/corpus/img01.png"
+    proxy.stall_paths = {path}
+    with pytest.raises(Exception) as raised, caplog.at_level("WARNING"):
+        storage.read_bytes(f"{corpus}/corpus/img01.png")
+    proxy.close()
+    assert storage.is_transient(raised.value)
+    assert caplog.text.count("retry ") == storage.DEFAULT_ATTEMPTS - 1
+    assert proxy.abandoned == proxy.requests[path] == storage.DEFAULT_ATTEMPTS
 
 
 def test_attempts_do_not_multiply(proxy, corpus, monkeypatch):
@@ -172,7 +189,10 @@ def test_rerun_retries_shards_with_transient_errors(proxy, corpus, config, monke
 def test_client_retries_are_off(s3):
     fs, _ = storage.filesystem("s3://any-bucket/x")
     assert fs.retries == 1
-    assert fs.config_kwargs["retries"]["total_max_attempts"] == 1  # botocore: no retries
+    fs.connect()  # s3fs builds its botocore client
+    config = fs.s3.meta.config
+    assert config.retries["total_max_attempts"] == 1  # botocore: no retries
+    assert config.read_timeout == config.connect_timeout == storage.DEFAULT_REQUEST_TIMEOUT_S
 
 
 def test_programming_errors_are_not_retried(monkeypatch):
@@ -240,6 +260,8 @@ def test_write_then_read_through_faults(proxy, corpus, monkeypatch):
         assert storage.read_bytes(uri) == data
     proxy.rate = 0.0
     assert sum(proxy.faults.values()) > 0
+    proxy.close()  # counts the last stalls the client hung up on
+    assert proxy.abandoned == proxy.faults["timeout"]
 
 
 def test_storage_errors_in_rows_are_redacted(tmp_path: Path):

@@ -1,26 +1,28 @@
-"""gs:// end to end against the GCS emulator: listing, storage helpers, models, extraction.
+"""gs:// end to end against the GCS emulator: listing, storage helpers, models, extraction, and
+the whole pipeline (Beam extraction with 2 workers, train, index, merge, search, evaluate report)
+with and without a proxy that fails 10% of requests.
 
-gcsfs needs three things against ``gcp-storage-emulator`` (STACK.md pitfall 4):
-``STORAGE_EMULATOR_HOST`` (read on every request), anonymous credentials (set through fsspec's
-config, so ``url_to_fs("gs://...")`` in library code picks them up), and the plain
-``gcsfs.core.GCSFileSystem``: with ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` unset when gcsfs is first
-imported, ``gcsfs.GCSFileSystem`` is the experimental class, which asks the bucket's type over
-gRPC and hangs 60 s per call. Setting the variable after that import changes nothing, so the
-fixture also registers the plain class for ``gs``/``gcs`` in fsspec itself; that works whether or
-not gcsfs was imported earlier in the session.
+How gcsfs is pointed at ``gcp-storage-emulator``: ``support.use_gcs_emulator``.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from dataclasses import replace
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
-from fsspec.registry import _registry as fsspec_registry
-from support import free_port, save_tiny_saved_model, stop_server, wait_until_answering
+from support import (
+    FaultyProxy,
+    pattern_images,
+    point_gcs_at,
+    run_pipeline,
+    save_tiny_saved_model,
+    start_gcs_emulator,
+    stop_server,
+    use_gcs_emulator,
+    write_tiny_benchmark,
+)
 
 from pipelines.config import RunConfig
 from pipelines.stages import extract
@@ -34,50 +36,29 @@ BUCKET = "cbir-test"
 
 
 @pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """A GCS emulator with bucket ``cbir-test``; yields the gcsfs filesystem that talks to it."""
-    emulator = Path(sys.executable).parent / "gcp-storage-emulator"
-    if not emulator.exists():
-        pytest.fail("gcp-storage-emulator is not installed (the GCS tests need it)")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            str(emulator),
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--default-bucket",
-            BUCKET,
-            "--in-memory",
-            "--quiet",
-        ],
-        cwd=tmp_path_factory.mktemp("gcs-emulator"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def gcs_server(tmp_path_factory):
+    """A GCS emulator with bucket ``cbir-test``: its endpoint, and the MonkeyPatch that holds
+    the gcsfs set-up (to point gcsfs at a proxy)."""
+    server, endpoint = start_gcs_emulator(tmp_path_factory.mktemp("gcs-emulator"), BUCKET)
     try:
-        wait_until_answering(endpoint, server, "gcp-storage-emulator")
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("STORAGE_EMULATOR_HOST", endpoint)
-            env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # for a first import
-            import gcsfs.core
-
-            plain = gcsfs.core.GCSFileSystem
-            for protocol in ("gs", "gcs"):  # in case gcsfs was imported before (see docstring)
-                env.setitem(fsspec_registry, protocol, plain)
-            env.setitem(fsspec.config.conf, "gs", {"token": "anon"})
-            plain.clear_instance_cache()
+            plain = use_gcs_emulator(env, endpoint)
             try:
-                fs, _ = storage.filesystem(f"gs://{BUCKET}")
-                assert type(fs) is plain and fs.credentials.method == "anon"
-                yield fs
+                yield endpoint, env
             finally:
                 plain.clear_instance_cache()
     finally:
         stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def gcs(gcs_server):
+    """The gcsfs filesystem that talks to the emulator."""
+    import gcsfs.core
+
+    fs, _ = storage.filesystem(f"gs://{BUCKET}")
+    assert type(fs) is gcsfs.core.GCSFileSystem and fs.credentials.method == "anon"
+    return fs
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +189,119 @@ def test_delf_model_on_gcs_is_copied_to_a_local_folder_first(gcs, tmp_path):
     np.testing.assert_array_equal(a.locations, b.locations)
     np.testing.assert_array_equal(a.descriptors, b.descriptors)
     assert remote.info()["weights_sha256"] == here.info()["weights_sha256"]
+
+
+# --- the whole pipeline on gs://, with and without faults ----------------------------------------
+
+PIPELINE_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def pipeline_corpus(gcs, tmp_path_factory) -> tuple[str, Path]:
+    """gs://cbir-test/pipeline/corpus: small pattern images; and a benchmark folder over the same
+    images (for `evaluate`, whose report goes to gs://)."""
+    images = pattern_images(PIPELINE_IMAGES)
+    for name, data in images.items():
+        gcs.pipe(f"{BUCKET}/pipeline/corpus/{name}", data)
+    benchmark = write_tiny_benchmark(tmp_path_factory.mktemp("benchmark") / "tiny", images)
+    return f"gs://{BUCKET}/pipeline", benchmark
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(tiny_saved_model: Path) -> RunConfig:
+    return RunConfig(
+        runner="local",
+        workers=2,
+        threads_per_worker=1,
+        shard_size=3,
+        gem=GeMConfig(backbone=f"savedmodel:{tiny_saved_model}", image_size=64),
+    )
+
+
+@pytest.fixture(scope="module")
+def gcs_fault_free(pipeline_corpus, pipeline_config) -> dict:
+    root, benchmark = pipeline_corpus
+    return run_pipeline(f"{root}/corpus", f"{root}/clean", pipeline_config, benchmark)
+
+
+def _top(results: list[dict]) -> list[tuple[str, int, str]]:
+    return sorted((r["query_id"], r["rank"], r["id"]) for r in results)
+
+
+def _scores(report: dict) -> list[tuple]:
+    return [(r["name"], r["mAP"], r["mP@1"]) for r in report["results"]]
+
+
+def test_pipeline_on_gcs(pipeline_corpus, gcs_fault_free):
+    root, _ = pipeline_corpus
+    extract_summary = gcs_fault_free["summaries"]["extract"]
+    assert (extract_summary["inputs"], extract_summary["indexed"], extract_summary["failed"]) == (
+        PIPELINE_IMAGES,
+        PIPELINE_IMAGES,
+        0,
+    )
+    assert gcs_fault_free["ids"] == sorted(pattern_images(PIPELINE_IMAGES))
+    assert gcs_fault_free["summaries"]["merge"]["ntotal"] == PIPELINE_IMAGES
+    top1 = {r["query_id"]: r["id"] for r in gcs_fault_free["results"] if r["rank"] == 0}
+    assert top1 == {i: i for i in gcs_fault_free["ids"]}
+    report = gcs_fault_free["report"]
+    accounting = {"inputs": PIPELINE_IMAGES, "indexed": PIPELINE_IMAGES, "failed": 0}
+    assert report["accounting"] == accounting
+    assert report["queries"] == 2 and report["results"][0]["mAP"] is not None
+    # The cropped query went to the report's folder on gs://, not to a local folder "gs:".
+    assert storage.exists(f"{root}/clean/report/query_inputs/img00.png")
+    assert not (Path.cwd() / "gs:").exists()
+
+
+def test_ten_percent_faults_on_gcs_change_nothing(
+    gcs_server, pipeline_corpus, pipeline_config, gcs_fault_free, monkeypatch
+):
+    endpoint, env = gcs_server
+    root, benchmark = pipeline_corpus
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # backoff is tested elsewhere
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "2")  # a stalled request fails after 2 s
+    proxy = FaultyProxy(endpoint, rate=0.1, seed=3)
+    point_gcs_at(env, proxy.endpoint)  # Beam's worker processes inherit it
+    try:
+        # Extraction on Beam with 2 worker processes (they reach the emulator through the proxy).
+        faulty = run_pipeline(
+            f"{root}/corpus", f"{root}/faulty", replace(pipeline_config, runner="beam"), benchmark
+        )
+    finally:
+        point_gcs_at(env, endpoint)
+        proxy.close()
+    assert all(proxy.faults.values()), proxy.faults  # faults of every kind happened
+    assert proxy.abandoned == proxy.faults["timeout"]  # the client timed out on every stall
+    extract_summary = faulty["summaries"]["extract"]
+    assert (extract_summary["inputs"], extract_summary["indexed"], extract_summary["failed"]) == (
+        PIPELINE_IMAGES,
+        PIPELINE_IMAGES,
+        0,
+    )
+    assert faulty["ids"] == gcs_fault_free["ids"]
+    np.testing.assert_allclose(faulty["vectors"], gcs_fault_free["vectors"], atol=1e-5)
+    assert _top(faulty["results"]) == _top(gcs_fault_free["results"])
+    assert faulty["report"]["accounting"] == gcs_fault_free["report"]["accounting"]
+    assert _scores(faulty["report"]) == _scores(gcs_fault_free["report"])
+
+
+def test_stalled_requests_time_out_and_are_retried(gcs_server, gcs, monkeypatch, caplog):
+    """A request that gets no answer fails after the storage timeout (the client hangs up, it
+    does not wait for the server) and counts as transient: DEFAULT_ATTEMPTS tries in all."""
+    endpoint, env = gcs_server
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "0.5")
+    gcs.pipe(f"{BUCKET}/stall/a.bin", b"x")
+    proxy = FaultyProxy(endpoint, rate=0.0)
+    stalled = f"/storage/v1/b/{BUCKET}/o/stall%2Fa.bin"  # the object's metadata and media
+    proxy.stall_paths = {stalled}
+    point_gcs_at(env, proxy.endpoint)
+    try:
+        with pytest.raises(Exception) as raised, caplog.at_level("WARNING"):
+            storage.read_bytes(f"gs://{BUCKET}/stall/a.bin")
+    finally:
+        point_gcs_at(env, endpoint)
+        proxy.close()
+    assert storage.is_transient(raised.value)
+    assert caplog.text.count("retry ") == storage.DEFAULT_ATTEMPTS - 1
+    assert proxy.abandoned == proxy.requests[stalled] >= storage.DEFAULT_ATTEMPTS

@@ -111,6 +111,37 @@ def test_broken_exif_is_noted_not_fatal():
     assert clean.notes == ()
 
 
+def broken_exif_jpeg(tiff: bytes) -> bytes:
+    """A JPEG whose APP1 EXIF segment holds ``tiff`` (a damaged TIFF structure)."""
+    return encode(Image.fromarray(pattern(64, 48)), "JPEG", exif=b"Exif\x00\x00" + tiff)
+
+
+BROKEN_EXIF = {
+    "no byte-order mark": b"XX*\x00\x08\x00\x00\x00",
+    "directory outside": b"II*\x00\x00\xff\xff\x0f",
+    "entries past the end": b"II*\x00\x08\x00\x00\x00\xf4\x01" + b"\x12\x01\x03\x00" * 3,
+    "cut in an entry": b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12",
+    "value outside": b"II*\x00\x08\x00\x00\x00\x01\x00\x0f\x01\x02\x00\x40\x00\x00\x00"
+    + b"\x00\x10\x00\x00",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BROKEN_EXIF))
+def test_corrupt_exif_block_is_noted(damage):
+    """Pillow reads these without raising (a warning at most): the decoder must still say so."""
+    out = decode_image(broken_exif_jpeg(BROKEN_EXIF[damage]), max_side=64)
+    assert out.pixels.shape == (48, 64, 3)
+    assert len(out.notes) == 1 and out.notes[0].startswith("broken EXIF block ("), out.notes
+
+
+def test_sound_exif_has_no_notes():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "a maker name longer than four bytes"  # stored at an offset in the block
+    out = decode_image(encode(Image.fromarray(pattern(64, 48)), "JPEG", exif=exif), max_side=64)
+    assert out.notes == () and out.pixels.shape == (64, 48, 3)
+
+
 def test_large_16bit_png_is_decoded_in_bounded_memory():
     values = (np.arange(3000 * 4000, dtype=np.uint32) % 65536).astype(np.uint16)
     data = encode(Image.fromarray(values.reshape(3000, 4000)), "PNG")
@@ -187,6 +218,7 @@ def test_hostile_corpus_is_accounted_for(tmp_path, tiny_saved_model_path):
         "gray.png": encode(Image.fromarray(pattern(64, 48)[..., 0]), "PNG"),
         "cmyk.jpg": encode(Image.new("CMYK", (64, 48), (0, 90, 200, 5)), "JPEG"),
         "sixteen.png": encode(Image.fromarray(np.full((48, 64), 40000, np.uint16)), "PNG"),
+        "broken exif.jpg": broken_exif_jpeg(BROKEN_EXIF["entries past the end"]),
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -215,6 +247,14 @@ def test_hostile_corpus_is_accounted_for(tmp_path, tiny_saved_model_path):
     assert {"photo.webp", "photo.tiff"} <= {i.rsplit("/", 1)[-1] for i in ids}
     by_name = {i.rsplit("/", 1)[-1]: v for i, v in zip(ids, vectors, strict=True)}
     np.testing.assert_array_equal(by_name["ünïcödé name.jpg"], by_name["with space.jpg"])
+    # The broken EXIF block is in the data (its row's `notes`) and counted, not only logged.
+    assert summary["images_with_notes"] == 1
+    notes = {}
+    for manifest in descriptor_shards.list_shards(str(tmp_path / "desc")):
+        notes |= descriptor_shards.read_notes(str(tmp_path / "desc"), manifest)
+    [(noted_id, note)] = notes.items()
+    assert noted_id.endswith("broken exif.jpg")
+    assert note == "broken EXIF block (500 directory entries run past the end of the block)"
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,10 @@ def test_tree_merge_equals_single_shot_build(built, pieces, on_disk):
     assert manifest["on_disk"] == on_disk
     if on_disk:
         assert (out / "index.ivfdata").exists()
+    if pieces == 1 and not on_disk:  # the same bytes as the single-shot build's index
+        assert (out / "index.faissindex").read_bytes() == (
+            root / "single" / "index.faissindex"
+        ).read_bytes()
 
     queries = vectors[::97]
     expected_scores, expected = _answers(root / "single", queries)
@@ -97,3 +101,21 @@ def test_group_outputs_carry_no_codebook(built):
     for path in codes:
         assert path.stat().st_size < SHARD * 16 + 64 * 1024
     assert codebook_bytes > 0
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["ram", "ondisk"])
+def test_streamed_merge_writes_what_folding_in_memory_writes(built, on_disk):
+    """The merge copies codes file to file; folding every input into one in-memory index (the
+    plain faiss way) must give the same files, byte for byte."""
+    root, _ = built
+    outs = [root / f"{name}-{on_disk}" for name in ("streamed", "inmemory")]  # same length
+    for out, stream in zip(outs, (True, False), strict=True):
+        merge_index_groups(
+            str(root / "groups"), str(out), fan_in=2, on_disk=on_disk, stream_codes=stream
+        )
+    names = sorted(p.name for p in outs[1].iterdir() if p.suffix in (".faissindex", ".ivfdata"))
+    assert names == (["index.faissindex", "index.ivfdata"] if on_disk else ["index.faissindex"])
+    for name in names:
+        # an on-disk index names its data file by path: the folders differ only by name
+        streamed = (outs[0] / name).read_bytes().replace(bytes(outs[0]), bytes(outs[1]))
+        assert streamed == (outs[1] / name).read_bytes()

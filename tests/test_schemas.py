@@ -62,7 +62,7 @@ def test_descriptor_shard_round_trip(tmp_path):
     table = pq.read_table(descriptor_shards.data_uri(directory, "part-00000"))
     meta = table.schema.metadata
     assert meta[b"cbir.schema"] == b"descriptors"
-    assert meta[b"cbir.schema_version"] == b"1"
+    assert meta[b"cbir.schema_version"] == b"2"
     assert meta[b"cbir.descriptor_dim"] == str(DIM).encode()
     assert table.column("width").to_pylist() == [100, 101, 102, 103, 104]
     assert set(table.column("model_id").to_pylist()) == {"gem-test"}
@@ -94,6 +94,49 @@ def test_check_schema_refuses_wrong_version():
     schema = _with_metadata(schemas.arrow_schema("errors"), **{"cbir.schema_version": b"2"})
     with pytest.raises(schemas.SchemaMismatchError, match="version 2 is not supported"):
         schemas.check_schema("errors", schema, source="x.parquet")
+
+
+def test_descriptor_notes_round_trip(tmp_path):
+    refs = (ImageRef("plain", "/d/plain.jpg"), ImageRef("odd", "/d/odd.jpg"))
+    vector = np.eye(DIM, dtype=np.float32)[0]
+    rows = [
+        DescriptorRow("plain", "/d/plain.jpg", "0" * 64, 20, 20, vector),
+        DescriptorRow("odd", "/d/odd.jpg", "1" * 64, 20, 20, vector, "broken EXIF block (x)"),
+    ]
+    directory = str(tmp_path / "desc")
+    manifest = descriptor_shards.write_shard(
+        directory, ShardSpec("part-00000", refs), rows, [], MODEL_INFO
+    )
+    assert manifest["rows_with_notes"] == 1
+    assert descriptor_shards.read_notes(directory, manifest) == {"odd": "broken EXIF block (x)"}
+    table = pq.read_table(descriptor_shards.data_uri(directory, "part-00000"))
+    assert table.column("notes").to_pylist() == [None, "broken EXIF block (x)"]
+    assert not table.schema.field("notes").type.equals(pa.null())
+
+
+def test_version_1_descriptor_shards_are_still_read(tmp_path, monkeypatch):
+    """Shards written before `notes` existed (schema version 1) read as rows without notes."""
+    written_as_v2 = descriptor_shards.descriptor_table
+
+    def version_1_table(rows, model_id, dim):
+        table = written_as_v2(rows, model_id, dim).drop(["notes"])
+        return table.cast(schemas.arrow_schema("descriptors", dim=dim, version=1))
+
+    monkeypatch.setattr(descriptor_shards, "descriptor_table", version_1_table)
+    directory, spec, vectors, manifest = _shard(tmp_path)
+    monkeypatch.undo()
+    meta = pq.read_schema(descriptor_shards.data_uri(directory, "part-00000")).metadata
+    assert meta[b"cbir.schema_version"] == b"1"
+    del manifest["rows_with_notes"]  # as an older manifest: the count is absent
+    ids, _, read = descriptor_shards.read_all(directory)
+    assert ids == [r.id for r in spec.refs[:5]]
+    np.testing.assert_array_equal(read, vectors)
+    assert descriptor_shards.read_notes(directory, manifest) == {}
+    old_schema = schemas.arrow_schema("descriptors", dim=DIM, version=1)
+    schemas.check_schema("descriptors", old_schema)
+    future = _with_metadata(old_schema, **{"cbir.schema_version": b"3"})
+    with pytest.raises(schemas.SchemaMismatchError, match="this code reads versions 1, 2"):
+        schemas.check_schema("descriptors", future)
 
 
 def test_check_schema_refuses_wrong_name():

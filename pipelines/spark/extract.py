@@ -62,6 +62,7 @@ RESULT_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("descriptor", pa.list_(pa.float32())),
+        ("notes", pa.string()),
         ("stage", pa.string()),
         ("error_kind", pa.string()),
         ("message", pa.string()),
@@ -77,7 +78,7 @@ RESULT_SCHEMA = pa.schema(
 )
 RESULT_DDL = (
     "shard string, id string, uri string, sha256 string, width int, height int, "
-    "descriptor array<float>, stage string, error_kind string, message string, "
+    "descriptor array<float>, notes string, stage string, error_kind string, message string, "
     "num_features int, image_width int, image_height int, locations array<float>, "
     "scales array<float>, local_descriptors array<float>, local_seconds double"
 )
@@ -161,12 +162,13 @@ def _result_batch(
         for name, value in zip(LOCAL_COLUMNS, values, strict=True):
             columns[name].append(value)
         if local is not None:
-            for name in ("sha256", "width", "height", "descriptor", "stage", "error_kind"):
+            for name in ("sha256", "width", "height", "descriptor", "notes", "stage"):
                 columns[name].append(None)
+            columns["error_kind"].append(None)
             columns["message"].append(None)
             continue
         is_row = isinstance(result, DescriptorRow)
-        for name in ("sha256", "width", "height"):
+        for name in ("sha256", "width", "height", "notes"):
             columns[name].append(getattr(result, name) if is_row else None)
         columns["descriptor"].append(result.descriptor if is_row else None)
         for name in ("stage", "error_kind", "message"):
@@ -259,9 +261,9 @@ def write_shard_group(
     rows_table = results.filter(pc.invert(is_error))
     vectors = _vectors(rows_table.column("descriptor"), int(model_info["dim"]))
     rows = [
-        DescriptorRow(r["id"], r["uri"], r["sha256"], r["width"], r["height"], vector)
+        DescriptorRow(r["id"], r["uri"], r["sha256"], r["width"], r["height"], vector, r["notes"])
         for r, vector in zip(
-            rows_table.select(["id", "uri", "sha256", "width", "height"]).to_pylist(),
+            rows_table.select(["id", "uri", "sha256", "width", "height", "notes"]).to_pylist(),
             vectors,
             strict=True,
         )

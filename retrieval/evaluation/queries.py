@@ -9,10 +9,11 @@ the ordinary extraction stage can describe them.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 from PIL import Image
 
+from retrieval import storage
 from retrieval.evaluation.ground_truth import Benchmark
 
 # The decompression-bomb guard the rest of the project uses for untrusted images.
@@ -32,25 +33,28 @@ def crop_box(
     return x1, y1, x2, y2
 
 
-def write_query_inputs(benchmark: Benchmark, folder: str | Path) -> dict[str, str]:
-    """One lossless PNG per query id in ``folder`` (``<id>.png``): the query image, cropped to
-    its bbox when it has one. Returns {query id: reason} for the queries that could not be
-    written (unreadable image, box outside it): the caller reports them, and they score
-    with an empty ranking. A query id with two different boxes is an error (rankings are
-    keyed by query id)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def write_query_inputs(benchmark: Benchmark, folder: str) -> tuple[dict[str, str], dict[str, str]]:
+    """One lossless PNG per query id in ``folder`` (``<id>.png``; a local path or a URI such as
+    ``gs://...``): the query image, cropped to its bbox when it has one.
+
+    Returns ({query id: URI written}, {query id: reason}) for the queries written and those that
+    could not be (unreadable image, box outside it): the caller reports the latter, and they
+    score with an empty ranking. A query id with two different boxes is an error (rankings are
+    keyed by query id). An input already written by an earlier run is kept (each is written
+    whole, atomically, by ``storage.write_bytes``).
+    """
     boxes: dict[str, tuple[float, float, float, float] | None] = {}
     for query in benchmark.queries:
         if query.id in boxes and boxes[query.id] != query.bbox:
             raise ValueError(f"query {query.id!r} has two different bounding boxes")
         boxes[query.id] = query.bbox
+    written: dict[str, str] = {}
     problems: dict[str, str] = {}
     for query_id, bbox in sorted(boxes.items()):
-        target = folder / f"{query_id}.png"
-        if target.exists():
+        target = storage.join(folder, f"{query_id}.png")
+        if storage.exists(target):
+            written[query_id] = target
             continue
-        partial = folder / f".{query_id}.partial"  # hidden, so a listing never takes it
         try:
             with Image.open(benchmark.image_path(query_id)) as image:
                 if image.width * image.height > MAX_PIXELS:
@@ -58,9 +62,11 @@ def write_query_inputs(benchmark: Benchmark, folder: str | Path) -> dict[str, st
                 image = image.convert("RGB")
                 if bbox is not None:
                     image = image.crop(crop_box(bbox, image.width, image.height))
-                image.save(partial, format="PNG")
+                sink = io.BytesIO()
+                image.save(sink, format="PNG")
         except (OSError, ValueError) as exc:
             problems[query_id] = f"{type(exc).__name__}: {exc}"
             continue
-        partial.replace(target)
-    return problems
+        storage.write_bytes(target, sink.getvalue())
+        written[query_id] = target
+    return written, problems

@@ -11,13 +11,14 @@ the tasks of one round can run on any workers (Beam, Spark, a loop) and rounds r
 another. Inputs hold disjoint global ids, so merging appends codes with no id shift, and the
 result is the index a single process would have built adding every vector in id order.
 
-Memory: a task holds its output plus one input's codes at a time (inputs are folded in one by
-one), streams the id maps row group by row group into one Parquet file (never a whole id map:
-millions of id and URI strings outweigh the codes), and writes codes and the index with faiss's
-file writer (no in-memory copy). Measured peak growth: ~5 MB per MB of index (README).
-With ``on_disk`` the final task builds an on-disk IVF index (``faiss.contrib.ondisk``: the
-inverted lists live in ``<piece>.ivfdata``, memory-mapped at search time) for larger-than-RAM
-indexes; then only one input is ever in memory.
+Memory: a task holds no inverted list. It copies its inputs' IVF codes file to file, list by
+list (``codes.write_merged_lists``: the merged lists, a searchable index, or an on-disk index's
+``.ivfdata``, byte-identical to what faiss's ``merge_from`` / ``merge_ondisk`` write), and
+streams the id maps row group by row group into one Parquet file (never a whole id map:
+millions of id and URI strings outweigh the codes). Measured peak growth: 0.3 MB per MB of
+index, on top of a fixed ~70 MB (README, "Index at scale"). With ``on_disk`` the final task
+writes an on-disk IVF index (the inverted lists in ``<piece>.ivfdata``, memory-mapped at search
+time, as ``faiss.contrib.ondisk`` lays them out) for larger-than-RAM indexes.
 
 Pieces split the groups into N contiguous id ranges; searching queries every piece and merges
 the top-k (``search.py``), which gives the same results as one index.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -164,14 +166,22 @@ def _output_idmap_uri(task: MergeTask) -> str:
     return idmap_uri(task.directory, task.node_id)
 
 
-def _read_input(node: CodesNode) -> dict[str, Any]:
+def _read_input(node: CodesNode, scratch: str) -> tuple[dict[str, Any], str]:
+    """The input's manifest and a local path of its codes, checked against the manifest (a
+    local file is read in place; a remote one is copied to ``scratch`` once)."""
     manifest = manifests.read(node.directory, node.node_id)
     if manifest is None:
         raise FileNotFoundError(f"{node.directory}: {node.node_id} is not committed")
     uri = codes_uri(node.directory, node.node_id)
-    if storage.sha256_file(uri) != manifest["files"]["codes"]["sha256"]:
+    local = storage.local_copy(uri, scratch)
+    if storage.sha256_file(local) != manifest["files"]["codes"]["sha256"]:
         raise OSError(f"{uri}: checksum does not match its manifest")
-    return manifest
+    return manifest, local
+
+
+def _drop_copy(node: CodesNode, local: str) -> None:
+    if local != storage.filesystem(codes_uri(node.directory, node.node_id))[1]:
+        os.remove(local)
 
 
 class _IdmapMerger:
@@ -204,6 +214,9 @@ class _IdmapMerger:
         schemas.check_schema("idmap", parquet.schema_arrow, source=uri)
         for group in range(parquet.metadata.num_row_groups):
             self._add(parquet.read_row_group(group, use_threads=False))
+            # Arrow's allocator (mimalloc) keeps freed row group buffers: measured on 1M ids,
+            # ~35 MB more at the merge's peak (6 MB ever live in Arrow) unless handed back.
+            pa.default_memory_pool().release_unused()
         if local != storage.filesystem(uri)[1]:
             os.remove(local)
 
@@ -266,39 +279,66 @@ class _IdmapMerger:
             previous = ref.id
 
 
-def run_merge_task(task: MergeTask) -> dict[str, Any]:
-    """Run one merge task; returns the manifest it committed."""
+def run_merge_task(task: MergeTask, *, stream_codes: bool = True) -> dict[str, Any]:
+    """Run one merge task; returns the manifest it committed.
+
+    IVF codes are merged file to file (``codes.write_merged_lists``: no inverted list is ever
+    held in memory, whatever the index size). ``stream_codes=False``, and index types whose
+    inverted lists do not end the index file, fold every input into one in-memory index
+    instead (the same bytes; kept as the reference the streamed merge is checked against).
+    """
     index, codebook = load_codebook(task.codebook)
-    fmt = None
+    streamed = (
+        stream_codes
+        and codes_io.ivf_of(index) is not None
+        and codes_io.index_prefix(index, 0) is not None
+    )
     with tempfile.TemporaryDirectory(prefix="retrieval-merge-") as scratch:
         idmap = _IdmapMerger(os.path.join(scratch, IDMAP_FILE), f"merging {task.node_id}")
+        layouts: list[codes_io.ListsFile] = []
+        parts: list[str] = []
+        fmt = None
         try:
-            if task.on_disk:
-                parts = []
-                for i, node in enumerate(task.inputs):
-                    manifest = _read_input(node)
+            for i, node in enumerate(task.inputs):
+                manifest, local = _read_input(node, scratch)
+                fmt = manifest["codes_format"]
+                if streamed and fmt == codes_io.INVLISTS:
+                    layouts.append(codes_io.read_lists_layout(local))
+                elif task.on_disk:
                     part = faiss.clone_index(index)
-                    codes_io.fold_codes(
-                        part, codes_uri(node.directory, node.node_id), manifest["codes_format"]
-                    )
+                    codes_io.fold_codes(part, local, fmt)
                     parts.append(os.path.join(scratch, f"input-{i}.faissindex"))
                     faiss.write_index(part, parts[-1])
                     del part
-                    idmap.add_input(node, manifest, scratch)
-            else:
-                for node in task.inputs:
-                    manifest = _read_input(node)
-                    fmt = manifest["codes_format"]
-                    codes_io.fold_codes(index, codes_uri(node.directory, node.node_id), fmt)
-                    idmap.add_input(node, manifest, scratch)
+                    _drop_copy(node, local)
+                else:
+                    codes_io.fold_codes(index, local, fmt)
+                    _drop_copy(node, local)
+                idmap.add_input(node, manifest, scratch)
         finally:
             idmap.close()
         rows = idmap.rows
         first_id = idmap.first_id or 0
-        files = _write_on_disk(task, index, parts, scratch) if task.on_disk else {}
-        ntotal = int(index.ntotal)  # on disk: set by merge_ondisk
+        if layouts:
+            ntotal = sum(lists.ntotal for lists in layouts)
+            files = _write_streamed(task, index, layouts, scratch)
+        else:
+            files = _write_on_disk(task, index, parts, scratch) if task.on_disk else {}
+            ntotal = int(index.ntotal)  # on disk: set by merge_ondisk
+            if not task.final:
+                uri = codes_uri(task.directory, task.node_id)
+                files["codes"] = {
+                    "name": uri.rsplit("/", 1)[-1],
+                    **codes_io.write_codes_file(uri, index),
+                }
+            elif not task.on_disk:
+                uri = storage.join(task.directory, f"{task.node_id}.faissindex")
+                files["index"] = {"name": uri.rsplit("/", 1)[-1], **write_index_file(uri, index)}
         if ntotal != rows:
             raise RuntimeError(f"{task.node_id}: {ntotal} vectors but {rows} id map rows")
+        for entry in ("codes", "index"):
+            if entry in files and not (task.on_disk and entry == "index"):
+                files[entry]["rows"] = rows
         idmap_out = _output_idmap_uri(task)
         files["idmap"] = {
             "name": idmap_out.rsplit("/", 1)[-1],
@@ -308,21 +348,8 @@ def run_merge_task(task: MergeTask) -> dict[str, Any]:
         }
         storage.upload(idmap.path, idmap_out)
     if not task.final:
-        uri = codes_uri(task.directory, task.node_id)
-        files["codes"] = {
-            "name": uri.rsplit("/", 1)[-1],
-            **codes_io.write_codes_file(uri, index),
-            "rows": rows,
-        }
         kind, extra = NODE_KIND, {"codes_format": fmt}
     else:
-        if not task.on_disk:
-            uri = storage.join(task.directory, f"{task.node_id}.faissindex")
-            files["index"] = {
-                "name": uri.rsplit("/", 1)[-1],
-                "rows": rows,
-                **write_index_file(uri, index),
-            }
         kind, extra = PIECE_KIND, {"piece": task.piece, "on_disk": task.on_disk}
     return manifests.commit(
         task.directory,
@@ -337,6 +364,67 @@ def run_merge_task(task: MergeTask) -> dict[str, Any]:
             "files": files,
         },
     )
+
+
+def _local_target(task: MergeTask, name: str, scratch: str) -> str:
+    """Where to write an output file: beside its final place when that is a local folder (so
+    placing it is a rename), else in ``scratch`` (then uploaded)."""
+    if storage.is_local(task.directory):
+        folder = storage.filesystem(task.directory)[1]
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    return os.path.join(scratch, name)
+
+
+def _place(local: str, task: MergeTask, name: str) -> dict[str, Any]:
+    """Checksum a finished output file and move it into ``task.directory`` as ``name``."""
+    entry = {"name": name, "sha256": storage.sha256_file(local), "bytes": os.path.getsize(local)}
+    uri = storage.join(task.directory, name)
+    if storage.is_local(uri):
+        os.replace(local, storage.filesystem(uri)[1])
+    else:
+        storage.upload(local, uri)
+    return entry
+
+
+def _write_streamed(
+    task: MergeTask,
+    index: faiss.Index,
+    layouts: list[codes_io.ListsFile],
+    scratch: str,
+) -> dict[str, Any]:
+    """Write the task's output from its inputs' codes files, list by list (nothing held).
+
+    A node: the merged inverted lists. A piece in RAM: the codebook's bytes (``ntotal`` set)
+    then the merged lists, i.e. what ``faiss.write_index`` writes for the folded index. A piece
+    on disk: the lists' data as ``<piece>.ivfdata`` and the index with the ``OnDiskInvertedLists``
+    header that ``merge_ondisk`` gives it (which names the data file by its local path).
+    """
+    sizes = codes_io.merged_sizes(layouts)
+    if not task.final:
+        name = f"{task.node_id}.codes"
+        with open(local := _local_target(task, name, scratch), "wb") as out:
+            codes_io.write_merged_lists(out, layouts)
+        return {"codes": _place(local, task, name)}
+    name = f"{task.node_id}.faissindex"
+    prefix = codes_io.index_prefix(index, int(sizes.sum()))
+    if not task.on_disk:
+        with open(local := _local_target(task, name, scratch), "wb") as out:
+            out.write(prefix)
+            codes_io.write_merged_lists(out, layouts)
+        return {"index": _place(local, task, name)}
+    data_name = f"{task.node_id}.ivfdata"
+    with open(data_local := _local_target(task, data_name, scratch), "wb") as out:
+        codes_io.write_merged_lists_data(out, layouts)
+    data_path = (
+        storage.filesystem(storage.join(task.directory, data_name))[1]
+        if storage.is_local(task.directory)
+        else os.path.join(scratch, data_name)
+    )
+    lists = codes_io.ondisk_lists_bytes(sizes, layouts[0].code_size, data_path)
+    with open(local := _local_target(task, name, scratch), "wb") as out:
+        out.write(prefix + lists)
+    return {"index": _place(local, task, name), "ivfdata": _place(data_local, task, data_name)}
 
 
 def _write_on_disk(
@@ -437,11 +525,14 @@ def merge_index_groups(
     fan_in: int = DEFAULT_FAN_IN,
     pieces: int = 1,
     on_disk: bool = False,
+    stream_codes: bool = True,
 ) -> dict[str, Any]:
-    """Plan and run the whole merge in this process (runners run the rounds' tasks in parallel)."""
+    """Plan and run the whole merge in this process (runners run the rounds' tasks in parallel).
+
+    ``stream_codes=False`` folds the codes in memory (see :func:`run_merge_task`)."""
     start = time.perf_counter()
     rounds = plan_merge(shards, output, fan_in=fan_in, pieces=pieces, on_disk=on_disk)
     for tasks in rounds:
         for task in tasks:
-            run_merge_task(task)
+            run_merge_task(task, stream_codes=stream_codes)
     return finish_merge(shards, output, rounds, {"merge_s": time.perf_counter() - start})

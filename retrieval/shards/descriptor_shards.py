@@ -24,12 +24,15 @@ TRANSIENT_ERROR_KINDS = frozenset({"read_failed", "model_error"})
 
 @dataclass(frozen=True)
 class DescriptorRow:
+    """A described image. ``notes``: what was odd but not fatal (a broken EXIF block), or None."""
+
     id: str
     uri: str
     sha256: str
     width: int
     height: int
     descriptor: np.ndarray
+    notes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ def descriptor_table(rows: Sequence[DescriptorRow], model_id: str, dim: int) -> 
             "height": pa.array([r.height for r in rows], pa.int32()),
             "model_id": pa.array([model_id] * len(rows), pa.string()),
             "descriptor": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
+            "notes": pa.array([r.notes or None for r in rows], pa.string()),
         },
         schema=schema,
     )
@@ -140,6 +144,7 @@ def write_shard(
             "rows": len(rows),
             "errors": len(errors),
             "transient_errors": sum(e.error_kind in TRANSIENT_ERROR_KINDS for e in errors),
+            "rows_with_notes": sum(bool(r.notes) for r in rows),
             "dim": dim,
             "files": {
                 "data": manifests.file_entry(data_path, data, len(rows)),
@@ -165,6 +170,16 @@ def read_shard(directory: str, manifest: dict[str, Any]) -> DescriptorShard:
     return DescriptorShard(
         shard_id, table.column("id").to_pylist(), table.column("uri").to_pylist(), vectors, manifest
     )
+
+
+def read_notes(directory: str, manifest: dict[str, Any]) -> dict[str, str]:
+    """{image id: notes} of the shard's rows that have notes (none in a version-1 file)."""
+    if not manifest.get("rows_with_notes"):
+        return {}
+    uri = data_uri(directory, manifest["shard"])
+    table = _read_checked(uri, manifest["files"]["data"], "descriptors")
+    noted = table.filter(table.column("notes").is_valid()).select(["id", "notes"])
+    return dict(zip(noted.column("id").to_pylist(), noted.column("notes").to_pylist(), strict=True))
 
 
 def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
