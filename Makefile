@@ -43,7 +43,7 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/extract_throughput.py
+	$(BIN)/python benchmarks/extract_throughput.py --all-runtimes
 
 bench-runners: $(STAMP)
 	$(BIN)/python benchmarks/runner_scaling.py

@@ -1,6 +1,7 @@
 """Extraction throughput: the default pipeline end to end vs bare loops, same images and cores.
 
     python benchmarks/extract_throughput.py [--images DIR] [--limit N] [--threads T]
+                                            [--repeat K] [--all-runtimes]
 
 Measured in one run, on the same images and the same T threads, each in a fresh subprocess (so
 none inherits another's thread pools):
@@ -13,19 +14,27 @@ none inherits another's thread pools):
   start-up, model loading, reading, decoding, inference, Parquet writing and commits.
 * ``decode``: read + decode + resize alone on one thread (images/s per core), and
   ``decode_fan_in`` on T threads (``retrieval.extraction.load_images``).
+* ``steady`` (``--repeat K``, default 8; 0 turns it off): the same three sides once more on a
+  K-times larger corpus, a CSV manifest listing every image K times under distinct ids
+  (``copy0/…``, ``copy1/…``), so the pipeline's fixed costs (Beam and worker start-up, model
+  load, teardown) are spread over K times more work, as on a real corpus. The small-set figures
+  stay the headline ones; both are reported, and ``pipeline_cost_model`` solves the pipeline's
+  time as ``fixed_s + images / steady_images_per_s`` from the two sizes (only meaningful when
+  the machine's load is steady across the run).
 * with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
-  the int8 runtimes calibrate on ``--calibration`` (default: ukbench-56, see the README).
+  the int8 runtimes calibrate on their built-in sample unless ``--calibration URI`` is given.
 
 The three sides run in ``--rounds`` alternating rounds (median per side, every round kept).
 Writes ``benchmarks/results/extract_throughput.json`` with ``images_per_s`` for each,
-``speedup = pipeline / tf_fp32_bare`` and ``efficiency = pipeline / default_bare``, plus the
-machine's load average before and after (timings on a shared machine are noisy; the ratios are
-taken side by side in one run).
+``speedup = pipeline / tf_fp32_bare`` and ``efficiency = pipeline / default_bare`` (and the same
+under ``steady``), plus the machine's load average before and after (timings on a shared machine
+are noisy; the ratios are taken side by side in one run).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -38,7 +47,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "benchmarks" / "oxford-dev" / "images"
-DEFAULT_CALIBRATION = REPO.parent / "shared" / "benchmarks" / "ukbench-56" / "images"
 
 
 def _image_folder(source: Path, limit: int | None, scratch: Path) -> Path:
@@ -50,7 +58,20 @@ def _image_folder(source: Path, limit: int | None, scratch: Path) -> Path:
     return folder
 
 
+def _repeated_manifest(folder: Path, repeat: int, scratch: Path) -> Path:
+    """A CSV manifest listing every image of ``folder`` ``repeat`` times under distinct ids."""
+    manifest = scratch / f"repeat{repeat}.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "uri"])
+        for k in range(repeat):
+            for path in sorted(folder.iterdir()):
+                writer.writerow([f"copy{k}/{path.name}", str(path.resolve())])
+    return manifest
+
+
 def run_bare(images: str, threads: int, runtime: str, calibration: str | None = None) -> dict:
+    """``images`` is a folder or a manifest (``--repeat``)."""
     from retrieval.corpus import list_corpus
     from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
     from retrieval.extraction import LoadedImage, load_image
@@ -102,9 +123,12 @@ def run_decode(images: str, threads: int) -> dict:
 
 def run_pipeline(images: str, threads: int, output: str) -> dict:
     start = time.perf_counter()
+    import apache_beam  # noqa: F401  (timed apart: a fixed cost of every Beam job)
+
     from pipelines import stages
     from pipelines.config import RunConfig
 
+    imported = time.perf_counter()
     config = RunConfig(runner="beam", workers=threads)
     summary = stages.extract(images, output, config)
     seconds = time.perf_counter() - start
@@ -113,6 +137,10 @@ def run_pipeline(images: str, threads: int, output: str) -> dict:
         "images": summary["indexed"],
         "seconds": seconds,
         "images_per_s": summary["indexed"] / seconds,
+        # where the time went: imports, then listing + planning + the Beam job (worker start,
+        # model load, read, decode, inference, writes, commits, teardown), then the summary
+        "import_s": imported - start,
+        "extract_s": summary["timings"]["extract_s"],
         "workers": threads,
         "threads_per_worker": config.threads,
     }
@@ -124,14 +152,49 @@ def _child(
     threads: int,
     output: str = "",
     runtime: str = "",
-    calibration: str = "",
+    calibration: str | None = None,
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--images", images]
     cmd += ["--threads", str(threads), "--output", output, "--runtime", runtime]
-    cmd += ["--calibration", calibration]
+    if calibration:
+        cmd += ["--calibration", calibration]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _sides(images: str, threads: int, rounds: int, scratch: Path) -> dict:
+    """tf_fp32_bare, default_bare and pipeline on ``images`` in ``rounds`` alternating rounds,
+    each side's median, and their speedup and efficiency."""
+    from retrieval.runtimes import DEFAULT_RUNTIME
+
+    runs: dict[str, list[dict]] = {"tf_fp32_bare": [], "default_bare": [], "pipeline": []}
+    # Alternate the sides round by round, so that a change in the machine's load hits all of
+    # them alike; each side's figure is its median over the rounds (all rounds are kept).
+    for r in range(rounds):
+        for name, runtime in (("tf_fp32_bare", "tensorflow"), ("default_bare", DEFAULT_RUNTIME)):
+            runs[name].append(_child("bare", images, threads, runtime=runtime))
+        output = str(scratch / f"descriptors-{r}")
+        runs["pipeline"].append(_child("pipeline", images, threads, output=output))
+    sides: dict = {}
+    for name, side_runs in runs.items():
+        rates = [run["images_per_s"] for run in side_runs]
+        sides[name] = {**side_runs[-1], "images_per_s": statistics.median(rates), "rounds": rates}
+    pipeline = sides["pipeline"]["images_per_s"]
+    sides["speedup"] = pipeline / sides["tf_fp32_bare"]["images_per_s"]
+    sides["efficiency"] = pipeline / sides["default_bare"]["images_per_s"]
+    return sides
+
+
+def _cost_model(small: dict, big: dict) -> dict:
+    """The pipeline's seconds as ``fixed_s + images / per_image_rate``, solved from the two set
+    sizes (medians): what a run costs before its first image, and its rate once running."""
+    n1, t1 = small["images"], small["images"] / small["images_per_s"]
+    n2, t2 = big["images"], big["images"] / big["images_per_s"]
+    if n2 == n1:
+        return {}
+    rate = (n2 - n1) / (t2 - t1) if t2 > t1 else float("inf")
+    return {"fixed_s": t1 - n1 / rate, "steady_images_per_s": rate}
 
 
 def main() -> None:
@@ -152,12 +215,27 @@ def main() -> None:
     parser.add_argument(
         "--all-runtimes", action="store_true", help="also time the bare loop of every runtime"
     )
-    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=8,
+        metavar="K",
+        help="also measure on the images listed K times (steady state; 0: off)",
+    )
+    parser.add_argument(
+        "--steady-rounds", type=int, default=1, help="alternating rounds on the larger set"
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="images the int8 runtimes calibrate on (default: their built-in sample)",
+    )
     parser.add_argument("--runtime", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child == "bare":
-        print(json.dumps(run_bare(args.images, args.threads, args.runtime, args.calibration)))
+        calibration = args.calibration or None
+        print(json.dumps(run_bare(args.images, args.threads, args.runtime, calibration)))
         return
     if args.child == "pipeline":
         print(json.dumps(run_pipeline(args.images, args.threads, args.output)))
@@ -169,44 +247,49 @@ def main() -> None:
     from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
     load_before = os.getloadavg()
-    rounds: dict[str, list[dict]] = {"tf_fp32_bare": [], "default_bare": [], "pipeline": []}
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
-        images = str(_image_folder(Path(args.images), args.limit, Path(scratch)))
-        # Alternate the sides round by round, so that a change in the machine's load hits all of
-        # them alike; each side's figure is its median over the rounds (all rounds are kept).
-        for r in range(args.rounds):
-            bare_sides = (("tf_fp32_bare", "tensorflow"), ("default_bare", DEFAULT_RUNTIME))
-            for name, runtime in bare_sides:
-                rounds[name].append(_child("bare", images, args.threads, runtime=runtime))
-            output = str(Path(scratch) / f"descriptors-{r}")
-            rounds["pipeline"].append(_child("pipeline", images, args.threads, output=output))
-        for name, runs in rounds.items():
-            rates = [run["images_per_s"] for run in runs]
-            results[name] = {**runs[-1], "images_per_s": statistics.median(rates), "rounds": rates}
-        results["decode"] = _child("decode", images, 1)
-        results["decode_fan_in"] = _child("decode", images, args.threads)
+        folder = _image_folder(Path(args.images), args.limit, Path(scratch))
+        results.update(_sides(str(folder), args.threads, args.rounds, Path(scratch) / "small"))
+        results["decode"] = _child("decode", str(folder), 1)
+        results["decode_fan_in"] = _child("decode", str(folder), args.threads)
         if args.all_runtimes:
-            calibration = args.calibration
             results["runtimes"] = {
-                name: _child("bare", images, args.threads, runtime=name, calibration=calibration)
+                name: _child(
+                    "bare", str(folder), args.threads, runtime=name, calibration=args.calibration
+                )
                 for name in RUNTIMES
             }
+        if args.repeat > 0:
+            manifest = _repeated_manifest(folder, args.repeat, Path(scratch))
+            steady = _sides(str(manifest), args.threads, args.steady_rounds, Path(scratch) / "big")
+            results["steady"] = {"repeat": args.repeat, **steady}
+            results["pipeline_cost_model"] = _cost_model(results["pipeline"], steady["pipeline"])
     for name, result in results.items():
-        if name != "runtimes":
+        if name not in ("runtimes", "steady", "speedup", "efficiency", "pipeline_cost_model"):
             print(f"{name:>13}: {result['images_per_s']:7.2f} images/s", flush=True)
     for name, result in results.get("runtimes", {}).items():
         print(f"{name:>13}: {result['images_per_s']:7.2f} images/s (bare loop)", flush=True)
-    speedup = results["pipeline"]["images_per_s"] / results["tf_fp32_bare"]["images_per_s"]
-    efficiency = results["pipeline"]["images_per_s"] / results["default_bare"]["images_per_s"]
+    steady = results.get("steady")
+    if steady:
+        images = steady["pipeline"]["images"]
+        for name in ("tf_fp32_bare", "default_bare", "pipeline"):
+            rate = steady[name]["images_per_s"]
+            print(f"{name:>13}: {rate:7.2f} images/s ({images} images)", flush=True)
+        print(f"steady: speedup {steady['speedup']:.2f}, efficiency {steady['efficiency']:.2f}")
+        model = results["pipeline_cost_model"]
+        if model:
+            print(
+                f"pipeline: {model['fixed_s']:.1f} s fixed + "
+                f"{model['steady_images_per_s']:.1f} images/s once running"
+            )
+    speedup, efficiency = results["speedup"], results["efficiency"]
     result = {
         "benchmark": "extract_throughput",
         "images_source": args.images,
         "threads": args.threads,
         "default_runtime": DEFAULT_RUNTIME,
         **results,
-        "speedup": speedup,
-        "efficiency": efficiency,
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_before": load_before,

@@ -150,7 +150,8 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
         "--calibration",
         metavar="URI",
         help="folder, prefix or manifest of representative images that the int8 runtimes "
-        "calibrate on (32 drawn with seed 0); needed by tflite-int8 and onnx-int8",
+        "(tflite-int8, onnx-int8) calibrate on (32 drawn with seed 0). Default: the built-in "
+        "sample, scikit-image's public-domain/CC0 photos (see the README's runtime section)",
     )
     group.add_argument(
         "--device",

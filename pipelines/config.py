@@ -12,7 +12,7 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     image_size = 362
     scales = [1.0]
     gem_p = 3.0
-    runtime = "tflite-fp32"
+    runtime = "tflite-int8"
     shard_size = 256
     [index]
     factory = "auto"

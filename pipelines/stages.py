@@ -17,7 +17,13 @@ from pipelines.config import RunConfig
 from pipelines.progress import ShardProgress
 from retrieval import storage, versions
 from retrieval.descriptors.gem import model_info, prepare_runtime
-from retrieval.extraction import ExtractionPlan, plan_extraction, run_local, summarize_extraction
+from retrieval.extraction import (
+    ExtractionPlan,
+    plan_extraction,
+    run_local,
+    summarize_extraction,
+    worker_extractor,
+)
 from retrieval.index import group_index
 from retrieval.index.codebook import train_codebook
 from retrieval.index.merge import finish_merge, plan_merge, run_merge_task
@@ -109,19 +115,10 @@ def extract(
 def _extract_local(plan: ExtractionPlan, config: RunConfig, local_output: str | None) -> None:
     if not plan.pending:
         return
-    from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
-
     worker = plan_worker(
         config.device, workers=1, threads=config.threads, image_side=config.gem.max_side
     )
-    if config.gem.runtime == "tensorflow":
-        configure_tf_threads(worker.inference_threads)
-    extractor = GeMExtractor(
-        config.gem,
-        threads=worker.inference_threads,
-        device=worker.device,
-        batch_bytes=worker.batch_bytes,
-    )
+    extractor = worker_extractor(config.gem, worker)
     local = build_local_extractor(config.local) if local_output else None
     shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
     run_local(
@@ -161,11 +158,22 @@ def _extract_spark(
     from pipelines.spark.session import parallelism, task_threads
 
     settings, session = spark_session(config)
-    # Local cores are shared by --workers tasks; on a cluster, spark.task.cpus says how many
-    # cores each task (one model) may use.
-    threads = config.threads if settings.is_local else task_threads(session, config)
+    # Local cores are shared by the local[N] task slots, one model each (the same plan as Beam's
+    # local workers); on a cluster spark.task.cpus says how many cores each task (one model)
+    # may use.
     if settings.is_local:
+        worker = plan_worker(
+            config.device,
+            workers=parallelism(session),
+            threads=config.threads_per_worker,
+            image_side=config.gem.max_side,
+        )
         prepare_runtime(config.gem)  # convert once here, so local tasks find a warm cache
+    else:
+        threads = task_threads(session, config)
+        worker = plan_worker(
+            config.device, cores=threads, threads=threads, image_side=config.gem.max_side
+        )
     with ShardProgress(
         plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
     ):
@@ -176,7 +184,7 @@ def _extract_spark(
             config=config.gem,
             model_info=info,
             limits=config.limits,
-            threads_per_worker=threads,
+            worker=worker,
             parallelism=parallelism(session),
             local=local,
             local_output=local_output,

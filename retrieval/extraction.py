@@ -27,8 +27,9 @@ from retrieval.shards.local_feature_shards import LocalFeatureRow
 from retrieval.summary import write_summary
 
 if TYPE_CHECKING:  # the extractor brings TensorFlow; planning and summaries must not
-    from retrieval.descriptors.gem import GeMExtractor
+    from retrieval.descriptors.gem import GeMConfig, GeMExtractor
     from retrieval.local_features.extractor import LocalFeatureExtractor
+    from retrieval.runtimes.device import WorkerPlan
 
 # Error rows of these stages happened before either model ran: both shard kinds record them.
 SHARED_ERROR_STAGES = frozenset({"list", "read", "decode"})
@@ -114,6 +115,27 @@ def load_images(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def worker_extractor(config: GeMConfig, worker: WorkerPlan) -> GeMExtractor:
+    """The GeM extractor of one worker process, sized by its plan: every runner builds it here,
+    so a worker's runtime gets exactly ``worker.inference_threads`` threads (its share of the
+    cores), whichever runner started it.
+
+    Only the ``tensorflow`` runtime imports TensorFlow (about 4 s of a worker's start): pinning
+    its thread pools for another runtime would import it for nothing.
+    """
+    from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
+    from retrieval.runtimes import parse_runtime
+
+    if parse_runtime(config.runtime).engine == "tensorflow":
+        configure_tf_threads(worker.inference_threads)
+    return GeMExtractor(
+        config,
+        threads=worker.inference_threads,
+        device=worker.device,
+        batch_bytes=worker.batch_bytes,
+    )
 
 
 def describe_loaded(

@@ -46,7 +46,10 @@ def test_saved_model_backbone(tiny_saved_model: Path, prefix: str):
     assert backbone.weights_sha256 == hashlib.sha256(tiny_kernel().tobytes()).hexdigest()
     assert backbone.preprocessing == {"color": "RGB", "scale": "x/255"}
 
-    extractor = GeMExtractor(GeMConfig(backbone=spec, image_size=64), backbone=backbone)
+    # fp32 LiteRT: a conversion that keeps the model's arithmetic, so the descriptor can be
+    # checked against the SavedModel's own output (the int8 default is checked in test_runtimes)
+    config = GeMConfig(backbone=spec, image_size=64, runtime="tflite-fp32")
+    extractor = GeMExtractor(config, backbone=backbone)
     image = _image()
     descriptor = extractor.describe(image)
     assert descriptor.shape == (TINY_CHANNELS,) and descriptor.dtype == np.float32

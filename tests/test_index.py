@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from retrieval.index.group_index import (
     pending,
     plan_index_groups,
 )
-from retrieval.index.merge import IDMAP_FILE, merge_index_groups
+from retrieval.index.merge import IDMAP_FILE, INDEX_MANIFEST, merge_index_groups
 from retrieval.index.search import load_index
 
 
@@ -259,3 +260,61 @@ def test_training_is_skipped_when_the_codebook_is_up_to_date(descriptors, tmp_pa
     assert again == first and codebook_file.stat().st_mtime_ns == stamp
     other = train_codebook(str(desc), str(tmp_path / "cb"), factory="IVF16,Flat", seed=0)
     assert other["factory"] == "IVF16,Flat" and codebook_file.stat().st_mtime_ns != stamp
+
+
+def test_spark_index_and_merge_rounds_match_local(spark, descriptors, tmp_path):
+    """`index` and `merge` on Spark (the session's real local[2]): groups built by tasks from
+    the one codebook, the merge tree in rounds of tasks; the same bytes as the local loop, and
+    each runner skips the groups the other committed."""
+    from pipelines import cli
+
+    desc, ids, _ = descriptors
+    config = RunConfig(runner="local", workers=1, index_factory="IVF16,Flat")
+    codebook = tmp_path / "codebook"
+    stages.train(str(desc), str(codebook), config)
+    config = replace(config, group_vectors=100, fan_in=2)
+    local = stages.index(str(desc), str(codebook), str(tmp_path / "shards-local"), config)
+    assert local["groups"] == 3
+
+    run = ["--runner", "spark", "--workers", "2"]
+    argv = ["index", "--descriptors", str(desc), "--codebook", str(codebook)]
+    argv += ["--output", str(tmp_path / "shards-spark"), "--group-size", "100", *run]
+    assert cli.main(argv) == 0
+    spark_summary = stages.index(
+        str(desc), str(codebook), str(tmp_path / "shards-spark"), replace(config, runner="spark")
+    )
+    assert spark_summary["groups_skipped"] == spark_summary["groups"] == 3  # the CLI run's
+    assert spark_summary["inputs"] == spark_summary["indexed"] == len(ids)
+    for name in ("group-00000", "group-00001", "group-00002"):
+        for suffix in (".codes", ".idmap.parquet"):
+            spark_file = tmp_path / "shards-spark" / f"{name}{suffix}"
+            assert (
+                spark_file.read_bytes()
+                == (tmp_path / "shards-local" / spark_file.name).read_bytes()
+            )
+
+    merged_local = stages.merge(
+        str(tmp_path / "shards-local"), str(tmp_path / "index-local"), config
+    )
+    argv = ["merge", "--shards", str(tmp_path / "shards-spark")]
+    argv += ["--output", str(tmp_path / "index-spark"), "--fan-in", "2", *run]
+    assert cli.main(argv) == 0
+    merged_spark = json.loads((tmp_path / "index-spark" / INDEX_MANIFEST).read_text())
+    summaries = [
+        json.loads((tmp_path / f"index-{runner}" / "summary.json").read_text())
+        for runner in ("local", "spark")
+    ]
+    assert [s["rounds"] for s in summaries] == [2, 2]  # 3 groups -> 2 -> 1
+    assert merged_spark["ntotal"] == merged_local["ntotal"] == len(ids)
+    assert (
+        merged_spark["pieces"][0]["index"]["sha256"] == merged_local["pieces"][0]["index"]["sha256"]
+    )
+    assert pq.read_table(tmp_path / "index-spark" / IDMAP_FILE).equals(
+        pq.read_table(tmp_path / "index-local" / IDMAP_FILE)
+    )
+
+    # Spark over the local run's committed groups: nothing left to build.
+    over_local = stages.index(
+        str(desc), str(codebook), str(tmp_path / "shards-local"), replace(config, runner="spark")
+    )
+    assert over_local["groups_skipped"] == 3

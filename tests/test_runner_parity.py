@@ -119,6 +119,9 @@ def oxford_beam(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+# Three full evaluations of oxford-dev (re-ranking included): about 3 min each on an idle
+# 2-core machine, far longer on a loaded one; the default 900 s would cut the Beam one short.
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("runner", ["spark", "local"])
 def test_runner_matches_beam_on_oxford_dev(spark, oxford_beam, runner, tmp_path_factory):
     folder = require_benchmark("oxford-dev")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from retrieval import runtimes
 from retrieval.descriptors.batching import max_batch_images, plan_batches
-from retrieval.descriptors.gem import GeMConfig, GeMExtractor
+from retrieval.descriptors.gem import GeMConfig, GeMExtractor, model_info
 from retrieval.images import DecodedImage, decode_image
 from retrieval.runtimes import (
     RUNTIMES,
@@ -28,10 +29,15 @@ from retrieval.runtimes import (
     model_cache,
     parse_runtime,
 )
-from retrieval.runtimes.calibration import calibration_sample
+from retrieval.runtimes import calibration as calibration_module
+from retrieval.runtimes.calibration import (
+    BUILTIN_CALIBRATION,
+    SCIKIT_IMAGE_PHOTOS,
+    builtin_calibration_sample,
+    calibration_sample,
+    resolve_calibration,
+)
 from retrieval.runtimes.device import plan_worker
-
-UKBENCH_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "ukbench-56"
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +54,9 @@ def photos(oxford_images) -> list[DecodedImage]:
 
 
 @pytest.fixture(scope="module")
-def calibration(oxford_images):
-    """A small calibration sample for tests (8 images; the README's figures use 32)."""
-    source = UKBENCH_IMAGES / "images"
-    if not source.is_dir():
-        source = oxford_images[0].parent
-    return calibration_sample(str(source), image_size=362, count=8, seed=0)
+def calibration():
+    """The int8 runtimes' default: the built-in sample (scikit-image's photos), at 362 px."""
+    return resolve_calibration(None, image_size=362)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +160,56 @@ def test_int8_conversion_is_deterministic(tiny_backbone, oxford_images, runtime)
     assert convert(spec, tiny_backbone, other) != first  # the sample really is used
 
 
+def test_builtin_calibration_sample_is_the_documented_one():
+    """The default int8 sample: scikit-image's public-domain / CC0 photos, in their documented
+    order, with the documented digests (the files are checked when their pixels are read)."""
+    sample = resolve_calibration(None, image_size=64)
+    assert sample == resolve_calibration(BUILTIN_CALIBRATION, image_size=64)
+    assert sample.source == BUILTIN_CALIBRATION
+    assert [Path(uri).name for uri in sample.uris] == [p.file for p in SCIKIT_IMAGE_PHOTOS]
+    assert {p.licence for p in SCIKIT_IMAGE_PHOTOS} <= {"public domain", "CC0"}
+    pixels = sample.images()
+    assert len(pixels) == len(SCIKIT_IMAGE_PHOTOS) >= 8
+    assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 for p in pixels)
+    assert all(max(p.shape[:2]) == 64 for p in pixels)
+    # the fingerprint is of the bytes (pinned digests) and the size, not of where they live
+    assert sample.fingerprint() != resolve_calibration(None, image_size=362).fingerprint()
+
+
+def test_changed_calibration_image_is_refused(tmp_path):
+    """A file whose bytes differ from the digest it was sampled (or documented) with would be
+    another model under the same fingerprint: refused, naming the file."""
+    sample = resolve_calibration(None, image_size=64)
+    changed = tmp_path / "chelsea.png"
+    data = bytearray(Path(sample.uris[1]).read_bytes())
+    data[-20] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    tampered = replace(sample, uris=(sample.uris[0], str(changed), *sample.uris[2:]))
+    with pytest.raises(ValueError, match=r"chelsea\.png changed"):
+        tampered.images()
+
+
+def test_builtin_calibration_names_its_package(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "skimage" else real_find_spec(name, *a),
+    )
+    with pytest.raises(RuntimeNotInstalledError, match="'scikit-image'"):
+        builtin_calibration_sample(image_size=64)
+
+
+@pytest.mark.parametrize("runtime", ["tflite-int8", "onnx-int8"])
+def test_builtin_int8_conversion_is_deterministic(tiny_backbone, oxford_images, runtime):
+    sample = resolve_calibration(None, image_size=64)
+    spec = parse_runtime(runtime)
+    first = runtimes._convert(spec, tiny_backbone, sample)
+    assert runtimes._convert(spec, tiny_backbone, sample) == first
+    other = calibration_sample(str(oxford_images[0].parent), image_size=64, count=4, seed=0)
+    assert runtimes._convert(spec, tiny_backbone, other) != first
+
+
 def test_int8_without_calibration_is_refused(tiny_backbone):
     with pytest.raises(ValueError, match="calibration"):
         load_runner("tflite-int8", "test:tiny", backbone=tiny_backbone)
@@ -190,10 +243,28 @@ def test_runtime_is_part_of_the_fingerprint():
         GeMConfig(runtime="tflite-fp32", calibration="a").config_hash()
         == GeMConfig(runtime="tflite-fp32", calibration="b").config_hash()
     )
-    assert (
-        GeMConfig(runtime="tflite-int8", calibration="a").config_hash()
-        != GeMConfig(runtime="tflite-int8", calibration="b").config_hash()
+
+
+def test_calibration_images_are_part_of_the_fingerprint(oxford_images, tmp_path):
+    """int8 models are told apart by their calibration images' bytes, not only by the URI: the
+    same folder with one changed image is another config hash; no URI means the built-in one."""
+    builtin = GeMConfig(runtime="tflite-int8")
+    assert builtin.config_hash() == (
+        GeMConfig(runtime="tflite-int8", calibration=BUILTIN_CALIBRATION).config_hash()
     )
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for path in oxford_images[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    own = GeMConfig(runtime="tflite-int8", calibration=str(folder))
+    before = own.config_hash()
+    assert before != builtin.config_hash()
+    info = model_info(own)
+    assert info["config_hash"] == before and info["calibration"]["images"] == 3
+    first = folder / oxford_images[0].name
+    first.write_bytes(oxford_images[3].read_bytes())
+    calibration_module._resolve.cache_clear()  # a new process would see the new bytes
+    assert own.config_hash() != before
 
 
 def test_converted_model_is_cached(tiny_backbone, monkeypatch, tmp_path):
@@ -212,6 +283,24 @@ def test_converted_model_is_cached(tiny_backbone, monkeypatch, tmp_path):
     with pytest.raises(AssertionError, match="converted again"):
         other = replace(tiny_backbone, weights_sha256="1" * 64)
         load_runner("tflite-fp32", "test:tiny", backbone=other)
+
+
+def test_tflite_resizes_its_interpreters_instead_of_building_more(
+    tiny_backbone, monkeypatch, tmp_path
+):
+    """More shapes than interpreters kept ready: the least recently used one is resized (no new
+    model load), and every shape still gives what a fresh interpreter gives."""
+    from retrieval.runtimes.tflite import MAX_READY_SHAPES, TFLiteRunner
+
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    runner = load_runner("tflite-fp32", "test:tiny", backbone=tiny_backbone)
+    rng = np.random.default_rng(0)
+    shapes = [(1, 40 + 4 * (i % 7), 56, 3) for i in range(3 * MAX_READY_SHAPES)]
+    for shape in shapes:
+        pixels = rng.uniform(0, 255, shape).astype(np.float32)
+        fresh = TFLiteRunner(runner.path, name=runner.name).features(pixels)
+        np.testing.assert_array_equal(runner.features(pixels), fresh)
+    assert runner.interpreters_built == MAX_READY_SHAPES
 
 
 # --- the GPU worker path, on a CPU -------------------------------------------------------------

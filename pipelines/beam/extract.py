@@ -41,13 +41,14 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from retrieval import plan
 from retrieval.descriptors.batching import ACTIVATION_BYTES_PER_PIXEL
-from retrieval.descriptors.gem import GeMConfig, GeMExtractor, configure_tf_threads
+from retrieval.descriptors.gem import GeMConfig, GeMExtractor
 from retrieval.extraction import (
     LoadedImage,
     describe_loaded,
     load_image,
     local_feature_row,
     model_error,
+    worker_extractor,
     write_shards,
 )
 from retrieval.images import DecodeLimits
@@ -76,14 +77,7 @@ class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
         self._worker = worker
 
     def load_model(self) -> GeMExtractor:
-        if self._config.runtime == "tensorflow":
-            configure_tf_threads(self._worker.inference_threads)
-        return GeMExtractor(
-            self._config,
-            threads=self._worker.inference_threads,
-            device=self._worker.device,
-            batch_bytes=self._worker.batch_bytes,
-        )
+        return worker_extractor(self._config, self._worker)
 
     def run_inference(
         self,

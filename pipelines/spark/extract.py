@@ -16,6 +16,8 @@ writes, so Spark, Beam and local runs skip each other's committed shards.
 from __future__ import annotations
 
 import functools
+import itertools
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -31,12 +33,14 @@ from retrieval.extraction import (
     LoadedImage,
     decode_side,
     describe_loaded,
-    load_image,
+    load_images,
     local_feature_row,
+    worker_extractor,
     write_shards,
 )
 from retrieval.images import DecodeLimits
 from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatures
+from retrieval.runtimes.device import WorkerPlan
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 from retrieval.shards.local_feature_shards import LocalFeatureRow
 
@@ -84,7 +88,7 @@ WRITTEN_DDL = "shard string, rows long, errors long"
 # decoded images whatever Arrow's batch size is.
 IMAGES_PER_STEP = 16
 
-_EXTRACTORS: dict[tuple[GeMConfig, int | None], GeMExtractor] = {}
+_EXTRACTORS: dict[tuple[GeMConfig, WorkerPlan], GeMExtractor] = {}
 _LOCAL_EXTRACTORS: dict[LocalFeatureConfig, Any] = {}
 
 
@@ -97,14 +101,12 @@ def _local_extractor(config: LocalFeatureConfig) -> Any:
     return _LOCAL_EXTRACTORS[config]
 
 
-def _extractor(config: GeMConfig, threads: int | None) -> GeMExtractor:
-    """This Python worker's model, built on first use and kept for later tasks."""
-    key = (config, threads)
+def _extractor(config: GeMConfig, worker: WorkerPlan) -> GeMExtractor:
+    """This Python worker's model, built on first use and kept for later tasks (Spark reuses
+    Python workers), with the worker plan's share of the cores."""
+    key = (config, worker)
     if key not in _EXTRACTORS:
-        from retrieval.descriptors.gem import GeMExtractor, configure_tf_threads
-
-        configure_tf_threads(threads)
-        _EXTRACTORS[key] = GeMExtractor(config)
+        _EXTRACTORS[key] = worker_extractor(config, worker)
     return _EXTRACTORS[key]
 
 
@@ -179,32 +181,50 @@ def describe_partition(
     *,
     config: GeMConfig,
     limits: DecodeLimits,
-    threads: int | None,
+    worker: WorkerPlan,
     local: LocalFeatureConfig | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: planned inputs in, one result row per input out (and, with ``local``,
-    one local-feature row or error per decoded input: the same decode serves both)."""
+    one local-feature row or error per decoded input: the same decode serves both).
+
+    Reading and decoding run ahead of the model on the worker plan's decode threads across the
+    whole partition (``retrieval.extraction.load_images``), as in Beam and the local loop.
+    """
     max_side = decode_side(config.max_side, local.image_size if local else None)
-    for batch in batches:
-        rows = batch.to_pylist()
-        for start in range(0, len(rows), IMAGES_PER_STEP):
-            results: list[tuple[str, DescriptorRow | LocalFeatureRow | ErrorRow]] = []
-            decoded: list[tuple[str, LoadedImage]] = []
-            for row in rows[start : start + IMAGES_PER_STEP]:
-                ref = ImageRef(row["id"], row["uri"], row["problem"])
-                loaded = load_image(ref, max_side=max_side, limits=limits)
-                if isinstance(loaded, ErrorRow):
-                    results.append((row["shard"], loaded))
-                else:
-                    decoded.append((row["shard"], loaded))
-                    if local is not None:
-                        local_row = local_feature_row(loaded, _local_extractor(local))
-                        results.append((row["shard"], local_row))
-            if decoded:
-                extractor = _extractor(config, threads)
-                described = describe_loaded(extractor, [image for _, image in decoded])
-                results += [(s, r) for (s, _), r in zip(decoded, described, strict=True)]
-            yield _result_batch(results)
+    shards: deque[str] = deque()  # the shard of each ref handed to the decoder, in order
+
+    def refs() -> Iterator[ImageRef]:
+        for batch in batches:
+            for row in batch.to_pylist():
+                shards.append(row["shard"])
+                yield ImageRef(row["id"], row["uri"], row["problem"])
+
+    loaded_images = load_images(
+        refs(),
+        max_side=max_side,
+        limits=limits,
+        threads=worker.decode_threads,
+        prefetch=worker.prefetch,
+    )
+    while True:
+        step = list(itertools.islice(loaded_images, IMAGES_PER_STEP))
+        if not step:
+            return
+        results: list[tuple[str, DescriptorRow | LocalFeatureRow | ErrorRow]] = []
+        decoded: list[tuple[str, LoadedImage]] = []
+        for loaded in step:
+            shard = shards.popleft()
+            if isinstance(loaded, ErrorRow):
+                results.append((shard, loaded))
+                continue
+            decoded.append((shard, loaded))
+            if local is not None:
+                results.append((shard, local_feature_row(loaded, _local_extractor(local))))
+        if decoded:
+            extractor = _extractor(config, worker)
+            described = describe_loaded(extractor, [image for _, image in decoded])
+            results += [(s, r) for (s, _), r in zip(decoded, described, strict=True)]
+        yield _result_batch(results)
 
 
 def _local_rows(table: pa.Table, dim: int) -> list[LocalFeatureRow]:
@@ -285,7 +305,7 @@ def run_extraction(
     config: GeMConfig,
     model_info: dict[str, Any],
     limits: DecodeLimits,
-    threads_per_worker: int | None,
+    worker: WorkerPlan,
     parallelism: int,
     local: LocalFeatureConfig | None = None,
     local_output: str | None = None,
@@ -307,7 +327,7 @@ def run_extraction(
             describe_partition,
             config=config,
             limits=limits,
-            threads=threads_per_worker,
+            worker=worker,
             local=local,
         ),
         RESULT_DDL,

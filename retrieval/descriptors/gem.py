@@ -35,7 +35,7 @@ from retrieval.runtimes import (
     load_runner,
     parse_runtime,
 )
-from retrieval.runtimes.calibration import CalibrationSample
+from retrieval.runtimes.calibration import BUILTIN_CALIBRATION, CalibrationSample
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class GeMConfig:
     scales: tuple[float, ...] = (1.0,)
     p: float = 3.0
     runtime: str = DEFAULT_RUNTIME  # see retrieval/runtimes; part of the hash: shards never mix
-    calibration: str | None = None  # images the int8 runtimes calibrate on (calibration.py)
+    # images the int8 runtimes calibrate on (calibration.py); None: the built-in sample
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         parse_runtime(self.runtime)
@@ -76,12 +77,20 @@ class GeMConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scales"] = list(self.scales)
-        if not parse_runtime(self.runtime).needs_calibration:
+        if parse_runtime(self.runtime).needs_calibration:
+            d["calibration"] = self.calibration or BUILTIN_CALIBRATION
+        else:
             del d["calibration"]  # only int8 depends on it
         return d
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the config and, for int8 runtimes, of the calibration images' bytes (so the
+        same ``--calibration`` URI over changed images is another model)."""
+        described = self.as_dict()
+        sample = _calibration(self)
+        if sample is not None:
+            described["calibration_sha256"] = sample.fingerprint()
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -90,7 +99,7 @@ def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dic
     Without ``identity`` it is read from the backbone spec (cheap for the default backbone).
     """
     identity = identity or backbone_identity(config.backbone)
-    return {
+    info = {
         "id": config.model_id,
         "config": config.as_dict(),
         "config_hash": config.config_hash(),
@@ -102,6 +111,14 @@ def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dic
         "dim": identity["dim"],
         "runtime": config.runtime,
     }
+    sample = _calibration(config)
+    if sample is not None:
+        info["calibration"] = {
+            "source": sample.source,
+            "images": len(sample.uris),
+            "sha256": sample.fingerprint(),
+        }
+    return info
 
 
 def configure_tf_threads(threads: int | None) -> None:
@@ -217,11 +234,11 @@ def prepare_runtime(config: GeMConfig) -> None:
 
 
 def _calibration(config: GeMConfig) -> CalibrationSample | None:
-    if not (parse_runtime(config.runtime).needs_calibration and config.calibration):
+    if not parse_runtime(config.runtime).needs_calibration:
         return None
-    from retrieval.runtimes.calibration import calibration_sample
+    from retrieval.runtimes.calibration import resolve_calibration
 
-    return calibration_sample(config.calibration, image_size=config.image_size)
+    return resolve_calibration(config.calibration, image_size=config.image_size)
 
 
 def _shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:

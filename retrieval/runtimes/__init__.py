@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 RUNTIMES = ("tensorflow", "tflite-fp32", "tflite-fp16", "tflite-int8", "onnx-fp32", "onnx-int8")
 # The fastest runtime whose oxford-dev mAP is within 0.5 points of TensorFlow fp32 (README,
 # "Runtimes"); --runtime picks another.
-DEFAULT_RUNTIME = "tflite-fp32"
+DEFAULT_RUNTIME = "tflite-int8"
 
 
 class RuntimeNotInstalledError(ImportError):
