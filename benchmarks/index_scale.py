@@ -185,11 +185,10 @@ print(json.dumps({"factory": cb["factory"], "train_s": t1 - t, "index_s": t2 - t
                   "merge_s": t3 - t2, "build_s": t3 - t, "bytes": m["bytes"]}))
 """
 
-PROJECT_SEARCH = """
-import json, sys, time
-import numpy as np
-from retrieval.index.search import load_index
-index = load_index(sys.argv[1])
+# Queries/s of an index loaded as ``index`` (batched, then one query at a time), the found ids
+# saved for recall; shared by both search children (the autofaiss one runs in its own venv,
+# so it cannot import this module's code, only be given its text).
+TIMED_SEARCH = """
 q = np.load(sys.argv[2])
 t = time.perf_counter(); _, found = index.search(q, 10); batch = time.perf_counter() - t
 t = time.perf_counter()
@@ -199,6 +198,16 @@ single = time.perf_counter() - t
 np.save(sys.argv[3], found)
 print(json.dumps({"qps_batch": len(q) / batch, "qps_single": 200 / single}))
 """
+
+PROJECT_SEARCH = (
+    """
+import json, sys, time
+import numpy as np
+from retrieval.index.search import load_index
+index = load_index(sys.argv[1])
+"""
+    + TIMED_SEARCH
+)
 
 AUTOFAISS_BUILD = """
 import json, sys, time
@@ -211,19 +220,14 @@ _, infos = build_index(embeddings=npy, index_path=out + "/knn.index",
 print(json.dumps({"build_s": time.perf_counter() - t, "factory": infos.get("index_key")}))
 """
 
-AUTOFAISS_SEARCH = """
+AUTOFAISS_SEARCH = (
+    """
 import json, sys, time
 import faiss, numpy as np
 index = faiss.read_index(sys.argv[1])
-q = np.load(sys.argv[2])
-t = time.perf_counter(); _, found = index.search(q, 10); batch = time.perf_counter() - t
-t = time.perf_counter()
-for row in q[:200]:
-    index.search(row[None], 10)
-single = time.perf_counter() - t
-np.save(sys.argv[3], found)
-print(json.dumps({"qps_batch": len(q) / batch, "qps_single": 200 / single}))
 """
+    + TIMED_SEARCH
+)
 
 PLANNING = """
 import json, sys
