@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import subprocess
 import sys
 import uuid
@@ -97,6 +98,29 @@ def test_image_id():
     assert image_id("/data/x/y/z.jpg", "/data/x/") == "y/z.jpg"
     assert image_id("gs://bucket/dir/a.b.png", "gs://bucket/dir") == "a.b.png"
     assert image_id("s3://b/dir/é x/photo.webp", "s3://b/dir") == "é x/photo.webp"
+
+
+@pytest.mark.parametrize(
+    "root", ["/data/x", "/data/x/", "/", "/data//x", "/data/./x", "data/x", "."]
+)
+@pytest.mark.parametrize(
+    "rel", ["a.jpg", "y/z.jpg", "./a.jpg", "a//b.jpg", "../a.jpg", "y/../a.jpg", "a/./b", "..a"]
+)
+def test_image_id_is_relpath(root: str, rel: str):
+    # The fast path (a normal path under the root) must give exactly what relpath gives.
+    for uri in (root.rstrip("/") + "/" + rel, root + "/" + rel, "/elsewhere/" + rel, rel):
+        if uri.startswith("/") != root.startswith("/"):
+            continue  # two stores: see the next test
+        assert image_id(uri, root) == posixpath.relpath(uri, root.rstrip("/") or "/"), uri
+
+
+def test_image_id_of_bucket_uri_in_local_manifest_ignores_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "m.csv").write_text("uri\ngs://bucket/photos/a.jpg\n")
+    ids = []
+    for folder in (tmp_path, tmp_path.parent):
+        monkeypatch.chdir(folder)
+        ids.append([r.id for r in list_corpus(str(tmp_path / "m.csv"))])
+    assert ids == [["bucket/photos/a.jpg"]] * 2
 
 
 # --- manifests ---------------------------------------------------------------------------------
