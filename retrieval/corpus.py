@@ -58,11 +58,11 @@ def _strip_scheme(uri: str) -> str:
 def image_id(uri: str, root: str) -> str:
     """Path of ``uri`` relative to ``root``, extension included, with '/' separators."""
     path = _strip_scheme(uri).replace("\\", "/")
-    root_path, prefix = _root_prefix(root)
-    if path.startswith("/") != root_path.startswith("/"):
-        # One is a bucket path, the other a local one (``gs://b/x.jpg`` in a local manifest):
-        # there is no relative path between two stores, and relpath would go through the
-        # current folder, giving ids that change with the folder the launcher runs in.
+    root_store, root_path, prefix = _root_prefix(root)
+    if _store(uri) != root_store and path.startswith("/") != root_path.startswith("/"):
+        # ``gs://b/x.jpg`` in a local manifest: relpath between a bucket path and a local one
+        # would go through the current folder, giving ids that change with the folder the
+        # launcher runs in; the id is the path within its own store.
         return posixpath.normpath(path)
     # Fast path, the usual case (a listing or manifest of paths under the root): the path is the
     # root's prefix followed by an already-normal relative path, which is what relpath would
@@ -76,11 +76,18 @@ def image_id(uri: str, root: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _root_prefix(root: str) -> tuple[str, str]:
-    """``root`` as :func:`posixpath.relpath` is given it, and as the prefix of its entries."""
+def _root_prefix(root: str) -> tuple[str, str, str]:
+    """``root``'s store, its path as :func:`posixpath.relpath` is given it, and the prefix of
+    its entries."""
     root_path = _strip_scheme(root).replace("\\", "/").rstrip("/") or "/"
     normal = posixpath.normpath(root_path)
-    return root_path, normal if normal.endswith("/") else normal + "/"
+    return _store(root), root_path, normal if normal.endswith("/") else normal + "/"
+
+
+def _store(uri: str) -> str:
+    """The URI's scheme (``gs``, ``s3``), or "" for the local disk (a path or ``file://``)."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return "" if scheme == "file" else scheme
 
 
 def _climbs(relative: str) -> bool:
