@@ -381,6 +381,11 @@ def main() -> None:
         "--base", help="descriptor folder of real GeM descriptors (else oxford-dev)"
     )
     parser.add_argument("--autofaiss-python", help="python of a venv with autofaiss installed")
+    parser.add_argument(
+        "--autofaiss-result",
+        help="take autofaiss's figures from this earlier JSON of a run in the same --workdir "
+        "(same vectors and queries; e.g. one made with --skip-project) instead of building again",
+    )
     parser.add_argument("--skip-autofaiss", action="store_true")
     parser.add_argument("--skip-project", action="store_true")
     parser.add_argument("--skip-driver-check", action="store_true")
@@ -412,6 +417,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "note": "shared 2-core machine: timings are noisy",
         "child_env": CHILD_ENV,
+        "workdir": str(scratch),
     }
     base = base_descriptors(args.base or _cached_base(scratch), scratch)
     result["dim"] = int(base.shape[1])
@@ -428,7 +434,16 @@ def main() -> None:
     if not args.skip_project:
         result["project"] = project_build(scratch, desc, budget, args.n, truth)
         result["load_average_after_project"] = [round(v, 2) for v in os.getloadavg()]
-    if not args.skip_autofaiss:
+    if args.autofaiss_result:
+        earlier = json.loads(Path(args.autofaiss_result).read_text())
+        if (earlier["n"], earlier["budget_bytes"]) != (args.n, budget) or earlier.get(
+            "workdir", str(scratch)
+        ) != str(scratch):
+            raise SystemExit(f"{args.autofaiss_result} is not a run on these vectors and budget")
+        result["autofaiss"] = {**earlier["autofaiss"], "from": args.autofaiss_result}
+        infos = json.loads((scratch / "autofaiss" / "infos.json").read_text())
+        result["autofaiss"].setdefault("search_params", infos.get("index_param"))
+    elif not args.skip_autofaiss:
         if not args.autofaiss_python:
             raise SystemExit("--autofaiss-python is required (or --skip-autofaiss)")
         result["autofaiss"] = autofaiss_build(
@@ -465,6 +480,8 @@ def project_build(scratch: Path, desc: Path, budget: int, n: int, truth: np.ndar
     """This project's train -> index -> merge in a fresh process, then its search figures."""
     import shutil
 
+    from retrieval.index.search import DEFAULT_NPROBE
+
     shutil.rmtree(scratch / "project", ignore_errors=True)
     project = _child(PROJECT_BUILD, str(desc), str(scratch / "project"), str(budget))
     project.update(
@@ -476,6 +493,7 @@ def project_build(scratch: Path, desc: Path, budget: int, n: int, truth: np.ndar
         )
     )
     project.update(recall(np.load(scratch / "project-found.npy"), truth))
+    project["search_params"] = f"nprobe={DEFAULT_NPROBE}"  # what `retrieval search` uses
     project["bytes_per_vector"] = round(project["bytes"] / n, 2)
     return project
 
@@ -492,6 +510,8 @@ def autofaiss_build(
                python=python)
     )  # fmt: skip
     auto.update(recall(np.load(scratch / "autofaiss-found.npy"), truth))
+    infos = json.loads((scratch / "autofaiss" / "infos.json").read_text())
+    auto["search_params"] = infos.get("index_param")  # tuned by autofaiss, saved in the index
     auto["bytes"] = (scratch / "autofaiss" / "knn.index").stat().st_size
     auto["bytes_per_vector"] = round(auto["bytes"] / n, 2)
     return auto

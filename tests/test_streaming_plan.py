@@ -31,8 +31,7 @@ def _shuffled_refs(n: int, seed: int = 0) -> list[ImageRef]:
 @pytest.mark.parametrize("run_rows", [1, 7, 1000])
 def test_external_sort_equals_sorted(monkeypatch, run_rows: int):
     monkeypatch.setattr(external_sort, "MERGE_FAN_IN", 3)  # several merge passes
-    monkeypatch.setattr(external_sort, "MERGE_ROWS", 8)  # a few rows of each run at a time
-    monkeypatch.setattr(external_sort, "MIN_READ_ROWS", 1)
+    monkeypatch.setattr(external_sort, "READ_ROWS", 4)
     refs = _shuffled_refs(400)
     expected = sorted(refs, key=lambda r: (r.id, r.uri))  # stable: equal keys keep input order
     assert list(external_sort.sort_refs(refs, run_rows=run_rows)) == expected
