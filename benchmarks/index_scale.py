@@ -394,6 +394,12 @@ def main() -> None:
         action="store_true",
         help="only the launcher and merge memory checks (writes index_scale_memory.json)",
     )
+    parser.add_argument(
+        "--driver-only",
+        action="store_true",
+        help="only the launcher check (listing + planning of 10k and 1M entries: peak memory, "
+        "wall and CPU seconds), written to --out",
+    )
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "index_scale.json"))
     args = parser.parse_args()
@@ -403,6 +409,11 @@ def main() -> None:
     budget = parse_bytes(args.budget)
     scratch = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.driver_only:
+        driver = {"driver_memory": driver_memory(scratch), "load_average": os.getloadavg()}
+        Path(args.out).write_text(json.dumps(driver, indent=2) + "\n")
+        print(json.dumps(driver, indent=2))
+        return
     if args.memory_only:
         memory = {"driver_memory": driver_memory(scratch), "merge_memory": merge_memory(scratch)}
         out = Path(args.out).with_name("index_scale_memory.json")

@@ -187,9 +187,20 @@ def test_index_type_from_a_memory_budget():
     assert factories.choose_factory(n, 128, max_index_memory=2**30, pretransform="none") == (
         "IVF4096,PQ64"
     )
-    # 100k x 1280-d in 16 MB: 96-byte codes (OPQ to 384 dims), not the 64 of the default
+    # 100k x 1280-d in 16 MB: 128-byte codes, not the 64 of the default; they fit once the
+    # rotation keeps 2 dimensions per byte (256) instead of 4: the rotation narrows first
     sixteen = factories.choose_factory(100_000, d, max_index_memory=factories.parse_bytes("16M"))
-    assert sixteen == "OPQ96_384,IVF1024,PQ96"
+    assert sixteen == "OPQ128_256,IVF1024,PQ128"
+    assert factories.estimated_bytes(sixteen, 100_000, d) == (
+        100_000 * (128 + 8) + 4 * (1024 * 256 + 256 * 256 + d * 256)
+    )
+    # codes in steps of 16 bytes: 112 fits in 130M at 1M vectors where 128 does not
+    assert factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("130M")) == (
+        "OPQ112_448,IVF4096,PQ112"
+    )
+    assert factories.choose_factory(n, d, max_index_memory=factories.parse_bytes("150M")) == (
+        "OPQ128_512,IVF4096,PQ128"
+    )
     # small sets stay exact while they fit, and compress when they do not
     assert factories.choose_factory(5_000, d, max_index_memory=2**30) == "IDMap2,Flat"
     assert factories.choose_factory(5_000, d, max_index_memory=2**20).endswith("x4")
