@@ -382,9 +382,14 @@ def main() -> None:
     )
     parser.add_argument("--autofaiss-python", help="python of a venv with autofaiss installed")
     parser.add_argument(
-        "--autofaiss-result",
-        help="take autofaiss's figures from this earlier JSON of a run in the same --workdir "
-        "(same vectors and queries; e.g. one made with --skip-project) instead of building again",
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="take a tool's figures from this earlier JSON of a run in the same --workdir (same "
+        "vectors, queries and budget) for each tool this run skips (--skip-project, "
+        "--skip-autofaiss): the two builds can run one after the other and still be compared; "
+        "repeatable",
     )
     parser.add_argument("--skip-autofaiss", action="store_true")
     parser.add_argument("--skip-project", action="store_true")
@@ -445,16 +450,19 @@ def main() -> None:
     if not args.skip_project:
         result["project"] = project_build(scratch, desc, budget, args.n, truth)
         result["load_average_after_project"] = [round(v, 2) for v in os.getloadavg()]
-    if args.autofaiss_result:
-        earlier = json.loads(Path(args.autofaiss_result).read_text())
+    for path in args.reuse:
+        earlier = json.loads(Path(path).read_text())
         if (earlier["n"], earlier["budget_bytes"]) != (args.n, budget) or earlier.get(
             "workdir", str(scratch)
         ) != str(scratch):
-            raise SystemExit(f"{args.autofaiss_result} is not a run on these vectors and budget")
-        result["autofaiss"] = {**earlier["autofaiss"], "from": args.autofaiss_result}
+            raise SystemExit(f"{path} is not a run on these vectors and budget")
+        for tool, skipped in (("project", args.skip_project), ("autofaiss", args.skip_autofaiss)):
+            if skipped and tool in earlier:
+                result[tool] = {**earlier[tool], "from": path}
+    if "autofaiss" in result:
         infos = json.loads((scratch / "autofaiss" / "infos.json").read_text())
         result["autofaiss"].setdefault("search_params", infos.get("index_param"))
-    elif not args.skip_autofaiss:
+    if not args.skip_autofaiss:
         if not args.autofaiss_python:
             raise SystemExit("--autofaiss-python is required (or --skip-autofaiss)")
         result["autofaiss"] = autofaiss_build(
