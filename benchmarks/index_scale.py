@@ -172,8 +172,8 @@ PROJECT_BUILD = """
 import json, sys, time
 from pipelines import stages
 from pipelines.config import RunConfig
-desc, root, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
-config = RunConfig(runner="local", max_index_memory=budget)
+desc, root, budget, factory = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+config = RunConfig(runner="local", max_index_memory=budget, index_factory=factory)
 t = time.perf_counter()
 cb = stages.train(desc, root + "/codebook", config)
 t1 = time.perf_counter()
@@ -391,6 +391,12 @@ def main() -> None:
         "--skip-autofaiss): the two builds can run one after the other and still be compared; "
         "repeatable",
     )
+    parser.add_argument(
+        "--project-factory",
+        default="auto",
+        help="the project's faiss factory string (default auto: chosen from --budget, as "
+        "`retrieval train --max-index-memory` does); to compare index types at one budget",
+    )
     parser.add_argument("--skip-autofaiss", action="store_true")
     parser.add_argument("--skip-project", action="store_true")
     parser.add_argument("--skip-driver-check", action="store_true")
@@ -448,7 +454,9 @@ def main() -> None:
     result["exact_search_s"] = round(time.perf_counter() - t, 1)
     result["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
     if not args.skip_project:
-        result["project"] = project_build(scratch, desc, budget, args.n, truth)
+        result["project"] = project_build(
+            scratch, desc, budget, args.n, truth, args.project_factory
+        )
         result["load_average_after_project"] = [round(v, 2) for v in os.getloadavg()]
     for path in args.reuse:
         earlier = json.loads(Path(path).read_text())
@@ -495,14 +503,16 @@ def _cached_vectors(scratch: Path, n: int) -> tuple[Path, Path] | None:
     return desc, npy
 
 
-def project_build(scratch: Path, desc: Path, budget: int, n: int, truth: np.ndarray) -> dict:
+def project_build(
+    scratch: Path, desc: Path, budget: int, n: int, truth: np.ndarray, factory: str = "auto"
+) -> dict:
     """This project's train -> index -> merge in a fresh process, then its search figures."""
     import shutil
 
     from retrieval.index.search import DEFAULT_NPROBE
 
     shutil.rmtree(scratch / "project", ignore_errors=True)
-    project = _child(PROJECT_BUILD, str(desc), str(scratch / "project"), str(budget))
+    project = _child(PROJECT_BUILD, str(desc), str(scratch / "project"), str(budget), factory)
     project.update(
         _search_child(
             PROJECT_SEARCH,
