@@ -20,7 +20,8 @@
   and 1M vectors (``--memory-only`` runs just these two checks).
 
 Writes ``benchmarks/results/index_scale.json`` (figures and ratios). Slow: minutes to hours on
-2 cores at 1M; ``--n 20000 --skip-autofaiss`` is the quick smoke run.
+2 cores at 1M; ``--n 20000 --skip-autofaiss`` is the quick smoke run. The two builds can run in
+two invocations on one ``--workdir`` and be compared in one JSON with ``--reuse``.
 """
 
 from __future__ import annotations
@@ -409,7 +410,7 @@ def main() -> None:
         "--driver-only",
         action="store_true",
         help="only the launcher check (listing + planning of 10k and 1M entries: peak memory, "
-        "wall and CPU seconds), written to --out",
+        "wall and CPU seconds; writes index_scale_driver.json)",
     )
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "index_scale.json"))
@@ -422,7 +423,9 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     if args.driver_only:
         driver = {"driver_memory": driver_memory(scratch), "load_average": os.getloadavg()}
-        Path(args.out).write_text(json.dumps(driver, indent=2) + "\n")
+        Path(args.out).with_name("index_scale_driver.json").write_text(
+            json.dumps(driver, indent=2) + "\n"
+        )
         print(json.dumps(driver, indent=2))
         return
     if args.memory_only:
@@ -522,7 +525,8 @@ def project_build(
         )
     )
     project.update(recall(np.load(scratch / "project-found.npy"), truth))
-    project["search_params"] = f"nprobe={DEFAULT_NPROBE}"  # what `retrieval search` uses
+    if "IVF" in project["factory"]:
+        project["search_params"] = f"nprobe={DEFAULT_NPROBE}"  # what `retrieval search` uses
     project["bytes_per_vector"] = round(project["bytes"] / n, 2)
     return project
 
