@@ -201,6 +201,47 @@ def test_beam_runner_matches_local(corpus, local_run, tmp_path):
         assert (beam_m["rows"], beam_m["errors"]) == (local_m["rows"], local_m["errors"])
 
 
+def test_beam_graph_carries_shards_not_images(corpus, default_model, tmp_path):
+    """Beam's local runner keeps every PCollection's elements, and a GroupByKey's whole table,
+    in the launcher process until the next stage has run: a PCollection with one element per
+    image (an image reference, a decoded image, a descriptor row) makes the launcher's memory
+    grow with the corpus (measured: benchmarks/load.py). The extraction's PCollections carry at
+    most one element per shard; the rows never leave the worker that makes them."""
+    import apache_beam as beam
+    from apache_beam.metrics import monitoring_infos
+
+    from pipelines.beam.extract import build_extraction
+    from pipelines.beam.options import pipeline_options
+    from retrieval.extraction import plan_extraction
+    from retrieval.runtimes.device import plan_worker
+
+    folder, _ = corpus
+    out = tmp_path / "desc"
+    info = gem.model_info(CONFIG.gem)
+    plan = plan_extraction(str(folder), str(out), info, shard_size=CONFIG.shard_size)
+    assert (plan.inputs, len(plan.pending_ids)) == (14, 4)
+    pipeline = beam.Pipeline(options=pipeline_options(1))
+    build_extraction(
+        pipeline,
+        plan.pending_ids,
+        str(out),
+        config=CONFIG.gem,
+        model_info=info,
+        limits=CONFIG.limits,
+        worker=plan_worker("cpu", workers=1, threads=2),
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts: dict[str, int] = {}
+    for mi in result.monitoring_infos():
+        if mi.urn == monitoring_infos.ELEMENT_COUNT_URN:
+            pcoll = mi.labels[monitoring_infos.PCOLLECTION_LABEL]
+            counts[pcoll] = max(counts.get(pcoll, 0), monitoring_infos.extract_counter_value(mi))
+    assert len(counts) >= 3, counts  # the runner reported the graph's PCollections
+    assert max(counts.values()) == 4, counts  # one element per shard at most, never 14
+    assert sum(m["inputs"] for m in descriptor_shards.list_shards(str(out))) == 14
+
+
 def test_spark_runner_matches_local(spark, corpus, local_run, tmp_path):
     """Broken files through Spark: the same error rows, accounting and descriptors as the loop."""
     folder, _ = corpus
