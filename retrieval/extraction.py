@@ -1,9 +1,9 @@
 """The extraction stage as plain functions over one image, one shard and one corpus.
 
 Runners compose these: the in-process runner loops over shards; the Beam runner spreads shards
-over worker processes, each running :func:`extract_and_commit_shard` (``pipelines/beam/extract.py``).
-Whatever goes wrong with one image becomes an :class:`ErrorRow` with the stage and a stable kind,
-so every input is accounted for.
+over worker processes, each running :func:`extract_and_commit_shard`
+(``pipelines/beam/extract.py``). Whatever goes wrong with one image becomes an :class:`ErrorRow`
+with the stage and a stable kind, so every input is accounted for.
 """
 
 from __future__ import annotations
