@@ -251,8 +251,12 @@ class FaultyProxy:
     ``storage.request_timeout_s``), or, for GETs, a short read (full ``Content-Length``
     announced, half the body sent, connection closed). Every fault happens before the request
     reaches the server or on a read, so a retried request has exactly the effect of one that
-    never failed. ``fail_paths`` always fail with 503 and ``stall_paths`` always stall (to
-    exhaust retries); ``requests`` counts requests by path.
+    never failed. Faults are transient: the same request (method, path and query without upload
+    ids, byte range) is faulted at most once, so its retry goes through. Without that cap a
+    seeded run now and then drew a fault for every one of an operation's attempts (an outage,
+    not a transient fault) and the test failed by chance. Outages are modelled on purpose:
+    ``fail_paths`` always fail with 503 and ``stall_paths`` always stall (to exhaust retries);
+    ``requests`` counts requests by path.
     """
 
     KINDS = ("503", "reset", "short", "timeout")
@@ -273,6 +277,7 @@ class FaultyProxy:
         self.fail_paths: set[str] = set()
         self.stall_paths: set[str] = set()
         self.requests: dict[str, int] = {}
+        self.faulted: set[tuple[str, ...]] = set()  # requests already faulted once
         self.faults = dict.fromkeys(self.KINDS, 0)
         self.abandoned = 0  # stalled requests the client gave up on (timed out)
         self.stalling = 0  # stalled requests not yet over
@@ -307,15 +312,26 @@ class FaultyProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _fault(self, method: str, path: str) -> str | None:
+    @staticmethod
+    def _request_key(method: str, target: str, byte_range: str | None) -> tuple[str, ...]:
+        """What makes two requests "the same request" sent again: a retried upload gets a new
+        upload id from the server (GCS ``upload_id``, S3 ``uploadId``), so those are left out."""
+        from urllib.parse import parse_qsl, urlencode, urlsplit
+
+        parts = urlsplit(target)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("upload_id", "uploadId")]
+        return (method, parts.path, urlencode(sorted(query)), byte_range or "")
+
+    def _fault(self, method: str, path: str, key: tuple[str, ...]) -> str | None:
         with self.lock:
             self.requests[path] = self.requests.get(path, 0) + 1
             if any(path.startswith(p) for p in self.fail_paths):
                 return "503"
             if any(path.startswith(p) for p in self.stall_paths):
                 return "timeout"
-            if self.rng.random() >= self.rate:
+            if self.rng.random() >= self.rate or key in self.faulted:
                 return None
+            self.faulted.add(key)
             kind = self.rng.choice(self.KINDS)
             if kind == "short" and method != "GET":
                 kind = "503"
@@ -357,7 +373,8 @@ class FaultyProxy:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         path = handler.path.split("?", 1)[0]
-        fault = self._fault(handler.command, path)
+        key = self._request_key(handler.command, handler.path, handler.headers.get("Range"))
+        fault = self._fault(handler.command, path, key)
         if fault == "timeout":  # hold the request, never forward it
             self._stall(handler.connection)
             handler.close_connection = True
