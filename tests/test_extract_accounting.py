@@ -242,6 +242,27 @@ def test_beam_graph_carries_shards_not_images(corpus, default_model, tmp_path):
     assert sum(m["inputs"] for m in descriptor_shards.list_shards(str(out))) == 14
 
 
+def test_beam_workers_as_threads_match_local(corpus, local_run, tmp_path):
+    """``--direct_running_mode=multi_threading`` (asked for in beam_args) runs two workers as
+    threads of one process; each has its own model (a LiteRT interpreter must not be shared by
+    threads), and the result equals the local loop's."""
+    from pipelines.beam.options import pipeline_options
+
+    args = "--direct_running_mode=multi_threading"
+    assert pipeline_options(2, args).get_all_options()["direct_running_mode"] == "multi_threading"
+    assert pipeline_options(2).get_all_options()["direct_running_mode"] == "multi_processing"
+    folder, _ = corpus
+    out = tmp_path / "desc-threads"
+    config = replace(CONFIG, runner="beam", workers=2, beam_args=(args,))
+    summary = stages.extract(str(folder), str(out), config)
+    for key in ("inputs", "indexed", "failed", "shards", "failures_by_kind"):
+        assert summary[key] == local_run[1][key], key
+    ids_l, _, vectors_l = descriptor_shards.read_all(str(local_run[0]))
+    ids_t, _, vectors_t = descriptor_shards.read_all(str(out))
+    assert ids_t == ids_l
+    np.testing.assert_allclose(vectors_t, vectors_l, atol=1e-4)
+
+
 def test_spark_runner_matches_local(spark, corpus, local_run, tmp_path):
     """Broken files through Spark: the same error rows, accounting and descriptors as the loop."""
     folder, _ = corpus
