@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import cli
+from pipelines.cli.options import config_from_args
 from pipelines.config import RunConfig, build_config, read_config_file
 from retrieval.descriptors.gem import DEFAULT_IMAGE_SIZE
 
@@ -160,7 +161,9 @@ def test_flags_override_config_file(tmp_path: Path, monkeypatch, capsys):
     assert config.beam_args == ("--runner=DataflowRunner", "--project=p")
     assert config.gem.max_side == 450
 
-    plain = cli._config(cli.build_parser().parse_args(["extract", "--input", "i", "--output", "o"]))
+    plain = config_from_args(
+        cli.build_parser().parse_args(["extract", "--input", "i", "--output", "o"])
+    )
     assert plain == RunConfig()
     assert plain.gem.image_size == DEFAULT_IMAGE_SIZE
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipelines.cli import build_parser
+from pipelines.cli.options import attach_beam_args
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -28,9 +29,7 @@ def _load_command_module():
 
 def _parse(argv: list[str]):
     assert argv[0] == "retrieval"
-    from pipelines.cli import _attach_beam_args
-
-    return build_parser().parse_args(_attach_beam_args(argv[1:]))
+    return build_parser().parse_args(attach_beam_args(argv[1:]))
 
 
 def test_dataflow_command_is_a_valid_reindex():
@@ -99,6 +98,16 @@ def test_airflow_dag_structure():
         for alias in node.names
     }
     assert {"DAG", "KubernetesPodOperator", "DataprocSubmitJobOperator"} <= imports
+    # Dataproc runs a file of the project inside deploy/spark's image (COPY ... /opt/cbir)
+    (main_file,) = [
+        ast.literal_eval(value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Dict)
+        for key, value in zip(node.keys, node.values, strict=True)
+        if isinstance(key, ast.Constant) and key.value == "main_python_file_uri"
+    ]
+    assert main_file.startswith("file:///opt/cbir/")
+    assert (DEPLOY.parent / main_file.removeprefix("file:///opt/cbir/")).is_file(), main_file
     compile(tree, "cbir_reindex_dag.py", "exec")
 
 

@@ -15,6 +15,7 @@ import yaml
 from support import require_benchmark
 
 from pipelines import cli
+from pipelines.cli.options import attach_beam_args
 from pipelines.config import build_config, read_config_file
 from pipelines.submit import flex_template
 from pipelines.submit.job import parse_job_args
@@ -91,7 +92,7 @@ def test_dataflow_dry_run_prints_every_step_with_its_options(tmp_path, capsys):
     parser = cli.build_parser()
     for command in commands:
         assert command[0] == "retrieval"
-        parser.parse_args(cli._attach_beam_args(command[1:]))  # a valid invocation
+        parser.parse_args(attach_beam_args(command[1:]))  # a valid invocation
     extract = commands[0]
     assert extract[extract.index("--output") + 1] == "gs://acme/run1/descriptors"
     assert extract[extract.index("--runner") + 1] == "beam"

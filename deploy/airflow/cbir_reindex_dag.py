@@ -69,7 +69,7 @@ with DAG(
         job={
             "placement": {"cluster_name": SETTINGS["dataproc_cluster"]},
             "pyspark_job": {
-                "main_python_file_uri": "file:///opt/cbir/pipelines/cli.py",
+                "main_python_file_uri": "file:///opt/cbir/pipelines/cli/__main__.py",
                 "args": reindex_command("spark", corpus=SETTINGS["corpus"], root=SETTINGS["root"])[
                     1:
                 ],
