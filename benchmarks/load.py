@@ -6,6 +6,9 @@ planning, reading, decoding, shuffling and writing shards, not on the model), an
 each size: throughput, the launcher's and each worker's peak RSS (VmHWM, sampled every 0.2 s), the
 accounting (inputs = indexed + failed). Memory must stay flat as the corpus grows.
 
+Each size runs in a fresh process: a process's peak RSS (VmHWM) only ever rises, so a second
+size measured in the same launcher would report the larger of the two peaks.
+
     .venv/bin/python benchmarks/load.py [--sizes 5000 20000] [--workdir DIR]
 
 Writes ``benchmarks/results/load.json``. Not part of ``make test`` (minutes of CPU).
@@ -17,6 +20,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -111,9 +116,11 @@ def run(n: int, workdir: Path, model: Path) -> dict:
         threads_per_worker=1,
         gem=GeMConfig(backbone=f"savedmodel:{model}", image_size=64),
     )
+    output = workdir / f"desc-{n}"
+    shutil.rmtree(output, ignore_errors=True)  # a fresh extraction, not a re-run that skips
     start = time.perf_counter()
     with MemorySampler() as memory:
-        summary = stages.extract(str(images), str(workdir / f"desc-{n}"), config)
+        summary = stages.extract(str(images), str(output), config)
     elapsed = time.perf_counter() - start
     me = os.getpid()
     # The two largest descendants are the SDK workers holding the model.
@@ -131,24 +138,35 @@ def run(n: int, workdir: Path, model: Path) -> dict:
     }
 
 
+def _run_in_child(n: int, workdir: Path, model: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), "--workdir", str(workdir)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/load.json")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child is not None:  # one size, in this fresh process
+        print(json.dumps(run(args.child, args.workdir, args.workdir / "tiny")))
+        return
     from support import save_tiny_saved_model
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cbir-load-"))
     model = workdir / "tiny"
     if not model.exists():
         save_tiny_saved_model(model)
-    rows = [run(n, workdir, model) for n in args.sizes]
+    rows = [_run_in_child(n, workdir, model) for n in args.sizes]
     result = {
         "benchmark": "load",
         "runner": "Beam FnApiRunner, 2 worker processes, 1 thread each",
         "backbone": "tiny SavedModel (4 channels): measures the pipeline, not the model",
-        "note": "shared 2-core machine: timings are noisy",
+        "note": "shared 2-core machine: timings are noisy; each size in a fresh process",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "runs": rows,
     }

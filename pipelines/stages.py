@@ -185,7 +185,6 @@ def _extract_spark(
             model_info=info,
             limits=config.limits,
             worker=worker,
-            parallelism=parallelism(session),
             local=local,
             local_output=local_output,
             local_info=local_info,

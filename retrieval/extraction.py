@@ -1,8 +1,9 @@
 """The extraction stage as plain functions over one image, one shard and one corpus.
 
-Runners compose these: the in-process runner loops over shards; the Beam runner spreads images
-over workers (``pipelines/beam/extract.py``). Whatever goes wrong with one image becomes an
-:class:`ErrorRow` with the stage and a stable kind, so every input is accounted for.
+Runners compose these: the in-process runner loops over shards; the Beam runner spreads shards
+over worker processes, each running :func:`extract_and_commit_shard`
+(``pipelines/beam/extract.py``). Whatever goes wrong with one image becomes an :class:`ErrorRow`
+with the stage and a stable kind, so every input is accounted for.
 """
 
 from __future__ import annotations
@@ -422,6 +423,40 @@ def summarize_local_features(local_output: str, local_info: dict[str, Any]) -> d
     }
 
 
+def extract_and_commit_shard(
+    output: str,
+    shard_id: str,
+    extractor: GeMExtractor,
+    limits: DecodeLimits,
+    *,
+    model_info: dict[str, Any],
+    batch_size: int = 8,
+    decode_threads: int = 1,
+    local: LocalFeatureExtractor | None = None,
+    local_output: str | None = None,
+    local_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One planned shard of ``output`` from end to end in this process: its inputs read from the
+    run plan, decoded ahead of the model, described in batches (and given local features with
+    ``local``), written and committed (:func:`write_shards`). Every runner's unit of work: the
+    rows of a shard never leave the process that describes them. Returns the descriptor
+    manifest."""
+    spec = plan.read_shard_spec(output, shard_id)
+    rows, errors, local_rows = extract_shard_with_local(
+        spec, extractor, limits, local, batch_size=batch_size, decode_threads=decode_threads
+    )
+    return write_shards(
+        output,
+        spec,
+        rows,
+        errors,
+        model_info,
+        local_output=local_output,
+        local_rows=local_rows,
+        local_info=local_info,
+    )
+
+
 def run_local(
     shard_ids: Iterable[str],
     output: str,
@@ -438,18 +473,16 @@ def run_local(
     info = extractor.info()
     local_info = local.info() if local is not None else None
     for shard_id in shard_ids:
-        spec = plan.read_shard_spec(output, shard_id)
-        rows, errors, local_rows = extract_shard_with_local(
-            spec, extractor, limits, local, batch_size=batch_size, decode_threads=decode_threads
-        )
-        write_shards(
+        extract_and_commit_shard(
             output,
-            spec,
-            rows,
-            errors,
-            info,
+            shard_id,
+            extractor,
+            limits,
+            model_info=info,
+            batch_size=batch_size,
+            decode_threads=decode_threads,
+            local=local,
             local_output=local_output,
-            local_rows=local_rows,
             local_info=local_info,
         )
 

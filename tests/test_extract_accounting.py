@@ -201,6 +201,68 @@ def test_beam_runner_matches_local(corpus, local_run, tmp_path):
         assert (beam_m["rows"], beam_m["errors"]) == (local_m["rows"], local_m["errors"])
 
 
+def test_beam_graph_carries_shards_not_images(corpus, default_model, tmp_path):
+    """Beam's local runner keeps every PCollection's elements, and a GroupByKey's whole table,
+    in the launcher process until the next stage has run: a PCollection with one element per
+    image (an image reference, a decoded image, a descriptor row) makes the launcher's memory
+    grow with the corpus (measured: benchmarks/load.py). The extraction's PCollections carry at
+    most one element per shard; the rows never leave the worker that makes them."""
+    import apache_beam as beam
+    from apache_beam.metrics import monitoring_infos
+
+    from pipelines.beam.extract import build_extraction
+    from pipelines.beam.options import pipeline_options
+    from retrieval.extraction import plan_extraction
+    from retrieval.runtimes.device import plan_worker
+
+    folder, _ = corpus
+    out = tmp_path / "desc"
+    info = gem.model_info(CONFIG.gem)
+    plan = plan_extraction(str(folder), str(out), info, shard_size=CONFIG.shard_size)
+    assert (plan.inputs, len(plan.pending_ids)) == (14, 4)
+    pipeline = beam.Pipeline(options=pipeline_options(1))
+    build_extraction(
+        pipeline,
+        plan.pending_ids,
+        str(out),
+        config=CONFIG.gem,
+        model_info=info,
+        limits=CONFIG.limits,
+        worker=plan_worker("cpu", workers=1, threads=2),
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts: dict[str, int] = {}
+    for mi in result.monitoring_infos():
+        if mi.urn == monitoring_infos.ELEMENT_COUNT_URN:
+            pcoll = mi.labels[monitoring_infos.PCOLLECTION_LABEL]
+            counts[pcoll] = max(counts.get(pcoll, 0), monitoring_infos.extract_counter_value(mi))
+    assert len(counts) >= 3, counts  # the runner reported the graph's PCollections
+    assert max(counts.values()) == 4, counts  # one element per shard at most, never 14
+    assert sum(m["inputs"] for m in descriptor_shards.list_shards(str(out))) == 14
+
+
+def test_beam_workers_as_threads_match_local(corpus, local_run, tmp_path):
+    """``--direct_running_mode=multi_threading`` (asked for in beam_args) runs two workers as
+    threads of one process; each has its own model (a LiteRT interpreter must not be shared by
+    threads), and the result equals the local loop's."""
+    from pipelines.beam.options import pipeline_options
+
+    args = "--direct_running_mode=multi_threading"
+    assert pipeline_options(2, args).get_all_options()["direct_running_mode"] == "multi_threading"
+    assert pipeline_options(2).get_all_options()["direct_running_mode"] == "multi_processing"
+    folder, _ = corpus
+    out = tmp_path / "desc-threads"
+    config = replace(CONFIG, runner="beam", workers=2, beam_args=(args,))
+    summary = stages.extract(str(folder), str(out), config)
+    for key in ("inputs", "indexed", "failed", "shards", "failures_by_kind"):
+        assert summary[key] == local_run[1][key], key
+    ids_l, _, vectors_l = descriptor_shards.read_all(str(local_run[0]))
+    ids_t, _, vectors_t = descriptor_shards.read_all(str(out))
+    assert ids_t == ids_l
+    np.testing.assert_allclose(vectors_t, vectors_l, atol=1e-4)
+
+
 def test_spark_runner_matches_local(spark, corpus, local_run, tmp_path):
     """Broken files through Spark: the same error rows, accounting and descriptors as the loop."""
     folder, _ = corpus

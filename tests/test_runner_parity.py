@@ -129,36 +129,17 @@ def test_runner_matches_beam_on_oxford_dev(spark, oxford_beam, runner, tmp_path_
     assert_same_results(oxford_beam, other)
 
 
-def test_spark_results_carry_notes(tmp_path):
-    """Spark hands rows between its two steps as Arrow batches: a row's notes must survive
-    them into the shard (Beam hands the row objects themselves)."""
-    import pyarrow as pa
-    from support import MODEL_INFO
+def test_spark_hands_out_one_shard_per_task_and_a_lost_shard_fails(spark):
+    """Spark's work unit is the shard: every pending shard is its own partition (so the
+    scheduler gives the next shard to whichever slot frees first, none waits behind another in
+    the same task), and a shard that does not come back fails the run instead of vanishing."""
+    from pipelines.spark.extract import check_all_came_back, shard_frame
 
-    from pipelines.spark.extract import RESULT_DDL, RESULT_SCHEMA, _result_batch, write_shard_group
-    from retrieval import plan
-    from retrieval.corpus import ImageRef, ShardSpec
-    from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
-
-    assert RESULT_SCHEMA.names == [part.split()[0] for part in RESULT_DDL.split(", ")]
-    refs = (ImageRef("a", "/a.jpg"), ImageRef("b", "/b.jpg"), ImageRef("c", "/c.jpg"))
-    spec = ShardSpec("part-00000", refs)
-    output = str(tmp_path / "desc")
-    plan.write_extraction_plan(output, [spec], source="/", shard_size=3)
-    vector = np.eye(MODEL_INFO["dim"], dtype=np.float32)[0]
-    batch = _result_batch(
-        [
-            ("part-00000", DescriptorRow("a", "/a.jpg", "0" * 64, 20, 20, vector)),
-            ("part-00000", DescriptorRow("b", "/b.jpg", "1" * 64, 20, 20, vector, "broken EXIF")),
-            ("part-00000", ErrorRow("c", "/c.jpg", "decode", "corrupt", "bad")),
-        ]
-    )
-    written = write_shard_group(
-        (pa.scalar("part-00000"),),
-        pa.Table.from_batches([batch]),
-        output=output,
-        model_info=MODEL_INFO,
-    )
-    assert written.to_pylist() == [{"shard": "part-00000", "rows": 2, "errors": 1}]
-    [manifest] = descriptor_shards.list_shards(output)
-    assert descriptor_shards.read_notes(output, manifest) == {"b": "broken EXIF"}
+    ids = [f"part-{i:05d}" for i in range(7)]
+    frame = shard_frame(spark, ids)
+    assert frame.rdd.glom().map(lambda part: [row["shard"] for row in part]).collect() == [
+        [i] for i in ids
+    ]
+    check_all_came_back(ids, list(reversed(ids)))
+    with pytest.raises(RuntimeError, match=r"1 shards did not come back.*part-00003"):
+        check_all_came_back(ids, ids[:3] + ids[4:])

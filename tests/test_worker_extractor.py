@@ -32,32 +32,47 @@ def test_a_worker_model_gets_its_share_of_the_cores_without_tensorflow(model_cac
     assert probe == {"threads": 2, "tf": False}  # 4 cores / 2 workers; LiteRT needs no TF
 
 
-def test_sparks_partition_function_builds_its_model_from_the_worker_plan(oxford_images):
+def test_sparks_partition_function_commits_shards_with_the_worker_plans_model(
+    oxford_images, tmp_path
+):
     """The function Spark runs on each partition (called here directly, as a Python worker
-    would): its model has the plan's threads, and it decodes ahead on the plan's threads."""
+    would): each shard id in is extracted and committed, one (shard, rows, errors) row out, with
+    one model per worker built from the worker plan (its threads) and kept for the next shard."""
     import pyarrow as pa
 
     from pipelines.spark import extract as spark_extract
+    from retrieval import plan
+    from retrieval.corpus import ImageRef, ShardSpec
     from retrieval.images import DecodeLimits
     from retrieval.runtimes.device import plan_worker
+    from retrieval.shards import descriptor_shards
 
     worker = plan_worker("cpu", cores=6, workers=2)
-    refs = pa.RecordBatch.from_pydict(
-        {
-            "shard": ["part-00000"] * 3,
-            "id": ["a", "b", "c"],
-            "uri": [str(p) for p in oxford_images[:3]],
-            "problem": [None] * 3,
-        },
-        schema=spark_extract.REFS_SCHEMA,
+    refs = [ImageRef(p.stem, str(p)) for p in oxford_images[:3]]
+    missing = ImageRef("gone", str(tmp_path / "gone.jpg"))
+    specs = [ShardSpec("part-00000", tuple(refs[:2])), ShardSpec("part-00001", (refs[2], missing))]
+    output = str(tmp_path / "desc")
+    plan.write_extraction_plan(output, specs, source=str(tmp_path), shard_size=2)
+    spark_extract._extractor.cache_clear()
+    model_info = spark_extract._extractor(GeMConfig(), worker).info()
+    ids = pa.RecordBatch.from_pydict({"shard": ["part-00000", "part-00001"]})
+    out = spark_extract.extract_partition(
+        iter([ids]),
+        output=output,
+        config=GeMConfig(),
+        model_info=model_info,
+        limits=DecodeLimits(),
+        worker=worker,
     )
-    out = list(
-        spark_extract.describe_partition(
-            iter([refs]), config=GeMConfig(), limits=DecodeLimits(), worker=worker
-        )
-    )
-    table = pa.Table.from_batches(out)
-    assert table.column("id").to_pylist() == ["a", "b", "c"]
-    assert table.column("error_kind").null_count == 3
-    model = spark_extract._EXTRACTORS[(GeMConfig(), worker)]
+    assert pa.Table.from_batches(list(out)).to_pylist() == [
+        {"shard": "part-00000", "rows": 2, "errors": 0},
+        {"shard": "part-00001", "rows": 1, "errors": 1},
+    ]
+    manifests = descriptor_shards.list_shards(output)
+    assert [(m["shard"], m["rows"], m["errors"]) for m in manifests] == [
+        ("part-00000", 2, 0),
+        ("part-00001", 1, 1),
+    ]
+    assert spark_extract._extractor.cache_info().currsize == 1  # one model for both shards
+    model = spark_extract._extractor(GeMConfig(), worker)
     assert model.runner.threads == worker.inference_threads == 3

@@ -1,22 +1,68 @@
 """Descriptor extraction on Apache Beam: a thin adapter over ``retrieval.extraction``.
 
-    shard ids ─► (shard, image) pairs ─► Reshuffle ─► read + decode ─┬─► RunInference (GeM) ─┐
-                                                                       └─► error rows ─────────┤
-                          write shard + manifest ◄─ group by shard ◄──────────────────────────┘
+    pending shard ids ─► Create (reshuffled: spread over the workers)
+        ─► ExtractShard: the shard's inputs read from the run plan, read + decode on a thread pool
+           ahead of the model, described in real batches, written and committed
+        ─► (shard, rows, errors)
 
-Reshuffle spreads single images (not whole shards) over the workers, so a few large shards never
-leave workers idle; read + decode runs ahead of the model on a thread pool (decode fan-in, as
-``retrieval.extraction.load_images`` does locally); RunInference loads one model per worker and
-hands it batches bounded by an activation-memory budget, which ``GeMExtractor.describe_batch``
-runs as same-shape tensors (``retrieval/runtimes/device.py`` sizes both for a CPU or a GPU);
-grouping by shard id brings each shard's rows back together so it is written data-first and
-committed by one worker.
+The shard is the Beam work unit. Each ``ExtractShard`` call runs
+``retrieval.extraction.extract_and_commit_shard``, the function the local runner loops over, so
+the rows of a shard never leave the worker process that describes them: it writes the data and
+then the manifest (a re-run skips committed shards), and the shard writer checks what it writes
+against the run plan (an input without a descriptor row or an error row fails the shard loudly).
+The graph carries only shard ids, and the launcher writes the run plan to the output folder
+before the job, so neither the graph nor the launcher's memory grows with the corpus.
 
-The graph carries only shard ids: the launcher writes the run plan (listing cut into shards) to
-the output folder, and workers read each shard's references from it (``retrieval.plan``), so
-neither the graph nor the launcher's memory grows with the corpus.
+Why not images as the work unit (the graph before this one: Reshuffle of (shard, image) pairs,
+read + decode, ``RunInference``, then a GroupByKey by shard to bring each shard's rows together
+for its commit). Beam's local FnApiRunner keeps every stage's output, and a GroupByKey's whole
+table, in the launcher process until the next stage has run (``fn_api_runner/execution.py``:
+``ListBuffer``, ``GroupingBuffer``; it cannot spill to disk), so every descriptor row and every
+(shard, image) pair crossed the launcher and stayed there: measured with the load benchmark, the
+launcher's resident memory grew in exactly the stages that carry per-image elements, +38 MB for
+5,000 images and +117 MB for 20,000 (about 5 KB per image; `benchmarks/load.py`). On Dataflow
+the same GroupByKey is a shuffle of every descriptor (about 5 KB each at 1,280 dimensions), paid
+for once more for nothing: the shard writer needs only the rows its own worker made.
 
-Why not Beam's file I/O here: the corpus is listed and cut into shards by the launcher before the
+Options weighed:
+
+* per-image spreading with workers writing per-bundle fragment files, and only fragment
+  references grouped by shard: keeps image-level balance but writes and reads every descriptor
+  twice, and needs fragment clean-up and a fragment-level commit protocol next to the shard's;
+* a runner that spills: the FnApiRunner does not (Prism, which might, cannot be fetched offline);
+* the shard as the work unit (this module): nothing per image crosses the launcher or a shuffle,
+  the same code path as the local runner (so the runners' equal output is by construction), two
+  fused stages per job instead of five. What it gives up is balance finer than a shard: with
+  fewer shards than workers some idle, and a job ends with its slowest shard. Shards are
+  deterministic slices of the listing (256 images by default, ``--shard-size``), so a large
+  corpus has many of them (one million images: about 3,900) and the tail is one shard's time; a
+  small job should use a smaller ``--shard-size``. The FnApiRunner hands each worker every
+  other shard id (its grouping table is split round-robin), as it handed out images before.
+
+Measured on oxford-dev (502 images, 2 shards, 2 workers; a shared 2-core machine at load 7, so
+noisy): end to end 11.1-12.7 s with this graph against 11.2-12.5 s with the former one in
+alternating runs: the same. Where a job's fixed time goes (launcher timestamps at each stage):
+about 2.5 s for the first, tiny stage, which is the two SDK worker processes starting and
+importing Beam (1.2-1.8 s of Beam import each; the project's code adds 0.1 s, the model 0.04 s
+from the launcher's converted-model cache), 0.5-1 s of teardown after the last shard, and Beam's
+import in the launcher itself. ``--direct_running_mode=multi_threading`` (workers as threads of
+the launcher) removes the process start: 8.3-8.7 s on the 502 images, but on 2,008 images it was
+10-20% slower than processes (GIL contention: 50.5 vs 56.1 and 34.4 vs 43.3 images/s), so
+processes stay the local default, as the steady rate is what a large corpus pays for. Each
+``ExtractShard`` instance builds its own model in ``setup``: a LiteRT interpreter must not be
+called from two threads at once (with ``RunInference``, which shares one model across a
+process's threads, the multi_threading run above turned 29-46 of 502 images into
+``model_error`` rows).
+
+Why not ``RunInference``: it is a transform over a PCollection of examples whose output is
+another PCollection, so the rows it makes must be regrouped by shard before a shard can be
+committed: the GroupByKey above. Its other services are kept here without it: one model per
+worker (built in ``setup``, reused for every shard it runs), batches bounded by an
+activation-memory budget (``retrieval/runtimes/device.py`` plans them, ``GeMExtractor``
+runs same-shape tensors), and a failing batch retried image by image so that one bad image costs
+only its own row (``describe_loaded``).
+
+Why not Beam's file I/O: the corpus is listed and cut into shards by the launcher before the
 pipeline starts (to skip committed shards, and so that every runner plans identically), and each
 shard must be written under its own deterministic name and then committed by a manifest, which
 ``parquetio.WriteToParquet``'s own output sharding cannot express.
@@ -24,174 +70,65 @@ shard must be written under its own deterministic name and then committed by a m
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import (
-    KeyedModelHandler,
-    ModelHandler,
-    PredictionResult,
-    RunInference,
-)
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.utils.windowed_value import WindowedValue
 
-from retrieval import plan
-from retrieval.descriptors.batching import ACTIVATION_BYTES_PER_PIXEL
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor
-from retrieval.extraction import (
-    LoadedImage,
-    describe_loaded,
-    load_image,
-    local_feature_row,
-    model_error,
-    worker_extractor,
-    write_shards,
-)
+from retrieval.extraction import extract_and_commit_shard, worker_extractor
 from retrieval.images import DecodeLimits
 from retrieval.local_features.extractor import LocalFeatureConfig, build_local_extractor
 from retrieval.runtimes.device import WorkerPlan
-from retrieval.shards.descriptor_shards import ErrorRow
-from retrieval.shards.local_feature_shards import LocalFeatureRow
 
 
-class GeMModelHandler(ModelHandler[LoadedImage, Any, GeMExtractor]):
-    """RunInference handler for GeM: one extractor per worker, real batches, per-image failures
-    kept as rows (``retrieval.extraction.describe_loaded``).
+class ExtractShard(beam.DoFn):
+    """``shard id -> (shard id, rows, errors)``: one planned shard extracted and committed in
+    this worker (``retrieval.extraction.extract_and_commit_shard``), with this worker's model
+    (and local-feature extractor), built once in ``setup``."""
 
-    Batches are capped by the worker plan's activation budget: each image counts for its pixel
-    count (BatchElements measures batch size with ``element_size_fn``), so a batch of large
-    images holds fewer of them than a batch of small ones.
-    """
-
-    def __init__(self, config: GeMConfig, worker: WorkerPlan):
-        super().__init__(
-            min_batch_size=1,
-            max_batch_size=max(1, worker.batch_bytes // ACTIVATION_BYTES_PER_PIXEL),
-            element_size_fn=_pixels,
-        )
-        self._config = config
-        self._worker = worker
-
-    def load_model(self) -> GeMExtractor:
-        return worker_extractor(self._config, self._worker)
-
-    def run_inference(
-        self,
-        batch: Sequence[LoadedImage],
-        model: GeMExtractor,
-        inference_args: dict[str, Any] | None = None,
-    ) -> Iterable[PredictionResult]:
-        results = describe_loaded(model, batch)
-        return [PredictionResult(x, y) for x, y in zip(batch, results, strict=True)]
-
-    def get_num_bytes(self, batch: Sequence[LoadedImage]) -> int:
-        return sum(loaded.image.pixels.nbytes for loaded in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "retrieval.gem"
-
-
-class _LocalFeatures(beam.DoFn):
-    """Local features of decoded images: one extractor per worker, built in ``setup``."""
-
-    def __init__(self, config: LocalFeatureConfig):
-        self._config = config
-
-    def setup(self) -> None:
-        self._extractor = build_local_extractor(self._config)
-
-    def process(self, element: tuple[str, LoadedImage]):
-        shard_id, loaded = element
-        yield shard_id, local_feature_row(loaded, self._extractor)
-
-
-def _pixels(element: Any) -> int:
-    """Batch weight of one element, keyed ``(shard, LoadedImage)`` or not: its pixel count."""
-    loaded = element[1] if isinstance(element, tuple) else element
-    height, width = loaded.image.pixels.shape[:2]
-    return height * width
-
-
-class _ReadDecode(beam.DoFn):
-    """``(shard, ref) -> (shard, LoadedImage | ErrorRow)`` with reading and decoding run ahead of
-    the model on ``threads`` threads (decode fan-in), results in input order within a bundle."""
-
-    def __init__(self, max_side: int, limits: DecodeLimits, threads: int, prefetch: int):
-        self._max_side = max_side
-        self._limits = limits
-        self._threads = threads
-        self._prefetch = prefetch
-
-    def setup(self) -> None:
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
-
-    def start_bundle(self) -> None:
-        self._pending: deque[tuple[str, Future, Any, Any]] = deque()
-
-    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        shard, ref = element
-        future = self._pool.submit(load_image, ref, max_side=self._max_side, limits=self._limits)
-        self._pending.append((shard, future, timestamp, window))
-        while len(self._pending) > self._prefetch:
-            yield self._ready()
-
-    def finish_bundle(self):
-        while self._pending:
-            yield self._ready()
-
-    def _ready(self) -> WindowedValue:
-        shard, future, timestamp, window = self._pending.popleft()
-        return WindowedValue((shard, future.result()), timestamp, [window])
-
-    def teardown(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-class _WriteShard(beam.DoFn):
     def __init__(
         self,
         output: str,
+        *,
+        config: GeMConfig,
         model_info: dict[str, Any],
+        limits: DecodeLimits,
+        worker: WorkerPlan,
+        local: LocalFeatureConfig | None = None,
         local_output: str | None = None,
         local_info: dict[str, Any] | None = None,
     ):
         self._output = output
+        self._config = config
         self._model_info = model_info
+        self._limits = limits
+        self._worker = worker
+        self._local = local
         self._local_output = local_output
         self._local_info = local_info
 
-    def process(self, element: tuple[str, Iterable[Any]]):
-        shard_id, results = element
-        rows, errors, local_rows = [], [], []
-        for result in results:
-            if isinstance(result, ErrorRow):
-                errors.append(result)
-            elif isinstance(result, LocalFeatureRow):
-                local_rows.append(result)
-            else:
-                rows.append(result)
-        spec = plan.read_shard_spec(self._output, shard_id)
-        manifest = write_shards(
+    def setup(self) -> None:
+        self._extractor: GeMExtractor = worker_extractor(self._config, self._worker)
+        self._local_extractor = (
+            build_local_extractor(self._local) if self._local is not None else None
+        )
+
+    def process(self, shard_id: str):
+        manifest = extract_and_commit_shard(
             self._output,
-            spec,
-            rows,
-            errors,
-            self._model_info,
+            shard_id,
+            self._extractor,
+            self._limits,
+            model_info=self._model_info,
+            batch_size=self._worker.max_batch_images,
+            decode_threads=self._worker.decode_threads,
+            local=self._local_extractor,
             local_output=self._local_output,
-            local_rows=local_rows,
             local_info=self._local_info,
         )
         yield shard_id, manifest["rows"], manifest["errors"]
-
-
-def _failed_batch_rows(failure: tuple[Sequence[tuple[str, LoadedImage]], BaseException]):
-    batch, exc = failure
-    for shard_id, loaded in batch:
-        yield shard_id, model_error(loaded, exc)
 
 
 def build_extraction(
@@ -210,30 +147,24 @@ def build_extraction(
     """Add the extraction of the planned shards ``shard_ids`` of ``output`` to ``pipeline``;
     returns (shard, rows, errors) per shard. With ``local`` the same decoded images also get
     local features (one read and decode per image), committed to ``local_output``."""
-    max_side = max(config.max_side, local.image_size if local else 0)
-    loaded = (
-        pipeline
-        | "Shards" >> beam.Create(list(shard_ids))
-        | "Images"
-        >> beam.FlatMap(lambda sid: [(sid, ref) for ref in plan.read_shard_spec(output, sid).refs])
-        | "Spread" >> beam.Reshuffle()
-        | "ReadDecode"
-        >> beam.ParDo(_ReadDecode(max_side, limits, worker.decode_threads, worker.prefetch))
-    )
-    decoded = loaded | "Decoded" >> beam.Filter(lambda kv: isinstance(kv[1], LoadedImage))
-    undecodable = loaded | "Undecodable" >> beam.Filter(lambda kv: isinstance(kv[1], ErrorRow))
-    handler = KeyedModelHandler(GeMModelHandler(config, worker))
-    described, dead_letters = decoded | "GeM" >> RunInference(handler).with_exception_handling()
-    rows = described | "Rows" >> beam.MapTuple(lambda shard, result: (shard, result.inference))
-    failed = dead_letters.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows)
-    parts = [rows, undecodable, failed]
-    if local is not None:
-        parts.append(decoded | "LocalFeatures" >> beam.ParDo(_LocalFeatures(local)))
     return (
-        tuple(parts)
-        | "All" >> beam.Flatten()
-        | "ByShard" >> beam.GroupByKey()
-        | "Write" >> beam.ParDo(_WriteShard(output, model_info, local_output, local_info))
+        pipeline
+        # reshuffle=True (Create's default, spelled out): the ids are spread over the workers
+        # instead of staying fused with the one that read the list.
+        | "Shards" >> beam.Create(list(shard_ids), reshuffle=True)
+        | "ExtractShard"
+        >> beam.ParDo(
+            ExtractShard(
+                output,
+                config=config,
+                model_info=model_info,
+                limits=limits,
+                worker=worker,
+                local=local,
+                local_output=local_output,
+                local_info=local_info,
+            )
+        )
     )
 
 

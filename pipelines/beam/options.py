@@ -3,7 +3,8 @@
 Locally we use the portable FnApiRunner directly: the default DirectRunner first tries to
 download the Prism runner binary, which cannot work offline and costs time. ``workers`` > 1
 starts that many SDK worker processes (``multi_processing``), each running its own model copy
-with ``threads`` TensorFlow threads. Anything else (``--runner=DataflowRunner --project=...``)
+with ``threads`` threads (``--direct_running_mode=multi_threading`` in ``extra_args`` runs them
+as threads of the launcher instead). Anything else (``--runner=DataflowRunner --project=...``)
 is passed through untouched as ``extra_args``.
 """
 
@@ -22,7 +23,11 @@ def pipeline_options(workers: int = 1, extra_args: Sequence[str] | str = ()) -> 
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=FnApiRunner")
         args.append(f"--direct_num_workers={max(1, workers)}")
-        args.append("--direct_running_mode=" + ("multi_processing" if workers > 1 else "in_memory"))
+        # A running mode given in extra_args wins (e.g. multi_threading: no worker processes to
+        # start, slower once running; see pipelines/beam/extract.py).
+        if not any(a.startswith("--direct_running_mode") for a in args):
+            mode = "multi_processing" if workers > 1 else "in_memory"
+            args.append(f"--direct_running_mode={mode}")
     return PipelineOptions(args)
 
 

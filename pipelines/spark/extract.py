@@ -1,300 +1,100 @@
 """Descriptor extraction on Spark: a thin adapter over ``retrieval.extraction``.
 
-    pending shard ids ─► mapInArrow: the shard's inputs, read from the run plan
-        ─► repartition by image id ─► mapInArrow: read + decode + GeM, one result row per input
-        ─► group by shard ─► applyInArrow: write the shard, then commit its manifest
+    pending shard ids, one per partition ─► mapInArrow: each shard extracted and committed by
+        ``extract_and_commit_shard`` ─► (shard, rows, errors) ─► the driver checks every pending
+        shard came back
 
-Images, not shards, are spread over the tasks (as Beam's Reshuffle does), so a few large shards
-never leave workers idle. Each Python worker builds one model and keeps it for every task it
-runs (Spark reuses Python workers). The DataFrames carry only shard ids until the workers read
-each shard's references from the run plan in the output folder (``retrieval.plan``), and the
-shard writer checks what came back against that plan (``write_shard``): an input lost on the way
-fails its shard loudly instead of vanishing. Files, names and manifests are the ones every runner
-writes, so Spark, Beam and local runs skip each other's committed shards.
+The shard is the Spark work unit, as it is Beam's (``pipelines/beam/extract.py`` says why at
+length). Each task runs ``retrieval.extraction.extract_and_commit_shard``, the function the local
+runner loops over and Beam's ``ExtractShard`` calls, so the three runners share one code path
+and their equal output holds by construction: the task reads the shard's inputs from the run
+plan in the output folder (``retrieval.plan``), decodes them on the worker plan's threads ahead
+of the model, describes them in batches, writes the data and commits the manifest last; the
+shard writer checks what it writes against the plan (an input without a descriptor row or an
+error row fails the shard loudly). The DataFrame carries only shard ids and one small row per
+shard comes back, so no descriptor crosses a shuffle or the driver (the graph before this one
+repartitioned the images, made one Arrow row per image and grouped the rows by shard again,
+shuffling every descriptor once for nothing: the writer needs only the rows its own task made).
+Each Python worker builds its model once and keeps it for every task it runs (Spark reuses
+Python workers). Files, names and manifests are the ones every runner writes, so Spark, Beam and
+local runs skip each other's committed shards.
+
+What it gives up is balance finer than a shard: with fewer shards than task slots some slots
+idle, and a job ends with its slowest shard. One shard per partition lets the scheduler hand the
+next shard to whichever slot frees first, so the tail is one shard's time; a small job should use
+a smaller ``--shard-size``.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from retrieval import plan
-from retrieval.corpus import ImageRef
 from retrieval.descriptors.gem import GeMConfig
-from retrieval.extraction import (
-    LoadedImage,
-    decode_side,
-    describe_loaded,
-    load_images,
-    local_feature_row,
-    worker_extractor,
-    write_shards,
-)
+from retrieval.extraction import extract_and_commit_shard, worker_extractor
 from retrieval.images import DecodeLimits
-from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatures
+from retrieval.local_features.extractor import LocalFeatureConfig, build_local_extractor
 from retrieval.runtimes.device import WorkerPlan
-from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
-from retrieval.shards.local_feature_shards import LocalFeatureRow
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
     from retrieval.descriptors.gem import GeMExtractor
+    from retrieval.local_features.extractor import LocalFeatureExtractor
 
-REFS_SCHEMA = pa.schema(
-    [("shard", pa.string()), ("id", pa.string()), ("uri", pa.string()), ("problem", pa.string())]
-)
-REFS_DDL = "shard string, id string, uri string, problem string"
-RESULT_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("id", pa.string()),
-        ("uri", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("descriptor", pa.list_(pa.float32())),
-        ("notes", pa.string()),
-        ("stage", pa.string()),
-        ("error_kind", pa.string()),
-        ("message", pa.string()),
-        # local features (rows where num_features is set): see retrieval.local_features
-        ("num_features", pa.int32()),
-        ("image_width", pa.int32()),
-        ("image_height", pa.int32()),
-        ("locations", pa.list_(pa.float32())),
-        ("scales", pa.list_(pa.float32())),
-        ("local_descriptors", pa.list_(pa.float32())),
-        ("local_seconds", pa.float64()),
-    ]
-)
-RESULT_DDL = (
-    "shard string, id string, uri string, sha256 string, width int, height int, "
-    "descriptor array<float>, notes string, stage string, error_kind string, message string, "
-    "num_features int, image_width int, image_height int, locations array<float>, "
-    "scales array<float>, local_descriptors array<float>, local_seconds double"
-)
+WRITTEN_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64())])
 WRITTEN_DDL = "shard string, rows long, errors long"
 
-# Images decoded and described per step inside a task: bounds a worker's memory to this many
-# decoded images whatever Arrow's batch size is.
-IMAGES_PER_STEP = 16
 
-_EXTRACTORS: dict[tuple[GeMConfig, WorkerPlan], GeMExtractor] = {}
-_LOCAL_EXTRACTORS: dict[LocalFeatureConfig, Any] = {}
-
-
-def _local_extractor(config: LocalFeatureConfig) -> Any:
-    """This Python worker's local-feature extractor, built on first use."""
-    if config not in _LOCAL_EXTRACTORS:
-        from retrieval.local_features.extractor import build_local_extractor
-
-        _LOCAL_EXTRACTORS[config] = build_local_extractor(config)
-    return _LOCAL_EXTRACTORS[config]
-
-
+@functools.cache
 def _extractor(config: GeMConfig, worker: WorkerPlan) -> GeMExtractor:
     """This Python worker's model, built on first use and kept for later tasks (Spark reuses
     Python workers), with the worker plan's share of the cores."""
-    key = (config, worker)
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = worker_extractor(config, worker)
-    return _EXTRACTORS[key]
+    return worker_extractor(config, worker)
 
 
-def shard_refs(batches: Iterator[pa.RecordBatch], *, output: str) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: shard ids in, the shards' planned inputs out (read from the plan)."""
-    for batch in batches:
-        for shard_id in batch.column("shard").to_pylist():
-            refs = plan.read_shard_spec(output, shard_id).refs
-            yield pa.RecordBatch.from_pydict(
-                {
-                    "shard": [shard_id] * len(refs),
-                    "id": [r.id for r in refs],
-                    "uri": [r.uri for r in refs],
-                    "problem": [r.problem for r in refs],
-                },
-                schema=REFS_SCHEMA,
-            )
+@functools.cache
+def _local_extractor(config: LocalFeatureConfig) -> LocalFeatureExtractor:
+    """This Python worker's local-feature extractor, built on first use."""
+    return build_local_extractor(config)
 
 
-LOCAL_COLUMNS = (
-    "num_features",
-    "image_width",
-    "image_height",
-    "locations",
-    "scales",
-    "local_descriptors",
-    "local_seconds",
-)
-
-
-def _result_batch(
-    results: Sequence[tuple[str, DescriptorRow | LocalFeatureRow | ErrorRow]],
-) -> pa.RecordBatch:
-    columns: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA.names}
-    for shard, result in results:
-        columns["shard"].append(shard)
-        columns["id"].append(result.id)
-        columns["uri"].append(result.uri)
-        local = result.features if isinstance(result, LocalFeatureRow) else None
-        values = (
-            (
-                len(local),
-                local.image_width,
-                local.image_height,
-                local.locations.reshape(-1),
-                local.scales,
-                local.descriptors.astype(np.float32).reshape(-1),
-                result.seconds,
-            )
-            if local is not None
-            else (None,) * len(LOCAL_COLUMNS)
-        )
-        for name, value in zip(LOCAL_COLUMNS, values, strict=True):
-            columns[name].append(value)
-        if local is not None:
-            for name in ("sha256", "width", "height", "descriptor", "notes", "stage"):
-                columns[name].append(None)
-            columns["error_kind"].append(None)
-            columns["message"].append(None)
-            continue
-        is_row = isinstance(result, DescriptorRow)
-        for name in ("sha256", "width", "height", "notes"):
-            columns[name].append(getattr(result, name) if is_row else None)
-        columns["descriptor"].append(result.descriptor if is_row else None)
-        for name in ("stage", "error_kind", "message"):
-            columns[name].append(None if is_row else getattr(result, name))
-    return pa.RecordBatch.from_pydict(columns, schema=RESULT_SCHEMA)
-
-
-def describe_partition(
+def extract_partition(
     batches: Iterator[pa.RecordBatch],
     *,
+    output: str,
     config: GeMConfig,
+    model_info: dict[str, Any],
     limits: DecodeLimits,
     worker: WorkerPlan,
     local: LocalFeatureConfig | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: planned inputs in, one result row per input out (and, with ``local``,
-    one local-feature row or error per decoded input: the same decode serves both).
-
-    Reading and decoding run ahead of the model on the worker plan's decode threads across the
-    whole partition (``retrieval.extraction.load_images``), as in Beam and the local loop.
-    """
-    max_side = decode_side(config.max_side, local.image_size if local else None)
-    shards: deque[str] = deque()  # the shard of each ref handed to the decoder, in order
-
-    def refs() -> Iterator[ImageRef]:
-        for batch in batches:
-            for row in batch.to_pylist():
-                shards.append(row["shard"])
-                yield ImageRef(row["id"], row["uri"], row["problem"])
-
-    loaded_images = load_images(
-        refs(),
-        max_side=max_side,
-        limits=limits,
-        threads=worker.decode_threads,
-        prefetch=worker.prefetch,
-    )
-    while True:
-        step = list(itertools.islice(loaded_images, IMAGES_PER_STEP))
-        if not step:
-            return
-        results: list[tuple[str, DescriptorRow | LocalFeatureRow | ErrorRow]] = []
-        decoded: list[tuple[str, LoadedImage]] = []
-        for loaded in step:
-            shard = shards.popleft()
-            if isinstance(loaded, ErrorRow):
-                results.append((shard, loaded))
-                continue
-            decoded.append((shard, loaded))
-            if local is not None:
-                results.append((shard, local_feature_row(loaded, _local_extractor(local))))
-        if decoded:
-            extractor = _extractor(config, worker)
-            described = describe_loaded(extractor, [image for _, image in decoded])
-            results += [(s, r) for (s, _), r in zip(decoded, described, strict=True)]
-        yield _result_batch(results)
-
-
-def _local_rows(table: pa.Table, dim: int) -> list[LocalFeatureRow]:
-    rows = []
-    for r in table.to_pylist():
-        n = r["num_features"]
-        features = LocalFeatures(
-            np.asarray(r["locations"], np.float32).reshape(n, 2),
-            np.asarray(r["scales"], np.float32).reshape(n),
-            np.asarray(r["local_descriptors"], np.float32).reshape(n, dim),
-            r["image_width"],
-            r["image_height"],
-        )
-        rows.append(LocalFeatureRow(r["id"], r["uri"], features, r["local_seconds"]))
-    return rows
-
-
-def write_shard_group(
-    key: tuple[pa.Scalar, ...],
-    results: pa.Table,
-    *,
-    output: str,
-    model_info: dict[str, Any],
     local_output: str | None = None,
     local_info: dict[str, Any] | None = None,
-) -> pa.Table:
-    """applyInArrow body: one shard's results -> rows and errors -> written and committed."""
-    shard_id = key[0].as_py()
-    spec = plan.read_shard_spec(output, shard_id)
-    is_local = results.column("num_features").is_valid()
-    local_rows = _local_rows(results.filter(is_local), int(local_info["dim"])) if local_info else []
-    results = results.filter(pc.invert(is_local))
-    is_error = results.column("error_kind").is_valid()
-    rows_table = results.filter(pc.invert(is_error))
-    vectors = _vectors(rows_table.column("descriptor"), int(model_info["dim"]))
-    rows = [
-        DescriptorRow(r["id"], r["uri"], r["sha256"], r["width"], r["height"], vector, r["notes"])
-        for r, vector in zip(
-            rows_table.select(["id", "uri", "sha256", "width", "height", "notes"]).to_pylist(),
-            vectors,
-            strict=True,
-        )
-    ]
-    errors = [
-        ErrorRow(**r)
-        for r in results.filter(is_error)
-        .select(["id", "uri", "stage", "error_kind", "message"])
-        .to_pylist()
-    ]
-    manifest = write_shards(
-        output,
-        spec,
-        rows,
-        errors,
-        model_info,
-        local_output=local_output,
-        local_rows=local_rows,
-        local_info=local_info,
-    )
-    return pa.table(
-        {"shard": [shard_id], "rows": [manifest["rows"]], "errors": [manifest["errors"]]},
-        schema=pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64())]),
-    )
-
-
-def _vectors(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    if len(column) == 0:
-        return np.zeros((0, dim), np.float32)
-    values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(-1, dim)
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: shard ids in; each shard extracted and committed in this task
+    (``extract_and_commit_shard``, with this worker's model); one (shard, rows, errors) row out
+    per shard."""
+    for batch in batches:
+        for shard_id in batch.column("shard").to_pylist():
+            manifest = extract_and_commit_shard(
+                output,
+                shard_id,
+                _extractor(config, worker),
+                limits,
+                model_info=model_info,
+                batch_size=worker.max_batch_images,
+                decode_threads=worker.decode_threads,
+                local=_local_extractor(local) if local is not None else None,
+                local_output=local_output,
+                local_info=local_info,
+            )
+            yield pa.RecordBatch.from_pydict(
+                {"shard": [shard_id], "rows": [manifest["rows"]], "errors": [manifest["errors"]]},
+                schema=WRITTEN_SCHEMA,
+            )
 
 
 def run_extraction(
@@ -306,57 +106,43 @@ def run_extraction(
     model_info: dict[str, Any],
     limits: DecodeLimits,
     worker: WorkerPlan,
-    parallelism: int,
     local: LocalFeatureConfig | None = None,
     local_output: str | None = None,
     local_info: dict[str, Any] | None = None,
 ) -> list[tuple[str, int, int]]:
     """Extract and commit the planned shards ``shard_ids`` of ``output``; returns (shard, rows,
-    errors) for each shard written."""
+    errors) for each shard. Raises ``RuntimeError`` if a shard did not come back."""
     if not shard_ids:
         return []
-    shards = session.createDataFrame(pa.table({"shard": list(shard_ids)}))
-    refs = shards.repartition(min(len(shard_ids), parallelism)).mapInArrow(
-        functools.partial(shard_refs, output=output), REFS_DDL
-    )
-    images = sum(s.inputs for s in plan.read_plan(output).shards if s.shard_id in set(shard_ids))
-    # A few tasks per core keep the cores busy to the end without paying a model per image.
-    spread = refs.repartition(max(1, min(images, 4 * parallelism)), "id")
-    results = spread.mapInArrow(
+    written = shard_frame(session, shard_ids).mapInArrow(
         functools.partial(
-            describe_partition,
+            extract_partition,
+            output=output,
             config=config,
+            model_info=model_info,
             limits=limits,
             worker=worker,
             local=local,
-        ),
-        RESULT_DDL,
-    )
-
-    def write(key, shard_results):  # unannotated: PySpark 4.3 fails inferring a partial's hints
-        return write_shard_group(
-            key,
-            shard_results,
-            output=output,
-            model_info=model_info,
             local_output=local_output,
             local_info=local_info,
-        )
+        ),
+        WRITTEN_DDL,
+    )
+    done = [(r["shard"], r["rows"], r["errors"]) for r in written.collect()]
+    check_all_came_back(shard_ids, [shard for shard, _, _ in done])
+    return done
 
-    written = results.groupBy("shard").applyInArrow(write, WRITTEN_DDL)
-    with shuffle_partitions(session, max(1, min(len(shard_ids), 2 * parallelism))):
-        return [(r["shard"], r["rows"], r["errors"]) for r in written.collect()]
+
+def shard_frame(session: SparkSession, shard_ids: Sequence[str]) -> DataFrame:
+    """A one-column DataFrame of ``shard_ids``, one shard per partition: ``parallelize`` slices
+    a list exactly, where a hash repartition would put some shards together in one task and
+    leave other tasks empty, so the scheduler hands the next shard to whichever slot frees."""
+    ids = session.sparkContext.parallelize([(s,) for s in shard_ids], len(shard_ids))
+    return session.createDataFrame(ids, "shard string")
 
 
-@contextmanager
-def shuffle_partitions(session: SparkSession, partitions: int) -> Iterator[None]:
-    """Size ``spark.sql.shuffle.partitions`` for one job when it is Spark's default (200 tasks,
-    mostly empty, for a few shards on a laptop); a value the user set is kept."""
-    conf = session.conf
-    before = conf.get("spark.sql.shuffle.partitions")
-    if before == "200":
-        conf.set("spark.sql.shuffle.partitions", str(partitions))
-    try:
-        yield
-    finally:
-        conf.set("spark.sql.shuffle.partitions", before)
+def check_all_came_back(shard_ids: Sequence[str], done: Sequence[str]) -> None:
+    """Fail loudly if a pending shard is missing from what the tasks returned."""
+    lost = sorted(set(shard_ids) - set(done))
+    if lost:
+        raise RuntimeError(f"{len(lost)} shards did not come back from Spark: {lost[:10]}")

@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from retrieval import storage
     from retrieval.descriptors.gem import model_info
     from retrieval.extraction import plan_extraction
+    from retrieval.runtimes.device import plan_worker
 
     logging.basicConfig(level=logging.INFO)
     args, pipeline_args = parse(sys.argv[1:] if argv is None else argv)
@@ -68,7 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=config.gem,
         model_info=info,
         limits=config.limits,
-        threads_per_worker=config.threads_per_worker,
+        # A Dataflow worker sizes its own pools: one model copy with the configured threads.
+        worker=plan_worker(
+            config.device,
+            workers=1,
+            threads=config.threads_per_worker,
+            image_side=config.gem.max_side,
+        ),
     )
     pipeline.run()  # a Flex Template's program must not wait for the job
     return 0
