@@ -49,11 +49,11 @@ from extract_throughput import DEFAULT_IMAGES, REPO, _image_folder, run_bare
 SIDES = ("bare", "beam", "spark")
 
 
-def run_runner(runner: str, images: str, workers: int, output: str) -> dict:
+def run_runner(runner: str, images: str, workers: int, output: str, shard_size: int) -> dict:
     from pipelines import stages
     from pipelines.config import RunConfig
 
-    config = RunConfig(runner=runner, workers=workers, threads_per_worker=1, shard_size=32)
+    config = RunConfig(runner=runner, workers=workers, threads_per_worker=1, shard_size=shard_size)
     session_s = None
     if runner == "spark":
         start = time.perf_counter()
@@ -86,9 +86,11 @@ def _steady_manifest(source: Path, copies: int, scratch: Path) -> Path:
     return manifest
 
 
-def _child(side: str, images: str, workers: int, output: str, pinned: bool) -> dict:
+def _child(
+    side: str, images: str, workers: int, output: str, pinned: bool, shard_size: int
+) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--images", images]
-    cmd += ["--workers", str(workers), "--output", output]
+    cmd += ["--workers", str(workers), "--output", output, "--shard-size", str(shard_size)]
     if pinned:
         cmd += ["--pin-cores", str(workers)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -131,6 +133,13 @@ def main() -> None:
     )
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=32,
+        help="images per shard, the runners' unit of work (default 32: the small set makes "
+        "5 shards, so 2 workers have work; a shard is also a task with its own overhead)",
+    )
+    parser.add_argument(
         "--cores", default="free,pinned", help="free, pinned or both (comma-separated)"
     )
     parser.add_argument(
@@ -150,7 +159,9 @@ def main() -> None:
 
             result = run_bare(args.images, int(args.workers), GeMConfig().runtime)
         else:
-            result = run_runner(args.child, args.images, int(args.workers), args.output)
+            result = run_runner(
+                args.child, args.images, int(args.workers), args.output, args.shard_size
+            )
         print(json.dumps(result))
         return
 
@@ -173,7 +184,9 @@ def main() -> None:
                 for workers in counts:
                     for side in SIDES:
                         output = str(Path(scratch) / f"{name}-{mode}-{side}-{workers}")
-                        result = _child(side, images, workers, output, mode == "pinned")
+                        result = _child(
+                            side, images, workers, output, mode == "pinned", args.shard_size
+                        )
                         runs[side][str(workers)] = result
                         print(
                             f"{name:6} {mode:6} {side:5} x{workers}: "
@@ -197,6 +210,7 @@ def main() -> None:
         "images_source": args.images,
         "small_images": args.limit,
         "steady_copies": args.copies,
+        "shard_size": args.shard_size,
         "sets": sets,
         "targets": {"scaling": 1.8, "runner_over_bare": 0.9},
         "machine": {

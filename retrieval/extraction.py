@@ -1,9 +1,10 @@
 """The extraction stage as plain functions over one image, one shard and one corpus.
 
-Runners compose these: the in-process runner loops over shards; the Beam runner spreads shards
-over worker processes, each running :func:`extract_and_commit_shard`
-(``pipelines/beam/extract.py``). Whatever goes wrong with one image becomes an :class:`ErrorRow`
-with the stage and a stable kind, so every input is accounted for.
+Runners compose these: the in-process runner loops over shards; the Beam and Spark runners
+spread shards over their workers, each running :func:`extract_and_commit_shard`
+(``pipelines/beam/extract.py``, ``pipelines/spark/extract.py``). Whatever goes wrong with one
+image becomes an :class:`ErrorRow` with the stage and a stable kind, so every input is accounted
+for.
 """
 
 from __future__ import annotations

@@ -140,6 +140,11 @@ def test_spark_hands_out_one_shard_per_task_and_a_lost_shard_fails(spark):
     assert frame.rdd.glom().map(lambda part: [row["shard"] for row in part]).collect() == [
         [i] for i in ids
     ]
+    # index groups and merge tasks are handed out the same way (pipelines/spark/index.py)
+    from pipelines.spark.session import one_row_per_partition
+
+    tasks = one_row_per_partition(spark, [(i, "{}") for i in ids], "name string, task string")
+    assert tasks.rdd.glom().map(len).collect() == [1] * len(ids)
     check_all_came_back(ids, list(reversed(ids)))
     with pytest.raises(RuntimeError, match=r"1 shards did not come back.*part-00003"):
         check_all_came_back(ids, ids[:3] + ids[4:])

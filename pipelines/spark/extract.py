@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipelines.spark.session import one_row_per_partition
 from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import extract_and_commit_shard, worker_extractor
 from retrieval.images import DecodeLimits
@@ -134,11 +135,8 @@ def run_extraction(
 
 
 def shard_frame(session: SparkSession, shard_ids: Sequence[str]) -> DataFrame:
-    """A one-column DataFrame of ``shard_ids``, one shard per partition: ``parallelize`` slices
-    a list exactly, where a hash repartition would put some shards together in one task and
-    leave other tasks empty, so the scheduler hands the next shard to whichever slot frees."""
-    ids = session.sparkContext.parallelize([(s,) for s in shard_ids], len(shard_ids))
-    return session.createDataFrame(ids, "shard string")
+    """A one-column DataFrame of ``shard_ids``, one shard per partition (one task each)."""
+    return one_row_per_partition(session, [(s,) for s in shard_ids], "shard string")
 
 
 def check_all_came_back(shard_ids: Sequence[str], done: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipelines.spark.session import one_row_per_partition
 from retrieval.index.group_index import IndexGroupTask, build_group_index
 from retrieval.index.merge import MergeTask, run_merge_task
 
@@ -47,11 +48,9 @@ def _merge(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(session: SparkSession, names: list[str], tasks: list[Any], run) -> list[tuple[str, int]]:
-    table = pa.table({"name": names, "task": [json.dumps(dataclasses.asdict(t)) for t in tasks]})
-    done = (
-        session.createDataFrame(table)
-        .repartition(len(tasks), "name")
-        .mapInArrow(functools.partial(_run_partition, run=run), "name string, rows long")
+    rows = [(name, json.dumps(dataclasses.asdict(t))) for name, t in zip(names, tasks, strict=True)]
+    done = one_row_per_partition(session, rows, "name string, task string").mapInArrow(
+        functools.partial(_run_partition, run=run), "name string, rows long"
     )
     return [(r["name"], r["rows"]) for r in done.collect()]
 

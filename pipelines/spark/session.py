@@ -22,13 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +205,13 @@ def task_threads(session: SparkSession, config: object) -> int | None:
 def parallelism(session: SparkSession) -> int:
     """How many tasks the cluster runs at once (local[N]: N)."""
     return max(1, session.sparkContext.defaultParallelism)
+
+
+def one_row_per_partition(session: SparkSession, rows: Sequence[tuple], ddl: str) -> DataFrame:
+    """A DataFrame of ``rows`` (schema ``ddl``) with each row its own partition, so each is its
+    own task: ``parallelize`` slices a list exactly, where a hash repartition puts some rows
+    together in one task and leaves other tasks empty; the scheduler then hands the next row to
+    whichever slot frees first. For work units that each take seconds (shards, index groups,
+    merge tasks), not for data."""
+    rdd = session.sparkContext.parallelize(list(rows), max(1, len(rows)))
+    return session.createDataFrame(rdd, ddl)
