@@ -166,7 +166,7 @@ def main() -> None:
         "benchmark": "load",
         "runner": "Beam FnApiRunner, 2 worker processes, 1 thread each",
         "backbone": "tiny SavedModel (4 channels): measures the pipeline, not the model",
-        "note": "shared 2-core machine: timings are noisy; each size in a fresh process",
+        "note": "timings vary with the machine's load; each size in a fresh process",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "runs": rows,
     }
