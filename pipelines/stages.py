@@ -19,6 +19,7 @@ from retrieval import storage, versions
 from retrieval.descriptors.gem import model_info, prepare_runtime
 from retrieval.extraction import (
     ExtractionPlan,
+    ShardJob,
     plan_extraction,
     run_local,
     summarize_extraction,
@@ -92,18 +93,17 @@ def extract(
         with ShardProgress(
             output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
         ):
-            run_extraction(
-                plan.pending_ids,
+            job = ShardJob(
                 output,
-                config=config.gem,
-                model_info=info,
-                limits=config.limits,
-                options=options,
-                worker=worker,
-                local=local_config,
-                local_output=local_output,
-                local_info=local_info,
+                config.gem,
+                info,
+                config.limits,
+                worker,
+                local_config,
+                local_output,
+                local_info,
             )
+            run_extraction(plan.pending_ids, job, options)
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
     summary = summarize_extraction(
         plan, info, timings, local_output=local_output, local_info=local_info
@@ -177,18 +177,10 @@ def _extract_spark(
     with ShardProgress(
         plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
     ):
-        run_extraction(
-            session,
-            plan.pending_ids,
-            plan.output,
-            config=config.gem,
-            model_info=info,
-            limits=config.limits,
-            worker=worker,
-            local=local,
-            local_output=local_output,
-            local_info=local_info,
+        job = ShardJob(
+            plan.output, config.gem, info, config.limits, worker, local, local_output, local_info
         )
+        run_extraction(session, plan.pending_ids, job)
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:

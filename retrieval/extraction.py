@@ -30,7 +30,7 @@ from retrieval.summary import write_summary
 
 if TYPE_CHECKING:  # the extractor brings TensorFlow; planning and summaries must not
     from retrieval.descriptors.gem import GeMConfig, GeMExtractor
-    from retrieval.local_features.extractor import LocalFeatureExtractor
+    from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatureExtractor
     from retrieval.runtimes.device import WorkerPlan
 
 # Error rows of these stages happened before either model ran: both shard kinds record them.
@@ -456,6 +456,58 @@ def extract_and_commit_shard(
         local_rows=local_rows,
         local_info=local_info,
     )
+
+
+def worker_models(
+    config: GeMConfig, worker: WorkerPlan, local: LocalFeatureConfig | None = None
+) -> tuple[GeMExtractor, LocalFeatureExtractor | None]:
+    """One worker's models: the GeM extractor sized by its plan (:func:`worker_extractor`) and,
+    with ``local``, the local-feature extractor."""
+    if local is None:
+        return worker_extractor(config, worker), None
+    from retrieval.local_features.extractor import build_local_extractor
+
+    return worker_extractor(config, worker), build_local_extractor(local)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a worker needs to extract and commit any planned shard of one run: the settings a
+    runner ships to its workers once (it pickles), so Beam's ``ExtractShard`` and Spark's
+    ``extract_partition`` take this one object and run it the same way."""
+
+    output: str
+    config: GeMConfig
+    model_info: dict[str, Any]
+    limits: DecodeLimits
+    worker: WorkerPlan
+    local: LocalFeatureConfig | None = None
+    local_output: str | None = None
+    local_info: dict[str, Any] | None = None
+
+    def build_models(self) -> tuple[GeMExtractor, LocalFeatureExtractor | None]:
+        """This worker's GeM extractor (sized by its plan) and local-feature extractor."""
+        return worker_models(self.config, self.worker, self.local)
+
+    def run(
+        self,
+        shard_id: str,
+        extractor: GeMExtractor,
+        local: LocalFeatureExtractor | None = None,
+    ) -> dict[str, Any]:
+        """Extract and commit ``shard_id`` with this worker's models; returns its manifest."""
+        return extract_and_commit_shard(
+            self.output,
+            shard_id,
+            extractor,
+            self.limits,
+            model_info=self.model_info,
+            batch_size=self.worker.max_batch_images,
+            decode_threads=self.worker.decode_threads,
+            local=local,
+            local_output=self.local_output,
+            local_info=self.local_info,
+        )
 
 
 def run_local(

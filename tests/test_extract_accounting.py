@@ -212,7 +212,7 @@ def test_beam_graph_carries_shards_not_images(corpus, default_model, tmp_path):
 
     from pipelines.beam.extract import build_extraction
     from pipelines.beam.options import pipeline_options
-    from retrieval.extraction import plan_extraction
+    from retrieval.extraction import ShardJob, plan_extraction
     from retrieval.runtimes.device import plan_worker
 
     folder, _ = corpus
@@ -221,14 +221,11 @@ def test_beam_graph_carries_shards_not_images(corpus, default_model, tmp_path):
     plan = plan_extraction(str(folder), str(out), info, shard_size=CONFIG.shard_size)
     assert (plan.inputs, len(plan.pending_ids)) == (14, 4)
     pipeline = beam.Pipeline(options=pipeline_options(1))
+    worker = plan_worker("cpu", workers=1, threads=2)
     build_extraction(
         pipeline,
         plan.pending_ids,
-        str(out),
-        config=CONFIG.gem,
-        model_info=info,
-        limits=CONFIG.limits,
-        worker=plan_worker("cpu", workers=1, threads=2),
+        ShardJob(str(out), CONFIG.gem, info, CONFIG.limits, worker),
     )
     result = pipeline.run()
     result.wait_until_finish()

@@ -43,6 +43,7 @@ def test_sparks_partition_function_commits_shards_with_the_worker_plans_model(
     from pipelines.spark import extract as spark_extract
     from retrieval import plan
     from retrieval.corpus import ImageRef, ShardSpec
+    from retrieval.extraction import ShardJob
     from retrieval.images import DecodeLimits
     from retrieval.runtimes.device import plan_worker
     from retrieval.shards import descriptor_shards
@@ -53,17 +54,11 @@ def test_sparks_partition_function_commits_shards_with_the_worker_plans_model(
     specs = [ShardSpec("part-00000", tuple(refs[:2])), ShardSpec("part-00001", (refs[2], missing))]
     output = str(tmp_path / "desc")
     plan.write_extraction_plan(output, specs, source=str(tmp_path), shard_size=2)
-    spark_extract._extractor.cache_clear()
-    model_info = spark_extract._extractor(GeMConfig(), worker).info()
+    spark_extract._models.cache_clear()
+    model_info = spark_extract._models(GeMConfig(), worker, None)[0].info()
     ids = pa.RecordBatch.from_pydict({"shard": ["part-00000", "part-00001"]})
-    out = spark_extract.extract_partition(
-        iter([ids]),
-        output=output,
-        config=GeMConfig(),
-        model_info=model_info,
-        limits=DecodeLimits(),
-        worker=worker,
-    )
+    job = ShardJob(output, GeMConfig(), model_info, DecodeLimits(), worker)
+    out = spark_extract.extract_partition(iter([ids]), job=job)
     assert pa.Table.from_batches(list(out)).to_pylist() == [
         {"shard": "part-00000", "rows": 2, "errors": 0},
         {"shard": "part-00001", "rows": 1, "errors": 1},
@@ -73,6 +68,6 @@ def test_sparks_partition_function_commits_shards_with_the_worker_plans_model(
         ("part-00000", 2, 0),
         ("part-00001", 1, 1),
     ]
-    assert spark_extract._extractor.cache_info().currsize == 1  # one model for both shards
-    model = spark_extract._extractor(GeMConfig(), worker)
+    assert spark_extract._models.cache_info().currsize == 1  # one model for both shards
+    model, _ = spark_extract._models(GeMConfig(), worker, None)
     assert model.runner.threads == worker.inference_threads == 3

@@ -71,129 +71,47 @@ shard must be written under its own deterministic name and then committed by a m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from retrieval.descriptors.gem import GeMConfig, GeMExtractor
-from retrieval.extraction import extract_and_commit_shard, worker_extractor
-from retrieval.images import DecodeLimits
-from retrieval.local_features.extractor import LocalFeatureConfig, build_local_extractor
-from retrieval.runtimes.device import WorkerPlan
+from retrieval.extraction import ShardJob
 
 
 class ExtractShard(beam.DoFn):
     """``shard id -> (shard id, rows, errors)``: one planned shard extracted and committed in
-    this worker (``retrieval.extraction.extract_and_commit_shard``), with this worker's model
-    (and local-feature extractor), built once in ``setup``."""
+    this worker (``ShardJob.run``, i.e. ``retrieval.extraction.extract_and_commit_shard``), with
+    this worker's models, built once in ``setup``."""
 
-    def __init__(
-        self,
-        output: str,
-        *,
-        config: GeMConfig,
-        model_info: dict[str, Any],
-        limits: DecodeLimits,
-        worker: WorkerPlan,
-        local: LocalFeatureConfig | None = None,
-        local_output: str | None = None,
-        local_info: dict[str, Any] | None = None,
-    ):
-        self._output = output
-        self._config = config
-        self._model_info = model_info
-        self._limits = limits
-        self._worker = worker
-        self._local = local
-        self._local_output = local_output
-        self._local_info = local_info
+    def __init__(self, job: ShardJob):
+        self._job = job
 
     def setup(self) -> None:
-        self._extractor: GeMExtractor = worker_extractor(self._config, self._worker)
-        self._local_extractor = (
-            build_local_extractor(self._local) if self._local is not None else None
-        )
+        self._extractor, self._local_extractor = self._job.build_models()
 
     def process(self, shard_id: str):
-        manifest = extract_and_commit_shard(
-            self._output,
-            shard_id,
-            self._extractor,
-            self._limits,
-            model_info=self._model_info,
-            batch_size=self._worker.max_batch_images,
-            decode_threads=self._worker.decode_threads,
-            local=self._local_extractor,
-            local_output=self._local_output,
-            local_info=self._local_info,
-        )
+        manifest = self._job.run(shard_id, self._extractor, self._local_extractor)
         yield shard_id, manifest["rows"], manifest["errors"]
 
 
 def build_extraction(
-    pipeline: beam.Pipeline,
-    shard_ids: Sequence[str],
-    output: str,
-    *,
-    config: GeMConfig,
-    model_info: dict[str, Any],
-    limits: DecodeLimits,
-    worker: WorkerPlan,
-    local: LocalFeatureConfig | None = None,
-    local_output: str | None = None,
-    local_info: dict[str, Any] | None = None,
+    pipeline: beam.Pipeline, shard_ids: Sequence[str], job: ShardJob
 ) -> beam.PCollection:
-    """Add the extraction of the planned shards ``shard_ids`` of ``output`` to ``pipeline``;
-    returns (shard, rows, errors) per shard. With ``local`` the same decoded images also get
-    local features (one read and decode per image), committed to ``local_output``."""
+    """Add the extraction of the planned shards ``shard_ids`` of ``job.output`` to ``pipeline``;
+    returns (shard, rows, errors) per shard. With ``job.local`` the same decoded images also get
+    local features (one read and decode per image), committed to ``job.local_output``."""
     return (
         pipeline
         # reshuffle=True (Create's default, spelled out): the ids are spread over the workers
         # instead of staying fused with the one that read the list.
         | "Shards" >> beam.Create(list(shard_ids), reshuffle=True)
-        | "ExtractShard"
-        >> beam.ParDo(
-            ExtractShard(
-                output,
-                config=config,
-                model_info=model_info,
-                limits=limits,
-                worker=worker,
-                local=local,
-                local_output=local_output,
-                local_info=local_info,
-            )
-        )
+        | "ExtractShard" >> beam.ParDo(ExtractShard(job))
     )
 
 
-def run_extraction(
-    shard_ids: Sequence[str],
-    output: str,
-    *,
-    config: GeMConfig,
-    model_info: dict[str, Any],
-    limits: DecodeLimits,
-    options: PipelineOptions,
-    worker: WorkerPlan,
-    local: LocalFeatureConfig | None = None,
-    local_output: str | None = None,
-    local_info: dict[str, Any] | None = None,
-) -> None:
-    """Run the extraction of the planned shards ``shard_ids`` of ``output`` to completion."""
+def run_extraction(shard_ids: Sequence[str], job: ShardJob, options: PipelineOptions) -> None:
+    """Run the extraction of the planned shards ``shard_ids`` of ``job.output`` to completion."""
     if not shard_ids:
         return
     with beam.Pipeline(options=options) as pipeline:
-        build_extraction(
-            pipeline,
-            shard_ids,
-            output,
-            config=config,
-            model_info=model_info,
-            limits=limits,
-            worker=worker,
-            local=local,
-            local_output=local_output,
-            local_info=local_info,
-        )
+        build_extraction(pipeline, shard_ids, job)

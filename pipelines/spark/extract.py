@@ -29,69 +29,32 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from pipelines.spark.session import one_row_per_partition
-from retrieval.descriptors.gem import GeMConfig
-from retrieval.extraction import extract_and_commit_shard, worker_extractor
-from retrieval.images import DecodeLimits
-from retrieval.local_features.extractor import LocalFeatureConfig, build_local_extractor
-from retrieval.runtimes.device import WorkerPlan
+from retrieval.extraction import ShardJob, worker_models
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from retrieval.descriptors.gem import GeMExtractor
-    from retrieval.local_features.extractor import LocalFeatureExtractor
-
 WRITTEN_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64())])
 WRITTEN_DDL = "shard string, rows long, errors long"
 
-
-@functools.cache
-def _extractor(config: GeMConfig, worker: WorkerPlan) -> GeMExtractor:
-    """This Python worker's model, built on first use and kept for later tasks (Spark reuses
-    Python workers), with the worker plan's share of the cores."""
-    return worker_extractor(config, worker)
-
-
-@functools.cache
-def _local_extractor(config: LocalFeatureConfig) -> LocalFeatureExtractor:
-    """This Python worker's local-feature extractor, built on first use."""
-    return build_local_extractor(config)
+# This Python worker's models, built on first use and kept for later tasks (Spark reuses Python
+# workers), per (GeM config, worker plan, local-feature config).
+_models = functools.cache(worker_models)
 
 
 def extract_partition(
-    batches: Iterator[pa.RecordBatch],
-    *,
-    output: str,
-    config: GeMConfig,
-    model_info: dict[str, Any],
-    limits: DecodeLimits,
-    worker: WorkerPlan,
-    local: LocalFeatureConfig | None = None,
-    local_output: str | None = None,
-    local_info: dict[str, Any] | None = None,
+    batches: Iterator[pa.RecordBatch], *, job: ShardJob
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: shard ids in; each shard extracted and committed in this task
-    (``extract_and_commit_shard``, with this worker's model); one (shard, rows, errors) row out
-    per shard."""
+    (``job.run``, with this worker's models); one (shard, rows, errors) row out per shard."""
     for batch in batches:
         for shard_id in batch.column("shard").to_pylist():
-            manifest = extract_and_commit_shard(
-                output,
-                shard_id,
-                _extractor(config, worker),
-                limits,
-                model_info=model_info,
-                batch_size=worker.max_batch_images,
-                decode_threads=worker.decode_threads,
-                local=_local_extractor(local) if local is not None else None,
-                local_output=local_output,
-                local_info=local_info,
-            )
+            manifest = job.run(shard_id, *_models(job.config, job.worker, job.local))
             yield pa.RecordBatch.from_pydict(
                 {"shard": [shard_id], "rows": [manifest["rows"]], "errors": [manifest["errors"]]},
                 schema=WRITTEN_SCHEMA,
@@ -99,35 +62,14 @@ def extract_partition(
 
 
 def run_extraction(
-    session: SparkSession,
-    shard_ids: Sequence[str],
-    output: str,
-    *,
-    config: GeMConfig,
-    model_info: dict[str, Any],
-    limits: DecodeLimits,
-    worker: WorkerPlan,
-    local: LocalFeatureConfig | None = None,
-    local_output: str | None = None,
-    local_info: dict[str, Any] | None = None,
+    session: SparkSession, shard_ids: Sequence[str], job: ShardJob
 ) -> list[tuple[str, int, int]]:
-    """Extract and commit the planned shards ``shard_ids`` of ``output``; returns (shard, rows,
-    errors) for each shard. Raises ``RuntimeError`` if a shard did not come back."""
+    """Extract and commit the planned shards ``shard_ids`` of ``job.output``; returns (shard,
+    rows, errors) for each shard. Raises ``RuntimeError`` if a shard did not come back."""
     if not shard_ids:
         return []
     written = shard_frame(session, shard_ids).mapInArrow(
-        functools.partial(
-            extract_partition,
-            output=output,
-            config=config,
-            model_info=model_info,
-            limits=limits,
-            worker=worker,
-            local=local,
-            local_output=local_output,
-            local_info=local_info,
-        ),
-        WRITTEN_DDL,
+        functools.partial(extract_partition, job=job), WRITTEN_DDL
     )
     done = [(r["shard"], r["rows"], r["errors"]) for r in written.collect()]
     check_all_came_back(shard_ids, [shard for shard, _, _ in done])

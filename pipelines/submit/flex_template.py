@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.config import build_config
     from retrieval import storage
     from retrieval.descriptors.gem import model_info
-    from retrieval.extraction import plan_extraction
+    from retrieval.extraction import ShardJob, plan_extraction
     from retrieval.runtimes.device import plan_worker
 
     logging.basicConfig(level=logging.INFO)
@@ -62,19 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.info("every shard of %s is committed: no job to run", args.output)
         return 0
     pipeline = beam.Pipeline(options=PipelineOptions(pipeline_args))
+    # A Dataflow worker sizes its own pools: one model copy with the configured threads.
+    worker = plan_worker(
+        config.device, workers=1, threads=config.threads_per_worker, image_side=config.gem.max_side
+    )
     build_extraction(
         pipeline,
         plan.pending_ids,
-        args.output,
-        config=config.gem,
-        model_info=info,
-        limits=config.limits,
-        # A Dataflow worker sizes its own pools: one model copy with the configured threads.
-        worker=plan_worker(
-            config.device,
-            workers=1,
-            threads=config.threads_per_worker,
-            image_side=config.gem.max_side,
+        ShardJob(
+            args.output, config=config.gem, model_info=info, limits=config.limits, worker=worker
         ),
     )
     pipeline.run()  # a Flex Template's program must not wait for the job
