@@ -7,8 +7,10 @@ shards to a runner (in-process loop, or Beam), then checks the result and writes
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
@@ -21,9 +23,7 @@ from retrieval.extraction import (
     ExtractionPlan,
     ShardJob,
     plan_extraction,
-    run_local,
     summarize_extraction,
-    worker_extractor,
 )
 from retrieval.index import group_index
 from retrieval.index.codebook import train_codebook
@@ -37,10 +37,10 @@ from retrieval.learning.whitening import (
     save_whitening,
     whiten_descriptor_folder,
 )
-from retrieval.local_features.extractor import build_local_extractor, local_info_for
+from retrieval.local_features.extractor import local_info_for
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search, reranked_table
-from retrieval.runtimes.device import plan_worker
+from retrieval.runtimes.device import WorkerPlan, plan_worker
 from retrieval.shards import descriptor_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 from retrieval.summary import format_accounting, write_summary
@@ -71,39 +71,23 @@ def extract(
     )
     storage.makedirs(output)
     run_start = time.perf_counter()
+    # Every runner runs the same ShardJob; only the worker plan (cores per model) differs.
+    job_for = functools.partial(
+        ShardJob,
+        plan.output,
+        config.gem,
+        info,
+        config.limits,
+        local=local_config,
+        local_output=local_output,
+        local_info=local_info,
+    )
     if config.runner == "local" or not plan.pending:
-        _extract_local(plan, config, local_output)
+        _extract_local(plan, config, job_for)
     elif config.runner == "spark":
-        _extract_spark(plan, config, info, local_config, local_output, local_info)
+        _extract_spark(plan, config, job_for)
     else:
-        from pipelines.beam.extract import run_extraction
-        from pipelines.beam.options import is_local, pipeline_options
-
-        options = pipeline_options(config.workers, config.beam_args)
-        # Local cores are shared by --workers processes; remote workers size their own pools.
-        local = is_local(options)
-        if local:
-            prepare_runtime(config.gem)
-        worker = plan_worker(
-            config.device,
-            workers=config.workers if local else 1,
-            threads=config.threads if local else config.threads_per_worker,
-            image_side=config.gem.max_side,
-        )
-        with ShardProgress(
-            output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
-        ):
-            job = ShardJob(
-                output,
-                config.gem,
-                info,
-                config.limits,
-                worker,
-                local_config,
-                local_output,
-                local_info,
-            )
-            run_extraction(plan.pending_ids, job, options)
+        _extract_beam(plan, config, job_for)
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
     summary = summarize_extraction(
         plan, info, timings, local_output=local_output, local_info=local_info
@@ -112,25 +96,42 @@ def extract(
     return summary
 
 
-def _extract_local(plan: ExtractionPlan, config: RunConfig, local_output: str | None) -> None:
+def _extract_local(
+    plan: ExtractionPlan, config: RunConfig, job_for: Callable[[WorkerPlan], ShardJob]
+) -> None:
+    """The pending shards one after another in this process: the loop both runners distribute."""
     if not plan.pending:
         return
     worker = plan_worker(
         config.device, workers=1, threads=config.threads, image_side=config.gem.max_side
     )
-    extractor = worker_extractor(config.gem, worker)
-    local = build_local_extractor(config.local) if local_output else None
-    shard_ids = tqdm(plan.pending_ids, desc="extract", unit="shard")
-    run_local(
-        shard_ids,
-        plan.output,
-        extractor,
-        config.limits,
-        batch_size=worker.max_batch_images,
-        decode_threads=worker.decode_threads,
-        local=local,
-        local_output=local_output,
+    job = job_for(worker)
+    models = job.build_models()
+    for shard_id in tqdm(plan.pending_ids, desc="extract", unit="shard"):
+        job.run(shard_id, *models)
+
+
+def _extract_beam(
+    plan: ExtractionPlan, config: RunConfig, job_for: Callable[[WorkerPlan], ShardJob]
+) -> None:
+    from pipelines.beam.extract import run_extraction
+    from pipelines.beam.options import is_local, pipeline_options
+
+    options = pipeline_options(config.workers, config.beam_args)
+    # Local cores are shared by --workers processes; remote workers size their own pools.
+    local_workers = is_local(options)
+    if local_workers:
+        prepare_runtime(config.gem)
+    worker = plan_worker(
+        config.device,
+        workers=config.workers if local_workers else 1,
+        threads=config.threads if local_workers else config.threads_per_worker,
+        image_side=config.gem.max_side,
     )
+    with ShardProgress(
+        plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
+    ):
+        run_extraction(plan.pending_ids, job_for(worker), options)
 
 
 def spark_session(config: RunConfig):
@@ -147,12 +148,7 @@ def spark_session(config: RunConfig):
 
 
 def _extract_spark(
-    plan: ExtractionPlan,
-    config: RunConfig,
-    info: dict[str, Any],
-    local: Any = None,
-    local_output: str | None = None,
-    local_info: dict[str, Any] | None = None,
+    plan: ExtractionPlan, config: RunConfig, job_for: Callable[[WorkerPlan], ShardJob]
 ) -> None:
     from pipelines.spark.extract import run_extraction
     from pipelines.spark.session import parallelism, task_threads
@@ -177,10 +173,7 @@ def _extract_spark(
     with ShardProgress(
         plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
     ):
-        job = ShardJob(
-            plan.output, config.gem, info, config.limits, worker, local, local_output, local_info
-        )
-        run_extraction(session, plan.pending_ids, job)
+        run_extraction(session, plan.pending_ids, job_for(worker))
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:

@@ -510,36 +510,6 @@ class ShardJob:
         )
 
 
-def run_local(
-    shard_ids: Iterable[str],
-    output: str,
-    extractor: GeMExtractor,
-    limits: DecodeLimits,
-    *,
-    batch_size: int = 8,
-    decode_threads: int = 1,
-    local: LocalFeatureExtractor | None = None,
-    local_output: str | None = None,
-) -> None:
-    """Extract the planned shards ``shard_ids`` of ``output`` one after another (no runner),
-    with local features into ``local_output`` when ``local`` is given."""
-    info = extractor.info()
-    local_info = local.info() if local is not None else None
-    for shard_id in shard_ids:
-        extract_and_commit_shard(
-            output,
-            shard_id,
-            extractor,
-            limits,
-            model_info=info,
-            batch_size=batch_size,
-            decode_threads=decode_threads,
-            local=local,
-            local_output=local_output,
-            local_info=local_info,
-        )
-
-
 def failures(output: str) -> Sequence[ErrorRow]:
     """All error rows of the committed shards under ``output``."""
     return [
