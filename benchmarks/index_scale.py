@@ -19,6 +19,10 @@
 * merge memory: peak RSS of ``merge`` (8 groups, fan-in 2) against the index it writes, on 20k
   and 1M vectors (``--memory-only`` runs just these two checks).
 
+* 10M where the machine cannot hold it: ``--extrapolate A.json B.json [...]`` builds nothing; it
+  fits each tool's growth between its two largest runs (e.g. 1M and 3M) as a power of n and
+  writes the predicted figures at ``--to`` vectors (``index_scale_extrapolated.json``).
+
 Writes ``benchmarks/results/index_scale.json`` (figures and ratios). Slow: minutes to hours on
 2 cores at 1M; ``--n 20000 --skip-autofaiss`` is the quick smoke run. The two builds can run in
 two invocations on one ``--workdir`` and be compared in one JSON with ``--reuse``.
@@ -412,6 +416,15 @@ def main() -> None:
         help="only the launcher check (listing + planning of 10k and 1M entries: peak memory, "
         "wall and CPU seconds; writes index_scale_driver.json)",
     )
+    parser.add_argument(
+        "--extrapolate",
+        nargs="+",
+        metavar="JSON",
+        help="no build: fit each tool's growth between its two largest runs among these JSONs "
+        "(e.g. 1M and 3M) and predict its figures at --to vectors (writes "
+        "index_scale_extrapolated.json)",
+    )
+    parser.add_argument("--to", type=int, default=10_000_000, help="with --extrapolate")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "index_scale.json"))
     args = parser.parse_args()
@@ -419,6 +432,14 @@ def main() -> None:
     from retrieval.index.factory import parse_bytes
 
     budget = parse_bytes(args.budget)
+    if args.extrapolate:
+        runs = [json.loads(Path(path).read_text()) for path in args.extrapolate]
+        fitted = extrapolate(runs, args.to)
+        fitted["runs"] = args.extrapolate
+        out = Path(args.out).with_name("index_scale_extrapolated.json")
+        out.write_text(json.dumps(fitted, indent=2) + "\n")
+        print(json.dumps(fitted, indent=2))
+        return
     scratch = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
     if args.driver_only:
@@ -494,6 +515,60 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+GROWTH_METRICS = ("build_s", "cpu_s", "peak_rss_mb", "bytes", "search_peak_rss_mb")
+
+
+def extrapolate(runs: list[dict], to: int) -> dict:
+    """Each tool's figures at ``to`` vectors, from its two largest runs among ``runs``: every
+    metric of GROWTH_METRICS is taken to grow as a power of n, m(n) = m(n1) * (n / n1) ** b, with
+    b fitted on those two runs (b = 1: linear). Recall is not extrapolated (it depends on the
+    bytes per vector the budget allows, not on n alone); the runs' budgets per vector are listed,
+    so a fit across different ones can be seen for what it is."""
+    import math
+
+    out: dict = {
+        "to": to,
+        "method": "each metric a power of n fitted on the tool's two largest runs: "
+        "m(n) = m(n1) * (n / n1) ** exponent; recall not extrapolated",
+    }
+    for tool in ("project", "autofaiss"):
+        points = sorted((r for r in runs if r.get(tool)), key=lambda r: r["n"])[-2:]
+        if len(points) < 2:
+            out[tool] = None
+            continue
+        (a, b) = points
+        if a["n"] == b["n"]:
+            raise SystemExit(f"{tool}: two runs at the same n")
+        fit: dict = {
+            "from_n": [a["n"], b["n"]],
+            "budget_bytes_per_vector": [
+                round(a["budget_bytes"] / a["n"], 1),
+                round(b["budget_bytes"] / b["n"], 1),
+            ],
+            "factories": [a[tool].get("factory"), b[tool].get("factory")],
+            "recall@10_measured": [a[tool].get("recall@10"), b[tool].get("recall@10")],
+        }
+        for metric in GROWTH_METRICS:
+            ma, mb = a[tool].get(metric), b[tool].get(metric)
+            if not ma or not mb:
+                continue
+            exponent = math.log(mb / ma) / math.log(b["n"] / a["n"])
+            fit[metric] = {
+                "exponent": round(exponent, 3),
+                "predicted": round(mb * (to / b["n"]) ** exponent, 1),
+            }
+        out[tool] = fit
+    if out.get("project") and out.get("autofaiss"):
+        out["ratios"] = {
+            f"{metric}_project_over_autofaiss": round(
+                out["project"][metric]["predicted"] / out["autofaiss"][metric]["predicted"], 3
+            )
+            for metric in ("build_s", "cpu_s", "bytes")
+            if metric in out["project"] and metric in out["autofaiss"]
+        }
+    return out
 
 
 def _cached_vectors(scratch: Path, n: int) -> tuple[Path, Path] | None:
