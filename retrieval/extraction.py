@@ -51,8 +51,11 @@ class LoadedImage:
     image: DecodedImage
 
 
-def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedImage | ErrorRow:
-    """Read and decode one input, or say why not."""
+def load_image(
+    ref: ImageRef, *, max_side: int, limits: DecodeLimits, also_sides: Sequence[int] = ()
+) -> LoadedImage | ErrorRow:
+    """Read and decode one input (at ``max_side``, with copies at ``also_sides``: see
+    :func:`retrieval.images.decode_image`), or say why not."""
     if ref.problem:
         kind, _, message = ref.problem.partition(": ")
         return error_row(ref, "list", kind, message)
@@ -65,7 +68,7 @@ def load_image(ref: ImageRef, *, max_side: int, limits: DecodeLimits) -> LoadedI
     except Exception as exc:  # after retries: permissions, network, ...
         return error_row(ref, "read", "read_failed", f"{type(exc).__name__}: {exc}")
     try:
-        image = decode_image(data, max_side=max_side, limits=limits)
+        image = decode_image(data, max_side=max_side, limits=limits, also_sides=also_sides)
     except ImageError as exc:
         return error_row(ref, "decode", exc.kind, exc.message)
     except Exception as exc:  # a decoder bug must cost one image, not the job
@@ -98,6 +101,7 @@ def load_images(
     limits: DecodeLimits,
     threads: int = 1,
     prefetch: int = 4,
+    also_sides: Sequence[int] = (),
 ) -> Iterator[LoadedImage | ErrorRow]:
     """:func:`load_image` over ``refs`` on ``threads`` threads, results in input order.
 
@@ -107,12 +111,16 @@ def load_images(
     """
     if threads <= 0:
         for ref in refs:
-            yield load_image(ref, max_side=max_side, limits=limits)
+            yield load_image(ref, max_side=max_side, limits=limits, also_sides=also_sides)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
         pending: deque[Future[LoadedImage | ErrorRow]] = deque()
         for ref in refs:
-            pending.append(pool.submit(load_image, ref, max_side=max_side, limits=limits))
+            pending.append(
+                pool.submit(
+                    load_image, ref, max_side=max_side, limits=limits, also_sides=also_sides
+                )
+            )
             if len(pending) > prefetch:
                 yield pending.popleft().result()
         while pending:
@@ -180,6 +188,14 @@ def decode_side(gem_max_side: int, local_image_size: int | None) -> int:
     return max(gem_max_side, local_image_size or 0)
 
 
+def decode_sides(gem: GeMConfig, local_image_size: int | None) -> tuple[int, tuple[int, ...]]:
+    """(the side one decode serves both models at, the smaller sides GeM's scales want a copy
+    at): each model's input is then resized once from the decoded image."""
+    side = decode_side(gem.max_side, local_image_size)
+    gem_sides = {round(gem.image_size * scale) for scale in gem.scales}
+    return side, tuple(sorted(s for s in gem_sides if s < side))
+
+
 def extract_shard(
     spec: ShardSpec,
     extractor: GeMExtractor,
@@ -218,9 +234,11 @@ def extract_shard_with_local(
             (errors if isinstance(result, ErrorRow) else rows).append(result)
         batch.clear()
 
+    side, gem_sides = decode_sides(extractor.config, local.config.image_size if local else None)
     loaded_images = load_images(
         spec.refs,
-        max_side=decode_side(extractor.config.max_side, local.config.image_size if local else None),
+        max_side=side,
+        also_sides=gem_sides,
         limits=limits,
         threads=decode_threads,
         prefetch=max(batch_size, 4 * decode_threads),

@@ -12,6 +12,7 @@ import io
 import logging
 import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,12 +83,31 @@ class DecodedImage:
     width: int
     height: int
     notes: tuple[str, ...] = field(default=())
+    # Smaller copies by longer side, each resized once from the decoded image (``also_sides``).
+    copies: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def at_side(self, side: int) -> np.ndarray:
+        """The pixels with the longer side at most ``side`` (never enlarged): the copy decoding
+        made for that side if there is one, else these pixels shrunk."""
+        if side in self.copies:
+            return self.copies[side]
+        if max(self.pixels.shape[:2]) <= side:
+            return self.pixels
+        return np.asarray(shrink(Image.fromarray(self.pixels), side))
 
 
 def decode_image(
-    data: bytes, *, max_side: int | None, limits: DecodeLimits = DecodeLimits()
+    data: bytes,
+    *,
+    max_side: int | None,
+    limits: DecodeLimits = DecodeLimits(),
+    also_sides: Iterable[int] = (),
 ) -> DecodedImage:
     """Decode ``data`` to RGB, applying EXIF orientation, and shrink it to ``max_side`` pixels.
+
+    ``also_sides``: smaller longer sides another model wants (GeM's 362 px beside the local
+    features' 640 px); each gets its own copy in ``copies``, resized from the decoded image
+    rather than from the ``max_side`` copy, so no model sees an image resampled twice.
 
     The image is only ever shrunk (never enlarged), keeping its aspect ratio, as in the usual
     retrieval protocol. JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
@@ -165,8 +185,13 @@ def decode_image(
     rgb = to_rgb(image)
     if orientation in _TRANSPOSE:
         rgb = rgb.transpose(_TRANSPOSE[orientation])
+    copies = {
+        side: np.asarray(shrink(rgb, side), dtype=np.uint8)
+        for side in sorted(set(also_sides))
+        if max_side and side < max_side
+    }
     rgb = shrink(rgb, max_side) if max_side else rgb
-    return DecodedImage(np.asarray(rgb, dtype=np.uint8), width, height, tuple(notes))
+    return DecodedImage(np.asarray(rgb, dtype=np.uint8), width, height, tuple(notes), copies)
 
 
 # Bytes per value of each TIFF field type (an unknown type is skipped, as readers do).

@@ -178,3 +178,33 @@ def test_multi_scale_matches_cnnimageretrieval_formula(tiny_backbone):
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         GeMConfig(**bad)
+
+
+def test_gem_input_is_resized_once_from_the_decode_shared_with_local_features(
+    tiny_backbone, tmp_path
+):
+    """With local features on, one decode serves both models at 640 px; GeM's 362 px input is
+    resized from the decoded image, not again from the 640 px copy, so GeM gets the same pixels
+    and descriptor as when it decodes alone."""
+    from retrieval.corpus import ImageRef
+    from retrieval.extraction import decode_sides, load_image
+    from retrieval.images import DecodeLimits
+
+    # 700 px, textured: no DCT scaling (PNG) and no box reduction for either decode (< 2 x 362)
+    pixels = (np.random.default_rng(0).random((500, 700, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    ref = ImageRef("x", str(tmp_path / "x.png"))
+    config = GeMConfig(backbone="test:tiny", image_size=362, runtime=FP32)
+    extractor = GeMExtractor(config, backbone=tiny_backbone)
+
+    alone = load_image(ref, max_side=config.max_side, limits=DecodeLimits())
+    side, also = decode_sides(config, 640)
+    assert (side, also) == (640, (362,))
+    shared = load_image(ref, max_side=side, also_sides=also, limits=DecodeLimits())
+    assert shared.image.pixels.shape == (457, 640, 3)  # the local features' copy
+    np.testing.assert_array_equal(shared.image.at_side(362), alone.image.pixels)
+    np.testing.assert_allclose(
+        extractor.describe(shared.image), extractor.describe(alone.image), atol=1e-6
+    )
+    assert decode_sides(config, None) == (362, ())  # GeM alone: no extra copy
+    assert decode_sides(config, 300) == (362, ())  # the larger side is GeM's own

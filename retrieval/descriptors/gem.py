@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from retrieval.descriptors.backbones import (
     DEFAULT_BACKBONE,
@@ -27,7 +26,7 @@ from retrieval.descriptors.backbones import (
 )
 from retrieval.descriptors.batching import DEFAULT_CPU_BATCH_BYTES, plan_batches
 from retrieval.descriptors.pooling import gem, l2_normalize
-from retrieval.images import DecodedImage, shrink
+from retrieval.images import DecodedImage
 from retrieval.runtimes import (
     DEFAULT_RUNTIME,
     BackboneRunner,
@@ -106,7 +105,8 @@ def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dic
         "weights_sha256": identity["weights_sha256"],
         "preprocessing": {
             **identity["preprocessing"],
-            "resize": "longer side to image_size x scale, bilinear, shrink only",
+            "resize": "longer side to image_size x scale, once from the decoded image, "
+            "bilinear, shrink only",
         },
         "dim": identity["dim"],
         "runtime": config.runtime,
@@ -207,12 +207,12 @@ class GeMExtractor:
         p = self.config.p
         if len(self.config.scales) == 1:
             size = round(self.config.image_size * self.config.scales[0])
-            pooled = self._pool([_shrink(image.pixels, size) for image in images])
+            pooled = self._pool([image.at_side(size) for image in images])
             return l2_normalize(pooled).astype(np.float32)
         acc = np.zeros((len(images), self.dim), np.float64)
         for scale in self.config.scales:
             size = round(self.config.image_size * scale)
-            pooled = self._pool([_shrink(image.pixels, size) for image in images])
+            pooled = self._pool([image.at_side(size) for image in images])
             acc += np.power(l2_normalize(pooled), p)
         return l2_normalize(np.power(acc / len(self.config.scales), 1.0 / p)).astype(np.float32)
 
@@ -239,9 +239,3 @@ def _calibration(config: GeMConfig) -> CalibrationSample | None:
     from retrieval.runtimes.calibration import resolve_calibration
 
     return resolve_calibration(config.calibration, image_size=config.image_size)
-
-
-def _shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    if max(pixels.shape[:2]) <= max_side:
-        return pixels
-    return np.asarray(shrink(Image.fromarray(pixels), max_side))
