@@ -183,15 +183,10 @@ def local_feature_row(
     return LocalFeatureRow(ref.id, ref.uri, features, time.perf_counter() - start)
 
 
-def decode_side(gem_max_side: int, local_image_size: int | None) -> int:
-    """One decode serves both models: at the larger of their sizes (each shrinks its copy)."""
-    return max(gem_max_side, local_image_size or 0)
-
-
 def decode_sides(gem: GeMConfig, local_image_size: int | None) -> tuple[int, tuple[int, ...]]:
-    """(the side one decode serves both models at, the smaller sides GeM's scales want a copy
-    at): each model's input is then resized once from the decoded image."""
-    side = decode_side(gem.max_side, local_image_size)
+    """(the side one decode serves both models at: the larger of their sizes, the smaller sides
+    GeM's scales want their own copy at): each model's input is resized once from the decode."""
+    side = max(gem.max_side, local_image_size or 0)
     gem_sides = {round(gem.image_size * scale) for scale in gem.scales}
     return side, tuple(sorted(s for s in gem_sides if s < side))
 
