@@ -52,12 +52,13 @@ SIDES = ("bare", "beam", "spark")
 def run_runner(runner: str, images: str, workers: int, output: str, shard_size: int) -> dict:
     from pipelines import stages
     from pipelines.config import RunConfig
+    from pipelines.runners.spark import session_for
 
     config = RunConfig(runner=runner, workers=workers, threads_per_worker=1, shard_size=shard_size)
     session_s = None
     if runner == "spark":
         start = time.perf_counter()
-        stages.spark_session(config)
+        session_for(config)
         session_s = time.perf_counter() - start
     start = time.perf_counter()
     summary = stages.extract(images, output, config)

@@ -7,27 +7,20 @@ shards to a runner (in-process loop, or Beam), then checks the result and writes
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Hashable
 from typing import Any
 
-from tqdm import tqdm
-
+from pipelines import runners
 from pipelines.config import RunConfig
-from pipelines.progress import ShardProgress
+from pipelines.runners import WorkerTask
 from retrieval import storage, versions
 from retrieval.descriptors.gem import model_info, prepare_runtime
-from retrieval.extraction import (
-    ExtractionPlan,
-    ShardJob,
-    plan_extraction,
-    summarize_extraction,
-)
+from retrieval.extraction import ShardJob, plan_extraction, summarize_extraction
 from retrieval.index import group_index
 from retrieval.index.codebook import train_codebook
-from retrieval.index.merge import finish_merge, plan_merge, run_merge_task
+from retrieval.index.merge import MergeTask, finish_merge, plan_merge, run_merge_task
 from retrieval.index.search import DEFAULT_NPROBE, NO_EXPANSION, load_index
 from retrieval.learning.mining import mine_pairs
 from retrieval.learning.whitening import (
@@ -40,12 +33,49 @@ from retrieval.learning.whitening import (
 from retrieval.local_features.extractor import local_info_for
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search, reranked_table
-from retrieval.runtimes.device import WorkerPlan, plan_worker
 from retrieval.shards import descriptor_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 from retrieval.summary import format_accounting, write_summary
 
 log = logging.getLogger(__name__)
+
+
+class ExtractShards(WorkerTask):
+    """Extraction on a runner's workers: each item a planned shard id, extracted and committed
+    by ``ShardJob.run`` with the worker's models (built once per worker)."""
+
+    def __init__(self, job: ShardJob):
+        self.job = job
+
+    def setup(self) -> Any:
+        return self.job.build_models()
+
+    def setup_key(self) -> Hashable:
+        return (self.job.config, self.job.worker, self.job.local)
+
+    def prepare_in_launcher(self) -> None:
+        prepare_runtime(self.job.config)
+
+    def run(self, state: Any, item: str) -> None:
+        self.job.run(item, *state)
+
+
+class BuildIndexGroups(WorkerTask):
+    """Index building on a runner's workers: each item an index group task, encoded and
+    committed to ``output`` (the codebook is loaded once per worker by the core)."""
+
+    def __init__(self, output: str):
+        self.output = output
+
+    def run(self, state: Any, item: group_index.IndexGroupTask) -> None:
+        group_index.build_group_index(item, self.output)
+
+
+class RunMergeTasks(WorkerTask):
+    """One merge task per item (``retrieval.index.merge.run_merge_task``)."""
+
+    def run(self, state: Any, item: MergeTask) -> None:
+        run_merge_task(item)
 
 
 def extract(
@@ -71,109 +101,32 @@ def extract(
     )
     storage.makedirs(output)
     run_start = time.perf_counter()
-    # Every runner runs the same ShardJob; only the worker plan (cores per model) differs.
-    job_for = functools.partial(
-        ShardJob,
-        plan.output,
-        config.gem,
-        info,
-        config.limits,
-        local=local_config,
-        local_output=local_output,
-        local_info=local_info,
-    )
-    if config.runner == "local" or not plan.pending:
-        _extract_local(plan, config, job_for)
-    elif config.runner == "spark":
-        _extract_spark(plan, config, job_for)
-    else:
-        _extract_beam(plan, config, job_for)
+    if plan.pending:
+        # Every runner runs the same ShardJob; only the worker plan (cores per model) differs.
+        runner = runners.runner_for(config)
+        job = ShardJob(
+            plan.output,
+            config.gem,
+            info,
+            config.limits,
+            runner.worker_plan(config.gem.max_side),
+            local=local_config,
+            local_output=local_output,
+            local_info=local_info,
+        )
+        runner.map(
+            ExtractShards(job),
+            plan.pending_ids,
+            label="extract",
+            progress_dir=plan.output,
+            already=len(plan.shards) - len(plan.pending),
+        )
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
     summary = summarize_extraction(
         plan, info, timings, local_output=local_output, local_info=local_info
     )
     log.info(format_accounting(summary))
     return summary
-
-
-def _extract_local(
-    plan: ExtractionPlan, config: RunConfig, job_for: Callable[[WorkerPlan], ShardJob]
-) -> None:
-    """The pending shards one after another in this process: the loop both runners distribute."""
-    if not plan.pending:
-        return
-    worker = plan_worker(
-        config.device, workers=1, threads=config.threads, image_side=config.gem.max_side
-    )
-    job = job_for(worker)
-    models = job.build_models()
-    for shard_id in tqdm(plan.pending_ids, desc="extract", unit="shard"):
-        job.run(shard_id, *models)
-
-
-def _extract_beam(
-    plan: ExtractionPlan, config: RunConfig, job_for: Callable[[WorkerPlan], ShardJob]
-) -> None:
-    from pipelines.beam.extract import run_extraction
-    from pipelines.beam.options import is_local, pipeline_options
-
-    options = pipeline_options(config.workers, config.beam_args)
-    # Local cores are shared by --workers processes; remote workers size their own pools.
-    local_workers = is_local(options)
-    if local_workers:
-        prepare_runtime(config.gem)
-    worker = plan_worker(
-        config.device,
-        workers=config.workers if local_workers else 1,
-        threads=config.threads if local_workers else config.threads_per_worker,
-        image_side=config.gem.max_side,
-    )
-    with ShardProgress(
-        plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
-    ):
-        run_extraction(plan.pending_ids, job_for(worker), options)
-
-
-def spark_session(config: RunConfig):
-    """The SparkSession for ``config`` (started once per process, then shared by stages)."""
-    from pipelines.spark.session import SparkSettings, get_session
-
-    settings = SparkSettings(
-        workers=config.workers,
-        master=config.master,
-        conf=dict(config.spark_conf),
-        verbose=config.verbose,
-    )
-    return settings, get_session(settings)
-
-
-def _extract_spark(
-    plan: ExtractionPlan, config: RunConfig, job_for: Callable[[WorkerPlan], ShardJob]
-) -> None:
-    from pipelines.spark.extract import run_extraction
-    from pipelines.spark.session import parallelism, task_threads
-
-    settings, session = spark_session(config)
-    # Local cores are shared by the local[N] task slots, one model each (the same plan as Beam's
-    # local workers); on a cluster spark.task.cpus says how many cores each task (one model)
-    # may use.
-    if settings.is_local:
-        worker = plan_worker(
-            config.device,
-            workers=parallelism(session),
-            threads=config.threads_per_worker,
-            image_side=config.gem.max_side,
-        )
-        prepare_runtime(config.gem)  # convert once here, so local tasks find a warm cache
-    else:
-        threads = task_threads(session, config)
-        worker = plan_worker(
-            config.device, cores=threads, threads=threads, image_side=config.gem.max_side
-        )
-    with ShardProgress(
-        plan.output, len(plan.shards), "extract", already=len(plan.shards) - len(plan.pending)
-    ):
-        run_extraction(session, plan.pending_ids, job_for(worker))
 
 
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
@@ -194,22 +147,13 @@ def index(descriptors: str, codebook: str, output: str, config: RunConfig) -> di
     tasks = group_index.plan_index_groups(descriptors, codebook, group_vectors=config.group_vectors)
     group_index.write_index_plan(tasks, output)
     todo = group_index.pending(tasks, output)
-    if config.runner == "local" or len(todo) <= 1:
-        for task in tqdm(todo, desc="index", unit="group"):
-            group_index.build_group_index(task, output)
-    elif config.runner == "spark":
-        from pipelines.spark.index import run_index_groups as spark_index_groups
-
-        with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
-            spark_index_groups(spark_session(config)[1], todo, output)
-    else:
-        from pipelines.beam.index import run_index_groups
-        from pipelines.beam.options import pipeline_options
-
-        with ShardProgress(output, len(tasks), "index", already=len(tasks) - len(todo)):
-            run_index_groups(
-                todo, output, options=pipeline_options(config.workers, config.beam_args)
-            )
+    runners.runner_for(config, items=len(todo)).map(
+        BuildIndexGroups(output),
+        todo,
+        label="index",
+        progress_dir=output,
+        already=len(tasks) - len(todo),
+    )
     return group_index.summarize_index_groups(
         tasks, output, len(tasks) - len(todo), {"index_s": time.perf_counter() - start}
     )
@@ -223,19 +167,8 @@ def merge(shards: str, output: str, config: RunConfig | None = None) -> dict[str
         shards, output, fan_in=config.fan_in, pieces=config.pieces, on_disk=config.on_disk
     )
     storage.makedirs(output)
-    if config.runner == "local" or sum(len(r) for r in rounds) <= 1:
-        for tasks in tqdm(rounds, desc="merge", unit="round"):
-            for task in tasks:
-                run_merge_task(task)
-    elif config.runner == "spark":
-        from pipelines.spark.index import run_merge_rounds as spark_merge_rounds
-
-        spark_merge_rounds(spark_session(config)[1], rounds)
-    else:
-        from pipelines.beam.index import run_merge_rounds
-        from pipelines.beam.options import pipeline_options
-
-        run_merge_rounds(rounds, options=pipeline_options(config.workers, config.beam_args))
+    runner = runners.runner_for(config, items=sum(len(r) for r in rounds))
+    runner.map_rounds(RunMergeTasks(), rounds, label="merge")
     return finish_merge(shards, output, rounds, {"merge_s": time.perf_counter() - start})
 
 

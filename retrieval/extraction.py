@@ -2,7 +2,7 @@
 
 Runners compose these: the in-process runner loops over shards; the Beam and Spark runners
 spread shards over their workers, each running :func:`extract_and_commit_shard`
-(``pipelines/beam/extract.py``, ``pipelines/spark/extract.py``). Whatever goes wrong with one
+(``pipelines/runners/``). Whatever goes wrong with one
 image becomes an :class:`ErrorRow` with the stage and a stable kind, so every input is accounted
 for.
 """
@@ -486,8 +486,8 @@ def worker_models(
 @dataclass(frozen=True)
 class ShardJob:
     """What a worker needs to extract and commit any planned shard of one run: the settings a
-    runner ships to its workers once (it pickles), so Beam's ``ExtractShard`` and Spark's
-    ``extract_partition`` take this one object and run it the same way."""
+    runner ships to its workers once (it pickles), so every runner takes this one object and
+    runs it the same way."""
 
     output: str
     config: GeMConfig

@@ -210,8 +210,9 @@ def test_beam_graph_carries_shards_not_images(corpus, default_model, tmp_path):
     import apache_beam as beam
     from apache_beam.metrics import monitoring_infos
 
-    from pipelines.beam.extract import build_extraction
     from pipelines.beam.options import pipeline_options
+    from pipelines.runners.beam import build_map
+    from pipelines.stages import ExtractShards
     from retrieval.extraction import ShardJob, plan_extraction
     from retrieval.runtimes.device import plan_worker
 
@@ -222,10 +223,10 @@ def test_beam_graph_carries_shards_not_images(corpus, default_model, tmp_path):
     assert (plan.inputs, len(plan.pending_ids)) == (14, 4)
     pipeline = beam.Pipeline(options=pipeline_options(1))
     worker = plan_worker("cpu", workers=1, threads=2)
-    build_extraction(
+    build_map(
         pipeline,
+        ExtractShards(ShardJob(str(out), CONFIG.gem, info, CONFIG.limits, worker)),
         plan.pending_ids,
-        ShardJob(str(out), CONFIG.gem, info, CONFIG.limits, worker),
     )
     result = pipeline.run()
     result.wait_until_finish()

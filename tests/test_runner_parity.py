@@ -133,18 +133,14 @@ def test_spark_hands_out_one_shard_per_task_and_a_lost_shard_fails(spark):
     """Spark's work unit is the shard: every pending shard is its own partition (so the
     scheduler gives the next shard to whichever slot frees first, none waits behind another in
     the same task), and a shard that does not come back fails the run instead of vanishing."""
-    from pipelines.spark.extract import check_all_came_back, shard_frame
-
-    ids = [f"part-{i:05d}" for i in range(7)]
-    frame = shard_frame(spark, ids)
-    assert frame.rdd.glom().map(lambda part: [row["shard"] for row in part]).collect() == [
-        [i] for i in ids
-    ]
-    # index groups and merge tasks are handed out the same way (pipelines/spark/index.py)
+    from pipelines.runners.spark import check_all_came_back
     from pipelines.spark.session import one_row_per_partition
 
-    tasks = one_row_per_partition(spark, [(i, "{}") for i in ids], "name string, task string")
-    assert tasks.rdd.glom().map(len).collect() == [1] * len(ids)
-    check_all_came_back(ids, list(reversed(ids)))
-    with pytest.raises(RuntimeError, match=r"1 shards did not come back.*part-00003"):
-        check_all_came_back(ids, ids[:3] + ids[4:])
+    # Every work item (shard, index group, merge task) is handed out as its number.
+    frame = one_row_per_partition(spark, [(i,) for i in range(7)], "item long")
+    assert frame.rdd.glom().map(lambda part: [row["item"] for row in part]).collect() == [
+        [i] for i in range(7)
+    ]
+    check_all_came_back(7, list(reversed(range(7))), "extract")
+    with pytest.raises(RuntimeError, match=r"extract: 1 items did not come back.*\[3\]"):
+        check_all_came_back(7, [0, 1, 2, 4, 5, 6], "extract")

@@ -36,11 +36,12 @@ def test_sparks_partition_function_commits_shards_with_the_worker_plans_model(
     oxford_images, tmp_path
 ):
     """The function Spark runs on each partition (called here directly, as a Python worker
-    would): each shard id in is extracted and committed, one (shard, rows, errors) row out, with
-    one model per worker built from the worker plan (its threads) and kept for the next shard."""
+    would): each shard in is extracted and committed, its number out, with one model per worker
+    built from the worker plan (its threads) and kept for the next shard."""
     import pyarrow as pa
 
-    from pipelines.spark import extract as spark_extract
+    from pipelines.runners import spark as spark_runner
+    from pipelines.stages import ExtractShards
     from retrieval import plan
     from retrieval.corpus import ImageRef, ShardSpec
     from retrieval.extraction import ShardJob
@@ -54,20 +55,20 @@ def test_sparks_partition_function_commits_shards_with_the_worker_plans_model(
     specs = [ShardSpec("part-00000", tuple(refs[:2])), ShardSpec("part-00001", (refs[2], missing))]
     output = str(tmp_path / "desc")
     plan.write_extraction_plan(output, specs, source=str(tmp_path), shard_size=2)
-    spark_extract._models.cache_clear()
-    model_info = spark_extract._models(GeMConfig(), worker, None)[0].info()
-    ids = pa.RecordBatch.from_pydict({"shard": ["part-00000", "part-00001"]})
-    job = ShardJob(output, GeMConfig(), model_info, DecodeLimits(), worker)
-    out = spark_extract.extract_partition(iter([ids]), job=job)
-    assert pa.Table.from_batches(list(out)).to_pylist() == [
-        {"shard": "part-00000", "rows": 2, "errors": 0},
-        {"shard": "part-00001", "rows": 1, "errors": 1},
-    ]
+    spark_runner._states.clear()
+    from retrieval.descriptors.gem import model_info as gem_model_info
+
+    job = ShardJob(output, GeMConfig(), gem_model_info(GeMConfig()), DecodeLimits(), worker)
+    numbers = pa.RecordBatch.from_pydict({"item": [0, 1]})
+    out = spark_runner.run_partition(
+        iter([numbers]), task=ExtractShards(job), items=["part-00000", "part-00001"]
+    )
+    assert pa.Table.from_batches(list(out)).to_pylist() == [{"item": 0}, {"item": 1}]
     manifests = descriptor_shards.list_shards(output)
     assert [(m["shard"], m["rows"], m["errors"]) for m in manifests] == [
         ("part-00000", 2, 0),
         ("part-00001", 1, 1),
     ]
-    assert spark_extract._models.cache_info().currsize == 1  # one model for both shards
-    model, _ = spark_extract._models(GeMConfig(), worker, None)
+    assert len(spark_runner._states) == 1  # one model for both shards
+    model, _ = next(iter(spark_runner._states.values()))
     assert model.runner.threads == worker.inference_threads == 3

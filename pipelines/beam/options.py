@@ -24,7 +24,7 @@ def pipeline_options(workers: int = 1, extra_args: Sequence[str] | str = ()) -> 
         args.append("--runner=FnApiRunner")
         args.append(f"--direct_num_workers={max(1, workers)}")
         # A running mode given in extra_args wins (e.g. multi_threading: no worker processes to
-        # start, slower once running; see pipelines/beam/extract.py).
+        # start, slower once running; see pipelines/runners/beam.py).
         if not any(a.startswith("--direct_running_mode") for a in args):
             mode = "multi_processing" if workers > 1 else "in_memory"
             args.append(f"--direct_running_mode={mode}")

@@ -45,8 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.beam.extract import build_extraction
     from pipelines.config import build_config
+    from pipelines.runners.beam import build_map
+    from pipelines.stages import ExtractShards
     from retrieval import storage
     from retrieval.descriptors.gem import model_info
     from retrieval.extraction import ShardJob, plan_extraction
@@ -66,12 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = plan_worker(
         config.device, workers=1, threads=config.threads_per_worker, image_side=config.gem.max_side
     )
-    build_extraction(
+    build_map(
         pipeline,
-        plan.pending_ids,
-        ShardJob(
-            args.output, config=config.gem, model_info=info, limits=config.limits, worker=worker
+        ExtractShards(
+            ShardJob(
+                args.output, config=config.gem, model_info=info, limits=config.limits, worker=worker
+            )
         ),
+        plan.pending_ids,
     )
     pipeline.run()  # a Flex Template's program must not wait for the job
     return 0
