@@ -203,6 +203,41 @@ _MINING_KEYS = {
 }
 
 
+# What a bundle records (``pipelines/job.py``): the settings that describe a query as the corpus
+# was described, and answer it as the job was built to.
+QUERY_SETTINGS = (
+    *_GEM_KEYS,
+    *sorted(_LIMIT_KEYS),
+    *_LOCAL_KEYS,
+    *_VERIFY_KEYS,
+    "verified_qe",
+    "nprobe",
+    "qe",
+    "qe_alpha",
+)
+
+
+def flat_settings(config: RunConfig) -> dict[str, Any]:
+    """``config`` in flat names (as on the command line and in config files)."""
+    flat: dict[str, Any] = {k: getattr(config, k) for k in _TOP_KEYS}
+    flat.update({k: getattr(config.gem, v) for k, v in _GEM_KEYS.items()})
+    flat["scales"] = list(config.gem.scales)
+    flat.update({k: getattr(config.limits, k) for k in _LIMIT_KEYS})
+    flat.update({k: getattr(config.local, v) for k, v in _LOCAL_KEYS.items()})
+    flat.update({k: getattr(config.verification, v) for k, v in _VERIFY_KEYS.items()})
+    flat.update({k: getattr(config.mining, v) for k, v in _MINING_KEYS.items()})
+    if not config.verify:
+        flat["shortlist"] = 0
+    flat["beam_args"] = list(config.beam_args)
+    flat["spark_conf"] = dict(config.spark_conf)
+    return flat
+
+
+def bundle_settings(config: RunConfig) -> dict[str, Any]:
+    flat = flat_settings(config)
+    return {k: flat[k] for k in QUERY_SETTINGS}
+
+
 # Sections read by `retrieval submit` only (how to reach a cluster), not run settings.
 SUBMIT_SECTIONS = ("dataflow", "spark")
 

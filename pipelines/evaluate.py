@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import stages
+from pipelines import job, stages
 from pipelines.config import RunConfig
+from pipelines.job import Bundle
 from retrieval import storage
 from retrieval.evaluation import protocols as protocol_rules
 from retrieval.evaluation.ground_truth import Benchmark, load_benchmark
@@ -42,7 +43,6 @@ from retrieval.extraction import failures
 from retrieval.index import factory as factories
 from retrieval.index.codebook import with_id_map
 from retrieval.index.search import NO_EXPANSION, SearchableIndex, load_index
-from retrieval.learning.whitening import InsufficientPairsError, load_whitening
 from retrieval.manifests import utc_now
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search
@@ -149,21 +149,43 @@ def rank_queries_reranked(
     return rankings, reranked.stats
 
 
+def rank_with_bundle(
+    searcher: job.BundleSearch,
+    benchmark: Benchmark,
+    vectors_by_id: dict[str, np.ndarray],
+    query_store: LocalFeatureStore | None,
+    inlier_cache: dict[tuple[str, str], int],
+) -> tuple[dict[str, list[str]], dict[str, Any] | None]:
+    """Full rankings from the bundle's own search (its whitening, re-ranking and expansion)."""
+    query_ids = sorted({q.id for q in benchmark.queries})
+    present = [q for q in query_ids if q in vectors_by_id]
+    rankings: dict[str, list[str]] = {q: [] for q in query_ids}
+    if not present:
+        return rankings, None
+    queries = np.stack([vectors_by_id[q] for q in present])
+    k = min(searcher.index.ntotal, MAX_RANKING)
+    lookup = query_store.get if query_store is not None else None
+    ranked = searcher.rank(present, queries, k, lookup, inlier_cache)
+    rankings.update(zip(present, searcher.index.ranked_ids_list(ranked.found), strict=True))
+    return rankings, ranked.stats or None
+
+
 def query_vectors(
     benchmark: Benchmark,
     database: dict[str, np.ndarray],
     out: str,
+    bundle: Bundle,
     config: RunConfig,
-    local: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str], str | None]:
     """Query descriptors by query id, {query id: reason} for queries without one, and the
-    queries' local-feature folder (``local``, the database's, when queries are its images).
+    queries' local-feature folder (None when the queries are corpus images: the bundle's own).
 
     Database descriptors serve when every query is a whole database image; otherwise each
-    query's own (cropped) image is written and described by the same extraction stage.
+    query's own (cropped) image is written and described by the job's describe stage (the
+    bundle's model), as ``retrieval search --query-images`` would.
     """
     if not benchmark.needs_query_inputs:
-        return database, {}, local
+        return database, {}, None  # the queries are corpus images: the corpus's own features
     written, problems = write_query_inputs(benchmark, storage.join(out, "query_inputs"))
     # A manifest names each query input by its query id (a folder listing would not).
     rows = io.StringIO()
@@ -174,14 +196,22 @@ def query_vectors(
         writer.writerow([query_id, "file://" + str(Path(uri).resolve()) if local else uri])
     listing = storage.join(out, "query_inputs.csv")
     storage.write_bytes(listing, rows.getvalue().encode())
-    descriptors = storage.join(out, "query_descriptors")
-    query_local = storage.join(out, "query_local_features") if local else None
-    stages.extract(listing, descriptors, config, local_output=query_local)
+    descriptors, query_local, _ = job.describe_queries(bundle, listing, out, config)
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     found = dict(zip(ids, vectors, strict=True))
     for error in failures(descriptors):
         problems.setdefault(error.id, f"{error.error_kind}: {error.message}")
     return found, problems, query_local
+
+
+def default_row_name(bundle: Bundle, config: RunConfig) -> str:
+    """The default pipeline's steps, as the report names them (``global+lw+sv+vqe``)."""
+    steps = ["global"] + (["lw"] if bundle.whitening else [])
+    if bundle.local_features and config.rerank.enabled:
+        steps += ["sv"] + (["vqe"] if config.verified_qe else [])
+    if config.expansion.n:
+        steps.append("aqe")
+    return "+".join(steps)
 
 
 def evaluate_benchmark(
@@ -192,13 +222,14 @@ def evaluate_benchmark(
     variants: bool = True,
     protocols: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the default pipeline on ``benchmark_dir`` and write report.{json,md,html} to ``out``.
+    """Run the default job (``pipelines.job``) on ``benchmark_dir`` and write report.{json,md,
+    html} to ``out``.
 
-    The default (results[0]): extract GeM + local features in one pass, mine verified pairs
-    and learn a whitening (no labels), index the whitened descriptors, then verify each query's
-    shortlist and expand it with verified neighbours. The row ``global`` is the floor: the raw
-    descriptors, exact search, nothing else. With ``variants`` every step also gets its own
-    row, plus α-query expansion and PQ compression for comparison. ``protocols`` (names from
+    ``results[0]`` is the default pipeline: the job's bundle (in ``out``) searched with its
+    defaults (:class:`~pipelines.job.BundleSearch`, what ``retrieval search --index OUT``
+    answers). The row ``global`` is the floor: the raw descriptors, exact search, nothing else.
+    With ``variants`` every step also gets its own row, over the same artefacts, plus α-query
+    expansion and PQ compression for comparison. ``protocols`` (names from
     ``retrieval.evaluation.protocols``; default: the gt.json as it is) score every ranking
     under each protocol; with more than one, row names end in " [E]", " [M]", ...
     """
@@ -206,99 +237,109 @@ def evaluate_benchmark(
     protocols = protocols or [protocol_rules.DEFAULT]
     scored_as = {p: protocol_rules.apply(benchmark, p) for p in protocols}  # fails early
     listing = write_benchmark_listing(benchmark, out)
-    descriptors = storage.join(out, "descriptors")
-    local = storage.join(out, "local_features") if config.local.enabled else None
     timings: dict[str, float] = {}
 
-    with _timed(timings, "extract_s"):
-        extract_summary = stages.extract(listing, descriptors, config, local_output=local)
+    built = job.run_index_job(listing, out, config)
+    timings.update(built["timings"])
+    extract_summary = built["summaries"]["extract"]
+    learning = built["learning"]
+    bundle = job.Bundle.read(out)
+    layout = job.JobLayout(out)
+    descriptors = layout.descriptors
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     vectors_by_id = dict(zip(ids, vectors, strict=True))
     with _timed(timings, "queries_s"):
         queries_by_id, query_problems, query_local = query_vectors(
-            benchmark, vectors_by_id, out, config, local
+            benchmark, vectors_by_id, out, bundle, config
         )
+    searcher = job.BundleSearch(bundle, bundle.config(config))
     n, d = vectors.shape
-    chosen = with_id_map(
-        factories.default_factory(n, d) if config.index_factory == "auto" else config.index_factory
-    )
+    chosen = searcher.index.manifest["factory"]
     exact = "IDMap2,Flat"
-    global_index = build_index(
-        descriptors,
-        storage.join(out, "global"),
-        replace(config, index_factory=exact, runner="local"),
-        timings,
-        "global:",
-    )
-
-    learning: dict[str, Any] = {"enabled": bool(config.learn and local)}
-    whitened_index = None
-    whitening = None
-    if config.learn and local:
-        try:
-            with _timed(timings, "learn_s"):
-                record = stages.learn(descriptors, local, storage.join(out, "whitening"), config)
-            learning.update(record)
-            whitened = storage.join(out, "whitened_descriptors")
-            with _timed(timings, "whiten_s"):
-                stages.whiten(descriptors, storage.join(out, "whitening"), whitened)
-            whitened_index = build_index(
-                whitened, storage.join(out, "default"), config, timings, "default:"
-            )
-            whitening = load_whitening(storage.join(out, "whitening"))
-        except InsufficientPairsError as exc:  # small or unrelated corpora: nothing to learn
-            learning["skipped"] = str(exc)
-            log.warning("learned whitening skipped: %s", exc)
-
-    default_index = whitened_index
-    if default_index is None:
-        default_index = (
-            global_index
-            if chosen == exact
-            else build_index(descriptors, storage.join(out, "default"), config, timings, "default:")
+    variants_dir = storage.join(out, "variants")
+    global_index = (
+        bundle.index
+        if chosen == exact and bundle.whitening is None
+        else build_index(
+            descriptors,
+            storage.join(variants_dir, "global"),
+            replace(config, index_factory=exact, runner="local"),
+            timings,
+            "global:",
         )
-    rerank = config.rerank if local else None
-    lw = whitening is not None
-    steps = ["global"] + (["lw"] if lw else [])
-    if rerank is not None:
-        steps += ["sv"] + (["vqe"] if rerank.verified_qe else [])
-    if config.expansion.n:
-        steps.append("aqe")
-    default = Variant("+".join(steps), default_index, lw, config.expansion, rerank)
-    rows = [default, Variant("global", global_index)]  # the floor, always scored
+    )
+    whitened = bundle.whitening is not None
+    rerank = searcher.rerank if searcher.store is not None else None
+    default_name = default_row_name(bundle, searcher.config)
+    rows = [Variant("global", global_index)]  # the floor, always scored
     if variants:
-        if lw:
-            rows.append(Variant("global+lw", default_index, True))
+        if whitened:
+            rows.append(Variant("global+lw", bundle.index, True))
         if rerank is not None:
             sv_only = replace(rerank, verified_qe=0)
             rows.append(Variant("global+sv", global_index, rerank=sv_only))
             if rerank.verified_qe:
                 rows.append(Variant("global+sv+vqe", global_index, rerank=rerank))
-            if lw and rerank.verified_qe:
-                rows.append(Variant("global+lw+sv", default_index, True, rerank=sv_only))
+            if whitened and rerank.verified_qe:
+                rows.append(Variant("global+lw+sv", bundle.index, True, rerank=sv_only))
         rows.append(Variant("global+aqe", global_index, expansion=QueryExpansion(n=3, alpha=3.0)))
         pq = with_id_map(factories.compressed_factory(n, d))
         if pq != chosen:
             pq_config = replace(config, index_factory=pq, runner="local")
             pq_dir = build_index(
-                descriptors, storage.join(out, "variants", "pq"), pq_config, timings, "pq:"
+                descriptors, storage.join(variants_dir, "pq"), pq_config, timings, "pq:"
             )
             rows.append(Variant("global+pq", pq_dir))
-    seen: set[str] = set()
-    rows = [r for r in rows if not (r.name in seen or seen.add(r.name))]
+    rows = [r for r in rows if r.name != default_name]  # the default row is scored first
 
-    store = LocalFeatureStore(local) if local and rerank is not None else None
+    store = searcher.store
     query_store = None
-    if store is not None and query_local is not None:
-        query_store = store if query_local == local else LocalFeatureStore(query_local)
+    if store is not None:
+        query_store = store if query_local is None else LocalFeatureStore(query_local)
     whitened_by_id = {}
-    if whitening is not None and queries_by_id:
+    if searcher.whitening is not None and queries_by_id:
         query_ids = list(queries_by_id)
-        whitened = whitening.apply(np.stack([queries_by_id[q] for q in query_ids]))
-        whitened_by_id = dict(zip(query_ids, whitened, strict=True))
+        whitened_vectors = searcher.whitening.apply(np.stack([queries_by_id[q] for q in query_ids]))
+        whitened_by_id = dict(zip(query_ids, whitened_vectors, strict=True))
     inlier_cache: dict[tuple[str, str], int] = {}
     results, all_rankings = [], {}
+
+    def score(name: str, index: SearchableIndex, rankings, rerank_stats, search_s, expansion, rr):
+        for protocol, scored in scored_as.items():
+            metrics = evaluate_rankings(rankings, scored)
+            row_name = name if len(protocols) == 1 else f"{name} [{protocol_rules.label(protocol)}]"
+            results.append(
+                {
+                    "name": row_name,
+                    "index": index.manifest["factory"],
+                    "whitening": index.manifest["model"].get("whitening"),
+                    "query_expansion": {"n": expansion.n, "alpha": expansion.alpha}
+                    if expansion.n
+                    else None,
+                    "rerank": rr.as_dict() if rr else None,
+                    "rerank_stats": rerank_stats,
+                    "search_s": search_s,
+                    "protocol": protocol,
+                    **metrics.as_dict(),
+                }
+            )
+            all_rankings[row_name] = rankings
+
     with _timed(timings, "search_and_score_s"):
+        # results[0]: the bundle answering with its own defaults, as `retrieval search` does.
+        row_start = time.perf_counter()
+        rankings, stats = rank_with_bundle(
+            searcher, benchmark, queries_by_id, query_store, inlier_cache
+        )
+        score(
+            default_name,
+            searcher.index,
+            rankings,
+            stats,
+            round(time.perf_counter() - row_start, 3),
+            searcher.config.expansion,
+            rerank if query_store is not None else None,
+        )
         for variant in rows:
             index = load_index(variant.index_dir, nprobe=config.nprobe)
             vectors_for_queries = whitened_by_id if variant.whitened else queries_by_id
@@ -317,32 +358,15 @@ def evaluate_benchmark(
             else:
                 rankings = rank_queries(index, benchmark, vectors_for_queries, variant.expansion)
             search_s = round(time.perf_counter() - row_start, 3)
-            for protocol, scored in scored_as.items():
-                metrics = evaluate_rankings(rankings, scored)
-                row_name = (
-                    variant.name
-                    if len(protocols) == 1
-                    else f"{variant.name} [{protocol_rules.label(protocol)}]"
-                )
-                results.append(
-                    {
-                        "name": row_name,
-                        "index": index.manifest["factory"],
-                        "whitening": index.manifest["model"].get("whitening"),
-                        "query_expansion": {
-                            "n": variant.expansion.n,
-                            "alpha": variant.expansion.alpha,
-                        }
-                        if variant.expansion.n
-                        else None,
-                        "rerank": variant.rerank.as_dict() if variant.rerank else None,
-                        "rerank_stats": rerank_stats,
-                        "search_s": search_s,
-                        "protocol": protocol,
-                        **metrics.as_dict(),
-                    }
-                )
-                all_rankings[row_name] = rankings
+            score(
+                variant.name,
+                index,
+                rankings,
+                rerank_stats,
+                search_s,
+                variant.expansion,
+                variant.rerank,
+            )
 
     local_summary = extract_summary.get("local_features") or {}
     mining = learning.get("mining") or {}
@@ -381,6 +405,7 @@ def evaluate_benchmark(
             for q, m in sorted(query_problems.items())
         ],
         "config": config.as_dict(),
+        "bundle": out,
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "created": utc_now(),
     }

@@ -1,17 +1,28 @@
-"""``retrieval reindex``: bring a versioned index up to date with its corpus, extracting only
-what changed, and ``retrieval rollback``.
+"""``retrieval reindex``: bring a versioned index up to date with its corpus by running the
+default job (``pipelines.job``) incrementally, and ``retrieval rollback``.
 
     list corpus + content keys ─► diff with the live version's state ─► new / changed / deleted
          │
-         ├─► extract new + changed only (the usual extract stage, on a manifest of them)
-         ├─► descriptors of the new version = unchanged rows of the live version + extracted rows
-         ├─► codebook: the live one, unless drift (``retrieval/index/drift.py``) or a corpus size
-         │   that calls for another index type makes it stale: then retrain
-         ├─► index groups + tree merge (encoding is cheap next to extraction)
-         └─► versions/vNNNNNN/ complete ─► CURRENT moved atomically ─► keep the last N
+         ├─► extract new + changed only, global and local features (the job's extract stage, on
+         │   a manifest of them) into ROOT/data/vNNNNNN/: this run's batch
+         ├─► descriptors of the new version = unchanged rows of the live version + the batch's;
+         │   local features = the live version's layers + the batch's (never copied: a later
+         │   layer's row for an image shadows an earlier one's, deleted images are never asked)
+         ├─► learn: the live whitening is kept unless the rule below says to learn again
+         ├─► whiten, train (the live codebook is kept unless drift, ``retrieval/index/drift.py``,
+         │   a corpus size that calls for another index type, or a new whitening makes it
+         │   stale), index, merge: the job's own stages
+         └─► versions/vNNNNNN/ complete (bundle.json, version.json) ─► CURRENT moved atomically
+             ─► keep the last N versions, and the batches a kept version still reads
 
-Each version folder is self-contained (state, descriptors, codebook, index), so pruning old
-versions never breaks a newer one, and ``retrieval rollback`` only moves ``CURRENT``.
+The whitening rule: it is learned again when there is none yet (or it was skipped for too few
+verified pairs), when the model or the learning settings changed, or when the images added,
+changed and deleted since it was learned exceed ``--relearn-fraction`` (default 0.25) of the
+corpus it was learned on; otherwise it is kept, and every version records which whitening it
+uses (its SHA-256 and the version that learned it).
+
+Each version is a bundle: ``retrieval search --index ROOT --query-images ...`` answers from the
+live one with the job's default pipeline; ``retrieval rollback`` only moves ``CURRENT``.
 """
 
 from __future__ import annotations
@@ -28,20 +39,24 @@ import pyarrow.compute as pc
 
 from pipelines import stages
 from pipelines.config import RunConfig
+from pipelines.job import (
+    FOLDERS,
+    Bundle,
+    JobLayout,
+    PreparedCorpus,
+    is_bundle,
+    learns,
+    run_index_job,
+)
 from retrieval import corpus_state, plan, storage, versions
 from retrieval.corpus import ImageRef, iter_corpus, plan_shards
 from retrieval.descriptors.gem import model_info
 from retrieval.index import factory as factories
-from retrieval.index.codebook import (
-    CODEBOOK_FILE,
-    CODEBOOK_MANIFEST,
-    SAMPLE_FILE,
-    load_codebook,
-    read_codebook_manifest,
-)
+from retrieval.index.codebook import load_codebook, read_codebook_manifest
 from retrieval.index.drift import DRIFT_THRESHOLD, drift_ratio, quantization_error
+from retrieval.local_features.extractor import local_info_for
 from retrieval.manifests import read_manifest, write_manifest
-from retrieval.shards import descriptor_shards
+from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.descriptor_shards import DescriptorRow
 from retrieval.summary import write_summary
 
@@ -50,6 +65,10 @@ log = logging.getLogger(__name__)
 VERSION_MANIFEST = "version.json"
 VERSION_KIND = "index_version"
 DEFAULT_KEEP = 3
+DATA_DIR = versions.DATA_DIR
+# Learn the whitening again once this fraction of the corpus it was learned on has been added,
+# changed or deleted (the codebook's drift rule, for the whitening: see the module doc).
+RELEARN_FRACTION = 0.25
 
 
 def _descriptor_rows(directory: str, drop: set[str] | None = None) -> list[DescriptorRow]:
@@ -118,6 +137,8 @@ def _needs_training(
 
     if with_id_map(wanted) != codebook["factory"]:
         return True, f"index type for {n} vectors is {with_id_map(wanted)}", None
+    if len(new_vectors) == 0:
+        return False, "codebook still fits (nothing new to encode)", None
     index, _ = load_codebook(previous)
     ratio = drift_ratio(
         quantization_error(index, new_vectors), codebook.get("training_quantization_error", 0.0)
@@ -127,11 +148,35 @@ def _needs_training(
     return False, "codebook still fits", ratio
 
 
-def _copy_codebook(source: str, target: str) -> None:
-    for name in (CODEBOOK_FILE, CODEBOOK_MANIFEST, SAMPLE_FILE):
-        storage.write_bytes(
-            storage.join(target, name), storage.read_bytes(storage.join(source, name))
+def _whitening_decision(
+    live: dict[str, Any] | None,
+    live_dir: str | None,
+    config: RunConfig,
+    changes: corpus_state.CorpusChanges,
+    compare_previous: bool,
+    relearn_fraction: float,
+) -> tuple[str | None, str, dict[str, Any]]:
+    """(whitening folder to keep or None to learn, why, the record carried to the new version)."""
+    changed = len(changes.new) + len(changes.changed) + len(changes.deleted)
+    record = (live or {}).get("whitening") or {}
+    settings = {"dim": config.whitening_dim, "shrinkage": config.whitening_shrinkage}
+    if live_dir is None or not compare_previous:
+        return None, "no live version with this model" if live_dir is None else "model changed", {}
+    if not record.get("sha256"):
+        return None, "no whitening yet", {}
+    if record.get("settings") != settings:
+        return None, "learning settings changed", {}
+    since = record.get("changed_since_learned", 0) + changed
+    limit = relearn_fraction * max(record.get("learned_on_images", 0), 1)
+    if since > limit:
+        return (
+            None,
+            f"{since} images added, changed or deleted since it was learned, more than "
+            f"{relearn_fraction:.0%} of the {record.get('learned_on_images')} it was learned on",
+            {},
         )
+    kept = {**record, "changed_since_learned": since}
+    return storage.join(live_dir, FOLDERS["whitening"]), "whitening still fits", kept
 
 
 def reindex(
@@ -141,6 +186,7 @@ def reindex(
     *,
     keep: int = DEFAULT_KEEP,
     drift_threshold: float = DRIFT_THRESHOLD,
+    relearn_fraction: float = RELEARN_FRACTION,
 ) -> dict[str, Any]:
     """Re-index ``corpus`` into a new version under ``root``; returns its summary."""
     start = time.perf_counter()
@@ -148,13 +194,22 @@ def reindex(
     live = versions.current(root)
     live_dir = versions.version_dir(root, live) if live else None
     info = model_info(config.gem)
+    local_info = local_info_for(config.local) if config.local.enabled else None
     compare_previous = live_dir is not None
+    live_manifest = None
     if live_dir:
         live_manifest = read_manifest(storage.join(live_dir, VERSION_MANIFEST), kind=VERSION_KIND)
-        if live_manifest["model"]["config_hash"] != info["config_hash"] or (
-            live_manifest["model"]["weights_sha256"] != info["weights_sha256"]
-        ):
+        same_model = (
+            live_manifest["model"]["config_hash"] == info["config_hash"]
+            and live_manifest["model"]["weights_sha256"] == info["weights_sha256"]
+            and (live_manifest.get("local_model") or {}).get("config_hash")
+            == (local_info or {}).get("config_hash")
+        )
+        if not same_model:
             log.warning("the model changed since %s: every image is extracted again", live)
+            compare_previous = False
+        elif not is_bundle(live_dir):  # a version from before the job's bundle: no local features
+            log.warning("%s predates bundles: every image is extracted again", live)
             compare_previous = False
 
     # A merge join of two id-sorted streams (the corpus listing, the last indexed state): the
@@ -176,12 +231,14 @@ def reindex(
 
     name = versions.next_name(root)
     vdir = versions.version_dir(root, name)
-    extracted_dir = storage.join(vdir, "extracted")
+    batch = storage.join(root, DATA_DIR, name)  # this run's extraction, shared by later versions
+    batch_descriptors = storage.join(batch, FOLDERS["descriptors"])
+    batch_local = storage.join(batch, FOLDERS["local_features"]) if local_info else None
     extracted_rows: list[DescriptorRow] = []
     failures = 0
     extract_summary = None
     if changes.to_extract:
-        manifest_uri = storage.join(vdir, "to_extract.parquet")
+        manifest_uri = storage.join(batch, "to_extract.parquet")
         wanted = set(changes.to_extract)
         storage.write_parquet(
             manifest_uri,
@@ -193,55 +250,99 @@ def reindex(
             ),
         )
         t = time.perf_counter()
-        extract_summary = stages.extract(manifest_uri, extracted_dir, config)
+        extract_summary = stages.extract(
+            manifest_uri, batch_descriptors, config, local_output=batch_local
+        )
         timings["extract_s"] = time.perf_counter() - t
-        extracted_rows = _descriptor_rows(extracted_dir)
+        extracted_rows = _descriptor_rows(batch_descriptors)
         failures = extract_summary["failed"]
 
     t = time.perf_counter()
     carried = (
         _descriptor_rows(
-            storage.join(live_dir, "descriptors"), drop=set(changes.changed + changes.deleted)
+            storage.join(live_dir, FOLDERS["descriptors"]),
+            drop=set(changes.changed + changes.deleted),
         )
-        if live_dir and changes.unchanged
+        if live_dir and compare_previous and changes.unchanged
         else []
     )
     rows = carried + extracted_rows
     if not rows:
         raise ValueError(f"{corpus}: nothing to index (no images, or every one failed)")
-    descriptors = storage.join(vdir, "descriptors")
-    _write_descriptors(descriptors, rows, info, config.shard_size)
+    layout = JobLayout(vdir)
+    _write_descriptors(layout.descriptors, rows, info, config.shard_size)
+    layers: list[str] = []
+    if local_info:
+        live_bundle = Bundle.read(live_dir) if live_dir and compare_previous else None
+        layers = list((live_bundle.local_features or []) if live_bundle else [])
+        if batch_local and extracted_rows:
+            layers.append(batch_local)
+        layers = _layers_in_use(layers, {r.id for r in rows})
     timings["compose_s"] = time.perf_counter() - t
+    composed = {
+        "model": info,
+        "inputs": now_state.rows,
+        "indexed": len(rows),
+        "failed": failures,
+        "local_features": {"model": local_info} if local_info else None,
+    }
 
-    codebook_dir = storage.join(vdir, "codebook")
-    live_codebook = storage.join(live_dir, "codebook") if live_dir else None
-    live_cb_manifest = read_codebook_manifest(live_codebook) if live_codebook else None
-    new_vectors = (
-        np.stack([r.descriptor for r in extracted_rows]).astype(np.float32)
-        if extracted_rows
-        else np.zeros((0, int(info["dim"])), np.float32)
+    live_record = live_manifest if compare_previous else None
+    keep_dir, whitening_why, kept_record = _whitening_decision(
+        live_record, live_dir, config, changes, compare_previous, relearn_fraction
     )
-    retrain, why, ratio = _needs_training(
-        live_cb_manifest,
-        new_vectors,
-        len(rows),
-        int(info["dim"]),
+    live_codebook = storage.join(live_dir, FOLDERS["codebook"]) if live_dir else None
+    decision: dict[str, Any] = {}
+
+    live_whitened = bool((live_record or {}).get("whitening"))
+
+    def keep_codebook(index_input: str) -> str | None:
+        whitened_now = index_input == JobLayout(vdir).whitened_descriptors
+        stale = None
+        if live_codebook is None:
+            stale = "no codebook yet"
+        elif not compare_previous:
+            stale = "the model changed"
+        elif whitened_now != live_whitened or (whitened_now and keep_dir is None):
+            stale = "the whitening changed"
+        if stale:
+            decision.update(retrain=True, why=stale, ratio=None)
+            return None
+        ids = {r.id for r in extracted_rows}
+        new_vectors = _vectors_of(index_input, ids, int(info["dim"]))
+        n, d = len(rows), _dim_of(index_input)
+        retrain, why, ratio = _needs_training(
+            read_codebook_manifest(live_codebook),
+            new_vectors,
+            n,
+            d,
+            config,
+            drift_threshold,
+            live_codebook,
+        )
+        decision.update(retrain=retrain, why=why, ratio=ratio)
+        return None if retrain else live_codebook
+
+    t = time.perf_counter()
+    built = run_index_job(
+        corpus,
+        vdir,
         config,
-        drift_threshold,
-        live_codebook,
+        prepared=PreparedCorpus(composed, tuple(layers)),
+        keep_whitening=lambda: keep_dir,
+        keep_codebook=keep_codebook,
     )
-    t = time.perf_counter()
-    if retrain:
-        log.info("training a new codebook: %s", why)
-        stages.train(descriptors, codebook_dir, config)
-    else:
-        _copy_codebook(live_codebook, codebook_dir)
-    timings["train_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    stages.index(descriptors, codebook_dir, storage.join(vdir, "index_groups"), config)
-    stages.merge(storage.join(vdir, "index_groups"), storage.join(vdir, versions.INDEX_DIR), config)
-    timings["index_s"] = time.perf_counter() - t
+    timings["job_s"] = time.perf_counter() - t
+    learning = built["learning"]
+    whitening_record = {}
+    if learning.get("sha256"):
+        whitening_record = kept_record or {
+            "sha256": learning["sha256"],
+            "learned_in": name,
+            "learned_on_images": len(rows),
+            "changed_since_learned": 0,
+            "settings": {"dim": config.whitening_dim, "shrinkage": config.whitening_shrinkage},
+        }
 
     extracted_ids = {r.id for r in extracted_rows}
     failed_ids = {i for i in changes.to_extract if i not in extracted_ids}
@@ -269,17 +370,63 @@ def reindex(
         extracted=len(changes.to_extract),
         version=name,
         previous_version=live,
-        retrained=retrain,
-        retrain_reason=why,
-        drift_ratio=ratio,
+        retrained=decision.get("retrain", True),
+        retrain_reason=decision.get("why", "no codebook yet"),
+        drift_ratio=decision.get("ratio"),
         drift_threshold=drift_threshold,
+        whitening=whitening_record or None,
+        whitening_reason=whitening_why if learns(config) else "learning is off",
+        local_feature_layers=layers,
         corpus=corpus,
     )
     write_manifest(
         storage.join(vdir, VERSION_MANIFEST),
         VERSION_KIND,
-        {"version": name, "previous": live, "model": info, **counts, "indexed": len(rows)},
+        {
+            "version": name,
+            "previous": live,
+            "model": info,
+            "local_model": local_info,
+            "whitening": whitening_record or None,
+            # Shared data this version reads outside its own folder (pruning keeps it).
+            "uses": sorted({_batch_of(root, layer) for layer in layers}),
+            **counts,
+            "indexed": len(rows),
+        },
     )
     versions.set_current(root, name)
     summary["pruned"] = versions.prune(root, keep)
     return summary
+
+
+def _layers_in_use(layers: list[str], live_ids: set[str]) -> list[str]:
+    """The layers that still hold the newest features of a live image (oldest first)."""
+    kept, covered = [], set()
+    for layer in reversed(layers):
+        ids = {i for m in local_feature_shards.list_shards(layer) for i in m["ids"]}
+        fresh = (ids & live_ids) - covered
+        if fresh:
+            kept.append(layer)
+            covered |= fresh
+    return list(reversed(kept))
+
+
+def _batch_of(root: str, layer: str) -> str:
+    """The batch folder (ROOT/data/vNNNNNN) a local-feature layer belongs to."""
+    prefix = storage.join(root, DATA_DIR).rstrip("/") + "/"
+    if not layer.startswith(prefix):
+        return layer
+    return layer[len(prefix) :].split("/", 1)[0]
+
+
+def _vectors_of(directory: str, ids: set[str], dim: int) -> np.ndarray:
+    """The vectors of ``ids`` in a descriptor folder (the newly extracted images, as indexed)."""
+    if not ids:
+        return np.zeros((0, dim), np.float32)
+    all_ids, _, vectors = descriptor_shards.read_all(directory)
+    mask = np.fromiter((i in ids for i in all_ids), bool, len(all_ids))
+    return vectors[mask].astype(np.float32)
+
+
+def _dim_of(directory: str) -> int:
+    return int(descriptor_shards.list_shards(directory)[0]["dim"])

@@ -233,10 +233,18 @@ def search(
     )
 
 
-def learn(descriptors: str, local: str, output: str, config: RunConfig) -> dict[str, Any]:
+def learn(
+    descriptors: str,
+    local: str | list[str],
+    output: str,
+    config: RunConfig,
+    *,
+    inputs: str | None = None,
+) -> dict[str, Any]:
     """Mine verified pairs in the corpus (no labels) and learn a whitening from them.
 
-    Writes ``whitening.npz`` + ``whitening.json`` (with the mining figures) to ``output``.
+    Writes ``whitening.npz`` + ``whitening.json`` (with the mining figures, and ``inputs``: a
+    fingerprint of what it was learned from, by which a re-run knows to keep it) to ``output``.
     """
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     base_model = descriptor_shards.list_shards(descriptors)[0]["model"]
@@ -264,6 +272,7 @@ def learn(descriptors: str, local: str, output: str, config: RunConfig) -> dict[
         local_features=local,
         base_model={k: base_model[k] for k in ("id", "config_hash", "weights_sha256")},
         local_model=store.model["id"],
+        inputs=inputs,
     )
 
 

@@ -19,6 +19,9 @@ from retrieval import storage
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
 INDEX_DIR = "index"
+# Data a run extracted once and later versions share (read through their version.json's
+# ``uses``): ROOT/data/<the version that extracted it>.
+DATA_DIR = "data"
 _NAME = re.compile(r"^v\d{6}$")
 
 
@@ -83,13 +86,30 @@ def rollback(root: str) -> str:
 
 
 def prune(root: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions (never the live one); returns the deleted."""
+    """Delete all but the newest ``keep`` versions (never the live one), then the shared data
+    batches (ROOT/data/NAME) that no kept version uses; returns the deleted versions."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
     live = current(root)
     doomed = [v for v in versions(root)[:-keep] if v != live]
     for name in doomed:
         storage.remove(version_dir(root, name), recursive=True)
+    kept = [v for v in versions(root) if v not in doomed]
+    used = set()
+    for name in kept:
+        used.update(
+            storage.read_json(storage.join(version_dir(root, name), "version.json")).get("uses", [])
+        )
+    data = storage.join(root, DATA_DIR)
+    if storage.exists(data):
+        fs, path = storage.filesystem(data)
+        listed = storage.with_retries(lambda: fs.ls(path, detail=False), what=f"list {data}")
+        newest = max((int(n[1:]) for n in _names(root)), default=0)
+        for entry in listed:
+            batch = entry.rstrip("/").rsplit("/", 1)[-1]
+            # A batch newer than every version folder belongs to a run still in progress.
+            if _NAME.fullmatch(batch) and batch not in used and int(batch[1:]) <= newest:
+                storage.remove(storage.join(data, batch), recursive=True)
     return doomed
 
 

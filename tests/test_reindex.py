@@ -79,8 +79,14 @@ def test_reindex_extracts_only_changes_and_rolls_back(tmp_path: Path, config):
     v2 = root / "versions" / "v000002"
     on_disk = json.loads((v2 / "summary.json").read_text())
     assert on_disk["new"] == 10 and on_disk["extracted"] == 13
-    extracted = json.loads((v2 / "extracted" / "summary.json").read_text())
+    batch = root / "data" / "v000002"  # this run's extraction
+    extracted = json.loads((batch / "descriptors" / "summary.json").read_text())
     assert extracted["inputs"] == 13  # exactly the new and changed images went through the model
+    local = extracted["local_features"]
+    assert (local["rows"], local["failed"]) == (13, 0)  # and got local features, once
+    bundle = json.loads((v2 / "bundle.json").read_text())
+    layers = [str(root / "data" / v / "local_features") for v in ("v000001", "v000002")]
+    assert bundle["local_features"] == layers  # v1's features shared, not copied
     assert second["indexed"] == 45 and versions.current(str(root)) == "v000002"
 
     index = load_index(versions.resolve_index(str(root)))

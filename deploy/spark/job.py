@@ -10,7 +10,7 @@ executors (the packed environment or the container image, see deploy/spark/READM
 
 import sys
 
-from pipelines.submit.job import main
+from pipelines.submit.driver import main
 
 if __name__ == "__main__":
     sys.exit(main())

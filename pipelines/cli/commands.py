@@ -49,20 +49,74 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    summary = stages.search(
-        args.index,
-        args.queries,
-        args.output,
-        k=args.k,
-        nprobe=config.nprobe,
-        expansion=config.expansion,
-        rerank=config.rerank,
-        local=args.local,
-        query_local=args.query_local,
-    )
+    from pipelines import job
+
+    bundle_uri = job.resolve_bundle(args.index)
+    if bundle_uri is None:
+        if args.query_images:
+            raise CommandError(
+                f"{args.index} is a bare index folder: --query-images needs a job's bundle "
+                "(bundle.json, from `retrieval submit`, `evaluate` or `reindex`) to know the "
+                "model; describe the images with `retrieval extract` and pass --queries"
+            )
+        config = config_from_args(args)
+        summary = stages.search(
+            args.index,
+            args.queries,
+            args.output,
+            k=args.k,
+            nprobe=config.nprobe,
+            expansion=config.expansion,
+            rerank=config.rerank,
+            local=args.local,
+            query_local=args.query_local,
+        )
+    else:
+        if args.local:
+            raise CommandError(f"{args.index} is a bundle: it knows its own local features")
+        bundle = job.Bundle.read(bundle_uri)
+        # The bundle's settings, then the config file's and flags' (what the user changed).
+        base = config_from_args(args)
+        config = bundle.config(base, **given_search_settings(args))
+        if args.query_images:
+            summary = job.run_query_job(
+                bundle_uri,
+                args.query_images,
+                args.output,
+                base=config,
+                k=args.k,
+                results=args.output,
+            )
+        else:
+            summary = job.search_bundle(
+                bundle,
+                args.queries,
+                args.output,
+                config,
+                k=args.k,
+                query_local=args.query_local,
+            )
     print(f"{summary['inputs']} queries, top {summary['k']} each -> {summary['results']}")
     return 0
+
+
+def given_search_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The search settings a user gave (flags, or the config file), over a bundle's defaults."""
+    from pipelines.config import read_config_file
+
+    names = (
+        "nprobe",
+        "qe",
+        "qe_alpha",
+        "shortlist",
+        "min_inliers",
+        "verified_qe",
+        "verify_workers",
+    )
+    given = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values = {k: v for k, v in given.items() if k in names}
+    values.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+    return values
 
 
 def learn(args: argparse.Namespace) -> int:
@@ -96,13 +150,14 @@ def reindex(args: argparse.Namespace) -> int:
         config_from_args(args),
         keep=args.keep,
         drift_threshold=args.drift_threshold,
+        relearn_fraction=args.relearn_fraction,
     )
     print(
         f"{summary['version']}: {summary['new']} new, {summary['changed']} changed, "
         f"{summary['deleted']} deleted, {summary['unchanged']} unchanged, "
         f"{summary['failed']} failed; codebook "
         + ("retrained" if summary["retrained"] else "kept")
-        + f" ({summary['retrain_reason']})"
+        + f" ({summary['retrain_reason']}); whitening: {summary['whitening_reason']}"
     )
     return 0
 
@@ -127,6 +182,8 @@ def submit(args: argparse.Namespace) -> int:
             config=args.config,
             dry_run=args.dry_run,
             verbose=bool(args.verbose),
+            master=args.master,
+            k=args.k,
         )
     except SubmitError as exc:
         raise CommandError(str(exc)) from exc

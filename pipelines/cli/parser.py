@@ -158,19 +158,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "search",
         formatter_class=fmt,
-        help="search the index with query descriptors",
-        description="Search the merged index with every descriptor under "
-        "--queries (a descriptor shard folder, e.g. from `retrieval "
-        "extract` on the query images) and write the top --k results "
-        "per query as results.parquet (query_id, rank, id, uri, score).",
+        help="answer queries from a job's bundle (or a merged index)",
+        description=textwrap.dedent("""\
+        Answer queries and write the top --k per query to --output/results.parquet (query_id,
+        rank, id, uri, score, inliers) with summary.json.
+
+        --index is a job's output (the bundle `retrieval submit`, `retrieval evaluate` and
+        `retrieval reindex` leave: bundle.json), a re-index root (its CURRENT version), or a
+        bare merged index folder. A bundle answers with its own default pipeline and needs no
+        other flag: raw query descriptors are whitened with the bundle's whitening, the global
+        shortlist is verified against the corpus's local features (spatial verification) and
+        expanded with verified neighbours. Flags given here override the bundle's defaults.
+
+        --query-images URI describes the query images first (a folder, prefix or manifest,
+        like `extract --input`) with the bundle's own model, global and local features, into
+        --output; --queries URI takes descriptors already extracted (with the same model)."""),
     )
     p.add_argument(
         "--index",
         required=True,
         metavar="URI",
-        help="merged index folder, or a versioned root (its CURRENT version is searched)",
+        help="a job's bundle, a re-index root (CURRENT is searched), or a merged index folder",
     )
-    p.add_argument("--queries", required=True, metavar="URI", help="query descriptor folder")
+    queries = p.add_mutually_exclusive_group(required=True)
+    queries.add_argument(
+        "--query-images",
+        dest="query_images",
+        metavar="URI",
+        help="query images (prefix or manifest): described with the bundle's model first",
+    )
+    queries.add_argument("--queries", metavar="URI", help="query descriptor folder")
     p.add_argument(
         "--output", required=True, metavar="URI", help="folder for results.parquet and summary.json"
     )
@@ -179,18 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--local",
         metavar="URI",
-        help="local-feature folder of the indexed images (from `extract --local-output`): "
-        "turns on spatial verification and verified query expansion",
+        help="local-feature folder of the indexed images (from `extract --local-output`), for a "
+        "bare index folder: turns on spatial verification and verified query expansion (a "
+        "bundle knows its own)",
     )
     p.add_argument(
         "--query-local",
         dest="query_local",
         metavar="URI",
-        help="local-feature folder of the queries (default: --local)",
+        help="local-feature folder of the --queries descriptors (default: the corpus's, for "
+        "queries that are images of the corpus)",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings")
-    options.expansion_options(p)
-    options.rerank_options(p)
+    group = p.add_argument_group("re-ranking (default: the bundle's)")
+    options.expansion_options(group)
+    options.rerank_options(group)
+    options.runner_options(p)
 
     p = sub.add_parser(
         "learn",
@@ -231,17 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="re-index only what changed in a corpus (nightly)",
         description=textwrap.dedent("""\
-        Compare the corpus with the live version under --root (content keys: GCS generation
-        + size, S3 ETag + size, else SHA-256 of the bytes), extract only new and changed
-        images, drop deleted ones, and write a new complete version:
+        Run the default job incrementally: compare the corpus with the live version under
+        --root (content keys: GCS generation + size, S3 ETag + size, else SHA-256 of the
+        bytes), extract global and local features of new and changed images only, drop
+        deleted ones, and write a new complete version, a bundle that `retrieval search
+        --index ROOT` answers from with the job's default pipeline:
 
-          ROOT/versions/vNNNNNN/   state, descriptors, codebook, index, summary.json
+          ROOT/data/vNNNNNN/       this run's extraction (local features shared, not copied,
+                                   by later versions)
+          ROOT/versions/vNNNNNN/   state, descriptors, whitening, codebook, index,
+                                   bundle.json, summary.json
           ROOT/CURRENT             moved to the new version atomically once it is complete
 
-        The codebook is kept unless the new vectors' quantization error exceeds
-        --drift-threshold times the training sample's (default 1.5), or the corpus size calls
-        for another index type; then it is retrained. summary.json counts new, changed,
-        deleted, unchanged and failed images. The last --keep versions are kept."""),
+        The whitening is kept unless there is none yet, the settings changed, or images added,
+        changed and deleted since it was learned exceed --relearn-fraction of the corpus it
+        was learned on; then it is learned again. The codebook is kept unless the new vectors'
+        quantization error exceeds --drift-threshold times the training sample's (default
+        1.5), the corpus size calls for another index type, or the whitening changed; then it
+        is retrained. summary.json counts new, changed, deleted, unchanged and failed images.
+        The last --keep versions are kept, with the data they use."""),
     )
     p.add_argument("--corpus", required=True, metavar="URI", help="image prefix or manifest")
     p.add_argument("--root", required=True, metavar="URI", help="versioned index root")
@@ -253,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="drift_threshold",
         metavar="R",
         help="retrain when new vectors quantize R times worse than the training sample",
+    )
+    p.add_argument(
+        "--relearn-fraction",
+        type=float,
+        default=0.25,
+        dest="relearn_fraction",
+        metavar="F",
+        help="learn the whitening again once images added, changed or deleted since it was "
+        "learned exceed F times the corpus it was learned on (default 0.25)",
     )
     options.extract_options(p)
     options.index_options(p)
@@ -272,17 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="run the whole indexing job on Dataflow or a Spark cluster",
         description=textwrap.dedent("""\
-        Run the whole indexing job on a cluster: extract -> train -> index -> merge for the
-        corpus under --input (and extract for --queries), into folders under --output:
-        descriptors/, codebook/, index_shards/, index/, query_descriptors/.
+        Run the default job on a cluster, the same stages `retrieval evaluate` measures:
+        extract (GeM + local features) -> learn (mined pairs -> whitening) -> whiten -> train ->
+        index -> merge, into --output, which ends as a bundle (bundle.json) that `retrieval
+        search --index OUTPUT` answers from with the job's defaults. With --queries, the job
+        then describes the query images with the bundle's model and searches:
+        OUTPUT/results/results.parquet (query_id, rank, id, uri, score, inliers).
 
-        --runner dataflow: extract and index run as Dataflow jobs (pipeline options from the
-          [dataflow] section of --config: project, region, temp_location, machine_type,
-          max_workers, sdk_container_image, gpu_type/gpu_count); train and merge run here.
-        --runner spark: one Spark application (deploy/spark/job.py) runs every stage with
-          --runner spark: `spark-submit` (standalone, YARN, Kubernetes) or, when [spark]
+        --runner dataflow: the workers' stages (extract, index, merge) run as Dataflow jobs
+          (pipeline options from the [dataflow] section of --config: project, region,
+          temp_location, machine_type, max_workers, sdk_container_image, gpu_type/gpu_count);
+          learn, whiten and train run here.
+        --runner spark: one Spark application (deploy/spark/job.py) runs the job with the
+          Spark runner: `spark-submit` (standalone, YARN, Kubernetes) or, when [spark]
           cluster is set, `gcloud dataproc jobs submit pyspark`. The project reaches the
-          executors as a packed environment (env_archive) or a container image (Kubernetes).
+          executors as a packed environment (env_archive) or a container image (Kubernetes);
+          a standalone master on this machine (spark://127.0.0.1:PORT) uses this Python.
 
         The same --config drives local runs (`retrieval extract --config ...`) and this one.
         --dry-run prints exactly what would run, with <PLACEHOLDERS> for missing values; only
@@ -291,7 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", required=True, choices=["dataflow", "spark"])
     p.add_argument("--input", required=True, metavar="URI", help="image prefix or manifest")
     p.add_argument("--output", required=True, metavar="URI", help="job folder")
-    p.add_argument("--queries", metavar="URI", help="query images to describe as well")
+    p.add_argument(
+        "--queries", metavar="URI", help="query images: described and searched after the job"
+    )
+    p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
+    p.add_argument(
+        "--master",
+        metavar="URL",
+        help="Spark master (over [spark] master in --config), e.g. spark://HOST:7077, yarn",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML or JSON settings")
     p.add_argument("--dry-run", action="store_true", dest="dry_run", help="print, do not run")
 

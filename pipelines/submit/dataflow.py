@@ -1,10 +1,11 @@
-"""``retrieval submit --runner dataflow``: the indexing job with extract and index on Dataflow.
+"""``retrieval submit --runner dataflow``: the default job, its workers' stages on Dataflow.
 
-The steps (``pipelines.submit.job``) run from the submitting machine: ``extract`` and ``index``
-become Dataflow jobs through Beam's pipeline options, built here from the ``[dataflow]`` section
-of the config file; ``train`` and ``merge`` (single-machine faiss work) run on the submitting
-machine against gs://. Workers run the project's container (``deploy/dataflow/Dockerfile``), which
-is also the Flex Template image for launching extraction without a local install.
+The default job (``pipelines.job``) runs from the submitting machine with the Beam runner: the
+workers' stages (extract, index, merge) become Dataflow jobs through Beam's pipeline options,
+built here from the ``[dataflow]`` section of the config file; the driver's stages (learn,
+whiten, train: single-machine work) run on the submitting machine against gs://. Workers run
+the project's container (``deploy/dataflow/Dockerfile``), which is also the Flex Template image
+for launching extraction without a local install.
 
     [dataflow]
     project = "my-project"
@@ -22,8 +23,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 from typing import Any
-
-from pipelines.submit.job import Step, job_steps
 
 PLACEHOLDERS = {
     "project": "<PROJECT>",
@@ -126,33 +125,3 @@ def pipeline_args(settings: DataflowSettings, job_name: str) -> list[str]:
     if settings.subnetwork:
         args.append(f"--subnetwork={settings.subnetwork}")
     return args
-
-
-def dataflow_steps(
-    settings: DataflowSettings,
-    input: str,
-    output: str,
-    *,
-    queries: str | None = None,
-    config: str | None = None,
-) -> list[Step]:
-    """The job's steps, each distributed stage a Dataflow job of its own name."""
-    settings.check({"input": input, "output": output, "queries": queries})
-    steps = job_steps(
-        input,
-        output,
-        queries=queries,
-        config=config,
-        runner_where="Dataflow",
-        driver_where="this machine",
-    )
-    out = []
-    for step in steps:
-        if step.where == "Dataflow":
-            suffix = step.name.replace(" ", "-").replace("shards", "").strip("-")
-            beam_args = " ".join(pipeline_args(settings, f"{settings.job_name}-{suffix}"))
-            step = Step(
-                step.name, (*step.argv, "--runner", "beam", "--beam-args", beam_args), "Dataflow"
-            )
-        out.append(step)
-    return out

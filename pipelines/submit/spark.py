@@ -1,9 +1,10 @@
 """``retrieval submit --runner spark``: the indexing job as one Spark application.
 
-The application's driver is ``deploy/spark/job.py`` (``pipelines.submit.job.main``): it runs every
-stage with ``--runner spark`` inside the session that ``spark-submit`` (or Dataproc) started, so
-extraction and index building run on the executors and train / merge on the driver. The project
-reaches the executors one of two ways:
+The application's driver is ``deploy/spark/job.py`` (``pipelines.submit.driver.main``): it runs
+the default job (``pipelines.job``) with the Spark runner inside the session that
+``spark-submit`` (or Dataproc) started, so the workers' stages (extraction, index building,
+merging) run on the executors and learn / whiten / train in the driver. The project reaches the
+executors one of two ways:
 
 * a packed environment (``deploy/spark/pack_env.sh``: the project's wheel and its pinned
   dependencies in a venv, packed with venv-pack), shipped with ``--archives ENV#environment`` and
@@ -73,6 +74,15 @@ class SparkSubmitSettings:
         return cls(**section)
 
     @property
+    def on_this_machine(self) -> bool:
+        """A local master, or a standalone master on this machine's loopback: its workers run
+        this machine's Python (which has the project), so nothing is shipped."""
+        master = self.master or ""
+        return master.startswith("local") or master.startswith(
+            ("spark://127.0.0.1:", "spark://localhost:")
+        )
+
+    @property
     def on_kubernetes(self) -> bool:
         return bool(self.master and self.master.startswith("k8s://"))
 
@@ -98,8 +108,8 @@ class SparkSubmitSettings:
         needed = ["cluster", "region", "env_archive"] if dataproc else ["master"]
         if not dataproc:
             needed.append("container_image" if self.on_kubernetes else "env_archive")
-        if not dataproc and self.master and self.master.startswith("local"):
-            needed = []  # a local master needs nothing shipped: this machine has the project
+        if not dataproc and self.on_this_machine:
+            needed = []  # this machine's Python has the project: nothing to ship
         return [name for name in needed if not getattr(self, name)]
 
     def value(self, name: str) -> str:
@@ -122,7 +132,7 @@ def spark_properties(
     }
     if settings.num_executors:
         props["spark.executor.instances"] = str(settings.num_executors)
-    local = bool(settings.master and settings.master.startswith("local")) and not dataproc
+    local = settings.on_this_machine and not dataproc
     if local:  # this machine: its interpreter has the project; nothing to bind but loopback
         props["spark.pyspark.python"] = sys.executable
         props["spark.pyspark.driver.python"] = sys.executable
@@ -140,11 +150,11 @@ def spark_properties(
 
 
 def _job_args(
-    input: str, output: str, queries: str | None, config: str | None, *, shipped: bool
+    input: str, output: str, queries: str | None, config: str | None, k: int, *, shipped: bool
 ) -> list[str]:
     args = ["--input", input, "--output", output]
     if queries:
-        args += ["--queries", queries]
+        args += ["--queries", queries, "--k", str(k)]
     if config:  # shipped configs land in the driver's working folder under their own name
         args += ["--config", Path(config).name if shipped else config]
     return args
@@ -158,10 +168,11 @@ def spark_submit_command(
     *,
     queries: str | None = None,
     config: str | None = None,
+    k: int = 100,
 ) -> list[str]:
     """The ``spark-submit`` command of the whole job (placeholders where a value is missing)."""
     settings.check()
-    local = bool(settings.master and settings.master.startswith("local"))
+    local = settings.on_this_machine
     command = [
         "spark-submit",
         "--master",
@@ -181,7 +192,7 @@ def spark_submit_command(
     job_file = settings.job_file or (
         IMAGE_JOB_FILE if settings.on_kubernetes else str(REPO / JOB_FILE) if local else JOB_FILE
     )
-    return [*command, job_file, *_job_args(input, output, queries, config, shipped=shipped)]
+    return [*command, job_file, *_job_args(input, output, queries, config, k, shipped=shipped)]
 
 
 def dataproc_command(
@@ -192,6 +203,7 @@ def dataproc_command(
     *,
     queries: str | None = None,
     config: str | None = None,
+    k: int = 100,
 ) -> list[str]:
     """The ``gcloud dataproc jobs submit pyspark`` command of the whole job."""
     settings.check()
@@ -215,7 +227,7 @@ def dataproc_command(
     command += [f"--archives={settings.value('env_archive')}#environment", f"--properties={joined}"]
     if config:
         command.append(f"--files={config}")
-    return [*command, "--", *_job_args(input, output, queries, config, shipped=bool(config))]
+    return [*command, "--", *_job_args(input, output, queries, config, k, shipped=bool(config))]
 
 
 def format_command(command: list[str]) -> str:

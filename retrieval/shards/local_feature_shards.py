@@ -186,22 +186,28 @@ def shard_bytes(manifests_: Sequence[dict[str, Any]]) -> tuple[int, int]:
 
 
 class LocalFeatureStore:
-    """Local features by image id over a shard folder; shards are read when first needed and
-    the ``cache_shards`` most recently used stay in memory (thread-safe lookups)."""
+    """Local features by image id over one shard folder, or several layered ones (a re-index
+    keeps each run's extraction in its own folder: a later folder's row for an id shadows an
+    earlier one's, e.g. a changed image's). Shards are read when first needed and the
+    ``cache_shards`` most recently used stay in memory (thread-safe lookups)."""
 
-    def __init__(self, directory: str, *, cache_shards: int = 64):
-        self.directory = directory
-        self._manifests = {m["shard"]: m for m in list_shards(directory)}
-        if not self._manifests:
-            raise FileNotFoundError(f"no committed local-feature shards under {directory}")
+    def __init__(self, directory: str | Sequence[str], *, cache_shards: int = 64):
+        self.directories = [directory] if isinstance(directory, str) else list(directory)
+        self.directory = self.directories[-1]
+        self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
+        for folder in self.directories:
+            listed = list_shards(folder)
+            if not listed:
+                raise FileNotFoundError(f"no committed local-feature shards under {folder}")
+            self._manifests.update({(folder, m["shard"]): m for m in listed})
         models = {m["model"]["config_hash"] for m in self._manifests.values()}
         if len(models) > 1:
-            raise ValueError(f"{directory}: local-feature shards of several models {models}")
+            raise ValueError(f"{self.directory}: local-feature shards of several models {models}")
         self.model = next(iter(self._manifests.values()))["model"]
-        self._shard_of: dict[str, str] = {}
-        for shard_id, manifest in self._manifests.items():
-            self._shard_of.update(dict.fromkeys(manifest["ids"], shard_id))
-        self._cache: OrderedDict[str, dict[str, LocalFeatures]] = OrderedDict()
+        self._shard_of: dict[str, tuple[str, str]] = {}
+        for key, manifest in self._manifests.items():  # in layer order: later layers win
+            self._shard_of.update(dict.fromkeys(manifest["ids"], key))
+        self._cache: OrderedDict[tuple[str, str], dict[str, LocalFeatures]] = OrderedDict()
         self._cache_shards = cache_shards
         self._lock = Lock()
 
@@ -212,16 +218,16 @@ class LocalFeatureStore:
         return len(self._shard_of)
 
     def get(self, image_id: str) -> LocalFeatures | None:
-        shard_id = self._shard_of.get(image_id)
-        if shard_id is None:
+        key = self._shard_of.get(image_id)
+        if key is None:
             return None
         with self._lock:
-            shard = self._cache.get(shard_id)
+            shard = self._cache.get(key)
             if shard is None:
-                shard = read_shard(self.directory, self._manifests[shard_id])
-                self._cache[shard_id] = shard
+                shard = read_shard(key[0], self._manifests[key])
+                self._cache[key] = shard
                 while len(self._cache) > self._cache_shards:
                     self._cache.popitem(last=False)
             else:
-                self._cache.move_to_end(shard_id)
+                self._cache.move_to_end(key)
         return shard[image_id]

@@ -1,0 +1,651 @@
+"""The default indexing job, declared once, and the bundle it leaves for search.
+
+    corpus ─► extract (GeM + local features, one decode) ─► learn (mine verified pairs, learn a
+    whitening; no labels) ─► whiten ─► train (codebook) ─► index (groups) ─► merge ─► bundle.json
+
+    queries ─► describe (the bundle's own model: GeM + local features) ─► search (whiten, global
+    shortlist, spatial verification, verified query expansion) ─► results/results.parquet
+
+Everything lands under one output folder (:class:`JobLayout`). ``retrieval evaluate``, ``retrieval
+submit`` (Dataflow and Spark), ``retrieval reindex`` and the demo all run :data:`INDEX_STAGES`
+through :func:`run_index_job`, and search answers with :class:`BundleSearch`, so the number a
+report gives is the number a user's job reproduces. A setting that turns a stage off
+(``--local-features none``, ``--no-learn``) turns it off in every one of them (:func:`stages_for`).
+Every stage is idempotent: a re-run skips committed shards, groups, codebooks and whitenings,
+whichever runner wrote them.
+
+The bundle (``bundle.json``, written last: its presence commits the job) is self-describing:
+where the index, the whitening and the corpus's local features are (relative to the bundle), the
+model that described the corpus, and the search defaults; ``retrieval search --index BUNDLE
+--query-images URI`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from pipelines import stages
+from pipelines.config import RunConfig, build_config, bundle_settings
+from retrieval import storage, versions
+from retrieval.index.search import SearchableIndex, load_index
+from retrieval.learning.whitening import (
+    INFO_FILE,
+    InsufficientPairsError,
+    LearnedWhitening,
+    load_whitening,
+    whitened_model_info,
+)
+from retrieval.manifests import utc_now
+from retrieval.plan import PlanError
+from retrieval.rerank.shortlist import RerankConfig, Reranked, rerank_search, reranked_table
+from retrieval.shards import descriptor_shards, local_feature_shards
+from retrieval.shards.local_feature_shards import LocalFeatureStore
+from retrieval.summary import write_summary
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_KIND = "retrieval_bundle"
+BUNDLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """Where each stage of a job writes, under one output folder."""
+
+    root: str
+
+    def __getattr__(self, name: str) -> str:
+        if name in FOLDERS:
+            return storage.join(self.root, FOLDERS[name])
+        raise AttributeError(name)
+
+    @property
+    def bundle(self) -> str:
+        return storage.join(self.root, BUNDLE_FILE)
+
+    def folders(self) -> dict[str, str]:
+        return {name: storage.join(self.root, folder) for name, folder in FOLDERS.items()}
+
+
+# Output name -> folder under the job's output (reads/writes of the stages below name these).
+FOLDERS = {
+    "descriptors": "descriptors",
+    "local_features": "local_features",
+    "whitening": "whitening",
+    "whitened_descriptors": "whitened_descriptors",
+    "codebook": "codebook",
+    "index_groups": "index_groups",
+    "index": "index",
+    "query_descriptors": "query_descriptors",
+    "query_local_features": "query_local_features",
+    "results": "results",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the job: what it does, where it runs, what it reads and writes."""
+
+    name: str
+    does: str
+    where: str  # "workers": mapped over work items by the runner; "driver": where the job runs
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+    def describe(self, layout: JobLayout, source: str | None = None) -> str:
+        paths = layout.folders()
+        reads = [source if r == "input" else paths[r] for r in self.reads]
+        writes = [paths[w] for w in self.writes]
+        return (
+            f"{self.name} ({self.where}): {self.does}\n"
+            f"    reads {', '.join(str(r) for r in reads)}\n    writes {', '.join(writes)}"
+        )
+
+
+INDEX_STAGES: tuple[Stage, ...] = (
+    Stage(
+        "extract",
+        "GeM descriptors and local features, one read and decode per image",
+        "workers",
+        ("input",),
+        ("descriptors", "local_features"),
+    ),
+    Stage(
+        "learn",
+        "mine verified pairs (global kNN + spatial verification, no labels), learn a whitening",
+        "driver",
+        ("descriptors", "local_features"),
+        ("whitening",),
+    ),
+    Stage(
+        "whiten",
+        "the whitened copy of every descriptor shard",
+        "driver",
+        ("descriptors", "whitening"),
+        ("whitened_descriptors",),
+    ),
+    Stage(
+        "train",
+        "the codebook, on a seeded uniform sample",
+        "driver",
+        ("whitened_descriptors",),
+        ("codebook",),
+    ),
+    Stage(
+        "index",
+        "codes of groups of descriptor shards",
+        "workers",
+        ("whitened_descriptors", "codebook"),
+        ("index_groups",),
+    ),
+    Stage(
+        "merge",
+        "the index groups merged in rounds of bounded fan-in",
+        "workers",
+        ("index_groups",),
+        ("index",),
+    ),
+)
+
+QUERY_STAGES: tuple[Stage, ...] = (
+    Stage(
+        "describe",
+        "the query images with the bundle's own model (GeM + local features)",
+        "workers",
+        ("input",),
+        ("query_descriptors", "query_local_features"),
+    ),
+    Stage(
+        "search",
+        "whiten, global shortlist, spatial verification, verified query expansion",
+        "driver",
+        ("index", "query_descriptors", "query_local_features", "local_features"),
+        ("results",),
+    ),
+)
+
+
+def learns(config: RunConfig) -> bool:
+    return bool(config.learn and config.local.enabled)
+
+
+def stages_for(config: RunConfig, *, queries: bool = False) -> list[Stage]:
+    """The job's stages under ``config``: without local features there is nothing to mine
+    pairs with (no learn, no whiten) and nothing to verify; ``--no-learn`` drops learn/whiten.
+    Where whiten is off, train and index read the raw descriptors."""
+    chosen = []
+    for stage in INDEX_STAGES:
+        if stage.name in ("learn", "whiten") and not learns(config):
+            continue
+        if not learns(config) and "whitened_descriptors" in stage.reads:
+            reads = tuple("descriptors" if r == "whitened_descriptors" else r for r in stage.reads)
+            stage = replace(stage, reads=reads)
+        if not config.local.enabled:
+            stage = replace(
+                stage,
+                reads=tuple(r for r in stage.reads if r != "local_features"),
+                writes=tuple(w for w in stage.writes if w != "local_features"),
+            )
+        chosen.append(stage)
+    if queries:
+        for stage in QUERY_STAGES:
+            if not config.local.enabled:
+                drop = ("query_local_features", "local_features")
+                stage = replace(
+                    stage,
+                    reads=tuple(r for r in stage.reads if r not in drop),
+                    writes=tuple(w for w in stage.writes if w not in drop),
+                )
+            chosen.append(stage)
+    return chosen
+
+
+Announce = Callable[[int, int, Stage], None]
+
+
+def _quiet(number: int, total: int, stage: Stage) -> None:
+    log.info("[%d/%d] %s", number, total, stage.name)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _folder_fingerprint(directory: str, kind: str) -> list[str]:
+    """The data checksums of a committed shard folder, in shard order (what a stage read)."""
+    listing = (
+        descriptor_shards.list_shards(directory)
+        if kind == "descriptors"
+        else local_feature_shards.list_shards(directory)
+    )
+    return [m["files"]["data"]["sha256"] for m in listing]
+
+
+def learn_whitening_once(
+    layout: JobLayout, config: RunConfig, timings: dict[str, float], local: Sequence[str]
+) -> dict[str, Any]:
+    """The learn stage, skipped when ``whitening.json`` was learned from the same descriptors,
+    local features and settings (its ``inputs`` fingerprint). Returns the learning record:
+    the whitening's, or ``skipped`` with why (too few verified pairs: small or unrelated
+    corpora), in which case the job indexes the raw descriptors."""
+    inputs = _fingerprint(
+        _folder_fingerprint(layout.descriptors, "descriptors"),
+        [_folder_fingerprint(folder, "local_features") for folder in local],
+        config.mining.as_dict(),
+        config.verification.as_dict(),
+        config.whitening_dim,
+        config.whitening_shrinkage,
+    )
+    info_uri = storage.join(layout.whitening, INFO_FILE)
+    if storage.exists(info_uri):
+        record = storage.read_json(info_uri)
+        if record.get("inputs") == inputs:
+            log.info("%s: learned from the same inputs, kept", layout.whitening)
+            return {"enabled": True, **record, "reused": True}
+    start = time.perf_counter()
+    try:
+        record = stages.learn(
+            layout.descriptors, list(local), layout.whitening, config, inputs=inputs
+        )
+    except InsufficientPairsError as exc:
+        log.warning("learned whitening skipped: %s", exc)
+        return {"enabled": True, "skipped": str(exc)}
+    finally:
+        timings["learn_s"] = round(time.perf_counter() - start, 3)
+    return {"enabled": True, **record}
+
+
+def whiten_once(layout: JobLayout, whitening_dir: str, timings: dict[str, float]) -> None:
+    """The whiten stage, skipped when every shard is already committed with this whitening."""
+    start = time.perf_counter()
+    source = descriptor_shards.list_shards(layout.descriptors)
+    try:
+        done = descriptor_shards.list_shards(layout.whitened_descriptors)
+    except PlanError:  # not whitened yet, or interrupted: whitened (again)
+        done = []
+    record = storage.read_json(storage.join(whitening_dir, INFO_FILE))
+    if source and len(done) == len(source):
+        wanted = whitened_model_info(source[0]["model"], record, whitening_dir)["config_hash"]
+        if all(m["model"]["config_hash"] == wanted for m in done):
+            log.info("%s: whitened with the same whitening, kept", layout.whitened_descriptors)
+            timings["whiten_s"] = round(time.perf_counter() - start, 3)
+            return
+    stages.whiten(layout.descriptors, whitening_dir, layout.whitened_descriptors)
+    timings["whiten_s"] = round(time.perf_counter() - start, 3)
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    """The extract stage's output when a caller made it itself (a re-index: only new and
+    changed images extracted, the rest carried over): the descriptor folder the job reads, and
+    the local-feature folders (layers, later ones shadowing earlier ones) of every image."""
+
+    extract_summary: dict[str, Any]
+    local_features: tuple[str, ...] = ()
+
+
+def run_index_job(
+    source: str,
+    output: str,
+    config: RunConfig,
+    *,
+    announce: Announce = _quiet,
+    prepared: PreparedCorpus | None = None,
+    keep_whitening: Callable[[], str | None] | None = None,
+    keep_codebook: Callable[[str], str | None] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the default indexing job (:func:`stages_for`) on ``source`` into ``output`` and
+    write its bundle; returns the bundle record (with the stages' summaries and timings).
+
+    A re-index runs the same stages incrementally: ``prepared`` is its extract stage's output
+    (written to ``output``/descriptors by the caller); ``keep_whitening()`` names a whitening
+    folder to keep instead of learning one (None: learn); ``keep_codebook(index_input)`` names
+    a codebook to keep for the vectors the index is built on (None: train).
+    """
+    layout = JobLayout(output)
+    chosen = stages_for(config)
+    timings: dict[str, float] = {}
+    summaries: dict[str, Any] = {}
+    learning: dict[str, Any] = {"enabled": learns(config)}
+    index_input = layout.descriptors
+    local = layout.local_features if config.local.enabled else None
+    local_layers: tuple[str, ...] = (local,) if local else ()
+    for number, stage in enumerate(chosen, start=1):
+        announce(number, len(chosen), stage)
+        start = time.perf_counter()
+        if stage.name == "extract":
+            if prepared is None:
+                summaries["extract"] = stages.extract(
+                    source, layout.descriptors, config, local_output=local
+                )
+            else:
+                summaries["extract"] = prepared.extract_summary
+                local_layers = prepared.local_features if config.local.enabled else ()
+        elif stage.name == "learn":
+            kept = keep_whitening() if keep_whitening is not None else None
+            if kept is not None:
+                learning = {"enabled": True, **copy_whitening(kept, layout.whitening)}
+            else:
+                learning = learn_whitening_once(layout, config, timings, local_layers)
+        elif stage.name == "whiten":
+            if "skipped" in learning:
+                continue
+            whiten_once(layout, layout.whitening, timings)
+            index_input = layout.whitened_descriptors
+        elif stage.name == "train":
+            kept_codebook = keep_codebook(index_input) if keep_codebook is not None else None
+            if kept_codebook is not None:
+                summaries["train"] = copy_codebook(kept_codebook, layout.codebook)
+            else:
+                summaries["train"] = stages.train(index_input, layout.codebook, config)
+        elif stage.name == "index":
+            summaries["index"] = stages.index(
+                index_input, layout.codebook, layout.index_groups, config
+            )
+        elif stage.name == "merge":
+            summaries["merge"] = stages.merge(layout.index_groups, layout.index, config)
+        timings.setdefault(f"{stage.name}_s", round(time.perf_counter() - start, 3))
+    return write_bundle(
+        output,
+        config,
+        extract_summary=summaries["extract"],
+        learning=learning,
+        whitened="skipped" not in learning and learns(config),
+        timings=timings,
+        summaries=summaries,
+        local_features=local_layers,
+        extra=extra,
+    )
+
+
+def copy_codebook(source: str, target: str) -> dict[str, Any]:
+    """Keep a trained codebook (a re-index whose vectors it still fits)."""
+    from retrieval.index.codebook import CODEBOOK_FILE, CODEBOOK_MANIFEST, SAMPLE_FILE
+
+    for name in (CODEBOOK_FILE, SAMPLE_FILE, CODEBOOK_MANIFEST):  # the manifest last: a commit
+        uri = storage.join(source, name)
+        if storage.exists(uri):
+            storage.write_bytes(storage.join(target, name), storage.read_bytes(uri))
+    return {**storage.read_json(storage.join(target, CODEBOOK_MANIFEST)), "kept_from": source}
+
+
+def copy_whitening(source: str, target: str) -> dict[str, Any]:
+    """Copy a whitening folder (kept by a re-index), checking its checksum on the way."""
+    load_whitening(source)  # refuses a corrupt or foreign folder
+    for name in (INFO_FILE, "whitening.npz"):
+        if source != target:
+            storage.write_bytes(
+                storage.join(target, name), storage.read_bytes(storage.join(source, name))
+            )
+    record = storage.read_json(storage.join(target, INFO_FILE))
+    return {**record, "kept_from": source}
+
+
+def write_bundle(
+    output: str,
+    config: RunConfig,
+    *,
+    extract_summary: dict[str, Any],
+    learning: dict[str, Any],
+    whitened: bool,
+    timings: dict[str, float],
+    summaries: dict[str, Any] | None = None,
+    local_features: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Commit the job: ``bundle.json``, what search needs to answer like the job was built to
+    (paths relative to the bundle's folder, or absolute URIs for data it shares with other
+    versions)."""
+    layout = JobLayout(output)
+    layers = [_relative(output, folder) for folder in local_features]
+    record = {
+        "kind": BUNDLE_KIND,
+        "version": BUNDLE_VERSION,
+        "index": FOLDERS["index"],
+        "whitening": FOLDERS["whitening"] if whitened else None,
+        "local_features": layers or None,
+        "descriptors": FOLDERS["descriptors"],
+        "model": extract_summary["model"],
+        "local_model": (extract_summary.get("local_features") or {}).get("model"),
+        # The settings that describe a query as the corpus was described, and answer it as the
+        # job was built to (flat names, as on the command line and in config files).
+        "settings": bundle_settings(config),
+        "learning": {k: v for k, v in learning.items() if k != "reused"},
+        "accounting": {k: extract_summary[k] for k in ("inputs", "indexed", "failed")},
+        "timings": timings,
+        "created": utc_now(),
+        **(extra or {}),
+    }
+    storage.write_json(layout.bundle, record)
+    record["summaries"] = summaries or {}
+    return record
+
+
+def _relative(root: str, uri: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix) :] if uri.startswith(prefix) else uri
+
+
+def is_bundle(uri: str) -> bool:
+    return storage.exists(storage.join(uri, BUNDLE_FILE))
+
+
+def resolve_bundle(uri: str) -> str | None:
+    """The bundle folder ``uri`` names: itself, or a versioned root's live version; None when
+    it is neither (a bare merged index folder)."""
+    if is_bundle(uri):
+        return uri
+    name = versions.current(uri)
+    if name is not None and is_bundle(versions.version_dir(uri, name)):
+        return versions.version_dir(uri, name)
+    return None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A job's output as search reads it."""
+
+    root: str
+    record: dict[str, Any]
+
+    @classmethod
+    def read(cls, uri: str) -> Bundle:
+        record = storage.read_json(storage.join(uri, BUNDLE_FILE))
+        if record.get("kind") != BUNDLE_KIND or record.get("version") != BUNDLE_VERSION:
+            raise ValueError(
+                f"{uri}: not a retrieval bundle of version {BUNDLE_VERSION} "
+                f"(kind {record.get('kind')!r}, version {record.get('version')!r})"
+            )
+        return cls(uri, record)
+
+    def _resolve(self, value: str) -> str:
+        return value if "://" in value or value.startswith("/") else storage.join(self.root, value)
+
+    def path(self, key: str) -> str | None:
+        value = self.record.get(key)
+        return None if value is None else self._resolve(value)
+
+    @property
+    def index(self) -> str:
+        return self.path("index") or ""
+
+    @property
+    def local_features(self) -> list[str] | None:
+        """The corpus's local-feature folders (layers: a later one's row for an id wins)."""
+        layers = self.record.get("local_features")
+        return [self._resolve(layer) for layer in layers] if layers else None
+
+    @property
+    def whitening(self) -> str | None:
+        return self.path("whitening")
+
+    def config(self, base: RunConfig | None = None, **overrides: Any) -> RunConfig:
+        """The run configuration that describes queries as the corpus was described and
+        answers them as the job was built to: the bundle's settings over ``base`` (runner and
+        cluster settings), then ``overrides`` (flat names; None: not given)."""
+        config = build_config(self.record["settings"], base or RunConfig())
+        return build_config(overrides, config) if overrides else config
+
+
+class BundleSearch:
+    """Search over a bundle with its defaults: raw query descriptors of the bundle's model are
+    whitened with the bundle's whitening, the global shortlist is verified against the bundle's
+    local features and expanded with verified neighbours. ``retrieval search`` and the
+    default row of ``retrieval evaluate`` both answer through :meth:`rank`."""
+
+    def __init__(self, bundle: Bundle, config: RunConfig):
+        self.bundle = bundle
+        self.config = config
+        self.index: SearchableIndex = load_index(bundle.index, nprobe=config.nprobe)
+        self.whitening: LearnedWhitening | None = None
+        if bundle.whitening is not None:
+            self.whitening = load_whitening(bundle.whitening)
+            spec = self.index.manifest["model"].get("whitening") or {}
+            if spec.get("sha256") != self.whitening.info["sha256"]:
+                raise ValueError(
+                    f"{bundle.root}: the index was not built with the bundle's whitening"
+                )
+        self.rerank: RerankConfig | None = config.rerank if bundle.local_features else None
+        self.store = (
+            LocalFeatureStore(bundle.local_features)
+            if self.rerank is not None and self.rerank.enabled
+            else None
+        )
+
+    def check_queries(self, query_models: Sequence[dict[str, Any]]) -> None:
+        """Refuse query descriptors of another model than the bundle's."""
+        wanted = self.bundle.record["model"]["config_hash"]
+        others = {m["config_hash"] for m in query_models} - {wanted}
+        if others:
+            raise ValueError(
+                f"query descriptors of another model ({sorted(others)}) than the bundle's "
+                f"({self.bundle.record['model']['id']}, {wanted}): describe the queries with "
+                "`retrieval search --query-images`, which uses the bundle's model"
+            )
+
+    def rank(
+        self,
+        query_ids: Sequence[str],
+        vectors: np.ndarray,
+        k: int,
+        query_features: Callable[[str], Any] | None,
+        inlier_cache: dict[tuple[str, str], int] | None = None,
+    ) -> Reranked:
+        """The top ``k`` per query in final order, with scores and inliers (-1: not verified;
+        ``stats`` is empty when nothing was verified)."""
+        if self.whitening is not None:
+            vectors = self.whitening.apply(vectors)
+        if self.store is not None and query_features is not None and self.rerank is not None:
+            return rerank_search(
+                self.index,
+                list(query_ids),
+                vectors,
+                k,
+                self.rerank,
+                query_features,
+                self.store.get,
+                inlier_cache,
+            )
+        scores, found = self.index.search_expanded(
+            vectors, k, self.config.expansion, list(query_ids)
+        )
+        keep = [row >= 0 for row in found]
+        return Reranked(
+            [row[m] for row, m in zip(found, keep, strict=True)],
+            [row[m] for row, m in zip(scores, keep, strict=True)],
+            [np.full(int(m.sum()), -1, np.int64) for m in keep],
+            {},
+        )
+
+
+def describe_queries(
+    bundle: Bundle, source: str, output: str, config: RunConfig
+) -> tuple[str, str | None, dict[str, Any]]:
+    """The describe stage: the query images under ``source`` described with the bundle's model
+    (and local features when the bundle verifies) into ``output``; returns the two folders and
+    the extraction summary."""
+    layout = JobLayout(output)
+    local = layout.query_local_features if bundle.local_features else None
+    summary = stages.extract(source, layout.query_descriptors, config, local_output=local)
+    return layout.query_descriptors, local, summary
+
+
+def run_query_job(
+    bundle_uri: str,
+    source: str,
+    output: str,
+    *,
+    base: RunConfig | None = None,
+    k: int = 100,
+    overrides: dict[str, Any] | None = None,
+    results: str | None = None,
+) -> dict[str, Any]:
+    """describe ``source`` with the bundle's model into ``output``, then search: ``results``
+    (default ``output``/results)/results.parquet (query_id, rank, id, uri, score, inliers)."""
+    bundle = Bundle.read(bundle_uri)
+    config = bundle.config(base, **(overrides or {}))
+    descriptors, local, _ = describe_queries(bundle, source, output, config)
+    return search_bundle(
+        bundle,
+        descriptors,
+        results or JobLayout(output).results,
+        config,
+        k=k,
+        query_local=local,
+    )
+
+
+def search_bundle(
+    bundle: Bundle,
+    queries: str,
+    output: str,
+    config: RunConfig,
+    *,
+    k: int = 100,
+    query_local: str | None = None,
+) -> dict[str, Any]:
+    """The search stage over a bundle: every descriptor under ``queries`` (raw, of the
+    bundle's model) answered with the bundle's defaults -> ``output``/results.parquet.
+    ``query_local``: the queries' local features (default: the bundle's own, for queries that
+    are images of the corpus)."""
+    start = time.perf_counter()
+    searcher = BundleSearch(bundle, config)
+    searcher.check_queries([m["model"] for m in descriptor_shards.list_shards(queries)])
+    query_ids, _, vectors = descriptor_shards.read_all(queries)
+    query_store = None
+    if searcher.store is not None:
+        query_store = searcher.store if query_local is None else LocalFeatureStore(query_local)
+    ranked = searcher.rank(
+        query_ids, vectors, min(k, searcher.index.ntotal), query_store.get if query_store else None
+    )
+    table = reranked_table(searcher.index, query_ids, ranked)
+    results = storage.join(output, "results.parquet")
+    storage.write_parquet(results, table)
+    answered = len(set(table.column("query_id").to_pylist()))
+    verified = searcher.rerank is not None and query_store is not None
+    return write_summary(
+        output,
+        "search",
+        inputs=len(query_ids),
+        indexed=answered,
+        failed=len(query_ids) - answered,
+        timings={"search_s": time.perf_counter() - start},
+        k=min(k, searcher.index.ntotal),
+        bundle=bundle.root,
+        index=bundle.index,
+        whitening=searcher.index.manifest["model"].get("whitening"),
+        query_expansion={"n": config.expansion.n, "alpha": config.expansion.alpha},
+        rerank=searcher.rerank.as_dict() if verified and searcher.rerank else None,
+        rerank_stats=ranked.stats or None,
+        results=results,
+    )
