@@ -15,10 +15,9 @@ import yaml
 from support import require_benchmark
 
 from pipelines import cli
-from pipelines.cli.options import attach_beam_args
 from pipelines.config import build_config, read_config_file
 from pipelines.submit import flex_template
-from pipelines.submit.job import parse_job_args
+from pipelines.submit.driver import parse_args as parse_job_args
 from pipelines.submit.spark import IMAGE_JOB_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +77,9 @@ def test_same_config_file_drives_local_runs(tmp_path):
     assert dict(config.spark_conf) == {"spark.sql.execution.arrow.maxRecordsPerBatch": "512"}
 
 
-def test_dataflow_dry_run_prints_every_step_with_its_options(tmp_path, capsys):
+def test_dataflow_dry_run_prints_every_stage_with_its_options(tmp_path, capsys):
+    """The dry run prints the job's own stages (pipelines.job: what evaluate measures), where
+    each runs, what it reads and writes, and the Beam options of the Dataflow jobs."""
     config = _config(tmp_path)
     code, out, _ = _submit(
         capsys,
@@ -87,16 +88,21 @@ def test_dataflow_dry_run_prints_every_step_with_its_options(tmp_path, capsys):
     )
     assert code == 0
     assert "placeholder" not in out
-    commands = _commands(out)
-    assert [c[1] for c in commands] == ["extract", "train", "index", "merge", "extract"]
-    parser = cli.build_parser()
-    for command in commands:
-        assert command[0] == "retrieval"
-        parser.parse_args(attach_beam_args(command[1:]))  # a valid invocation
-    extract = commands[0]
-    assert extract[extract.index("--output") + 1] == "gs://acme/run1/descriptors"
-    assert extract[extract.index("--runner") + 1] == "beam"
-    options = extract[extract.index("--beam-args") + 1].split()
+    stages = re.findall(r"^# \d+/\d+ (\w+) \((\w+)\)", out, re.MULTILINE)
+    assert stages == [
+        ("extract", "workers"),
+        ("learn", "driver"),
+        ("whiten", "driver"),
+        ("train", "driver"),
+        ("index", "workers"),
+        ("merge", "workers"),
+        ("describe", "workers"),
+        ("search", "driver"),
+    ]
+    assert "writes gs://acme/run1/descriptors, gs://acme/run1/local_features" in out
+    assert "reads gs://acme/queries" in out
+    assert "gs://acme/run1/bundle.json" in out
+    (options,) = _commands(out)
     for expected in (
         "--runner=DataflowRunner",
         "--project=acme-vision",
@@ -109,15 +115,20 @@ def test_dataflow_dry_run_prints_every_step_with_its_options(tmp_path, capsys):
         "--sdk_location=container",
         "--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;"
         "install-nvidia-driver",
+        "--job_name=cbir",
     ):
         assert expected in options
-    assert "--job_name=cbir-extract-corpus" in options
-    queries = commands[4]
-    assert queries[queries.index("--input") + 1] == "gs://acme/queries"
-    assert "--job_name=cbir-extract-queries" in queries[queries.index("--beam-args") + 1]
-    assert "--beam-args" in commands[2]  # index: Dataflow
-    for local_step in (commands[1], commands[3]):
-        assert "--beam-args" not in local_step  # train and merge run on the submitting machine
+
+
+def test_each_dataflow_job_is_named_for_its_stage():
+    from pipelines.config import RunConfig
+    from pipelines.runners.beam import BeamRunner
+
+    runner = BeamRunner(RunConfig(beam_args=("--runner=FnApiRunner", "--job_name=cbir")))
+    assert runner.options_for("extract").get_all_options()["job_name"] == "cbir-extract"
+    assert runner.options_for("merge round 2").get_all_options()["job_name"] == "cbir-merge-round-2"
+    unnamed = BeamRunner(RunConfig(beam_args=("--runner=FnApiRunner",)))
+    assert unnamed.options_for("extract") is unnamed.options
 
 
 def test_dataflow_without_config_shows_placeholders_and_refuses_to_run(capsys):
@@ -160,6 +171,7 @@ def test_spark_dry_run_prints_spark_submit_and_dataproc(tmp_path, capsys):
     )
     assert code == 0
     submit, dataproc = _commands(out)
+    assert "# 1/8 extract (workers)" in out  # the job's stages, as evaluate runs them
     assert submit[:7] == [
         "spark-submit",
         "--master",
@@ -184,10 +196,11 @@ def test_spark_dry_run_prints_spark_submit_and_dataproc(tmp_path, capsys):
     assert submit[submit.index("--files") + 1] == str(config)  # cluster mode: config shipped
     job = submit.index("deploy/spark/job.py")
     args = parse_job_args(submit[job + 1 :])
-    assert (args.input, args.output, args.queries) == (
+    assert (args.input, args.output, args.queries, args.k) == (
         "gs://acme/photos",
         "gs://acme/run1",
         "gs://acme/q",
+        100,
     )
     assert args.config == "job.toml"  # the shipped copy, in the driver's working folder
 
@@ -310,7 +323,7 @@ def test_dockerfiles_copy_files_that_exist_and_build(dockerfile):
 
 def test_spark_submission_runs_the_whole_job(tmp_path, capsys):
     """`retrieval submit --runner spark` for real: spark-submit on local[2] runs
-    deploy/spark/job.py, which runs extract, train, index and merge in its Spark driver."""
+    deploy/spark/job.py, which runs the default job in its Spark driver and leaves a bundle."""
     images = require_benchmark("ukbench-56") / "images"
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -330,9 +343,12 @@ def test_spark_submission_runs_the_whole_job(tmp_path, capsys):
     assert code == 0, printed
     summary = json.loads((out / "descriptors" / "summary.json").read_text())
     assert (summary["inputs"], summary["indexed"], summary["shards"]) == (8, 8, 2)
+    assert summary["local_features"]["rows"] == 8  # the default job: local features too
     merged = json.loads((out / "index" / "summary.json").read_text())
     assert merged["inputs"] == merged["indexed"] == 8
     assert (out / "index" / "index.faissindex").exists()
+    bundle = json.loads((out / "bundle.json").read_text())
+    assert bundle["local_features"] == ["local_features"]
 
 
 def test_flex_template_program_runs_the_extraction(tmp_path):

@@ -40,6 +40,7 @@ steady state (GIL contention), so processes stay the local default.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,17 @@ class BeamRunner(Runner):
         self.options: PipelineOptions = pipeline_options(config.workers, config.beam_args)
         self.local_workers = is_local(self.options)
 
+    def options_for(self, label: str) -> PipelineOptions:
+        """The run's options; a ``--job_name`` gets the stage's name appended (one Dataflow job
+        per stage, each named for what it does: cbir-extract, cbir-index, cbir-merge)."""
+        args = list(self.config.beam_args)
+        named = [i for i, a in enumerate(args) if a.startswith("--job_name=")]
+        if not named:
+            return self.options
+        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        args[named[-1]] = f"{args[named[-1]]}-{slug}"
+        return pipeline_options(self.config.workers, args)
+
     def worker_plan(self, image_side: int) -> WorkerPlan:
         # Local cores are shared by --workers processes; remote workers size their own pools.
         config = self.config
@@ -120,7 +132,7 @@ class BeamRunner(Runner):
         self.prepare(task)
         with (
             committed_progress(progress_dir, len(items) + already, label, already),
-            beam.Pipeline(options=self.options) as pipeline,
+            beam.Pipeline(options=self.options_for(label)) as pipeline,
         ):
             build_map(pipeline, task, items)
 
@@ -130,7 +142,7 @@ class BeamRunner(Runner):
         (one Beam job for the whole tree, not one per round)."""
         if not rounds:
             return
-        with beam.Pipeline(options=self.options) as pipeline:
+        with beam.Pipeline(options=self.options_for(label)) as pipeline:
             done = pipeline | "Start" >> beam.Create([""])
             for r, items in enumerate(rounds, start=1):
                 done = (
