@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval import plan, storage
-from retrieval.corpus import ImageRef, ShardSpec, iter_corpus, iter_shards
+from retrieval.corpus import ShardSpec, iter_corpus, iter_shards
+from retrieval.image_refs import ImageRef
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
 from retrieval.redaction import redact
 from retrieval.shards import descriptor_shards, local_feature_shards

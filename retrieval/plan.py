@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 
 import schemas
 from retrieval import storage
-from retrieval.corpus import ImageRef, ShardSpec
+from retrieval.corpus import ShardSpec
+from retrieval.image_refs import ImageRef
 from retrieval.manifests import ManifestError, check_name, read_manifest, write_manifest
 from retrieval.shards import manifest as shard_manifests
 

@@ -260,8 +260,8 @@ class _IdmapMerger:
 
     def _count_repeats_sorted(self) -> None:
         """Ids out of order: count repeats between neighbours of the externally sorted ids."""
-        from retrieval.corpus import ImageRef
         from retrieval.external_sort import sort_refs
+        from retrieval.image_refs import ImageRef
 
         def ids() -> Iterator[ImageRef]:
             parquet = pq.ParquetFile(self.path, pre_buffer=False)
