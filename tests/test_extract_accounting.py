@@ -17,7 +17,8 @@ from PIL import Image
 
 from pipelines import stages
 from pipelines.config import RunConfig
-from retrieval.descriptors import backbones, gem
+from retrieval import backbones
+from retrieval.descriptors import gem
 from retrieval.shards import descriptor_shards
 from retrieval.shards import manifest as manifests
 

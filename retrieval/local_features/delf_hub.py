@@ -56,7 +56,7 @@ class DelfExtractor:
         import tensorflow as tf
         import tensorflow_hub as hub
 
-        from retrieval.descriptors.backbones import _saved_model_variables, weights_fingerprint
+        from retrieval.backbones import saved_model_variables, weights_fingerprint
 
         if not config.method.startswith("delf:"):
             raise ValueError(f"not a DELF method: {config.method!r}")
@@ -78,7 +78,7 @@ class DelfExtractor:
         self.scales = tuple(scales)
         self.score_threshold = float(score_threshold)
         self.dim = int(outputs["descriptors"].shape[-1] or self._probe_dim())
-        self._weights = weights_fingerprint(_saved_model_variables(self._loaded))
+        self._weights = weights_fingerprint(saved_model_variables(self._loaded))
 
     def _probe_dim(self) -> int:
         probe = np.zeros((64, 64, 3), np.uint8)

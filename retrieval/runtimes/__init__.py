@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from retrieval.descriptors.backbones import Backbone
+    from retrieval.backbones import Backbone
     from retrieval.runtimes.calibration import CalibrationSample
 
 RUNTIMES = ("tensorflow", "tflite-fp32", "tflite-fp16", "tflite-int8", "onnx-fp32", "onnx-int8")
@@ -152,7 +152,7 @@ def converted_model(
     if weights_sha256 is None and backbone is not None:
         weights_sha256 = backbone.weights_sha256
     if weights_sha256 is None:
-        from retrieval.descriptors.backbones import backbone_identity
+        from retrieval.backbones import backbone_identity
 
         weights_sha256 = backbone_identity(backbone_spec)["weights_sha256"]
     from retrieval.runtimes import model_cache
@@ -168,7 +168,7 @@ def converted_model(
 def _backbone(backbone: Backbone | None, spec: str) -> Backbone:
     if backbone is not None:
         return backbone
-    from retrieval.descriptors.backbones import load_backbone
+    from retrieval.backbones import load_backbone
 
     return load_backbone(spec)
 

@@ -17,7 +17,7 @@ import numpy as np
 from retrieval.runtimes import require
 
 if TYPE_CHECKING:
-    from retrieval.descriptors.backbones import Backbone
+    from retrieval.backbones import Backbone
     from retrieval.runtimes.calibration import CalibrationSample
 
 OPSET = 17

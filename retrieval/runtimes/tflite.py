@@ -20,7 +20,7 @@ import numpy as np
 from retrieval.runtimes import require
 
 if TYPE_CHECKING:
-    from retrieval.descriptors.backbones import Backbone
+    from retrieval.backbones import Backbone
     from retrieval.runtimes.calibration import CalibrationSample
 
 # Interpreters kept ready, one per input shape (the most recently used ones). A shape not among
