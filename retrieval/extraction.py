@@ -31,7 +31,7 @@ from retrieval.summary import write_summary
 
 if TYPE_CHECKING:  # the extractor brings TensorFlow; planning and summaries must not
     from retrieval.descriptors.gem import GeMConfig, GeMExtractor
-    from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatureExtractor
+    from retrieval.local_features.features import LocalFeatureConfig, LocalFeatureExtractor
     from retrieval.runtimes.device import WorkerPlan
 
 # Error rows of these stages happened before either model ran: both shard kinds record them.

@@ -24,10 +24,11 @@ import numpy as np
 
 from retrieval import storage
 from retrieval.images import DecodedImage
-from retrieval.local_features.extractor import (
+from retrieval.local_features.features import (
     LocalFeatureConfig,
     LocalFeatures,
     local_model_info,
+    shrink_to_side,
 )
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
@@ -106,9 +107,7 @@ class DelfExtractor:
         )
 
     def extract(self, image: DecodedImage) -> LocalFeatures:
-        from retrieval.local_features.rootsift import _to_side
-
-        pixels = _to_side(image.pixels, self.config.image_size)
+        pixels = shrink_to_side(image.pixels, self.config.image_size)
         h, w = pixels.shape[:2]
         out = self._call(pixels)
         rows_cols = np.asarray(out["locations"], np.float32).reshape(-1, 2)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.descriptors.pooling import l2_normalize
-from retrieval.local_features.extractor import LocalFeatures
+from retrieval.local_features.features import LocalFeatures
 from retrieval.rerank.spatial import VerificationConfig, verify_pairs
 
 if TYPE_CHECKING:
