@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.runtimes import require
+from retrieval.runtimes.spec import require
 
 if TYPE_CHECKING:
     from retrieval.backbones import Backbone
