@@ -37,6 +37,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
 	CBIR_AIRFLOW_PYTHON=$(AIRFLOW_VENV)/bin/python $(BIN)/pytest
 
 test-slow: $(STAMP)
@@ -49,4 +50,4 @@ bench-runners: $(STAMP)
 	$(BIN)/python benchmarks/runner_scaling.py
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) reports .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) reports .pytest_cache .ruff_cache .import_linter_cache

@@ -8,7 +8,7 @@ from types import TracebackType
 from tqdm import tqdm
 
 from retrieval import storage
-from retrieval.shards.manifest import MANIFEST_SUFFIX
+from retrieval.shard_manifests import MANIFEST_SUFFIX
 
 
 class ShardProgress:

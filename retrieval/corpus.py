@@ -20,19 +20,12 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 
 from retrieval import storage
+from retrieval.external_sort import sort_refs
+from retrieval.image_refs import ImageRef
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MANIFEST_BATCH_ROWS = 8_192  # manifest rows read at a time
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One input image. ``problem`` is set when the listing itself rejects it (duplicate id)."""
-
-    id: str
-    uri: str
-    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,8 +111,6 @@ def iter_corpus(source: str, *, scratch: str | None = None) -> Iterator[ImageRef
     with an external sort (:mod:`retrieval.external_sort`, spilling to ``scratch``), and
     duplicates are found between neighbours of the sorted stream.
     """
-    from retrieval.external_sort import sort_refs  # it imports ImageRef from here
-
     return mark_duplicates(sort_refs(iter_listing(source), scratch=scratch))
 
 

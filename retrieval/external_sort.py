@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval.corpus import ImageRef
+from retrieval.image_refs import ImageRef
 
 RUN_ROWS = 16_384  # entries held in memory (as Arrow columns) while a run is filled
 BATCH_ROWS = 8_192  # Python objects converted to Arrow at a time

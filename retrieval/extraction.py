@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval import plan, storage
-from retrieval.corpus import ImageRef, ShardSpec, iter_corpus, iter_shards
+from retrieval.corpus import ShardSpec, iter_corpus, iter_shards
+from retrieval.image_refs import ImageRef
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
 from retrieval.redaction import redact
 from retrieval.shards import descriptor_shards, local_feature_shards
@@ -30,7 +31,7 @@ from retrieval.summary import write_summary
 
 if TYPE_CHECKING:  # the extractor brings TensorFlow; planning and summaries must not
     from retrieval.descriptors.gem import GeMConfig, GeMExtractor
-    from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatureExtractor
+    from retrieval.local_features.features import LocalFeatureConfig, LocalFeatureExtractor
     from retrieval.runtimes.device import WorkerPlan
 
 # Error rows of these stages happened before either model ran: both shard kinds record them.

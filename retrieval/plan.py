@@ -34,10 +34,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
-from retrieval import storage
-from retrieval.corpus import ImageRef, ShardSpec
+from retrieval import shard_manifests, storage
+from retrieval.corpus import ShardSpec
+from retrieval.image_refs import ImageRef
 from retrieval.manifests import ManifestError, check_name, read_manifest, write_manifest
-from retrieval.shards import manifest as shard_manifests
 
 log = logging.getLogger(__name__)
 

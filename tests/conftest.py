@@ -46,7 +46,7 @@ def tiny_backbone():
     """A random 2-layer conv net: 8 positive channels at 1/4 resolution, built in milliseconds."""
     import tensorflow as tf
 
-    from retrieval.descriptors.backbones import Backbone
+    from retrieval.backbones import Backbone
 
     tf.keras.utils.set_random_seed(0)
     model = tf.keras.Sequential(
@@ -68,7 +68,7 @@ def tiny_backbone():
 @pytest.fixture(scope="session")
 def default_backbone():
     """The real default backbone (EfficientNet-Lite0), built once for the whole session."""
-    from retrieval.descriptors.backbones import DEFAULT_BACKBONE, load_backbone
+    from retrieval.backbones import DEFAULT_BACKBONE, load_backbone
 
     return load_backbone(DEFAULT_BACKBONE)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from support import TINY_CHANNELS, save_tiny_saved_model, tiny_kernel
 
-from retrieval.descriptors.backbones import backbone_identity, load_backbone, weights_fingerprint
+from retrieval.backbones import backbone_identity, load_backbone, weights_fingerprint
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor
 from retrieval.descriptors.pooling import gem, l2_normalize
 from retrieval.images import DecodedImage
@@ -141,7 +141,7 @@ def test_default_identity_matches_the_built_backbone(default_backbone):
 def test_default_identity_does_not_import_tensorflow():
     code = (
         "import json, sys\n"
-        "from retrieval.descriptors.backbones import backbone_identity\n"
+        "from retrieval.backbones import backbone_identity\n"
         "identity = backbone_identity('efficientnet-lite0')\n"
         "print(json.dumps(identity))\n"
         "print('tensorflow' in sys.modules)\n"

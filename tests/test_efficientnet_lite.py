@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import benchmarks_dir
-from retrieval.descriptors.torch_checkpoint import UnsafeCheckpointError, read_torch_state_dict
+from retrieval.backbones.torch_checkpoint import UnsafeCheckpointError, read_torch_state_dict
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,7 +40,7 @@ def reference() -> dict:
 
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, np.ndarray]:
-    from retrieval.descriptors.efficientnet_lite import efficientnet_lite0_weights_path
+    from retrieval.backbones.efficientnet_lite import efficientnet_lite0_weights_path
 
     return read_torch_state_dict(efficientnet_lite0_weights_path())
 
@@ -50,7 +50,7 @@ def model(state_dict):
     """One model returning (final feature map, logits), with the ImageNet weights loaded."""
     import tensorflow as tf
 
-    from retrieval.descriptors.efficientnet_lite import (
+    from retrieval.backbones.efficientnet_lite import (
         build_efficientnet_lite0,
         load_efficientnet_lite0_weights,
     )
@@ -226,7 +226,7 @@ def test_reader_refuses_malicious_pickles(tmp_path, layout, payload):
 
 
 def test_loader_is_strict(state_dict):
-    from retrieval.descriptors.efficientnet_lite import (
+    from retrieval.backbones.efficientnet_lite import (
         build_efficientnet_lite0,
         load_efficientnet_lite0_weights,
     )

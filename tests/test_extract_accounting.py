@@ -17,9 +17,10 @@ from PIL import Image
 
 from pipelines import stages
 from pipelines.config import RunConfig
-from retrieval.descriptors import backbones, gem
+from retrieval import backbones
+from retrieval import shard_manifests as manifests
+from retrieval.descriptors import gem
 from retrieval.shards import descriptor_shards
-from retrieval.shards import manifest as manifests
 
 CONFIG = RunConfig(runner="local", workers=1, threads_per_worker=2, shard_size=4)
 

@@ -27,8 +27,8 @@ from support import (
 from pipelines.config import RunConfig
 from pipelines.stages import extract
 from retrieval import storage
+from retrieval.backbones import load_backbone
 from retrieval.corpus import list_corpus
-from retrieval.descriptors.backbones import load_backbone
 from retrieval.descriptors.gem import GeMConfig
 from retrieval.shards import descriptor_shards
 

@@ -13,7 +13,7 @@ import schemas
 from retrieval import plan
 from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.images import decode_image
-from retrieval.local_features.extractor import LocalFeatureConfig, LocalFeatures
+from retrieval.local_features.features import LocalFeatureConfig, LocalFeatures
 from retrieval.local_features.rootsift import RootSIFTExtractor, root_normalize
 from retrieval.rerank.spatial import VerificationConfig, count_inliers, rerank_by_inliers
 from retrieval.shards import local_feature_shards

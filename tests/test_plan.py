@@ -15,14 +15,13 @@ import pytest
 from support import MODEL_INFO, write_descriptors
 
 import schemas
-from retrieval import manifests, plan
+from retrieval import manifests, plan, shard_manifests
 from retrieval.corpus import ImageRef, ShardSpec, plan_shards
 from retrieval.index.codebook import train_codebook
 from retrieval.index.group_index import build_group_index, plan_index_groups, write_index_plan
 from retrieval.index.merge import merge_index_groups
 from retrieval.index.search import load_index
 from retrieval.shards import descriptor_shards
-from retrieval.shards import manifest as shard_manifests
 from retrieval.shards.descriptor_shards import DescriptorRow
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from retrieval import runtimes
-from retrieval.descriptors.batching import max_batch_images, plan_batches
 from retrieval.descriptors.gem import GeMConfig, GeMExtractor, model_info
 from retrieval.images import DecodedImage, decode_image
 from retrieval.runtimes import (
@@ -30,6 +29,7 @@ from retrieval.runtimes import (
     parse_runtime,
 )
 from retrieval.runtimes import calibration as calibration_module
+from retrieval.runtimes.batching import max_batch_images, plan_batches
 from retrieval.runtimes.calibration import (
     BUILTIN_CALIBRATION,
     SCIKIT_IMAGE_PHOTOS,

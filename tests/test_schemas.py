@@ -12,9 +12,9 @@ import pytest
 
 import schemas
 from retrieval import plan
+from retrieval import shard_manifests as manifests
 from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.shards import descriptor_shards
-from retrieval.shards import manifest as manifests
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 
 DIM = 16

@@ -5,7 +5,7 @@ L2-normalized, the p-th powers are averaged, the p-th root is taken, and the res
 
 The backbone runs in a runtime (``retrieval/runtimes``: TensorFlow, LiteRT or ONNX Runtime) on
 real batches: images of the same resized shape go through it as one tensor
-(``descriptors/batching.py``); pooling is NumPy, the same for every runtime.
+(``runtimes/batching.py``); pooling is NumPy, the same for every runtime.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.descriptors.backbones import (
+from retrieval.backbones import (
     DEFAULT_BACKBONE,
     Backbone,
     backbone_identity,
     load_backbone,
 )
-from retrieval.descriptors.batching import DEFAULT_CPU_BATCH_BYTES, plan_batches
 from retrieval.descriptors.pooling import gem, l2_normalize
 from retrieval.images import DecodedImage
 from retrieval.runtimes import (
@@ -34,6 +33,7 @@ from retrieval.runtimes import (
     load_runner,
     parse_runtime,
 )
+from retrieval.runtimes.batching import DEFAULT_CPU_BATCH_BYTES, plan_batches
 from retrieval.runtimes.calibration import BUILTIN_CALIBRATION, CalibrationSample
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class GeMExtractor:
 
     ``backbone`` (a TensorFlow model) is needed by the ``tensorflow`` runtime and to convert on a
     cold cache; converted runtimes otherwise load the cached file. ``runner`` overrides both.
-    ``batch_bytes`` is the activation memory budget of one batch (``descriptors/batching.py``).
+    ``batch_bytes`` is the activation memory budget of one batch (``runtimes/batching.py``).
     """
 
     config: GeMConfig = field(default_factory=GeMConfig)

@@ -19,9 +19,9 @@ from retrieval.evaluation.ground_truth import Benchmark, load_benchmark
 from retrieval.evaluation.report import (
     RANKINGS_FILENAME,
     TOP_RESULTS_SHOWN,
-    _fmt,
-    _md_table,
-    _precision_ks,
+    format_score,
+    markdown_table,
+    precision_ks,
     read_top_rankings,
     result_cells,
 )
@@ -78,7 +78,7 @@ def load_run(spec: str, label: str) -> Run:
 
 def _metric_keys(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     keys = [("mAP", "mAP"), ("landmark mAP", "landmark_mAP")]
-    keys += [(f"mP@{k}", f"mP@{k}") for k in _precision_ks(rows)]
+    keys += [(f"mP@{k}", f"mP@{k}") for k in precision_ks(rows)]
     if any(r.get("ns_score") is not None for r in rows):
         keys.append(("N-S", "ns_score"))
     return keys
@@ -138,10 +138,10 @@ def compare_reports(
         metric_headers += [run.name, f"Δ {run.label}−{base.label}"]
     metric_rows = []
     for header, key in _metric_keys(rows):
-        line: list[Any] = [header, _fmt(base.row.get(key))]
+        line: list[Any] = [header, format_score(base.row.get(key))]
         for run in others:
             line += [
-                _fmt(run.row.get(key)),
+                format_score(run.row.get(key)),
                 _delta_cell(_delta(run.row.get(key), base.row.get(key))),
             ]
         metric_rows.append(line)
@@ -161,10 +161,10 @@ def compare_reports(
         deltas[run.name] = {lm: _delta(run_lm.get(lm), base_lm.get(lm)) for lm in landmarks}
     landmark_rows = []
     for lm in landmarks:
-        line = [lm, _fmt(base_lm.get(lm))]
+        line = [lm, format_score(base_lm.get(lm))]
         for run in others:
             line += [
-                _fmt((run.row.get("per_landmark") or {}).get(lm)),
+                format_score((run.row.get("per_landmark") or {}).get(lm)),
                 _delta_cell(deltas[run.name][lm]),
             ]
         landmark_rows.append(line)
@@ -195,8 +195,8 @@ def compare_reports(
             {
                 "query": key,
                 "landmark": query.landmark if query is not None else "?",
-                "baseline_ap": _fmt(base_q.get(key)),
-                "other_ap": _fmt((run.row.get("per_query") or {}).get(key)),
+                "baseline_ap": format_score(base_q.get(key)),
+                "other_ap": format_score((run.row.get("per_query") or {}).get(key)),
                 "delta": _signed(delta),
                 "other_name": run.name,
                 "strips": strips,
@@ -234,13 +234,13 @@ def compare_reports(
         return [c["text"] if isinstance(c, dict) else str(c) for c in row]
 
     md = [f"# Comparison: {benchmark_name}", ""]
-    md += _md_table(["run", "report", "result row"], runs_rows)
-    md += ["", "## Metrics", "", *_md_table(metric_headers, [plain(r) for r in metric_rows])]
+    md += markdown_table(["run", "report", "result row"], runs_rows)
+    md += ["", "## Metrics", "", *markdown_table(metric_headers, [plain(r) for r in metric_rows])]
     if landmark_rows:
         md += ["", "## Per landmark", ""]
-        md += _md_table(landmark_headers, [plain(r) for r in landmark_rows])
+        md += markdown_table(landmark_headers, [plain(r) for r in landmark_rows])
     md += ["", "## Queries that changed most", ""]
-    md += _md_table(
+    md += markdown_table(
         ["query", "landmark", "baseline AP", "run", "AP", "Δ"],
         [
             [

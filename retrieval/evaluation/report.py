@@ -63,7 +63,7 @@ KNOWN_KEYS = frozenset(
 # --------------------------------------------------------------------------- formatting
 
 
-def _fmt(value: Any, decimals: int = 2) -> str:
+def format_score(value: Any, decimals: int = 2) -> str:
     """A score with fixed decimals; "–" for None/NaN so a missing score never reads as 0."""
     if value is None or isinstance(value, bool):
         return MISSING if value is None else str(value)
@@ -77,11 +77,11 @@ def _plain(value: Any) -> str:
     if isinstance(value, dict | list | tuple):
         return json.dumps(_jsonable(value), ensure_ascii=False, sort_keys=True)
     if isinstance(value, float):
-        return _fmt(value, 3)
+        return format_score(value, 3)
     return MISSING if value is None else str(value)
 
 
-def _precision_ks(results: Sequence[Mapping[str, Any]]) -> list[int]:
+def precision_ks(results: Sequence[Mapping[str, Any]]) -> list[int]:
     """The k of the mP@k columns: 1, 5, 10 plus any other k a result reports."""
     ks = set(DEFAULT_KS)
     for result in results:
@@ -99,7 +99,7 @@ def _results_columns(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, st
         ("index", "index"),
         ("mAP", "mAP"),
         ("landmark mAP", "landmark_mAP"),
-        *((f"mP@{k}", f"mP@{k}") for k in _precision_ks(results)),
+        *((f"mP@{k}", f"mP@{k}") for k in precision_ks(results)),
         ("N-S", "ns_score"),
     ]
 
@@ -108,7 +108,7 @@ def _cell(result: Mapping[str, Any], key: str) -> str:
     value = result.get(key)
     if key in ("name", "index"):
         return MISSING if value is None else str(value)
-    return _fmt(value)
+    return format_score(value)
 
 
 def _accounting_line(accounting: Mapping[str, Any]) -> str:
@@ -123,7 +123,7 @@ def _accounting_line(accounting: Mapping[str, Any]) -> str:
 
 def _timing(key: str, value: Any) -> tuple[str, str]:
     if key.endswith("_s") and isinstance(value, int | float):
-        return key[:-2], f"{_fmt(value)} s"
+        return key[:-2], f"{format_score(value)} s"
     return key, _plain(value)
 
 
@@ -154,7 +154,7 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
     return lines
@@ -179,7 +179,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if results:
         columns = _results_columns(results)
         rows = [[_cell(r, key) for _, key in columns] for r in results]
-        lines += _md_table([h for h, _ in columns], rows)
+        lines += markdown_table([h for h, _ in columns], rows)
     else:
         lines.append("No results.")
 
@@ -187,7 +187,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         first = results[0]
         lines += ["", f"## Per landmark ({first.get('name', '?')})", ""]
         per_landmark = first["per_landmark"]
-        lines += _md_table(["landmark", "mAP"], [[lm, _fmt(v)] for lm, v in per_landmark.items()])
+        lines += markdown_table(
+            ["landmark", "mAP"], [[lm, format_score(v)] for lm, v in per_landmark.items()]
+        )
 
     if report.get("model"):
         lines += ["", "## Model", ""]
@@ -195,7 +197,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
     if report.get("timings"):
         lines += ["", "## Timings", ""]
-        lines += _md_table(["step", "time"], [_timing(k, v) for k, v in report["timings"].items()])
+        lines += markdown_table(
+            ["step", "time"], [_timing(k, v) for k, v in report["timings"].items()]
+        )
 
     failures = list(report.get("failures") or [])
     if failures:
@@ -204,7 +208,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             [_plain(f.get(k)) for k in ("id", "stage", "error_kind", "message", "uri")]
             for f in failures[:MAX_FAILURES_SHOWN]
         ]
-        lines += _md_table(["id", "stage", "error kind", "message", "uri"], rows)
+        lines += markdown_table(["id", "stage", "error kind", "message", "uri"], rows)
         if len(failures) > MAX_FAILURES_SHOWN:
             lines.append(f"\n… and {len(failures) - MAX_FAILURES_SHOWN} more (see report.json)")
 
@@ -306,7 +310,7 @@ def _examples(
                 "label": _position_label(index, len(scored)),
                 "query": query.id,
                 "landmark": query.landmark,
-                "ap": _fmt(ap),
+                "ap": format_score(ap),
                 "positives": len(query.positives),
                 "cells": result_cells(query, ranking_of[query.id], thumbs),
             }
@@ -382,7 +386,7 @@ def render_html(
 
     if results and results[0].get("per_landmark"):
         context["per_landmark_rows"] = [
-            [lm, _fmt(v)] for lm, v in results[0]["per_landmark"].items()
+            [lm, format_score(v)] for lm, v in results[0]["per_landmark"].items()
         ]
         context["per_landmark_of"] = results[0].get("name", "?")
 

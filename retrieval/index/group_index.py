@@ -23,11 +23,11 @@ import pyarrow as pa
 
 import schemas
 from retrieval import plan, storage
+from retrieval import shard_manifests as manifests
 from retrieval.index.codebook import load_codebook, read_codebook_manifest
 from retrieval.index.codes import codes_format, write_codes
 from retrieval.manifests import canonical_digest, require_same
 from retrieval.shards import descriptor_shards
-from retrieval.shards import manifest as manifests
 from retrieval.summary import write_summary
 
 KIND = "index_group"

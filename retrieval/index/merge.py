@@ -42,13 +42,13 @@ import pyarrow.parquet as pq
 
 import schemas
 from retrieval import plan, storage
+from retrieval import shard_manifests as manifests
 from retrieval.index import codes as codes_io
 from retrieval.index.codebook import load_codebook
 from retrieval.index.faiss_io import write_index_file
 from retrieval.index.group_index import IDMAP_ROW_GROUP_ROWS, codes_uri, idmap_uri
 from retrieval.index.group_index import KIND as GROUP_KIND
 from retrieval.manifests import require_same, write_manifest
-from retrieval.shards import manifest as manifests
 from retrieval.summary import write_summary
 
 INDEX_FILE = "index.faissindex"
@@ -260,8 +260,8 @@ class _IdmapMerger:
 
     def _count_repeats_sorted(self) -> None:
         """Ids out of order: count repeats between neighbours of the externally sorted ids."""
-        from retrieval.corpus import ImageRef
         from retrieval.external_sort import sort_refs
+        from retrieval.image_refs import ImageRef
 
         def ids() -> Iterator[ImageRef]:
             parquet = pq.ParquetFile(self.path, pre_buffer=False)

@@ -18,7 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.local_features.extractor import LocalFeatures
+from retrieval.local_features.features import LocalFeatures
 from retrieval.rerank.spatial import VerificationConfig, verify_pairs
 
 

@@ -173,9 +173,8 @@ def whitened_model_info(
 def whiten_descriptor_folder(source: str, whitening_uri: str, output: str) -> dict[str, Any]:
     """Write the whitened copy of every descriptor shard of ``source`` to ``output`` (same plan,
     same shard ids, same error rows; data first, manifests last). Returns the new model info."""
-    from retrieval import plan
+    from retrieval import plan, shard_manifests
     from retrieval.shards import descriptor_shards
-    from retrieval.shards import manifest as shard_manifests
 
     whitening = load_whitening(whitening_uri)
     record = whitening.info

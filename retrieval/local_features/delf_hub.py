@@ -24,10 +24,11 @@ import numpy as np
 
 from retrieval import storage
 from retrieval.images import DecodedImage
-from retrieval.local_features.extractor import (
+from retrieval.local_features.features import (
     LocalFeatureConfig,
     LocalFeatures,
     local_model_info,
+    shrink_to_side,
 )
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
@@ -56,7 +57,7 @@ class DelfExtractor:
         import tensorflow as tf
         import tensorflow_hub as hub
 
-        from retrieval.descriptors.backbones import _saved_model_variables, weights_fingerprint
+        from retrieval.backbones import saved_model_variables, weights_fingerprint
 
         if not config.method.startswith("delf:"):
             raise ValueError(f"not a DELF method: {config.method!r}")
@@ -78,7 +79,7 @@ class DelfExtractor:
         self.scales = tuple(scales)
         self.score_threshold = float(score_threshold)
         self.dim = int(outputs["descriptors"].shape[-1] or self._probe_dim())
-        self._weights = weights_fingerprint(_saved_model_variables(self._loaded))
+        self._weights = weights_fingerprint(saved_model_variables(self._loaded))
 
     def _probe_dim(self) -> int:
         probe = np.zeros((64, 64, 3), np.uint8)
@@ -106,9 +107,7 @@ class DelfExtractor:
         )
 
     def extract(self, image: DecodedImage) -> LocalFeatures:
-        from retrieval.local_features.rootsift import _to_side
-
-        pixels = _to_side(image.pixels, self.config.image_size)
+        pixels = shrink_to_side(image.pixels, self.config.image_size)
         h, w = pixels.shape[:2]
         out = self._call(pixels)
         rows_cols = np.asarray(out["locations"], np.float32).reshape(-1, 2)

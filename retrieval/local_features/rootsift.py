@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.images import DecodedImage
-from retrieval.local_features.extractor import (
+from retrieval.local_features.features import (
     LocalFeatureConfig,
     LocalFeatures,
     local_model_info,
+    shrink_to_side,
 )
 
 ROOTSIFT_DIM = 128
@@ -33,17 +34,6 @@ def root_normalize(descriptors: np.ndarray) -> np.ndarray:
     d = np.asarray(descriptors, np.float32)
     d = d / np.maximum(np.abs(d).sum(axis=1, keepdims=True), 1e-12)
     return np.sqrt(d)
-
-
-def _to_side(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    import cv2
-
-    h, w = pixels.shape[:2]
-    if max(h, w) <= max_side:
-        return pixels
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
 class RootSIFTExtractor:
@@ -64,7 +54,9 @@ class RootSIFTExtractor:
     def extract(self, image: DecodedImage) -> LocalFeatures:
         import cv2
 
-        gray = cv2.cvtColor(_to_side(image.pixels, self.config.image_size), cv2.COLOR_RGB2GRAY)
+        gray = cv2.cvtColor(
+            shrink_to_side(image.pixels, self.config.image_size), cv2.COLOR_RGB2GRAY
+        )
         h, w = gray.shape
         keypoints, descriptors = self._sift.detectAndCompute(gray, None)
         if descriptors is None or not keypoints:

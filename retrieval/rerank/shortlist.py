@@ -16,21 +16,36 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from retrieval.descriptors.pooling import l2_normalize
-from retrieval.local_features.extractor import LocalFeatures
+from retrieval.local_features.features import LocalFeatures
 from retrieval.rerank.spatial import VerificationConfig, verify_pairs
-
-if TYPE_CHECKING:
-    from retrieval.index.search import SearchableIndex
 
 # Chosen on oxford-dev and ukbench-56 together (README, "Re-ranking").
 DEFAULT_VERIFIED_QE = 10
 
 FeatureLookup = Callable[[str], LocalFeatures | None]
+
+
+class GlobalIndex(Protocol):
+    """What re-ranking uses of the global index (``retrieval.index.search.SearchableIndex``).
+
+    Described here rather than imported: that index's own search applies αQE from this package
+    (``query_expansion.py``), so ``rerank`` sits below ``index`` and must not import it.
+    """
+
+    ids: np.ndarray  # image id per faiss id
+    uris: np.ndarray  # image URI per faiss id
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def reconstruct(self, found: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +81,7 @@ class Reranked:
 
 
 def rerank_search(
-    index: SearchableIndex,
+    index: GlobalIndex,
     query_ids: Sequence[str],
     queries: np.ndarray,
     k: int,
@@ -150,7 +165,7 @@ def rerank_search(
     )
 
 
-def reranked_table(index: SearchableIndex, query_ids: Sequence[str], reranked: Reranked):
+def reranked_table(index: GlobalIndex, query_ids: Sequence[str], reranked: Reranked):
     """Results as a table: query_id, rank, id, uri, score, inliers (-1: not verified)."""
     import pyarrow as pa
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.local_features.extractor import LocalFeatures
+from retrieval.local_features.features import LocalFeatures
 
 MIN_MATCHES = 8  # below this a homography fit is noise; the pair gets 0 inliers without RANSAC
 

@@ -15,75 +15,39 @@ Names (``--runtime``):
 
 Converted models are cached on disk keyed by the weights fingerprint, the runtime, the converter
 versions and the calibration sample (``model_cache.py``); only a cold cache needs TensorFlow.
+The names, the runner interface and the missing-package error are in ``spec.py``.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
-import numpy as np
+from retrieval.runtimes.spec import (
+    DEFAULT_RUNTIME,
+    RUNTIMES,
+    BackboneRunner,
+    RuntimeNotInstalledError,
+    RuntimeSpec,
+    parse_runtime,
+    require,
+)
 
 if TYPE_CHECKING:
-    from retrieval.descriptors.backbones import Backbone
+    from retrieval.backbones import Backbone
     from retrieval.runtimes.calibration import CalibrationSample
 
-RUNTIMES = ("tensorflow", "tflite-fp32", "tflite-fp16", "tflite-int8", "onnx-fp32", "onnx-int8")
-# The fastest runtime whose oxford-dev mAP is within 0.5 points of TensorFlow fp32 (README,
-# "Runtimes"); --runtime picks another.
-DEFAULT_RUNTIME = "tflite-int8"
-
-
-class RuntimeNotInstalledError(ImportError):
-    """A runtime whose Python package is missing; the message names the package to install."""
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    engine: str  # "tensorflow", "tflite", "onnx"
-    precision: str  # "fp32", "fp16", "int8"
-
-    @property
-    def name(self) -> str:
-        return "tensorflow" if self.engine == "tensorflow" else f"{self.engine}-{self.precision}"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.precision == "int8"
-
-
-def parse_runtime(name: str) -> RuntimeSpec:
-    """``tflite-int8`` -> RuntimeSpec("tflite", "int8"); unknown names are refused by name."""
-    if name not in RUNTIMES:
-        raise ValueError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
-    if name == "tensorflow":
-        return RuntimeSpec("tensorflow", "fp32")
-    engine, _, precision = name.partition("-")
-    return RuntimeSpec(engine, precision)
-
-
-class BackboneRunner(Protocol):
-    """What every runtime offers: run the backbone on a batch of same-sized images."""
-
-    name: str
-    dim: int
-
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) float32 RGB in [0, 255] -> (N, h, w, C) float32 feature map."""
-        ...
-
-
-def require(module: str, package: str, runtime: str) -> Any:
-    """Import ``module`` or fail with an error that names the package to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise RuntimeNotInstalledError(
-            f"runtime {runtime!r} needs the Python package {package!r} "
-            f"(pip install {package}), which is not installed: {exc}"
-        ) from None
+# What callers import from the package; the names, the runner interface and the missing-package
+# error are defined in spec.py, which the engines import instead of this package.
+__all__ = [
+    "DEFAULT_RUNTIME",
+    "RUNTIMES",
+    "BackboneRunner",
+    "RuntimeNotInstalledError",
+    "converted_model",
+    "load_runner",
+    "parse_runtime",
+]
 
 
 def load_runner(
@@ -152,7 +116,7 @@ def converted_model(
     if weights_sha256 is None and backbone is not None:
         weights_sha256 = backbone.weights_sha256
     if weights_sha256 is None:
-        from retrieval.descriptors.backbones import backbone_identity
+        from retrieval.backbones import backbone_identity
 
         weights_sha256 = backbone_identity(backbone_spec)["weights_sha256"]
     from retrieval.runtimes import model_cache
@@ -168,7 +132,7 @@ def converted_model(
 def _backbone(backbone: Backbone | None, spec: str) -> Backbone:
     if backbone is not None:
         return backbone
-    from retrieval.descriptors.backbones import load_backbone
+    from retrieval.backbones import load_backbone
 
     return load_backbone(spec)
 

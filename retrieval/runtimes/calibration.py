@@ -31,6 +31,7 @@ import numpy as np
 from retrieval import storage
 from retrieval.corpus import list_corpus
 from retrieval.images import decode_image
+from retrieval.runtimes.spec import RuntimeNotInstalledError
 
 DEFAULT_CALIBRATION_COUNT = 32
 DEFAULT_CALIBRATION_SEED = 0
@@ -161,8 +162,6 @@ def builtin_calibration_sample(*, image_size: int) -> CalibrationSample:
     pixels are read (``CalibrationSample.images``), i.e. when a model is converted."""
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        from retrieval.runtimes import RuntimeNotInstalledError
-
         raise RuntimeNotInstalledError(
             f"the int8 runtimes' built-in calibration sample ({BUILTIN_CALIBRATION}) comes from "
             "the Python package 'scikit-image' (pip install scikit-image), which is not "

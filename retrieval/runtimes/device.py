@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from retrieval.descriptors.batching import (
+from retrieval.runtimes.batching import (
     ACTIVATION_BYTES_PER_PIXEL,
     DEFAULT_CPU_BATCH_BYTES,
     max_batch_images,

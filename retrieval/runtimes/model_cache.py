@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retrieval.runtimes import RuntimeSpec
     from retrieval.runtimes.calibration import CalibrationSample
+    from retrieval.runtimes.spec import RuntimeSpec
 
 CACHE_ENV = "RETRIEVAL_MODEL_CACHE"
 # Version of the conversion code itself: bump when convert_to_* changes what it writes.

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.runtimes import require
+from retrieval.runtimes.spec import require
 
 if TYPE_CHECKING:
-    from retrieval.descriptors.backbones import Backbone
+    from retrieval.backbones import Backbone
     from retrieval.runtimes.calibration import CalibrationSample
 
 OPSET = 17

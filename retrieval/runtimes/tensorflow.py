@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from retrieval.descriptors.backbones import Backbone
+    from retrieval.backbones import Backbone
 
 
 def feature_function(backbone: Backbone) -> tf.types.experimental.PolymorphicFunction:

@@ -13,9 +13,9 @@ import pyarrow as pa
 
 import schemas
 from retrieval import plan, storage
+from retrieval import shard_manifests as manifests
 from retrieval.corpus import ShardSpec
 from retrieval.manifests import check_name
-from retrieval.shards import manifest as manifests
 
 KIND = "descriptors"
 # Error kinds that waiting may fix: a shard holding them is extracted again on a re-run.

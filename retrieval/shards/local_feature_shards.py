@@ -20,9 +20,9 @@ import pyarrow as pa
 
 import schemas
 from retrieval import plan, storage
+from retrieval import shard_manifests as manifests
 from retrieval.corpus import ShardSpec
-from retrieval.local_features.extractor import LocalFeatures
-from retrieval.shards import manifest as manifests
+from retrieval.local_features.features import LocalFeatures
 from retrieval.shards.descriptor_shards import ErrorRow, data_uri, error_table, errors_uri
 
 KIND = "local_features"

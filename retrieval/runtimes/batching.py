@@ -10,8 +10,8 @@ The budget is in bytes of activations; the cost of one image is its pixel count 
 ``ACTIVATION_BYTES_PER_PIXEL``, an upper estimate from the default backbone's architecture (not a
 measurement): its widest early tensors, 96 channels at 1/2 resolution, plus their neighbours, are
 about 140 bytes per input pixel in fp32; 400 leaves room for the runtime's own buffers.
-On a GPU the budget comes from the device's memory
-(``retrieval/runtimes/device.py``); on a CPU a small budget keeps a batch's activations in cache.
+On a GPU the budget comes from the device's memory (``device.py``); on a CPU a small budget keeps
+a batch's activations in cache.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ and atomically (through :mod:`retrieval.manifests`, which versions and checksums
 done if and only if its manifest exists, matches the inputs it was planned from, and was made
 with the same model configuration; a re-run skips exactly those. Which shards a folder holds is
 said by its run plan (:mod:`retrieval.plan`), never by whatever manifests happen to be there.
+
+Not part of ``shards/``: the plan reads these manifests, and the shard readers in ``shards/`` read
+through the plan, so this module sits below the plan and they above it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@
                                  feature map (N, h, w, C), the TF-Hub image-module convention.
 
 Every backbone reports a weights checksum and its preprocessing, which go into shard manifests so
-that descriptors from different models are never mixed silently.
+that descriptors from different models are never mixed silently (:func:`weights_fingerprint`,
+also used for DELF's SavedModel by ``local_features/delf_hub.py``).
+
+A package of its own because ``runtimes/`` (which run and convert a backbone) sit between it and
+``descriptors/`` (whose GeM extractor runs a backbone through a runtime).
 """
 
 from __future__ import annotations
@@ -103,12 +107,12 @@ def _scale_to_symmetric(x: tf.Tensor) -> tf.Tensor:
 
 
 def _efficientnet_lite0() -> Backbone:
-    from retrieval.descriptors.efficientnet_lite import (
+    from retrieval.backbones.efficientnet_lite import (
         build_efficientnet_lite0,
         efficientnet_lite0_weights_path,
         load_efficientnet_lite0_weights,
     )
-    from retrieval.descriptors.torch_checkpoint import read_torch_state_dict
+    from retrieval.backbones.torch_checkpoint import read_torch_state_dict
 
     identity = backbone_identity("efficientnet-lite0")
     model = build_efficientnet_lite0(include_top=False)
@@ -164,12 +168,12 @@ def _saved_model(spec: str, handle: str) -> Backbone:
         model=loaded,
         preprocess=_scale_to_unit,
         dim=int(probe.shape[-1]),
-        weights_sha256=weights_fingerprint(_saved_model_variables(loaded)),
+        weights_sha256=weights_fingerprint(saved_model_variables(loaded)),
         preprocessing={"color": "RGB", "scale": "x/255"},
     )
 
 
-def _saved_model_variables(loaded: Any) -> list[Any]:
+def saved_model_variables(loaded: Any) -> list[Any]:
     """The variables of a loaded SavedModel: its ``variables`` attribute (TF-Hub / Keras export
     it), else every variable reachable in its object graph (a plain ``tf.Module`` exports none,
     and an empty list would give every such model the same fingerprint)."""
