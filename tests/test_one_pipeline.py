@@ -1,0 +1,166 @@
+"""One pipeline: the job users submit (Spark on a real standalone cluster, and the Dataflow job's
+Beam form), the nightly re-index and `retrieval evaluate` build the same thing, and a bundle
+answers `retrieval search --query-images` as the report says it would."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from support import require_benchmark
+
+from pipelines import cli
+from retrieval.evaluation import protocols
+from retrieval.evaluation.ground_truth import load_benchmark
+from retrieval.evaluation.metrics import evaluate_rankings
+
+
+def rankings_of(results: Path) -> dict[str, list[str]]:
+    """results.parquet as rankings, ids without their extension (the ground truth's ids)."""
+    table = pq.read_table(results).to_pylist()
+    out: dict[str, list[tuple[int, str]]] = {}
+    for row in table:
+        out.setdefault(Path(row["query_id"]).stem, []).append((row["rank"], Path(row["id"]).stem))
+    return {q: [i for _, i in sorted(rows)] for q, rows in out.items()}
+
+
+def results_map(results: Path, benchmark_dir: Path) -> float:
+    """The mAP of a job's results.parquet scored against the benchmark's gt.json."""
+    benchmark = load_benchmark(str(benchmark_dir))
+    scored = protocols.apply(benchmark, protocols.DEFAULT)
+    return evaluate_rankings(rankings_of(results), scored).as_dict()["mAP"]
+
+
+def evaluate_default(report_dir: Path) -> dict:
+    return json.loads((report_dir / "report.json").read_text())["results"][0]
+
+
+def test_spark_cluster_submission_answers_like_evaluate(spark_cluster, ukbench_run, tmp_path):
+    """`retrieval submit --runner spark` for real, on a standalone master and two workers on
+    127.0.0.1: the whole default job and the queries' search, scored against gt.json, give
+    `retrieval evaluate`'s default row."""
+    folder = require_benchmark("ukbench-56")
+    out = tmp_path / "job"
+    argv = ["submit", "--runner", "spark", "--master", spark_cluster.master]
+    argv += ["--input", str(folder / "images"), "--queries", str(folder / "images")]
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    bundle = json.loads((out / "bundle.json").read_text())
+    assert bundle["whitening"] == "whitening" and bundle["local_features"] == ["local_features"]
+    default = evaluate_default(ukbench_run)
+    assert default["name"] == "global+lw+sv+vqe"
+    assert results_map(out / "results" / "results.parquet", folder) == pytest.approx(
+        default["mAP"], abs=0.1
+    )
+    results = pq.read_table(out / "results" / "results.parquet")
+    assert results.column_names == ["query_id", "rank", "id", "uri", "score", "inliers"]
+    # The work ran on the cluster's executors (the workers' own folders), not in a driver.
+    assert spark_cluster.executor_logs(), "no executor ran on the cluster's workers"
+
+
+def test_beam_form_of_the_dataflow_job_answers_like_evaluate(ukbench_run, tmp_path):
+    """The Dataflow job's stages, with Beam's local runner: the same bundle and answers."""
+    from pipelines.config import RunConfig
+    from pipelines.submit.driver import run_job
+
+    folder = require_benchmark("ukbench-56")
+    out = tmp_path / "job"
+    config = RunConfig(runner="beam", workers=2, shard_size=16)
+    images = str(folder / "images")
+    run_job(images, str(out), config, queries=images)
+    default = evaluate_default(ukbench_run)
+    assert results_map(out / "results" / "results.parquet", folder) == pytest.approx(
+        default["mAP"], abs=0.1
+    )
+
+
+def test_search_a_bundle_with_query_images(ukbench_run, tmp_path):
+    """`retrieval search --index BUNDLE --query-images URI` with no other flag answers with
+    the bundle's default pipeline: evaluate's default row."""
+    folder = require_benchmark("ukbench-56")
+    out = tmp_path / "search"
+    argv = ["search", "--index", str(ukbench_run), "--query-images", str(folder / "images")]
+    assert cli.main([*argv, "--output", str(out), "--runner", "local"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rerank"] is not None and summary["whitening"] is not None
+    default = evaluate_default(ukbench_run)
+    assert results_map(out / "results.parquet", folder) == pytest.approx(default["mAP"], abs=0.1)
+    # A setting given on the command line overrides the bundle's default.
+    plain = tmp_path / "plain"
+    argv = ["search", "--index", str(ukbench_run), "--queries", str(out / "query_descriptors")]
+    assert cli.main([*argv, "--output", str(plain), "--shortlist", "0"]) == 0
+    assert json.loads((plain / "summary.json").read_text())["rerank"] is None
+
+
+def _group_benchmark(folder: Path, images: dict[str, Path]) -> Path:
+    """A benchmark folder over ``images`` (name -> UKBench file): an image's positives are the
+    other images showing the same object (UKBench numbers its objects' views in fours)."""
+    (folder / "images").mkdir(parents=True)
+    groups: dict[int, list[str]] = {}
+    for name, source in images.items():
+        shutil.copyfile(source, folder / "images" / f"{name}.jpg")
+        groups.setdefault(int(source.stem[-5:]) // 4, []).append(name)
+    queries = [
+        {
+            "id": name,
+            "landmark": f"object{group}",
+            "positives": [other for other in members if other != name],
+            "junk": [],
+        }
+        for group, members in groups.items()
+        for name in members
+    ]
+    gt = {"source": "ukbench subset", "protocol": "ukbench", "images": sorted(images)}
+    (folder / "gt.json").write_text(json.dumps({**gt, "queries": queries}))
+    return folder
+
+
+def test_reindex_keeps_the_whole_default(tmp_path):
+    """40 images, then 10 added, 3 changed, 5 deleted: exactly the 13 new and changed images
+    get global and local features, and the new version answers `search --query-images` within
+    0.5 mAP of a full rebuild of the same images."""
+    from pipelines.config import RunConfig
+    from pipelines.reindex import reindex
+
+    source = sorted((require_benchmark("ukbench-56") / "images").iterdir())
+    config = RunConfig(runner="local", shard_size=16)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in source[:40]:
+        shutil.copyfile(path, corpus / path.name)
+    root = tmp_path / "root"
+    first = reindex(str(corpus), str(root), config)
+    assert first["new"] == 40
+
+    for path in source[40:50]:  # 10 new
+        shutil.copyfile(path, corpus / path.name)
+    content = {p.name: p for p in source[:50]}
+    for name, replacement in zip(
+        [p.name for p in source[0:3]], source[50:53], strict=True
+    ):  # 3 changed: another object's photo under the same name
+        shutil.copyfile(replacement, corpus / name)
+        content[name] = replacement
+    for path in source[36:40] + source[4:5]:  # 5 deleted
+        (corpus / path.name).unlink()
+        del content[path.name]
+    second = reindex(str(corpus), str(root), config)
+    counts = {k: second[k] for k in ("new", "changed", "deleted", "unchanged", "failed")}
+    assert counts == {"new": 10, "changed": 3, "deleted": 5, "unchanged": 32, "failed": 0}
+    batch = json.loads((root / "data" / "v000002" / "descriptors" / "summary.json").read_text())
+    assert batch["inputs"] == 13 and batch["local_features"]["rows"] == 13
+
+    benchmark = _group_benchmark(
+        tmp_path / "bench", {Path(name).stem: path for name, path in content.items()}
+    )
+    rebuilt = tmp_path / "rebuilt"
+    assert reindex(str(corpus), str(rebuilt), config)["new"] == 45
+    scores = {}
+    for name, index in (("reindexed", root), ("rebuilt", rebuilt)):
+        out = tmp_path / f"search-{name}"
+        argv = ["search", "--index", str(index), "--query-images", str(corpus), "--k", "45"]
+        assert cli.main([*argv, "--output", str(out), "--runner", "local"]) == 0
+        scores[name] = results_map(out / "results.parquet", benchmark)
+    assert scores["reindexed"] == pytest.approx(scores["rebuilt"], abs=0.5)
+    assert scores["rebuilt"] > 80  # a real ranking, not two equally broken ones
