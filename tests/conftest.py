@@ -103,3 +103,15 @@ def spark():
         pytest.fail(f"Spark (local[2]) did not start: {exc}")
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module")
+def spark_cluster(tmp_path_factory):
+    """A real Spark standalone cluster on 127.0.0.1, one master and two 1-core workers (JVMs
+    started by pyspark's spark-class), for one test module: ``spark_cluster.master`` is the
+    ``spark://`` URL. Fails, never skips, if it cannot start; stopped, JVMs and executors by
+    process group, after the module (also when a test failed)."""
+    from support import spark_standalone_cluster
+
+    with spark_standalone_cluster(tmp_path_factory.mktemp("spark-cluster"), workers=2) as cluster:
+        yield cluster

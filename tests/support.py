@@ -4,11 +4,18 @@ tiny SavedModel backbone, and descriptor shards of random vectors."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -488,6 +495,198 @@ def point_gcs_at(env: pytest.MonkeyPatch, endpoint: str) -> None:
 
     env.setenv("STORAGE_EMULATOR_HOST", endpoint)
     gcsfs.core.GCSFileSystem.clear_instance_cache()
+
+
+# --- a Spark standalone cluster on 127.0.0.1 ----------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class SparkCluster:
+    """A running standalone cluster: ``master`` is the URL to give ``--master``; ``web_ui`` the
+    master's web UI (``state()`` reads its ``/json/``); ``work_dirs`` each worker's
+    SPARK_WORKER_DIR (an application's executor ``N`` logs to ``app-*/N/stderr`` there)."""
+
+    master: str
+    web_ui: str
+    work_dirs: tuple[Path, ...]
+    logs: tuple[Path, ...]
+
+    def state(self) -> dict:
+        """The master's view: ``status``, ``workers``, ``activeapps``, ``completedapps``..."""
+        with urllib.request.urlopen(f"{self.web_ui}/json/", timeout=5) as answer:
+            return json.load(answer)
+
+
+def spark_home() -> Path:
+    """The pyspark package folder: pip's pyspark is a whole Spark (bin/spark-class, jars/)."""
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def log_tails(logs: tuple[Path, ...] | list[Path], lines: int = 30) -> str:
+    tails = []
+    for log in logs:
+        text = log.read_text(errors="replace") if log.exists() else "(no log: not started)"
+        tails.append(f"--- last lines of {log} ---\n" + "\n".join(text.splitlines()[-lines:]))
+    return "\n".join(tails)
+
+
+@contextmanager
+def spark_standalone_cluster(
+    tmp_dir: Path,
+    workers: int = 2,
+    *,
+    cores: int = 1,
+    memory: str = "1g",
+    timeout_s: float = 120,
+    master_class: str = "org.apache.spark.deploy.master.Master",
+) -> Iterator[SparkCluster]:
+    """A real Spark standalone cluster on 127.0.0.1 from the pyspark package (Java 17): one
+    master and ``workers`` workers of ``cores`` cores and ``memory`` each, every JVM started by
+    ``$SPARK_HOME/bin/spark-class`` in its own process group, on free ports, with its work,
+    log and pid folders under ``tmp_dir``.
+
+    Yields once the master is ALIVE and lists ``workers`` ALIVE workers (read from its
+    ``/json/``). Fails the test, never skips, with the end of every JVM's log if a JVM exits
+    first or ``timeout_s`` passes. On the way out (also when the test failed or the start did)
+    every process group is terminated, then killed, executors and their Python workers with it.
+
+    The workers' environment is this process's, plus: ``PYSPARK_PYTHON`` = this interpreter,
+    ``SPARK_LOCAL_IP`` = 127.0.0.1, and ``PYTHONPATH`` starting with this checkout, so that
+    executors import the same code as the test (the editable install may point elsewhere).
+    """
+    home = spark_home()
+    conf_dir = tmp_dir / "conf"  # empty: no spark-env.sh or spark-defaults.conf from elsewhere
+    log_dir, pid_dir = tmp_dir / "logs", tmp_dir / "pids"
+    for folder in (conf_dir, log_dir, pid_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    python_path = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(home),
+        "SPARK_CONF_DIR": str(conf_dir),
+        "SPARK_LOG_DIR": str(log_dir),
+        "SPARK_PID_DIR": str(pid_dir),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYTHONPATH": ":".join(dict.fromkeys(python_path)),
+        # The daemons only keep books; the C2 compiler's threads would compete with the
+        # executors for the two cores of CI while the JVMs warm up.
+        "SPARK_DAEMON_JAVA_OPTS": "-XX:TieredStopAtLevel=1",
+    }
+    for name in ("PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET", "SPARK_MASTER_HOST"):
+        env.pop(name, None)
+    port, ui_port = free_port(), free_port()
+    master = f"spark://127.0.0.1:{port}"
+    web_ui = f"http://127.0.0.1:{ui_port}"
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, args: list[str], work_dir: Path | None = None) -> None:
+        with (log_dir / f"{name}.log").open("wb") as sink:
+            processes.append(
+                subprocess.Popen(
+                    [str(home / "bin" / "spark-class"), *args],
+                    env={**env, "SPARK_WORKER_DIR": str(work_dir)} if work_dir else env,
+                    cwd=tmp_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: stopped as one
+                )
+            )
+
+    work_dirs = tuple(tmp_dir / f"worker-{i}" for i in range(workers))
+    names = ["master", *(f"worker-{i}" for i in range(workers))]
+    cluster = SparkCluster(master, web_ui, work_dirs, tuple(log_dir / f"{n}.log" for n in names))
+    deadline = time.monotonic() + timeout_s
+    try:
+        ports = ["--port", str(port), "--webui-port", str(ui_port)]
+        start("master", [master_class, "--host", "127.0.0.1", *ports])
+        # Workers start once the master is ALIVE: a worker that registers sooner is told the
+        # master is in standby and tries again only 5 to 15 s later.
+        _wait_for_workers(cluster, processes, 0, deadline)
+        for name, work_dir in zip(names[1:], work_dirs, strict=True):
+            work_dir.mkdir(parents=True, exist_ok=True)
+            worker = ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1"]
+            worker += ["--cores", str(cores), "--memory", memory, "--work-dir", str(work_dir)]
+            start(name, [*worker, "--webui-port", str(free_port()), master], work_dir)
+        _wait_for_workers(cluster, processes, workers, deadline)
+        yield cluster
+    finally:
+        stop_process_groups(processes[::-1])  # workers (and their executors) first
+
+
+def _wait_for_workers(
+    cluster: SparkCluster, processes: list[subprocess.Popen], workers: int, deadline: float
+) -> None:
+    """Return once the master is ALIVE with ``workers`` ALIVE workers; fail the test with the
+    logs' tails if one of ``processes`` exits first or the monotonic clock passes ``deadline``."""
+    seen = "no answer from the master's web UI"
+    while True:
+        try:
+            state = cluster.state()
+            alive = [w for w in state.get("workers", []) if w.get("state") == "ALIVE"]
+            if state.get("status") == "ALIVE" and len(alive) >= workers:
+                return
+            seen = f"master {state.get('status')}, {len(alive)} of {workers} workers ALIVE"
+        except (OSError, ValueError):
+            pass
+        exited = [p for p in processes if p.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            why = "timed out"
+            if exited:  # args: spark-class, the class, its arguments
+                why = f"{exited[0].args[1]} exited with status {exited[0].returncode}"
+            pytest.fail(
+                f"the Spark standalone cluster did not start ({why}; {seen})\n"
+                + log_tails(cluster.logs),
+                pytrace=False,
+            )
+        time.sleep(0.25)
+
+
+def stop_process_groups(processes: list[subprocess.Popen], timeout_s: float = 15) -> None:
+    """SIGTERM each process's group (its own session, see ``start_new_session``), wait for
+    every member to be gone, then SIGKILL what is left: no JVM or Python worker outlives it."""
+    groups = [p.pid for p in processes]
+    for group in groups:
+        _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    while any(_group_alive(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for group in groups:
+        _signal_group(group, signal.SIGKILL)
+    for process in processes:
+        process.wait()
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Ids of the processes (this user's) whose working directory is ``folder`` or inside it:
+    the cluster's JVMs, executors and Python workers all run there."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with suppress(OSError):
+            if proc.name.isdigit() and (proc / "cwd").resolve().is_relative_to(folder.resolve()):
+                found.append(int(proc.name))
+    return found
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(group, sig)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 # --- the whole pipeline on object storage -----------------------------------------------------
