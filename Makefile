@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export TF_CPP_MIN_LOG_LEVEL := 2
 
 .PHONY: install airflow demo test test-slow lint bench bench-runners clean
 AIRFLOW_VENV := .venv-airflow

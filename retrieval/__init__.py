@@ -10,3 +10,9 @@ import os
 # README). It must be set before libgomp loads, i.e. before faiss is first imported; a value
 # the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# TensorFlow logs a few lines at import before it reads TF_CPP_MIN_LOG_LEVEL; hold them to it in
+# every process that imports TensorFlow through this package (see native_logs.py).
+from retrieval.native_logs import filter_tensorflow_import
+
+filter_tensorflow_import()

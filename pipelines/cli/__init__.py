@@ -9,11 +9,11 @@ errors.py    what ends in one line and exit status 2 instead of a traceback
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import warnings
 
 from pipelines.cli.commands import COMMANDS
 from pipelines.cli.demo import benchmarks_dir
@@ -22,6 +22,34 @@ from pipelines.cli.options import attach_beam_args
 from pipelines.cli.parser import build_parser
 
 __all__ = ["CommandError", "benchmarks_dir", "build_parser", "main"]
+
+# Third-party warnings a run cannot act on, hidden unless --verbose (Python's -W syntax; passed on
+# to worker processes through PYTHONWARNINGS): tensorflow_hub imports pkg_resources, and the LiteRT
+# converter asks for statistics of the inputs, which stay float.
+QUIET_WARNINGS = (
+    "ignore:pkg_resources is deprecated as an API:UserWarning:tensorflow_hub",
+    "ignore:Statistics for quantized inputs were expected:UserWarning:"
+    "tensorflow.lite.python.convert",
+)
+
+
+def _quiet_native_logs(verbose: bool) -> None:
+    """Unless --verbose, TensorFlow's C++ log shows fatal errors only (TF_CPP_MIN_LOG_LEVEL=3:
+    no "failed call to cuInit", no oneDNN or CPU-instruction notices, and through
+    retrieval/native_logs.py none of the lines it logs while loading) and known third-party
+    warnings are off. Set before TensorFlow is imported (it is imported lazily, by the commands)
+    and inherited by the runners' worker processes. A value the user exported wins."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for entry in QUIET_WARNINGS:
+        action, message, category, module = entry.split(":")
+        warnings.filterwarnings(action, message, getattr(builtins, category), module)
+    # Later entries win: the user's own PYTHONWARNINGS stays after ours.
+    given = [e for e in os.environ.get("PYTHONWARNINGS", "").split(",") if e]
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        [*(e for e in QUIET_WARNINGS if e not in given), *given]
+    )
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -34,11 +62,21 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
             logging.ERROR
         )
+        # TensorFlow's Python side logs its deprecation advice through absl's logger (e.g. the
+        # converter's "Please consider providing the trackable_obj argument"). A handler filter,
+        # not a level on logging.getLogger("absl"): absl must create that logger itself.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_no_absl_notices)
+
+
+def _no_absl_notices(record: logging.LogRecord) -> bool:
+    return record.name != "absl" or record.levelno >= logging.ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(attach_beam_args(sys.argv[1:] if argv is None else argv))
+    _quiet_native_logs(bool(args.verbose))
     _configure_logging(bool(args.verbose))
     try:
         return COMMANDS[args.command](args)

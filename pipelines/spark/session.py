@@ -67,7 +67,11 @@ def session_conf(settings: SparkSettings) -> dict[str, str]:
         "spark.ui.showConsoleProgress": "false",
         # Each Python worker keeps its model loaded across tasks (the default; stated on purpose).
         "spark.python.worker.reuse": "true",
-        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
+        # Python workers log TensorFlow's C++ lines as the launcher does (the CLI's quiet default
+        # or the user's value; the JVM passes this on even in local mode, so --verbose shows all).
+        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": os.environ.get(
+            "TF_CPP_MIN_LOG_LEVEL", "0" if settings.verbose else "2"
+        ),
     }
     if settings.is_local:
         conf.update(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrieval.native_logs import filtered_stderr
 from retrieval.runtimes.spec import require
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ def convert_to_tflite(
         converter.representative_dataset = representative_dataset
     elif precision != "fp32":
         raise ValueError(f"LiteRT precision must be fp32, fp16 or int8, not {precision!r}")
-    return converter.convert()
+    with filtered_stderr():  # the converter prints its quantizer settings ("fully_quantize: ...")
+        return converter.convert()
 
 
 class TFLiteRunner:
@@ -72,7 +74,8 @@ class TFLiteRunner:
         self.threads = threads
         self._ready: OrderedDict[tuple[int, ...], object] = OrderedDict()
         self.interpreters_built = 0
-        probe = self._interpreter((1, 64, 64, 3))
+        with filtered_stderr():  # LiteRT's "Created TensorFlow Lite XNNPACK delegate for CPU."
+            probe = self._interpreter((1, 64, 64, 3))
         self.dim = int(probe.get_output_details()[0]["shape"][-1])
 
     def _interpreter(self, shape: tuple[int, ...]):
