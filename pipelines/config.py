@@ -50,10 +50,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from pipelines import settings
 from retrieval.descriptors.gem import GeMConfig
 from retrieval.extraction import DEFAULT_SHARD_SIZE
 from retrieval.images import DecodeLimits
@@ -146,86 +148,22 @@ class RunConfig:
         return d
 
 
-# Flat names (as on the command line) -> where they live in RunConfig.
-_GEM_KEYS = {
-    "backbone": "backbone",
-    "image_size": "image_size",
-    "scales": "scales",
-    "gem_p": "p",
-    "runtime": "runtime",
-    "calibration": "calibration",
-}
-_LIMIT_KEYS = {f.name for f in fields(DecodeLimits)}
-_TOP_KEYS = {
-    "runner",
-    "device",
-    "workers",
-    "threads_per_worker",
-    "beam_args",
-    "master",
-    "spark_conf",
-    "verbose",
-    "shard_size",
-    "index_factory",
-    "sample_size",
-    "max_index_memory",
-    "pretransform",
-    "seed",
-    "nprobe",
-    "group_vectors",
-    "fan_in",
-    "pieces",
-    "on_disk",
-    "qe",
-    "qe_alpha",
-    "verify",
-    "verified_qe",
-    "learn",
-    "whitening_dim",
-    "whitening_shrinkage",
-}
-_LOCAL_KEYS = {
-    "local_features": "method",
-    "local_image_size": "image_size",
-    "local_max_features": "max_features",
-    "local_dtype": "dtype",
-}
-_VERIFY_KEYS = {
-    "shortlist": "shortlist",
-    "min_inliers": "min_inliers",
-    "verify_workers": "workers",
-}
-_MINING_KEYS = {
-    "mine_neighbours": "neighbours",
-    "mine_min_inliers": "min_inliers",
-    "mine_sample_size": "sample_size",
-    "mine_min_pairs": "min_pairs",
-}
-
-
 # What a bundle records (``pipelines/job.py``): the settings that describe a query as the corpus
-# was described, and answer it as the job was built to.
-QUERY_SETTINGS = (
-    *_GEM_KEYS,
-    *sorted(_LIMIT_KEYS),
-    *_LOCAL_KEYS,
-    *_VERIFY_KEYS,
-    "verified_qe",
-    "nprobe",
-    "qe",
-    "qe_alpha",
+# was described, and answer it as the job was built to (the extract and search stages').
+QUERY_SETTINGS = tuple(
+    s.name
+    for s in settings.SETTINGS
+    if ({"extract", "search"} & set(s.stages)) and s.name not in ("shard_size", "device")
 )
+
+# Sections read by `retrieval submit` only (how to reach a cluster), not run settings.
+SUBMIT_SECTIONS = ("dataflow", "spark")
 
 
 def flat_settings(config: RunConfig) -> dict[str, Any]:
     """``config`` in flat names (as on the command line and in config files)."""
-    flat: dict[str, Any] = {k: getattr(config, k) for k in _TOP_KEYS}
-    flat.update({k: getattr(config.gem, v) for k, v in _GEM_KEYS.items()})
+    flat = {s.name: settings.read_path(config, s.path) for s in settings.SETTINGS}
     flat["scales"] = list(config.gem.scales)
-    flat.update({k: getattr(config.limits, k) for k in _LIMIT_KEYS})
-    flat.update({k: getattr(config.local, v) for k, v in _LOCAL_KEYS.items()})
-    flat.update({k: getattr(config.verification, v) for k, v in _VERIFY_KEYS.items()})
-    flat.update({k: getattr(config.mining, v) for k, v in _MINING_KEYS.items()})
     if not config.verify:
         flat["shortlist"] = 0
     flat["beam_args"] = list(config.beam_args)
@@ -238,18 +176,20 @@ def bundle_settings(config: RunConfig) -> dict[str, Any]:
     return {k: flat[k] for k in QUERY_SETTINGS}
 
 
-# Sections read by `retrieval submit` only (how to reach a cluster), not run settings.
-SUBMIT_SECTIONS = ("dataflow", "spark")
-
-
 def read_raw_config(path: str) -> dict[str, Any]:
     """A TOML/JSON config file as written (sections as dicts)."""
-    with open(path, "rb") as f:
-        return json.load(f) if path.endswith(".json") else tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            return json.load(f) if path.endswith(".json") else tomllib.load(f)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        what = "JSON" if path.endswith(".json") else "TOML"
+        raise ValueError(f"{path}: not valid {what}: {exc}") from None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Flatten a TOML/JSON config file's sections into command-line names."""
+    """A TOML/JSON config file's settings in flat names (sections are for people: a key means
+    the same in any of them), each checked against its declaration (``pipelines/settings.py``):
+    an unknown key or a value of the wrong type is refused with one line naming it."""
     raw = read_raw_config(path)
     flat: dict[str, Any] = {}
     for key, value in raw.items():
@@ -261,52 +201,55 @@ def read_config_file(path: str) -> dict[str, Any]:
             flat.update(value)
         else:
             flat[key] = value
-    aliases = {"factory": "index_factory"}
-    flat = {aliases.get(k, k): v for k, v in flat.items()}
-    known = set(_GEM_KEYS) | _LIMIT_KEYS | _TOP_KEYS | set(_LOCAL_KEYS) | set(_VERIFY_KEYS)
-    unknown = set(flat) - known - set(_MINING_KEYS)
+    flat = {settings.ALIASES.get(k, k): v for k, v in flat.items()}
+    unknown = sorted(set(flat) - set(settings.BY_NAME))
     if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        raise ValueError(f"{path}: unknown settings {unknown}")
+    for name, value in flat.items():
+        settings.check_file_value(settings.BY_NAME[name], value, path)
     return flat
 
 
-def build_config(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from flat ``values`` (None means "not given") over ``base``."""
-    config = base or RunConfig()
-    given = {k: v for k, v in values.items() if v is not None}
-    gem = {_GEM_KEYS[k]: v for k, v in given.items() if k in _GEM_KEYS}
-    if "scales" in gem:
-        gem["scales"] = tuple(float(s) for s in gem["scales"])
-    limits = {k: v for k, v in given.items() if k in _LIMIT_KEYS}
-    top = {k: v for k, v in given.items() if k in _TOP_KEYS}
-    if isinstance(top.get("max_index_memory"), str):
+def _converted(setting: settings.Setting, value: Any, config: RunConfig) -> Any:
+    kind = setting.kind
+    if kind == "floats":
+        return tuple(float(v) for v in value)
+    if kind == "size" and isinstance(value, str):
         from retrieval.index.factory import parse_bytes
 
-        top["max_index_memory"] = parse_bytes(top["max_index_memory"])
-    if "beam_args" in top and isinstance(top["beam_args"], str):
-        import shlex
+        return parse_bytes(value)
+    if kind == "strings":
+        return tuple(shlex.split(value)) if isinstance(value, str) else tuple(value)
+    if kind == "table":
+        return parse_spark_conf(value, dict(config.spark_conf))
+    return value
 
-        top["beam_args"] = tuple(shlex.split(top["beam_args"]))
-    elif "beam_args" in top:
-        top["beam_args"] = tuple(top["beam_args"])
-    local = {_LOCAL_KEYS[k]: v for k, v in given.items() if k in _LOCAL_KEYS}
-    verification = {_VERIFY_KEYS[k]: v for k, v in given.items() if k in _VERIFY_KEYS}
-    if verification.get("shortlist") == 0:  # --shortlist 0 turns verification off
-        verification.pop("shortlist")
-        top["verify"] = False
-    mining = {_MINING_KEYS[k]: v for k, v in given.items() if k in _MINING_KEYS}
-    mining.setdefault("seed", given.get("seed", config.mining.seed))
-    if "spark_conf" in top:
-        top["spark_conf"] = parse_spark_conf(top["spark_conf"], dict(config.spark_conf))
-    return replace(
-        config,
-        gem=replace(config.gem, **gem),
-        limits=replace(config.limits, **limits),
-        local=replace(config.local, **local),
-        verification=replace(config.verification, **verification),
-        mining=replace(config.mining, **mining),
-        **top,
-    )
+
+def build_config(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from flat ``values`` (None means "not given"; names that are not settings,
+    such as a command's --input, are ignored) over ``base``."""
+    config = base or RunConfig()
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        name = settings.ALIASES.get(name, name)
+        setting = settings.BY_NAME.get(name)
+        if setting is None or value is None:
+            continue
+        value = _converted(setting, value, config)
+        if name == "shortlist":  # --shortlist 0 turns verification off, K > 0 on
+            top["verify"] = value != 0
+            if value == 0:
+                continue
+        if name == "seed":  # one seed for the codebook's sample and the mining sample
+            nested.setdefault("mining", {})["seed"] = value
+        head, _, field_name = setting.path.rpartition(".")
+        if head:
+            nested.setdefault(head, {})[field_name] = value
+        else:
+            top[field_name] = value
+    parts = {head: replace(getattr(config, head), **fields_) for head, fields_ in nested.items()}
+    return replace(config, **parts, **top)
 
 
 def parse_spark_conf(

@@ -271,3 +271,50 @@ def test_errors_are_redacted(tmp_path, capsys):
     code = cli.main(["extract", "--input", secret.replace("https", "foo"), "--output", "o"])
     err = capsys.readouterr().err
     assert code == 2 and "hunter2" not in err and "deadbeef" not in err and "***" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[extract]\nshard_size = "eight"\n', "shard_size = 'eight': expected an integer"),
+        ("[extract]\nshard_size = 8.5\n", "shard_size = 8.5: expected an integer"),
+        ("[index]\nnprobe = true\n", "nprobe = True: expected an integer"),
+        ('[learn]\nlearn = "yes"\n', "learn = 'yes': expected true or false"),
+        ("[extract]\nscales = [1, 'x']\n", "expected a list of numbers"),
+        ('[extract]\nruntime = "tflite-int4"\n', "runtime = 'tflite-int4': one of tensorflow"),
+        ("[extract\nshard_size = 8\n", "not valid TOML"),
+    ],
+)
+def test_a_wrong_type_in_a_config_file_is_one_line(tmp_path, capsys, text, message):
+    """Each setting's type comes from its declaration (pipelines/settings.py): a config file's
+    value of another type is refused by name, never rounded or passed on to fail later."""
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    argv = ["extract", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert cli.main([*argv, "--config", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("retrieval: error: "), lines
+    assert message in lines[0] and str(path) in lines[0]
+
+
+def test_every_setting_is_a_flag_a_file_key_and_documented():
+    """One declaration per setting: its flag parses to the same configuration as its config
+    file key, and its help names the default the run configuration holds."""
+    from pipelines import settings
+
+    parser = cli.build_parser()
+    evaluate = next(
+        a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "evaluate"
+    )[1]
+    flags = {a.dest: a for a in evaluate._actions}
+    for setting in settings.SETTINGS:
+        if setting.group == "top":  # --verbose: the top-level flag
+            continue
+        assert setting.name in flags, setting.name
+        assert flags[setting.name].help, setting.name
+    assert "(default 362)" in flags["image_size"].help
+    assert "(default 256)" in flags["shard_size"].help
+    via_flag = config_from_args(
+        parser.parse_args(["evaluate", "--benchmark", "b", "--out", "o", "--shard-size", "8"])
+    )
+    assert via_flag == build_config({"shard_size": 8})

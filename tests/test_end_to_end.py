@@ -70,7 +70,7 @@ def _search(ukbench_run, out, *flags) -> list[dict]:
             [
                 "search",
                 "--index",
-                str(ukbench_run / "default" / "index"),
+                str(ukbench_run / "index"),  # the bare index folder, not the bundle
                 "--queries",
                 str(ukbench_run / "descriptors"),
                 "--output",

@@ -56,8 +56,16 @@ def test_spark_cluster_submission_answers_like_evaluate(spark_cluster, ukbench_r
     )
     results = pq.read_table(out / "results" / "results.parquet")
     assert results.column_names == ["query_id", "rank", "id", "uri", "score", "inliers"]
-    # The work ran on the cluster's executors (the workers' own folders), not in a driver.
-    assert spark_cluster.executor_logs(), "no executor ran on the cluster's workers"
+    # The work ran on the cluster's executors (their logs in the workers' folders), not in a
+    # driver of its own, and the application finished.
+    apps = [a for a in spark_cluster.state()["completedapps"] if a["name"] == "cbir-index"]
+    assert apps, spark_cluster.state()
+    tasks = sum(
+        log.read_text(errors="replace").count("Finished task")
+        for work_dir in spark_cluster.work_dirs
+        for log in work_dir.glob(f"{apps[-1]['id']}/*/stderr")
+    )
+    assert tasks >= 3  # extract, index, query extract: each ran at least one task there
 
 
 def test_beam_form_of_the_dataflow_job_answers_like_evaluate(ukbench_run, tmp_path):

@@ -62,7 +62,7 @@ def assert_same_results(reference: Path, other: Path) -> None:
     report_a = json.loads((reference / "report.json").read_text())
     report_b = json.loads((other / "report.json").read_text())
     assert report_b["accounting"] == report_a["accounting"]
-    for stage in ("descriptors", "default/index_shards", "default/index"):
+    for stage in ("descriptors", "index_groups", "index"):
         summary_a = json.loads((reference / stage / "summary.json").read_text())
         summary_b = json.loads((other / stage / "summary.json").read_text())
         for key in ("inputs", "indexed", "failed", "shards"):

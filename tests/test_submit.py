@@ -102,6 +102,9 @@ def test_dataflow_dry_run_prints_every_stage_with_its_options(tmp_path, capsys):
     assert "writes gs://acme/run1/descriptors, gs://acme/run1/local_features" in out
     assert "reads gs://acme/queries" in out
     assert "gs://acme/run1/bundle.json" in out
+    # each stage's settings, from their declarations (pipelines/settings.py)
+    assert "#     settings: " in out and "image_size=362" in out and "shard_size=64" in out
+    assert "mine_neighbours=10" in out and "shortlist=100" in out
     (options,) = _commands(out)
     for expected in (
         "--runner=DataflowRunner",
@@ -267,9 +270,13 @@ def test_spark_refuses_contradictions(tmp_path, capsys, section, message):
 
 def test_flex_template_metadata_matches_its_program():
     metadata = json.loads((REPO / "deploy/dataflow/metadata.json").read_text())
+    # Generated from the setting declarations (`python pipelines/submit/flex_template.py
+    # --write-metadata`), never edited by hand: a setting added to the template is one place.
+    assert metadata == flex_template.metadata()
     assert metadata["name"] and metadata["description"]
     names = [p["name"] for p in metadata["parameters"]]
     assert names == list(flex_template.PARAMETERS)
+    assert {"image_size", "local_features", "local_image_size"} <= set(names)
     for parameter in metadata["parameters"]:
         assert {"name", "label", "helpText"} <= set(parameter)
         assert isinstance(parameter.get("isOptional", False), bool)

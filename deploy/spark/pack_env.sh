@@ -19,6 +19,6 @@ rm -rf "$ENV_DIR" && mkdir -p dist "$(dirname "$OUT")"
 "$ENV_DIR/bin/pip" install --quiet --upgrade pip wheel venv-pack
 "$ENV_DIR/bin/pip" wheel --quiet --no-deps --wheel-dir dist .
 "$ENV_DIR/bin/pip" install --quiet -c requirements/constraints.txt dist/cbir_retrieval-*.whl
-"$ENV_DIR/bin/python" -c "import pipelines.spark.extract, retrieval.descriptors.gem"
+"$ENV_DIR/bin/python" -c "import pipelines.runners.spark, pipelines.submit.driver, retrieval.descriptors.gem"
 "$ENV_DIR/bin/venv-pack" --prefix "$ENV_DIR" --output "$OUT" --force
 echo "packed: $OUT"

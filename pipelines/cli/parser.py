@@ -119,13 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptors", required=True, metavar="URI")
     p.add_argument("--codebook", required=True, metavar="URI")
     p.add_argument("--output", required=True, metavar="URI", help="index group folder")
-    p.add_argument(
-        "--group-size",
-        type=int,
-        dest="group_vectors",
-        metavar="N",
-        help="vectors per index task (default 50000); also the smallest piece of the merge",
-    )
+    options.group_options(p)
     options.runner_options(p)
 
     p = sub.add_parser(
@@ -142,17 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shards", required=True, metavar="URI", help="index group folder")
     p.add_argument("--output", required=True, metavar="URI", help="merged index folder")
-    p.add_argument(
-        "--fan-in", type=int, dest="fan_in", metavar="F", help="inputs per merge task (default 8)"
-    )
-    p.add_argument("--pieces", type=int, metavar="N", help="index pieces to write (default 1)")
-    p.add_argument(
-        "--on-disk",
-        action="store_true",
-        default=None,
-        dest="on_disk",
-        help="on-disk inverted lists (IVF index types only)",
-    )
+    options.merge_options(p)
     options.runner_options(p)
 
     p = sub.add_parser(
@@ -192,7 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, metavar="URI", help="folder for results.parquet and summary.json"
     )
     p.add_argument("--k", type=int, default=100, help="results per query (default 100)")
-    p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default 32)")
     p.add_argument(
         "--local",
         metavar="URI",
@@ -231,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, metavar="URI", help="whitening model folder")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings")
-    p.add_argument("--seed", type=int, help="seed of the mining sample (default 0)")
     options.learn_options(p)
     options.rerank_options(p)
+    p.add_argument("--seed", type=int, help="seed of the mining sample (default 0)")
 
     p = sub.add_parser(
         "whiten",
@@ -293,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     options.extract_options(p)
     options.index_options(p)
+    options.group_options(p)
+    options.merge_options(p)
+    options.job_options(p)
+    options.learn_options(p)
+    options.rerank_options(p)
     options.runner_options(p)
 
     p = sub.add_parser(
@@ -392,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         options.extract_options(p)
         options.index_options(p)
+        options.group_options(p)
+        options.merge_options(p)
         group = p.add_argument_group("re-ranking and learning")
         options.rerank_options(group)
         group.add_argument(
@@ -401,13 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="score only the default pipeline and the `global` floor (skips the other "
             "rows: faster)",
         )
-        group.add_argument(
-            "--no-learn",
-            dest="learn",
-            action="store_false",
-            default=None,
-            help="skip mining pairs and learning a whitening",
-        )
+        options.job_options(group)
         options.learn_options(group)
         options.runner_options(p)
 

@@ -8,10 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import job
+from pipelines import job, settings
 from pipelines.config import (
     RunConfig,
     build_config,
+    flat_settings,
     parse_spark_conf,
     read_config_file,
     read_raw_config,
@@ -58,11 +59,15 @@ def job_plan(config: RunConfig, input: str, output: str, queries: str | None) ->
     """The job's stages as a dry run prints them (from ``pipelines.job``: what runs)."""
     chosen = job.stages_for(config, queries=bool(queries))
     layout = job.JobLayout(output)
+    flat = flat_settings(config)
     lines = []
     for number, stage in enumerate(chosen, start=1):
         source = queries if stage in job.QUERY_STAGES else input
         described = stage.describe(layout, source).replace("\n", "\n#   ")
         lines.append(f"# {number}/{len(chosen)} {described}")
+        values = settings.describe_values(stage.name, flat)
+        if values:  # what the stage reads, from the setting declarations
+            lines.append(f"#     settings: {values}")
     lines.append(f"#   bundle: {layout.bundle} (what `retrieval search --index {output}` reads)")
     return lines
 

@@ -54,11 +54,13 @@ class SparkSubmitSettings:
     deploy_mode: str = "client"
     env_archive: str | None = None  # venv-pack archive with the project (not on Kubernetes)
     container_image: str | None = None  # Kubernetes: the image holding the project
-    executor_memory: str = "4g"
-    executor_cores: int = 2
+    # None: the cluster manager's own default (a standalone worker gives an executor all its
+    # cores and 1g; YARN 1 core). A value no worker can offer leaves the job waiting forever.
+    executor_memory: str | None = None
+    executor_cores: int | None = None
     task_cpus: int = 1
     num_executors: int | None = None
-    driver_memory: str = "4g"
+    driver_memory: str | None = None
     cluster: str | None = None  # Dataproc cluster name
     region: str | None = None  # Dataproc region
     project: str | None = None  # Dataproc project (default: gcloud's)
@@ -93,7 +95,7 @@ class SparkSubmitSettings:
             problems.append(f"spark.deploy_mode is 'client' or 'cluster', not {self.deploy_mode!r}")
         if self.master and self.master.startswith("local") and self.deploy_mode == "cluster":
             problems.append("a local master has no cluster to deploy the driver to")
-        if self.task_cpus > self.executor_cores:
+        if self.executor_cores is not None and self.task_cpus > self.executor_cores:
             problems.append(
                 f"spark.task_cpus ({self.task_cpus}) exceeds executor_cores "
                 f"({self.executor_cores}): no task could ever be scheduled"
@@ -120,11 +122,14 @@ def spark_properties(
     settings: SparkSubmitSettings, spark_conf: dict[str, str], *, dataproc: bool = False
 ) -> dict[str, str]:
     """Spark settings of the application: the project's, then ``[spark_conf]`` (which wins)."""
-    props = {
+    sizes = {
         "spark.executor.memory": settings.executor_memory,
-        "spark.executor.cores": str(settings.executor_cores),
-        "spark.task.cpus": str(settings.task_cpus),
+        "spark.executor.cores": settings.executor_cores,
         "spark.driver.memory": settings.driver_memory,
+    }
+    props = {
+        **{key: str(value) for key, value in sizes.items() if value is not None},
+        "spark.task.cpus": str(settings.task_cpus),
         # Arrow carries image references and descriptors between the JVM and Python workers.
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.python.worker.reuse": "true",  # one model per Python worker, kept across tasks
