@@ -70,7 +70,7 @@ from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import DEFAULT_VERIFIED_QE, RerankConfig
 from retrieval.rerank.spatial import VerificationConfig
 
-RUNNERS = ("beam", "spark", "local")
+RUNNERS = tuple(settings.RUNNERS)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,15 @@ from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 SIZE = re.compile(r"\s*\d+(\.\d+)?\s*[KMGT]?i?B?\s*", re.IGNORECASE)
 
 
+# The runners (``--runner``): name -> where its class lives (imported only when chosen). A new
+# runner is a module in pipelines/runners/ and one entry here.
+RUNNERS: dict[str, str] = {
+    "beam": "pipelines.runners.beam:BeamRunner",
+    "spark": "pipelines.runners.spark:SparkRunner",
+    "local": "pipelines.runners.local:LocalRunner",
+}
+
+
 class SettingError(ValueError):
     """A setting with a value of the wrong type or out of its choices (one line, exit 2)."""
 
@@ -83,7 +92,7 @@ SETTINGS: tuple[Setting, ...] = (
        "beam: Apache Beam, locally on the FnApiRunner with --workers processes, or on Dataflow "
        "via --beam-args; spark: PySpark, locally local[--workers], or a cluster via --master / "
        "--spark-conf; local: one process, no runner (debugging, baselines)",
-       choices=("beam", "spark", "local")),
+       choices=tuple(RUNNERS)),
     _s("workers", "int", "workers", ["run"], "", "runner",
        "parallel workers of a local run: Beam worker processes, or Spark's local[N] "
        "(default: CPU cores)", metavar="N", show_default=False),

@@ -65,7 +65,9 @@ def test_spark_cluster_submission_answers_like_evaluate(spark_cluster, ukbench_r
         for work_dir in spark_cluster.work_dirs
         for log in work_dir.glob(f"{apps[-1]['id']}/*/stderr")
     )
-    assert tasks >= 3  # extract, index, query extract: each ran at least one task there
+    # The corpus's shard and the queries' shard were extracted there (a single index group
+    # and merge task run in the driver: starting a task for one costs more than it saves).
+    assert tasks >= 2
 
 
 def test_beam_form_of_the_dataflow_job_answers_like_evaluate(ukbench_run, tmp_path):
@@ -172,3 +174,42 @@ def test_reindex_keeps_the_whole_default(tmp_path):
         scores[name] = results_map(out / "results.parquet", benchmark)
     assert scores["reindexed"] == pytest.approx(scores["rebuilt"], abs=0.5)
     assert scores["rebuilt"] > 80  # a real ranking, not two equally broken ones
+
+
+@pytest.fixture(scope="module")
+def oxford_default(tmp_path_factory) -> tuple[Path, float]:
+    """`retrieval evaluate --default-only` on oxford-dev: its folder and default row's mAP."""
+    folder = require_benchmark("oxford-dev")
+    out = tmp_path_factory.mktemp("oxford-evaluate")
+    argv = ["evaluate", "--benchmark", str(folder), "--out", str(out), "--default-only"]
+    assert cli.main([*argv, "--runner", "local"]) == 0
+    default = evaluate_default(out)
+    assert default["name"] == "global+lw+sv+vqe" and default["mAP"] >= 65.5
+    return folder, default["mAP"]
+
+
+@pytest.mark.slow
+def test_oxford_dev_submission_answers_like_evaluate(spark_cluster, oxford_default, tmp_path):
+    folder, expected = oxford_default
+    out = tmp_path / "job"
+    images = str(folder / "images")
+    argv = ["submit", "--runner", "spark", "--master", spark_cluster.master, "--k", "502"]
+    assert cli.main([*argv, "--input", images, "--queries", images, "--output", str(out)]) == 0
+    got = results_map(out / "results" / "results.parquet", folder)
+    assert got == pytest.approx(expected, abs=0.1)
+
+
+@pytest.mark.slow
+def test_oxford_dev_reindexed_version_answers_like_evaluate(oxford_default, tmp_path):
+    """A version built by the nightly `reindex` (here its first) answers `search --index ROOT
+    --query-images` within 0.5 of evaluate's default row."""
+    from pipelines.config import RunConfig
+    from pipelines.reindex import reindex
+
+    folder, expected = oxford_default
+    root = tmp_path / "root"
+    reindex(str(folder / "images"), str(root), RunConfig(runner="local"))
+    out = tmp_path / "search"
+    argv = ["search", "--index", str(root), "--query-images", str(folder / "images")]
+    assert cli.main([*argv, "--k", "502", "--output", str(out), "--runner", "local"]) == 0
+    assert results_map(out / "results.parquet", folder) == pytest.approx(expected, abs=0.5)

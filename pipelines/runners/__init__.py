@@ -6,8 +6,8 @@
 
 The runner is chosen once (``--runner``); every stage asks :func:`runner_for` for it. Adding a
 runner (Ray, say) is one module implementing :class:`~pipelines.runners.base.Runner` and one line
-in ``RUNNERS``: its name, and where its class lives (imported only when chosen, so a Spark run
-never imports Beam).
+in ``pipelines.settings.RUNNERS``: its name, and where its class lives (imported only when
+chosen, so a Spark run never imports Beam); the flag's choices and the config check follow.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ import importlib
 from typing import TYPE_CHECKING
 
 from pipelines.runners.base import Runner, WorkerTask
+from pipelines.settings import RUNNERS
 
 if TYPE_CHECKING:
     from pipelines.config import RunConfig
 
-RUNNERS: dict[str, str] = {
-    "local": "pipelines.runners.local:LocalRunner",
-    "beam": "pipelines.runners.beam:BeamRunner",
-    "spark": "pipelines.runners.spark:SparkRunner",
-}
 
 __all__ = ["RUNNERS", "Runner", "WorkerTask", "runner_for"]
 
