@@ -213,3 +213,16 @@ def test_oxford_dev_reindexed_version_answers_like_evaluate(oxford_default, tmp_
     argv = ["search", "--index", str(root), "--query-images", str(folder / "images")]
     assert cli.main([*argv, "--k", "502", "--output", str(out), "--runner", "local"]) == 0
     assert results_map(out / "results.parquet", folder) == pytest.approx(expected, abs=0.5)
+
+
+@pytest.mark.slow
+def test_oxford_dev_beam_form_answers_like_evaluate(oxford_default, tmp_path):
+    from pipelines.config import RunConfig
+    from pipelines.submit.driver import run_job
+
+    folder, expected = oxford_default
+    images = str(folder / "images")
+    out = tmp_path / "job"
+    run_job(images, str(out), RunConfig(runner="beam", workers=2), queries=images, k=502)
+    got = results_map(out / "results" / "results.parquet", folder)
+    assert got == pytest.approx(expected, abs=0.1)

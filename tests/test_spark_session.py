@@ -36,9 +36,9 @@ def test_verbose_keeps_sparks_own_logging_and_user_settings_win():
 
 def test_the_running_session_is_shared(spark):
     from pipelines.config import RunConfig
-    from pipelines.stages import spark_session
+    from pipelines.runners.spark import session_for
 
-    settings, session = spark_session(RunConfig(runner="spark", workers=2))
+    settings, session = session_for(RunConfig(runner="spark", workers=2))
     assert session is spark and session.sparkContext.master == "local[2]"
     assert settings.is_local
 

@@ -34,5 +34,5 @@ class LocalRunner(Runner):
             return
         state = task.setup()
         unit = "shard" if progress_dir else "task"
-        for item in tqdm(items, desc=label, unit=unit, disable=len(items) < 2):
+        for item in tqdm(items, desc=label, unit=unit):
             task.run(state, item)
