@@ -275,7 +275,12 @@ def whiten_once(layout: JobLayout, whitening_dir: str, timings: dict[str, float]
     record = storage.read_json(storage.join(whitening_dir, INFO_FILE))
     if source and len(done) == len(source):
         wanted = whitened_model_info(source[0]["model"], record, whitening_dir)["config_hash"]
-        if all(m["model"]["config_hash"] == wanted for m in done):
+        same = all(
+            w["model"]["config_hash"] == wanted
+            and (w["shard"], w["rows"], w["errors"]) == (r["shard"], r["rows"], r["errors"])
+            for w, r in zip(done, source, strict=True)
+        )  # a shard extracted again since (a transient error retried) is whitened again
+        if same:
             log.info("%s: whitened with the same whitening, kept", layout.whitened_descriptors)
             timings["whiten_s"] = round(time.perf_counter() - start, 3)
             return

@@ -226,3 +226,22 @@ def test_oxford_dev_beam_form_answers_like_evaluate(oxford_default, tmp_path):
     run_job(images, str(out), RunConfig(runner="beam", workers=2), queries=images, k=502)
     got = results_map(out / "results" / "results.parquet", folder)
     assert got == pytest.approx(expected, abs=0.1)
+
+
+def test_a_rerun_of_the_job_keeps_what_it_committed(ukbench_run, tmp_path):
+    """Every stage is idempotent: run again over its own output, the job extracts nothing,
+    keeps its whitening (learned from the same inputs), its whitened shards and its codebook,
+    and leaves the same bundle."""
+    from pipelines import job
+    from pipelines.config import RunConfig
+
+    out = tmp_path / "again"
+    shutil.copytree(ukbench_run, out)
+    kept = ["whitening/whitening.json", "whitened_descriptors/part-00000.manifest.json"]
+    kept += ["codebook/codebook.json"]
+    before = {name: (out / name).stat().st_mtime_ns for name in kept if (out / name).exists()}
+    assert len(before) == len(kept), sorted(p.name for p in out.iterdir())
+    record = job.run_index_job(str(out / "images.csv"), str(out), RunConfig(shard_size=16))
+    assert record["summaries"]["extract"]["shards_skipped"] == 4
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == before
+    assert record["whitening"] == "whitening" and record["learning"]["sha256"]
