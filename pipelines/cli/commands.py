@@ -102,17 +102,10 @@ def search(args: argparse.Namespace) -> int:
 
 def given_search_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The search settings a user gave (flags, or the config file), over a bundle's defaults."""
+    from pipelines import settings
     from pipelines.config import read_config_file
 
-    names = (
-        "nprobe",
-        "qe",
-        "qe_alpha",
-        "shortlist",
-        "min_inliers",
-        "verified_qe",
-        "verify_workers",
-    )
+    names = [s.name for s in settings.SETTINGS if s.group in ("expansion", "rerank")]
     given = read_config_file(args.config) if getattr(args, "config", None) else {}
     values = {k: v for k, v in given.items() if k in names}
     values.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
