@@ -48,7 +48,6 @@ from retrieval.plan import PlanError
 from retrieval.rerank.shortlist import RerankConfig, Reranked, rerank_search, reranked_table
 from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
-from retrieval.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -634,17 +633,12 @@ def search_bundle(
         query_ids, vectors, min(k, searcher.index.ntotal), query_store.get if query_store else None
     )
     table = reranked_table(searcher.index, query_ids, ranked)
-    results = storage.join(output, "results.parquet")
-    storage.write_parquet(results, table)
-    answered = len(set(table.column("query_id").to_pylist()))
     verified = searcher.rerank is not None and query_store is not None
-    return write_summary(
+    return stages.write_results(
         output,
-        "search",
-        inputs=len(query_ids),
-        indexed=answered,
-        failed=len(query_ids) - answered,
-        timings={"search_s": time.perf_counter() - start},
+        table,
+        len(query_ids),
+        start,
         k=min(k, searcher.index.ntotal),
         bundle=bundle.root,
         index=bundle.index,
@@ -652,5 +646,4 @@ def search_bundle(
         query_expansion={"n": config.expansion.n, "alpha": config.expansion.alpha},
         rerank=searcher.rerank.as_dict() if verified and searcher.rerank else None,
         rerank_stats=ranked.stats or None,
-        results=results,
     )

@@ -213,23 +213,37 @@ def search(
         rerank_stats = reranked.stats
     else:
         table = index.results_table(query_ids, vectors, k, expansion)
+    return write_results(
+        output,
+        table,
+        len(query_ids),
+        start,
+        k=min(k, index.ntotal),
+        query_expansion={"n": expansion.n, "alpha": expansion.alpha},
+        whitening=index.manifest["model"].get("whitening"),
+        rerank=rerank.as_dict() if rerank is not None and rerank_stats is not None else None,
+        rerank_stats=rerank_stats,
+        index=index_dir,
+    )
+
+
+def write_results(
+    output: str, table: Any, queries: int, start: float, **record: Any
+) -> dict[str, Any]:
+    """The search stage's output: ``output``/results.parquet and its summary.json (queries =
+    answered + failed), with ``record`` (k, whitening, re-ranking, ...) in the summary."""
     results = storage.join(output, "results.parquet")
     storage.write_parquet(results, table)
     answered = len(set(table.column("query_id").to_pylist()))
     return write_summary(
         output,
         "search",
-        inputs=len(query_ids),
+        inputs=queries,
         indexed=answered,
-        failed=len(query_ids) - answered,
+        failed=queries - answered,
         timings={"search_s": time.perf_counter() - start},
-        k=min(k, index.ntotal),
-        query_expansion={"n": expansion.n, "alpha": expansion.alpha},
-        whitening=index.manifest["model"].get("whitening"),
-        rerank=rerank.as_dict() if rerank is not None and rerank_stats is not None else None,
-        rerank_stats=rerank_stats,
         results=results,
-        index=index_dir,
+        **record,
     )
 
 
