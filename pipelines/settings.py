@@ -153,6 +153,10 @@ SETTINGS: tuple[Setting, ...] = (
        "reject images whose shorter side is below N pixels", metavar="N"),
     _s("max_decoded_bytes", "int", "limits.max_decoded_bytes", EXTRACT, "extract", "descriptor",
        "reject images whose decoded pixels would take more than N bytes", metavar="N"),
+    _s("max_jpeg_buffer_bytes", "int", "limits.max_jpeg_buffer_bytes", EXTRACT, "extract",
+       "descriptor", "reject progressive JPEGs whose full-size coefficient buffer (2 bytes per "
+       "pixel and component, whatever the decode scale) would take more than N bytes",
+       metavar="N"),
     # index
     _s("index_factory", "str", "index_factory", ("train",), "index", "index",
        "faiss index_factory string, or 'auto': IDMap2,Flat up to 20k vectors, OPQ-IVF-PQ "

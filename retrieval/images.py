@@ -61,6 +61,10 @@ class DecodeLimits:
     min_side: int = 16
     # Memory the decoded pixels may take (after JPEG draft scaling), checked before decoding.
     max_decoded_bytes: int = 512 * 1024 * 1024
+    # A progressive (or multi-scan) JPEG is decoded from a buffer of all its DCT coefficients at
+    # full size, 2 bytes per pixel and component whatever the draft scale: libjpeg needs every
+    # scan before any pixel. Checked before decoding; 128 MiB takes a 44 MP 4:2:0 photo.
+    max_jpeg_buffer_bytes: int = 128 * 1024 * 1024
 
 
 class ImageError(Exception):
@@ -133,6 +137,15 @@ def decode_image(
                     f"declared size {declared_w}x{declared_h} is over the "
                     f"{limits.max_pixels}-pixel limit",
                 )
+            if image.format == "JPEG":
+                buffer_bytes = jpeg_coefficient_buffer_bytes(data)
+                if buffer_bytes > limits.max_jpeg_buffer_bytes:
+                    raise ImageError(
+                        "too_large",
+                        f"progressive JPEG {declared_w}x{declared_h}: decoding it needs a "
+                        f"{buffer_bytes}-byte coefficient buffer, over the "
+                        f"{limits.max_jpeg_buffer_bytes}-byte limit",
+                    )
             if max_side and image.format == "JPEG":
                 side = JPEG_DRAFT_MARGIN * max_side
                 image.draft("RGB", (side, side))
@@ -192,6 +205,77 @@ def decode_image(
     }
     rgb = shrink(rgb, max_side) if max_side else rgb
     return DecodedImage(np.asarray(rgb, dtype=np.uint8), width, height, tuple(notes), copies)
+
+
+# Start-of-frame markers (SOF0..SOF15 less DHT, JPG and DAC) and the progressive ones among them.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+# Markers without a length field.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8, _JPEG_EOI})
+
+
+def jpeg_coefficient_buffer_bytes(data: bytes) -> int:
+    """Bytes of the whole-image DCT coefficient buffer that libjpeg allocates to decode this
+    JPEG, or 0 when it decodes row by row (a baseline JPEG whose first scan holds every
+    component). Read from the headers up to the first scan, before anything is decoded.
+
+    A progressive JPEG (or one whose components come in separate scans) cannot be decoded
+    until its last scan arrives, so libjpeg keeps every 8x8 block of every component at full
+    resolution (2-byte coefficients: 128 bytes a block), and ``draft`` scaling does not shrink
+    it. Measured: a 6000x6000 4:4:4 progressive JPEG adds ~210 MB to the decoding process
+    at any draft scale, a baseline one ~6 MB.
+    """
+    frame: tuple[int, int, list[tuple[int, int]]] | None = None
+    progressive = False
+    at = 2 if data.startswith(b"\xff\xd8") else len(data)
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return 0  # not where a marker should be: leave it to the decoder
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            if marker == _JPEG_EOI:
+                return 0
+            at += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, at + 2)
+        segment = data[at + 4 : at + 2 + length]
+        if marker in _JPEG_SOF and frame is None and len(segment) >= 6:
+            progressive = marker in _JPEG_PROGRESSIVE_SOF
+            height, width = struct.unpack_from(">HH", segment, 1)
+            count = segment[5]
+            sampling = [
+                (segment[6 + 3 * i + 1] >> 4, segment[6 + 3 * i + 1] & 0x0F)
+                for i in range(count)
+                if 6 + 3 * i + 2 < len(segment)
+            ]
+            frame = (width, height, sampling)
+        elif marker == _JPEG_SOS:
+            if frame is None or not segment:
+                return 0
+            width, height, sampling = frame
+            if not sampling or not (progressive or segment[0] < len(sampling)):
+                return 0
+            return _coefficient_bytes(width, height, sampling)
+        at += 2 + length
+    return 0
+
+
+def _coefficient_bytes(width: int, height: int, sampling: list[tuple[int, int]]) -> int:
+    """libjpeg's whole-image coefficient buffer (jdcoefct.c): per component, its blocks (its
+    sampled size in 8x8 blocks, rounded up to whole MCUs) x 64 coefficients x 2 bytes."""
+    max_h = max(max(h for h, _ in sampling), 1)
+    max_v = max(max(v for _, v in sampling), 1)
+    total = 0
+    for h, v in sampling:
+        h, v = max(h, 1), max(v, 1)
+        columns = -(-width * h // (8 * max_h))
+        rows = -(-height * v // (8 * max_v))
+        total += (-(-columns // h) * h) * (-(-rows // v) * v)
+    return total * 64 * 2
 
 
 # Bytes per value of each TIFF field type (an unknown type is skipped, as readers do).
