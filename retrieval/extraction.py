@@ -62,12 +62,8 @@ def load_image(
         return error_row(ref, "list", kind, message)
     try:
         data = storage.read_bytes(ref.uri, max_bytes=limits.max_bytes)
-    except FileNotFoundError:
-        return error_row(ref, "read", "missing", "the object does not exist")
-    except storage.FileTooLargeError as exc:
-        return error_row(ref, "read", "too_large", str(exc))
-    except Exception as exc:  # after retries: permissions, network, ...
-        return error_row(ref, "read", "read_failed", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        return read_error(ref, exc)
     try:
         image = decode_image(data, max_side=max_side, limits=limits, also_sides=also_sides)
     except ImageError as exc:
@@ -75,6 +71,25 @@ def load_image(
     except Exception as exc:  # a decoder bug must cost one image, not the job
         return error_row(ref, "decode", "decoder_error", f"{type(exc).__name__}: {exc}")
     return LoadedImage(ref, storage.sha256_bytes(data), image)
+
+
+def read_error(ref: ImageRef, exc: Exception) -> ErrorRow:
+    """The error row of an input that could not be read (after the storage layer's retries).
+
+    Whatever may pass (a refused connection, a 503, a reset: fsspec's HTTP filesystem reports
+    those as "not found") is ``read_failed``, which the next run extracts again; what will not
+    pass has its own kind, kept by re-runs.
+    """
+    if isinstance(exc, storage.FileTooLargeError):
+        return error_row(ref, "read", "too_large", str(exc))
+    if storage.is_transient(exc):
+        cause = exc.__cause__ if isinstance(exc, FileNotFoundError) and exc.__cause__ else exc
+        message = f"still failing after the retries: {type(cause).__name__}: {cause}"
+        return error_row(ref, "read", "read_failed", message)
+    if isinstance(exc, FileNotFoundError):
+        return error_row(ref, "read", "missing", "the object does not exist")
+    # Permission denied and the rest: read_failed, which a re-run tries again (once fixed).
+    return error_row(ref, "read", "read_failed", f"{type(exc).__name__}: {exc}")
 
 
 def error_row(ref: ImageRef, stage: str, kind: str, message: str) -> ErrorRow:

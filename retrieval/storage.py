@@ -4,10 +4,11 @@ Everything in the project that touches storage goes through these few functions,
 stages never care where data lives. Object stores are flaky at scale, so this module is the one
 retry layer: transient errors (connection resets, timeouts, 5xx / 429 answers, short reads) are
 retried with exponential backoff and full jitter, a bounded number of times; permanent errors
-("not found", "permission denied", over the size limit) and programming errors (``TypeError``,
-``KeyError``, ...) are raised at once, because waiting does not fix them. The clients' own retry
-loops are turned off (gcsfs) or down to a single attempt (s3fs, botocore), so attempts do not
-multiply (5 here x 6 in gcsfs x ... was up to ~30 attempts per read).
+("not found", "permission denied", over the size limit, a full disk or quota, a read-only file
+system, a symbolic link loop) and programming errors (``TypeError``, ``KeyError``, ...) are
+raised at once, because waiting does not fix them. The clients' own retry loops are turned off
+(gcsfs) or down to a single attempt (s3fs, botocore), so attempts do not multiply (5 here x 6 in
+gcsfs x ... was up to ~30 attempts per read).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import hashlib
 import http.client
 import io
@@ -69,6 +71,18 @@ _TRANSIENT_CLASS_NAMES = frozenset(
     }
 )
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# OS errors that end the run instead of being retried: waiting frees no disk, grants no
+# permission and unties no link loop. (Python raises most of these as a plain OSError, which
+# would otherwise count as transient below.) errno -> how a person reads it.
+FINAL_ERRNOS: dict[int, str] = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large for the file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ELOOP: "symbolic link loop",
+}
 _TRANSIENT_S3_CODES = frozenset(
     {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "503"}
 )
@@ -82,6 +96,14 @@ def is_transient(exc: BaseException) -> bool:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, (*PERMANENT_ERRORS, FileTooLargeError)):
+            # fsspec's HTTP filesystem reports every failed request as "not found"
+            # (``raise FileNotFoundError(url) from exc``): a refused connection or a 503 would
+            # become a permanent miss. Its explicit cause decides (a real 404 has none, or a
+            # 404 answer as its cause).
+            cause = current.__cause__
+            missing = isinstance(current, FileNotFoundError)
+            return missing and cause is not None and is_transient(cause)
+        if isinstance(current, OSError) and current.errno in FINAL_ERRNOS:
             return False
         if isinstance(current, ConnectionError | TimeoutError | asyncio.TimeoutError):
             return True
@@ -102,6 +124,14 @@ def is_transient(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def final_reason(exc: BaseException) -> str | None:
+    """How a person reads an OS error that ends the run (disk full, quota, read-only, ...), or
+    None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in FINAL_ERRNOS:
+        return f"{FINAL_ERRNOS[exc.errno]} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return None
 
 
 def with_retries(
@@ -168,6 +198,11 @@ def _client_options(protocol: str) -> dict[str, Any]:
                 total=None, sock_connect=timeout, sock_read=timeout
             )
         }
+    if protocol in ("http", "https"):
+        import aiohttp  # fsspec's HTTP client
+
+        stalls = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        return {"client_kwargs": {"timeout": stalls}}
     return {}
 
 

@@ -1,23 +1,198 @@
-"""Decode memory of progressive JPEGs (issue 16, defect 10).
+"""Outages and decode memory (issue 16, defects 1 and 10).
 
+- An ``http://`` image behind a refused connection or a 503 is retried inside the run, then
+  becomes a transient ``read_failed`` row that the next run extracts again (a real local HTTP
+  server; a closed port for "refused"); a real 404 stays ``missing``.
 - A large progressive JPEG does not take the decoder's memory past a bound (measured as the
   peak RSS of a fresh process: libjpeg's buffers are invisible to tracemalloc).
 """
 
 from __future__ import annotations
 
+import csv
+import errno
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from support import free_port, pattern_images, save_tiny_saved_model
 
+from pipelines import stages
+from pipelines.config import RunConfig
+from retrieval import storage
+from retrieval.descriptors.gem import GeMConfig
 from retrieval.images import DecodeLimits, ImageError, decode_image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return save_tiny_saved_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def config(model) -> RunConfig:
+    return RunConfig(
+        runner="local",
+        shard_size=16,
+        gem=GeMConfig(backbone=f"savedmodel:{model}", image_size=64),
+    )
+
+
+def model_flags(model: Path) -> list[str]:
+    return ["--backbone", f"savedmodel:{model}", "--image-size", "64", "--runner", "local"]
+
+
+# --- outages of an http:// corpus ---------------------------------------------------------------
+
+
+class ImageServer:
+    """A local HTTP server of ``files`` (path -> bytes). ``answers[path]`` lists the status codes
+    of the next requests to that path (HEAD or GET), a 200 once it is empty; ``down`` paths
+    always answer 503. ``requests`` counts requests by path."""
+
+    def __init__(self, files: dict[str, bytes], port: int = 0) -> None:
+        self.files = files
+        self.answers: dict[str, list[int]] = {}
+        self.down: set[str] = set()
+        self.requests: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                status, body = server.answer(self.path)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def answer(self, path: str) -> tuple[int, bytes]:
+        with self.lock:
+            self.requests[path] += 1
+            if path in self.down:
+                return 503, b"down for maintenance"
+            queued = self.answers.get(path)
+            status = queued.pop(0) if queued else 200
+        if status != 200:
+            return status, b"try again later"
+        if path not in self.files:
+            return 404, b"no such image"
+        return 200, self.files[path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def write_manifest(path: Path, uris: dict[str, str]) -> str:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "uri"])
+        writer.writerows(sorted(uris.items()))
+    return str(path)
+
+
+def test_http_outages_are_retried_and_rerun(tmp_path, config, monkeypatch):
+    """Refused connections and 503s are retried inside the run; what still fails is a
+    transient row that the next run, with the servers back, indexes. A 404 stays missing."""
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # backoff is not under test
+    images = list(pattern_images(5).values())
+    files = {f"/img{i}.png": data for i, data in enumerate(images)}
+    server = ImageServer(files)
+    closed_port = free_port()  # nothing listens there: connections are refused
+    server.answers["/img1.png"] = [503, 503]  # a short outage: retried within the run
+    server.answers["/img2.png"] = [429]  # throttled once
+    server.down = {"/img3.png"}  # down for the whole first run
+    uris = {
+        "ok": f"{server.url}/img0.png",
+        "flaky": f"{server.url}/img1.png",
+        "throttled": f"{server.url}/img2.png",
+        "down": f"{server.url}/img3.png",
+        "refused": f"http://127.0.0.1:{closed_port}/img4.png",
+        "gone": f"{server.url}/nothing-here.png",
+    }
+    manifest = write_manifest(tmp_path / "list.csv", uris)
+    out = str(tmp_path / "desc")
+    back = None
+    try:
+        first = stages.extract(manifest, out, config)
+        assert first["failures_by_kind"] == {"read_failed": 2, "missing": 1}, first
+        assert first["indexed"] == 3
+        assert server.requests["/img3.png"] > 1  # retried, not given up after one answer
+        rows = {r.id: r for r in load_failures(out)}
+        assert {rows["down"].error_kind, rows["refused"].error_kind} == {"read_failed"}
+        assert rows["gone"].error_kind == "missing"
+
+        server.down = set()  # the server is back ...
+        back = ImageServer({"/img4.png": images[4]}, port=closed_port)  # ... and the other one
+        again = stages.extract(manifest, out, config)
+    finally:
+        server.close()
+        if back is not None:
+            back.close()
+    assert again["shards_retried"] == 1
+    assert (again["indexed"], again["failures_by_kind"]) == (5, {"missing": 1})
+
+
+def load_failures(out: str):
+    from retrieval.extraction import failures
+
+    return failures(out)
+
+
+def test_http_errors_are_classified_by_their_cause(tmp_path, monkeypatch):
+    """fsspec raises FileNotFoundError for every failed HTTP request: the cause decides."""
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    server = ImageServer({"/a.png": b"x"})
+    server.down = {"/b.png"}
+    try:
+        with pytest.raises(FileNotFoundError) as outage:
+            storage.read_bytes(f"{server.url}/b.png")
+        with pytest.raises(FileNotFoundError) as missing:
+            storage.read_bytes(f"{server.url}/c.png")
+        with pytest.raises(FileNotFoundError) as refused:
+            storage.read_bytes(f"http://127.0.0.1:{free_port()}/d.png")
+    finally:
+        server.close()
+    assert storage.is_transient(outage.value) and storage.is_transient(refused.value)
+    assert not storage.is_transient(missing.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), False),
+        (OSError(errno.EROFS, "Read-only file system"), False),
+        (OSError(errno.ELOOP, "Too many levels of symbolic links"), False),
+        (OSError(errno.EIO, "EIO from s3fs"), True),
+    ],
+)
+def test_final_os_errors_are_not_transient(error, transient):
+    assert storage.is_transient(error) is transient
 
 
 # --- decode memory -------------------------------------------------------------------------------
