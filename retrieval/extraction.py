@@ -9,6 +9,7 @@ for.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections import Counter, deque
@@ -88,6 +89,10 @@ def read_error(ref: ImageRef, exc: Exception) -> ErrorRow:
         return error_row(ref, "read", "read_failed", message)
     if isinstance(exc, FileNotFoundError):
         return error_row(ref, "read", "missing", "the object does not exist")
+    if isinstance(exc, storage.NotARegularFileError):
+        return error_row(ref, "read", "not_a_file", str(exc))
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return error_row(ref, "read", "symlink_loop", "a symbolic link loop (ELOOP)")
     # Permission denied and the rest: read_failed, which a re-run tries again (once fixed).
     return error_row(ref, "read", "read_failed", f"{type(exc).__name__}: {exc}")
 

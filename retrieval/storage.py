@@ -5,10 +5,10 @@ stages never care where data lives. Object stores are flaky at scale, so this mo
 retry layer: transient errors (connection resets, timeouts, 5xx / 429 answers, short reads) are
 retried with exponential backoff and full jitter, a bounded number of times; permanent errors
 ("not found", "permission denied", over the size limit, a full disk or quota, a read-only file
-system, a symbolic link loop) and programming errors (``TypeError``, ``KeyError``, ...) are
-raised at once, because waiting does not fix them. The clients' own retry loops are turned off
-(gcsfs) or down to a single attempt (s3fs, botocore), so attempts do not multiply (5 here x 6 in
-gcsfs x ... was up to ~30 attempts per read).
+system, a symbolic link loop, a local path that is not a regular file) and programming errors
+(``TypeError``, ``KeyError``, ...) are raised at once, because waiting does not fix them. The
+clients' own retry loops are turned off (gcsfs) or down to a single attempt (s3fs, botocore), so
+attempts do not multiply (5 here x 6 in gcsfs x ... was up to ~30 attempts per read).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import logging
 import os
 import posixpath
 import random
+import stat
 import time
 import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -95,7 +96,7 @@ def is_transient(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (*PERMANENT_ERRORS, FileTooLargeError)):
+        if isinstance(current, (*PERMANENT_ERRORS, FileTooLargeError, NotARegularFileError)):
             # fsspec's HTTP filesystem reports every failed request as "not found"
             # (``raise FileNotFoundError(url) from exc``): a refused connection or a 503 would
             # become a permanent miss. Its explicit cause decides (a real 404 has none, or a
@@ -271,11 +272,15 @@ def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
-    """Read a whole object. With ``max_bytes``, raise ``FileTooLargeError`` beyond that size."""
+    """Read a whole object. With ``max_bytes``, raise ``FileTooLargeError`` beyond that size.
+
+    A local path must be a regular file (:func:`open_local`): a FIFO would block forever.
+    """
 
     def read() -> bytes:
         fs, path = filesystem(uri)
-        with fs.open(path, "rb") as f:
+        opened = open_local(path) if _is_local_fs(fs) else fs.open(path, "rb")
+        with opened as f:
             if max_bytes is None:
                 return f.read()
             data = f.read(max_bytes + 1)
@@ -284,6 +289,48 @@ def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
             return data
 
     return with_retries(read, what=f"read {uri}")
+
+
+class NotARegularFileError(OSError):
+    """A local path that is a FIFO, a device, a socket or a folder, not a regular file."""
+
+
+def open_local(path: str) -> IO[bytes]:
+    """Open a local regular file for reading; anything else raises
+    :class:`NotARegularFileError` without blocking.
+
+    Opening a FIFO waits for a writer (forever, in a corpus) and a device may act on being
+    opened, so the type is checked before opening (symbolic links followed: a link to a FIFO
+    is a FIFO), and again on the open descriptor, opened non-blocking, in case the path was
+    swapped in between. A symbolic link loop raises ``OSError(ELOOP)`` (final, not retried).
+    """
+    kind = _file_kind(os.stat(path).st_mode)
+    if kind is not None:
+        raise NotARegularFileError(f"{path}: not a regular file ({kind})")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # not inherited (PEP 446)
+    try:
+        kind = _file_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise NotARegularFileError(f"{path}: not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what the path is, in words."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
 class FileTooLargeError(ValueError):
@@ -431,7 +478,7 @@ def sha256_file(uri: str, *, chunk_bytes: int = 1 << 20) -> str:
 
     def digest() -> str:
         hashed = hashlib.sha256()
-        with fs.open(path, "rb") as f:
+        with open_local(path) if _is_local_fs(fs) else fs.open(path, "rb") as f:
             while chunk := f.read(chunk_bytes):
                 hashed.update(chunk)
         return hashed.hexdigest()

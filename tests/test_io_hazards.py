@@ -1,8 +1,10 @@
-"""Outages and decode memory (issue 16, defects 1 and 10).
+"""Outages, special files and decode memory (issue 16, defects 1, 8 and 10).
 
 - An ``http://`` image behind a refused connection or a 503 is retried inside the run, then
   becomes a transient ``read_failed`` row that the next run extracts again (a real local HTTP
   server; a closed port for "refused"); a real 404 stays ``missing``.
+- A FIFO, a link to a FIFO or a device, and a symbolic link loop in a local corpus do not hang
+  or loop the job: final error rows (``not_a_file``, ``symlink_loop``), kept by a re-run.
 - A large progressive JPEG does not take the decoder's memory past a bound (measured as the
   peak RSS of a fresh process: libjpeg's buffers are invisible to tracemalloc).
 """
@@ -28,6 +30,8 @@ from pipelines import stages
 from pipelines.config import RunConfig
 from retrieval import storage
 from retrieval.descriptors.gem import GeMConfig
+from retrieval.extraction import load_image
+from retrieval.image_refs import ImageRef
 from retrieval.images import DecodeLimits, ImageError, decode_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +197,61 @@ def test_http_errors_are_classified_by_their_cause(tmp_path, monkeypatch):
 )
 def test_final_os_errors_are_not_transient(error, transient):
     assert storage.is_transient(error) is transient
+
+
+# --- FIFOs, devices and symbolic link loops in a local corpus ------------------------------------
+
+
+def run_extract(folder: Path, out: Path, model: Path) -> dict:
+    """`retrieval extract` in a child process: a hang (the FIFO) is a failure, not a stuck
+    test session, and the child is killed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = ["extract", "--input", str(folder), "--output", str(out), *model_flags(model)]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("retrieval extract hung on a special file")
+    assert done.returncode == 0, done.stderr
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_special_files_are_final_error_rows(tmp_path, model):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    photo = next(iter(pattern_images(1).values()))
+    (folder / "photo.jpg").write_bytes(photo)
+    os.symlink(folder / "photo.jpg", folder / "link to photo.jpg")  # read: a regular file
+    os.mkfifo(folder / "fifo.jpg")  # opening it waits for a writer that never comes
+    os.symlink(folder / "fifo.jpg", folder / "link to fifo.jpg")
+    os.symlink("/dev/zero", folder / "zero.jpg")  # endless bytes
+    os.symlink("loop.jpg", folder / "loop.jpg")  # ELOOP
+    out = tmp_path / "desc"
+
+    first = run_extract(folder, out, model)
+    assert (first["inputs"], first["indexed"]) == (6, 2)
+    assert first["failures_by_kind"] == {"not_a_file": 3, "symlink_loop": 1}
+
+    again = run_extract(folder, out, model)  # final rows: the shard is not extracted again
+    assert again["shards_retried"] == 0 and again["shards_skipped"] == again["shards"]
+    assert again["failures_by_kind"] == first["failures_by_kind"]
+
+
+def test_not_a_file_rows_name_the_kind(tmp_path):
+    # (The FIFO itself is tested above, in a child process: read here, it would hang the session.)
+    os.symlink("/dev/null", tmp_path / "null.jpg")
+    os.symlink("loop.jpg", tmp_path / "loop.jpg")
+    limits = DecodeLimits()
+    null = load_image(ImageRef("n", str(tmp_path / "null.jpg")), max_side=64, limits=limits)
+    loop = load_image(ImageRef("l", str(tmp_path / "loop.jpg")), max_side=64, limits=limits)
+    assert (null.error_kind, loop.error_kind) == ("not_a_file", "symlink_loop")
+    assert "a character device" in null.message
 
 
 # --- decode memory -------------------------------------------------------------------------------
