@@ -8,7 +8,9 @@ retried with exponential backoff and full jitter, a bounded number of times; per
 system, a symbolic link loop, a local path that is not a regular file) and programming errors
 (``TypeError``, ``KeyError``, ...) are raised at once, because waiting does not fix them. The
 clients' own retry loops are turned off (gcsfs) or down to a single attempt (s3fs, botocore), so
-attempts do not multiply (5 here x 6 in gcsfs x ... was up to ~30 attempts per read).
+attempts do not multiply (5 here x 6 in gcsfs x ... was up to ~30 attempts per read). A write
+that the storage refuses for good (disk full, ...) raises :class:`StorageRefusedError`, which
+names the URI and leaves no temporary file behind.
 """
 
 from __future__ import annotations
@@ -337,11 +339,54 @@ class FileTooLargeError(ValueError):
     """An input is over the configured byte limit (checked before it is fully read)."""
 
 
+class StorageRefusedError(OSError):
+    """A write that storage refused for good (disk full, over quota, read-only, no permission):
+    final for the run, reported in one line that names the URI (``str`` is the message)."""
+
+    def __init__(self, uri: str, exc: OSError) -> None:
+        code = exc.errno
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = "free some space (or write elsewhere)"
+        elif code == errno.ELOOP:
+            hint = "fix the symbolic link"
+        else:
+            hint = "fix the permissions (or write elsewhere)"
+        message = (
+            f"{redact(uri)}: {final_reason(exc) or exc.strerror or exc}; the run stopped, "
+            f"nothing was retried: {hint} and run it again, what was committed is kept"
+        )
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def _refused_for_good(uri: str) -> Iterator[None]:
+    """Turn an OS error that ends the run (:data:`FINAL_ERRNOS`) into a
+    :class:`StorageRefusedError` naming ``uri`` (a bare ENOSPC names no file)."""
+    try:
+        yield
+    except StorageRefusedError:
+        raise
+    except OSError as exc:
+        if final_reason(exc) is None:
+            raise
+        raise StorageRefusedError(uri, exc) from exc
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write an object atomically: readers see the old state or the whole new object.
 
     Object stores publish a PUT atomically; on a local disk we write a temporary file and rename
-    it, so a crash never leaves a half-written manifest or shard that looks complete.
+    it, so a crash never leaves a half-written manifest or shard that looks complete. The
+    temporary file is removed whenever the write fails (a full disk must not fill up further).
     """
 
     def write() -> None:
@@ -349,16 +394,21 @@ def write_bytes(uri: str, data: bytes) -> None:
         if _is_local_fs(fs):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
         else:
             with fs.open(path, "wb") as f:
                 f.write(data)
 
-    with_retries(write, what=f"write {uri}")
+    with _refused_for_good(uri):
+        with_retries(write, what=f"write {uri}")
 
 
 def read_json(uri: str) -> Any:
@@ -407,7 +457,8 @@ def is_dir(uri: str) -> bool:
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if _is_local_fs(fs):
-        os.makedirs(path, exist_ok=True)
+        with _refused_for_good(uri):
+            os.makedirs(path, exist_ok=True)
 
 
 def list_files(prefix: str, *, suffixes: Iterable[str] | None = None) -> list[str]:
@@ -497,17 +548,25 @@ def local_copy(uri: str, directory: str) -> str:
 
 
 def upload(local_path: str, uri: str) -> None:
-    """Copy a local file to ``uri`` (streamed by fsspec; atomic rename on a local disk)."""
+    """Copy a local file to ``uri`` (streamed by fsspec; atomic rename on a local disk, the
+    temporary file removed if the copy fails)."""
     fs, path = filesystem(uri)
-    if _is_local_fs(fs):
+    with _refused_for_good(uri):
+        if not _is_local_fs(fs):
+            with_retries(lambda: fs.put_file(local_path, path), what=f"upload {uri}")
+            return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        os.replace(tmp, path)
-        return
-    with_retries(lambda: fs.put_file(local_path, path), what=f"upload {uri}")
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
 
 
 def remove(uri: str, *, recursive: bool = False) -> None:

@@ -1,8 +1,10 @@
-"""Outages, special files and decode memory (issue 16, defects 1, 8 and 10).
+"""Outages, full disks, special files and decode memory (issue 16, defects 1, 5, 8, 9 and 10).
 
 - An ``http://`` image behind a refused connection or a 503 is retried inside the run, then
   becomes a transient ``read_failed`` row that the next run extracts again (a real local HTTP
   server; a closed port for "refused"); a real 404 stays ``missing``.
+- A full disk (ENOSPC, simulated under the output folder) is not retried, ends ``retrieval
+  extract`` with one line and exit status 2, and leaves no ``*.tmp-*`` file.
 - A FIFO, a link to a FIFO or a device, and a symbolic link loop in a local corpus do not hang
   or loop the job: final error rows (``not_a_file``, ``symlink_loop``), kept by a re-run.
 - A large progressive JPEG does not take the decoder's memory past a bound (measured as the
@@ -11,8 +13,10 @@
 
 from __future__ import annotations
 
+import builtins
 import csv
 import errno
+import io
 import json
 import os
 import subprocess
@@ -26,7 +30,7 @@ import pytest
 from PIL import Image
 from support import free_port, pattern_images, save_tiny_saved_model
 
-from pipelines import stages
+from pipelines import cli, stages
 from pipelines.config import RunConfig
 from retrieval import storage
 from retrieval.descriptors.gem import GeMConfig
@@ -252,6 +256,89 @@ def test_not_a_file_rows_name_the_kind(tmp_path):
     loop = load_image(ImageRef("l", str(tmp_path / "loop.jpg")), max_side=64, limits=limits)
     assert (null.error_kind, loop.error_kind) == ("not_a_file", "symlink_loop")
     assert "a character device" in null.message
+
+
+# --- a full disk --------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """``open`` for writing under ``folder`` (files whose name contains ``name_part``) gives a
+    file whose writes fail with ENOSPC, as on a full disk; everything else is the real ``open``.
+    ``attempts`` counts the files opened that way."""
+
+    def __init__(self, folder: Path, name_part: str) -> None:
+        self.folder = str(folder)
+        self.name_part = name_part
+        self.attempts = 0
+        self.real_open = builtins.open
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        handle = self.real_open(file, mode, *args, **kwargs)
+        path = os.fspath(file) if isinstance(file, str | os.PathLike) else ""
+        full = path.startswith(self.folder) and self.name_part in os.path.basename(path)
+        if full and any(flag in mode for flag in "wax+"):
+            self.attempts += 1
+            return _NoSpace(handle)
+        return handle
+
+
+class _NoSpace(io.RawIOBase):
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
+    def close(self) -> None:
+        self.handle.close()
+        super().close()
+
+
+@pytest.mark.parametrize("full_at", ["plan", "shards"])
+def test_disk_full_ends_in_one_line(full_at, tmp_path, model, monkeypatch, capsys, caplog):
+    """The disk fills while the plan is written, or later while shards are written: no retry,
+    one line naming the file, exit status 2, no traceback, no temporary file left."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, data in pattern_images(4).items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "out"
+    disk = FullDisk(out, "" if full_at == "plan" else "part-")
+    monkeypatch.setattr(builtins, "open", disk)
+    with caplog.at_level("WARNING"):
+        code = cli.main(
+            ["extract", "--input", str(folder), "--output", str(out), *model_flags(model)]
+        )
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code == 2, err
+    assert len(errors) == 1 and errors[0].startswith("retrieval: error: "), err
+    assert "no space left on device" in errors[0] and str(out) in errors[0]
+    assert "Traceback" not in err
+    assert disk.attempts == 1 and "retry" not in caplog.text  # final: not retried
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_failed_index_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import faiss
+
+    from retrieval.index import faiss_io
+
+    def write_half(index, path):  # faiss's writer, interrupted by a full disk
+        Path(path).write_bytes(b"half an index")
+        raise RuntimeError("Error in faiss::FileIOWriter: No space left on device")
+
+    monkeypatch.setattr(faiss_io.faiss, "write_index", write_half)
+    with pytest.raises(RuntimeError, match="No space"):
+        faiss_io.write_index_file(str(tmp_path / "index.faiss"), faiss.IndexFlatL2(4))
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- decode memory -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import warnings
 
 from pipelines.cli.commands import COMMANDS
 from pipelines.cli.demo import benchmarks_dir
-from pipelines.cli.errors import CommandError, user_errors
+from pipelines.cli.errors import CommandError, as_refused, user_errors
 from pipelines.cli.options import attach_beam_args
 from pipelines.cli.parser import build_parser
 
@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_native_logs(bool(args.verbose))
     _configure_logging(bool(args.verbose))
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except OSError as exc:
+            refused = as_refused(exc)
+            if refused is exc:
+                raise
+            raise refused from exc
     except user_errors() as exc:
         from retrieval.redaction import redact
 

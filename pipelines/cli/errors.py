@@ -21,5 +21,20 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from retrieval.plan import PlanError
+    from retrieval.storage import StorageRefusedError
 
-    return (*USER_ERRORS, PlanError, CommandError)
+    # A full disk or quota, a read-only folder: not the user's typing, but what ends the run is
+    # the same, one line naming the URI and exit status 2 (the scheduler must not retry blindly
+    # either: a person frees space, then re-runs, which keeps what was committed).
+    return (*USER_ERRORS, PlanError, StorageRefusedError, CommandError)
+
+
+def as_refused(exc: OSError) -> OSError:
+    """An OS error that ends the run (disk full, quota, read-only, ...) raised outside
+    ``retrieval.storage`` (a Parquet or faiss writer, a temporary folder) as the one-line
+    :class:`~retrieval.storage.StorageRefusedError`; any other error unchanged."""
+    from retrieval.storage import StorageRefusedError, final_reason
+
+    if isinstance(exc, StorageRefusedError | PermissionError) or final_reason(exc) is None:
+        return exc
+    return StorageRefusedError(exc.filename or "(a temporary file)", exc)

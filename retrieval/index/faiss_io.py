@@ -8,6 +8,7 @@ of a multi-gigabyte index would double the merge's peak memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -35,8 +36,13 @@ def write_index_file(uri: str, index: faiss.Index) -> dict[str, int | str]:
     if storage.is_local(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
+        try:
+            faiss.write_index(index, tmp)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk must not keep a partial index beside the real one
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return {"sha256": storage.sha256_file(uri), "bytes": os.path.getsize(path)}
     with tempfile.TemporaryDirectory() as scratch:
         local = os.path.join(scratch, "index")
