@@ -234,6 +234,8 @@ def evaluate_benchmark(
     under each protocol; with more than one, row names end in " [E]", " [M]", ...
     """
     benchmark = load_benchmark(benchmark_dir)
+    if not benchmark.queries:  # refused before the job runs, not as a division by zero after it
+        raise ValueError(f"{benchmark_dir}: gt.json has no queries: there is nothing to evaluate")
     protocols = protocols or [protocol_rules.DEFAULT]
     scored_as = {p: protocol_rules.apply(benchmark, p) for p in protocols}  # fails early
     listing = write_benchmark_listing(benchmark, out)

@@ -211,7 +211,8 @@ def _manifest_rows(uri: str, local_path: str) -> Iterator[dict]:
             # inside a row it cannot delimit, and what follows (the rest of an unterminated
             # quoted field, a binary file) would be read as invented rows. No URI is that long:
             # the file is not a manifest, or is damaged, so the listing stops with its line.
-            raise ValueError(f"{uri}: line {reader.line_num}: {exc}") from None
+            # line_num counts the lines of the rows read whole: the failing row starts next.
+            raise ValueError(f"{uri}: line {reader.line_num + 1}: {exc}") from None
         except UnicodeDecodeError as exc:
             raise ValueError(
                 f"{uri}: line {reader.line_num + 1}: not UTF-8 text ({exc.reason})"
