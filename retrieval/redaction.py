@@ -4,12 +4,21 @@ URIs can carry credentials (``https://user:password@host/...``) or signatures
 (``...?X-Amz-Signature=...``, ``X-Goog-Credential``, SAS ``sig=``); pipeline options can carry
 keys and tokens (``--aws_secret_access_key=...``). Everything the project writes for people to
 read goes through :func:`redact` (or :func:`redact_args` for option lists) first.
+
+Logs and tracebacks: :class:`RedactingFilter` masks all of it in every record a handler it is
+attached to emits (the command line attaches it to its handlers; Beam's options logger carries
+it wherever ``pipelines.beam`` is imported), exception text included. The values of
+secret-named options are registered (:func:`mask_option_values`), so that :func:`redact` masks
+them wherever a library repeats them out of context (Beam's "Discarding unparseable args" and
+"Unparseable argument: VALUE").
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 MASK = "***"
 
@@ -28,14 +37,28 @@ _SECRET_NAME = re.compile(
     r"\bkey\b|_key\b|signature|auth)",
     re.IGNORECASE,
 )
+# ``--name=value`` in free text (a log line quoting a command line) with a secret-looking name.
+_SECRET_OPTION = re.compile(r"(?P<name>--?[A-Za-z0-9_.-]+)=(?P<value>[^\s'\",\]\)]+)")
+# Literal values to mask wherever they appear (see mask_option_values); short ones would mask
+# ordinary words ("true", "1").
+MIN_MASKED_VALUE = 6
+_masked_values: set[str] = set()
 
 
 def redact(text: str) -> str:
-    """``text`` with URI credentials and signing query parameters replaced by ``***``."""
-    if not text:
-        return text
+    """``text`` with URI credentials, signing query parameters, secret-looking ``--option=``
+    values and registered secret values replaced by ``***``."""
+    if not text or ("=" not in text and "@" not in text and not _masked_values):
+        return text  # the usual case (a plain path or URI), ~10x cheaper than the regexes
     text = _USERINFO.sub(lambda m: m["scheme"] + MASK + "@", text)
-    return _SECRET_PARAM.sub(lambda m: m["key"] + MASK, text)
+    text = _SECRET_PARAM.sub(lambda m: m["key"] + MASK, text)
+    text = _SECRET_OPTION.sub(
+        lambda m: f"{m['name']}={MASK}" if is_secret_name(m["name"]) else m[0], text
+    )
+    for value in tuple(_masked_values):
+        if value in text:
+            text = text.replace(value, MASK)
+    return text
 
 
 def is_secret_name(name: str) -> bool:
@@ -67,3 +90,72 @@ def redact_args(args: Iterable[str]) -> list[str]:
                 continue
         out.append(redact(arg))
     return out
+
+
+def mask_option_values(args: Iterable[str]) -> None:
+    """Register the values of the secret-named options in ``args`` (both ``--name=value`` and
+    ``--name value``): :func:`redact` then masks them in any text, e.g. a library's log line
+    that quotes one value alone."""
+    previous_secret = False
+    for arg in args:
+        value = None
+        if previous_secret and not arg.startswith("--"):
+            value = arg
+        elif arg.startswith("-") and "=" in arg:
+            name, _, given = arg.partition("=")
+            value = given if is_secret_name(name) else None
+        previous_secret = arg.startswith("-") and "=" not in arg and is_secret_name(arg)
+        if value is not None and len(value) >= MIN_MASKED_VALUE:
+            _masked_values.add(value)
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets (:func:`redact`) in a record's message, its arguments (option lists with
+    :func:`redact_args`, mappings by key name) and its exception text. Attach it to handlers
+    (it then sees every record they emit, whichever logger made it) or to one logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            args = record.args
+            if isinstance(args, Mapping | tuple):
+                args = _redacted(args) if isinstance(args, Mapping) else tuple(map(_redacted, args))
+            record.msg = redact(str(record.msg) % args if args else str(record.msg))
+            record.args = None
+        except (TypeError, ValueError):  # a malformed record: mask what it holds, as it is
+            record.msg = redact(str(record.msg))
+            record.args = tuple(_redacted(a) for a in record.args or ()) or None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return redact_args(value)
+    if isinstance(value, Mapping):
+        return {k: MASK if is_secret_name(str(k)) else _redacted(v) for k, v in value.items()}
+    return value
+
+
+def redact_logger(name: str) -> None:
+    """Attach a :class:`RedactingFilter` to the logger ``name`` (once)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+        logger.addFilter(RedactingFilter())
+
+
+def redact_handlers() -> None:
+    """Attach a :class:`RedactingFilter` to every handler of the root logger (once each): what
+    they emit is masked, whichever library logged it."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
