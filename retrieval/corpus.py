@@ -20,6 +20,7 @@ a valid row is never reported as a duplicate of a refused one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import posixpath
@@ -31,12 +32,16 @@ import pyarrow.parquet as pq
 
 from retrieval import storage
 from retrieval.external_sort import sort_refs
-from retrieval.image_refs import ImageRef
+from retrieval.image_refs import ImageRef, listed_ref
+from retrieval.redaction import SealError, has_credentials, unseal
 
 REFUSED_ID_PREFIX = "!refused/"  # ids of refused manifest rows (see the module doc)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MANIFEST_BATCH_ROWS = 8_192  # manifest rows read at a time
+# A manifest column of URIs sealed by this run (``retrieval reindex`` hands the images it
+# re-extracts to ``extract`` in a manifest, their secrets sealed, never in clear).
+SEALED_COLUMN = "sealed_uri"
 
 
 @dataclass(frozen=True)
@@ -171,7 +176,7 @@ def iter_listing(source: str) -> Iterator[ImageRef]:
         return _iter_manifest(source)
     if not storage.exists(source):
         raise FileNotFoundError(f"{source}: no such folder or prefix")
-    return (ImageRef(image_id(u, source), u) for u in storage.iter_files(source, IMAGE_SUFFIXES))
+    return (listed_ref(image_id(u, source), u) for u in storage.iter_files(source, IMAGE_SUFFIXES))
 
 
 def is_manifest(source: str) -> bool:
@@ -187,7 +192,7 @@ def _manifest_rows(uri: str, local_path: str) -> Iterator[dict]:
         # whole, so memory is bounded by the manifest's largest row group.
         parquet = pq.ParquetFile(local_path, pre_buffer=False)
         names = parquet.schema_arrow.names
-        columns = [c for c in ("uri", "id") if c in names]
+        columns = [c for c in ("uri", "id", SEALED_COLUMN) if c in names]
         if parquet.metadata.num_rows and "uri" not in names:
             raise ValueError(f"{uri}: a manifest needs a 'uri' column (found {sorted(names)})")
         for group in range(parquet.metadata.num_row_groups):
@@ -246,15 +251,23 @@ def manifest_ref(row: dict, number: int, base: str, *, remote: bool) -> ImageRef
     written = str(row.get("uri") or "").strip()
     given = row.get("id")
     given = "" if given is None else str(given).strip()
-    image_uri, problem = resolve_manifest_uri(written, base, remote=remote)
+    problem = None
+    if row.get(SEALED_COLUMN):
+        try:
+            written = unseal(row[SEALED_COLUMN])
+        except SealError as exc:
+            problem = f"unsafe_uri: {exc}"
+    image_uri = written
+    if problem is None:
+        image_uri, problem = resolve_manifest_uri(written, base, remote=remote)
     ref_id = ""
     if problem is None:
         ref_id = given or image_id(image_uri, base)
         problem = _id_problem(ref_id)
     if problem is not None:
         where = f"row {number}" + (f", id {given!r}" if given else "")
-        return ImageRef(refused_id(number), written, f"{problem} ({where})")
-    return ImageRef(ref_id, image_uri)
+        return listed_ref(refused_id(number), written, f"{problem} ({where})")
+    return listed_ref(ref_id, image_uri)
 
 
 def _id_problem(ref_id: str) -> str | None:
@@ -280,10 +293,16 @@ def resolve_manifest_uri(written: str, base: str, *, remote: bool) -> tuple[str,
       as written, unless its path has a ``..`` segment (object stores would read the key
       literally, HTTP clients resolve it: neither reads what the entry seems to name);
     - no URI may carry credentials (``user:password@``): they would be copied into the plan,
-      the shards and the logs (see :mod:`retrieval.redaction`).
+      the shards and the logs (see :mod:`retrieval.redaction`); a signed URL's signature is
+      fine (the listing seals it).
     """
     if not written:
         return written, "unsafe_uri: empty uri"
+    if has_credentials(written):
+        return written, (
+            "unsafe_uri: credentials in the URI (user:password@); pass them through the "
+            "environment or fsspec's configuration instead"
+        )
     scheme = written.split("://", 1)[0].lower() if "://" in written else ""
     if scheme and scheme != "file":
         if _climbs_in_uri(written):
@@ -293,7 +312,7 @@ def resolve_manifest_uri(written: str, base: str, *, remote: bool) -> tuple[str,
     if _is_absolute_local(path):
         if remote:
             return written, "unsafe_uri: a local absolute path in a manifest from object storage"
-        return path, None
+        return written, None  # as written: file:///x.jpg and /x.jpg are read alike
     if remote and scheme:
         return written, "unsafe_uri: a file:// URI in a manifest from object storage"
     normal = posixpath.normpath(path)
@@ -315,9 +334,8 @@ def mark_duplicates(refs: Iterable[ImageRef]) -> Iterator[ImageRef]:
     previous: ImageRef | None = None
     for ref in refs:
         if previous is not None and previous.id == ref.id and ref.problem is None:
-            ref = ImageRef(
-                ref.id, ref.uri, problem=f"duplicate_id: id {ref.id!r} is also {previous.uri}"
-            )
+            problem = f"duplicate_id: id {ref.id!r} is also {previous.uri}"
+            ref = dataclasses.replace(ref, problem=problem, sealed=None)
         yield ref
         if ref.problem is None or ref.problem.startswith("duplicate_id:"):
             previous = ref

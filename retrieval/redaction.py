@@ -1,22 +1,44 @@
-"""Keeping secrets out of logs, error rows, reports and recorded settings.
+"""Keeping secrets out of everything the project writes: files, logs, error messages, tracebacks.
 
-URIs can carry credentials (``https://user:password@host/...``) or signatures
-(``...?X-Amz-Signature=...``, ``X-Goog-Credential``, SAS ``sig=``); pipeline options can carry
-keys and tokens (``--aws_secret_access_key=...``). Everything the project writes for people to
-read goes through :func:`redact` (or :func:`redact_args` for option lists) first.
+Where secrets can hide, and what happens to each:
 
-Logs and tracebacks: :class:`RedactingFilter` masks all of it in every record a handler it is
-attached to emits (the command line attaches it to its handlers; Beam's options logger carries
-it wherever ``pipelines.beam`` is imported), exception text included. The values of
-secret-named options are registered (:func:`mask_option_values`), so that :func:`redact` masks
-them wherever a library repeats them out of context (Beam's "Discarding unparseable args" and
-"Unparseable argument: VALUE").
+- **Credentials in a URI** (``https://user:password@host/...``, ``s3://KEY:SECRET@bucket/...``)
+  are refused (:func:`has_credentials`; ``retrieval.storage`` and the manifest listing check
+  it), like Hadoop's S3A refuses them: an account credential copied into every row of a plan,
+  a shard and a log is a leak waiting to happen, and no store's client here reads it from the
+  URI anyway (s3fs and gcsfs would take it for part of the bucket's name). Credentials come
+  from the environment: the cloud clients' own (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+  profiles, workload identity) and, for ``http(s)://``, fsspec's configuration (e.g.
+  ``FSSPEC_HTTP='{"client_kwargs": {"headers": {"Authorization": "Basic ..."}}}'``, or a file
+  in ``~/.config/fsspec/``), which every worker process inherits.
+- **Signatures in a URI** (a signed URL: ``X-Amz-Signature=``, ``X-Goog-Signature=``, SAS
+  ``sig=``, ...) cannot move to the environment: the signature *is* the permission to read that
+  one object. The listing records such a URI masked (:func:`redact`: ``...&sig=***``) and keeps
+  the real one **sealed** (:func:`seal`): encrypted (Fernet: AES-128-CBC + HMAC-SHA256) with a
+  key that the launcher makes at random when it starts and that exists only in memory. The key
+  travels to the workers with the work itself (the pickled task: in memory for the local, Beam
+  and Spark runners; on Dataflow, inside the job's graph, where Beam's own credential options
+  travel too), so a worker opens the sealed URI, reads the image, and records the masked URI.
+  What reaches a disk (the plan, spill files of the listing's sort, a re-index's batch manifest)
+  is the masked URI and the sealed token: without the key, which is never written, the token
+  is noise, and it is useless once the run is over (a re-run seals again with its own key).
+- **Secret-looking options** (``--aws_secret_access_key=...``, ``--service_account_key_file
+  PATH``): recorded masked (:func:`redact_args`), and their values are registered
+  (:func:`mask_option_values`) so that :func:`redact` masks them wherever a library repeats them
+  out of context (Beam's "Discarding unparseable args" and "Unparseable argument: VALUE").
+- **Logs and tracebacks**: :class:`RedactingFilter` masks all of the above in every record a
+  handler it is attached to emits (the command line attaches it to its handlers, Beam's options
+  logger carries it wherever ``pipelines.beam`` is imported), exception text included.
+
+Everything the project writes for people to read goes through :func:`redact` (or
+:func:`redact_args` for option lists) once, where the value is recorded.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +46,7 @@ MASK = "***"
 
 # scheme://user:password@host -> scheme://***@host (also a bare user or token before '@').
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/\s@?#]+)@")
+_URI_USERINFO = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s@?#]+@")
 # Query parameters that sign or authorise a request.
 _SECRET_PARAM = re.compile(
     r"(?P<key>[?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
@@ -59,6 +82,11 @@ def redact(text: str) -> str:
         if value in text:
             text = text.replace(value, MASK)
     return text
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries user info (``scheme://user:password@host``, a token as user)."""
+    return bool(_URI_USERINFO.match(uri))
 
 
 def is_secret_name(name: str) -> bool:
@@ -159,3 +187,66 @@ def redact_handlers() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+# --- sealed URIs -------------------------------------------------------------------------------
+
+
+class SealError(ValueError):
+    """A sealed URI that no key of this process opens (sealed by another run)."""
+
+
+_keys_lock = threading.Lock()
+_own_key: bytes | None = None
+_keys: list[bytes] = []  # the keys this process opens tokens with: its own, its launcher's
+
+
+def sealing_key() -> bytes:
+    """This process's key, made at random on first use and held in memory only; a runner
+    hands it to its workers with the task (:func:`accept_sealing_key`)."""
+    global _own_key
+    with _keys_lock:
+        if _own_key is None:
+            from cryptography.fernet import Fernet
+
+            _own_key = Fernet.generate_key()
+            _keys.append(_own_key)
+        return _own_key
+
+
+def accept_sealing_key(key: bytes) -> None:
+    """Open tokens sealed with ``key`` too (a worker, given its launcher's key)."""
+    with _keys_lock:
+        if key not in _keys:
+            _keys.append(key)
+
+
+def seal(uri: str) -> str:
+    """``uri`` encrypted with this process's key (an ASCII token)."""
+    from cryptography.fernet import Fernet
+
+    return Fernet(sealing_key()).encrypt(uri.encode()).decode("ascii")
+
+
+def unseal(token: str) -> str:
+    """The URI sealed in ``token``; :class:`SealError` when no key of this process opens it."""
+    from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+    with _keys_lock:
+        keys = list(_keys)
+    if keys:
+        try:
+            return MultiFernet([Fernet(k) for k in keys]).decrypt(token.encode()).decode()
+        except InvalidToken:
+            pass
+    raise SealError(
+        "a sealed URI that this run cannot open (sealed by another run, whose key is gone): "
+        "run the command again to list the input anew"
+    )
+
+
+def seal_if_secret(uri: str) -> tuple[str, str | None]:
+    """(``uri`` as recorded, with its secrets masked; the real ``uri`` sealed, or None when
+    nothing was masked)."""
+    recorded = redact(uri)
+    return recorded, (seal(uri) if recorded != uri else None)

@@ -217,7 +217,7 @@ def test_file_uris_follow_the_rules_of_local_paths(tmp_path: Path):
         assert problem.startswith("unsafe_uri: a relative path that leaves"), name
         assert problem.endswith(f"(row {row}, id {name!r})")
     assert refs["in"] == ImageRef("in", str(tmp_path / "lists" / "sub" / "a.jpg"))
-    assert refs["abs"] == ImageRef("abs", "/abs/b.jpg")  # a local manifest may name local files
+    assert refs["abs"] == ImageRef("abs", "file:///abs/b.jpg")  # a local manifest may name them
 
 
 @pytest.mark.parametrize(
