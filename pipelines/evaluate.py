@@ -21,6 +21,7 @@ import csv
 import io
 import logging
 import platform
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -234,12 +235,17 @@ def evaluate_benchmark(
     under each protocol; with more than one, row names end in " [E]", " [M]", ...
     """
     benchmark = load_benchmark(benchmark_dir)
+    if not benchmark.queries:  # refused before the job runs, not as a division by zero after it
+        raise ValueError(f"{benchmark_dir}: gt.json has no queries: there is nothing to evaluate")
     protocols = protocols or [protocol_rules.DEFAULT]
     scored_as = {p: protocol_rules.apply(benchmark, p) for p in protocols}  # fails early
-    listing = write_benchmark_listing(benchmark, out)
     timings: dict[str, float] = {}
-
-    built = job.run_index_job(listing, out, config)
+    with tempfile.TemporaryDirectory(prefix="retrieval-listing-") as scratch:
+        # The listing names the benchmark's files on this machine, and a manifest read from
+        # object storage may not (retrieval.corpus.resolve_manifest_uri): with the output in a
+        # bucket, the listing stays here, beside the launcher that reads it.
+        listing = write_benchmark_listing(benchmark, out if storage.is_local(out) else scratch)
+        built = job.run_index_job(listing, out, config)
     timings.update(built["timings"])
     extract_summary = built["summaries"]["extract"]
     learning = built["learning"]

@@ -49,7 +49,7 @@ from pipelines.job import (
     run_index_job,
 )
 from retrieval import corpus_state, plan, storage, versions
-from retrieval.corpus import ImageRef, iter_corpus, plan_shards
+from retrieval.corpus import SEALED_COLUMN, ImageRef, iter_corpus, plan_shards
 from retrieval.descriptors.gem import model_info
 from retrieval.index import factory as factories
 from retrieval.index.codebook import load_codebook, read_codebook_manifest
@@ -219,7 +219,7 @@ def reindex(
     now_state = corpus_state.StateWriter(os.path.join(scratch, "state-now.parquet"))
     previous = corpus_state.iter_state(live_dir, scratch) if compare_previous else iter(())
     now = (
-        (r.id, r.uri, corpus_state.content_key(r.uri))
+        (r.id, r.uri, corpus_state.content_key(r.location), r.sealed)
         for r in iter_corpus(corpus, scratch=scratch)
         if not r.problem
     )
@@ -246,6 +246,10 @@ def reindex(
                 {
                     "uri": [changes.uris[i] for i in sorted(wanted)],
                     "id": sorted(wanted),
+                    # A signed URL's real URI travels sealed, never in clear (redaction).
+                    SEALED_COLUMN: pa.array(
+                        [changes.sealed.get(i) for i in sorted(wanted)], pa.string()
+                    ),
                 }
             ),
         )

@@ -31,6 +31,7 @@ from retrieval.learning.whitening import (
     whiten_descriptor_folder,
 )
 from retrieval.local_features.extractor import local_info_for
+from retrieval.redaction import sealing_key
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search, reranked_table
 from retrieval.shards import descriptor_shards
@@ -113,6 +114,7 @@ def extract(
             local=local_config,
             local_output=local_output,
             local_info=local_info,
+            sealing_key=sealing_key(),
         )
         runner.map(
             ExtractShards(job),

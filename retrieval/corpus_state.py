@@ -48,13 +48,16 @@ class CorpusChanges:
     deleted: list[str] = field(default_factory=list)
     unchanged: int = 0
     uris: dict[str, str] = field(default_factory=dict)  # URI of every new and changed image
+    # The sealed real URI of those whose recorded URI is masked (a signed URL: redaction).
+    sealed: dict[str, str] = field(default_factory=dict)
 
     @property
     def to_extract(self) -> list[str]:
         return sorted(self.new + self.changed)
 
 
-StateRow = tuple[str, str, str]  # id, uri, content key
+StateRow = tuple[str, str, str]  # id, uri (as recorded: secrets masked), content key
+# The corpus now may carry a 4th item: the sealed real URI (kept for the changes, not written).
 
 
 class StateWriter:
@@ -67,11 +70,11 @@ class StateWriter:
         self._buffer: list[StateRow] = []
         self._last: str | None = None
 
-    def add(self, row: StateRow) -> None:
+    def add(self, row: StateRow | tuple[str, str, str, str | None]) -> None:
         if self._last is not None and row[0] <= self._last:
             raise ValueError(f"state rows out of id order: {row[0]!r} after {self._last!r}")
         self._last = row[0]
-        self._buffer.append(row)
+        self._buffer.append((row[0], row[1], row[2]))
         if len(self._buffer) == STATE_ROW_GROUP_ROWS:
             self._flush()
 
@@ -106,7 +109,9 @@ def iter_state(directory: str, scratch: str) -> Iterator[StateRow]:
 
 
 def compare(
-    previous: Iterable[StateRow], now: Iterable[StateRow], now_state: StateWriter
+    previous: Iterable[StateRow],
+    now: Iterable[StateRow | tuple[str, str, str, str | None]],
+    now_state: StateWriter,
 ) -> CorpusChanges:
     """Sort every image into new, changed, deleted or unchanged: a merge join of two listings
     sorted by id (the last indexed state and the corpus now), in constant memory apart from the
@@ -121,19 +126,25 @@ def compare(
             changes.deleted.append(before[0])
             before = next(old, None)
         if before is not None and before[0] == image_id:
-            if before[1:] == row[1:]:
+            if before[1:3] == row[1:3]:
                 changes.unchanged += 1
             else:
                 changes.changed.append(image_id)
-                changes.uris[image_id] = row[1]
+                _keep_uri(changes, row)
             before = next(old, None)
         else:
             changes.new.append(image_id)
-            changes.uris[image_id] = row[1]
+            _keep_uri(changes, row)
     while before is not None:
         changes.deleted.append(before[0])
         before = next(old, None)
     return changes
+
+
+def _keep_uri(changes: CorpusChanges, row: tuple) -> None:
+    changes.uris[row[0]] = row[1]
+    if len(row) > 3 and row[3]:
+        changes.sealed[row[0]] = row[3]
 
 
 def write_state(directory: str, now_state_path: str, *, leave_out: set[str]) -> int:

@@ -36,8 +36,12 @@ _SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("problem", pa.string()),
+        # The real URI of a reference whose recorded ``uri`` is masked, sealed (only that goes
+        # to the spill files: see retrieval.redaction).
+        pa.field("sealed", pa.string()),
     ]
 )
+_COLUMNS = len(_SCHEMA)
 _SORT_KEYS = [("id", "ascending"), ("uri", "ascending")]
 
 
@@ -47,6 +51,7 @@ def _batch(refs: list[ImageRef]) -> pa.RecordBatch:
             pa.array([r.id for r in refs], pa.string()),
             pa.array([r.uri for r in refs], pa.string()),
             pa.array([r.problem for r in refs], pa.string()),
+            pa.array([r.sealed for r in refs], pa.string()),
         ],
         schema=_SCHEMA,
     )
@@ -57,7 +62,7 @@ def _sorted_run(batches: list[pa.RecordBatch]) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=_SORT_KEYS))
 
 
-def _write_run(path: str, rows: Iterable[tuple[str, str, str | None]] | pa.Table) -> str:
+def _write_run(path: str, rows: Iterable[tuple] | pa.Table) -> str:
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
         if isinstance(rows, pa.Table):
             writer.write_table(rows, max_chunksize=READ_ROWS)
@@ -73,23 +78,23 @@ def _write_run(path: str, rows: Iterable[tuple[str, str, str | None]] | pa.Table
     return path
 
 
-def _read_run(path: str) -> Iterator[tuple[str, str, str | None]]:
+def _read_run(path: str) -> Iterator[tuple]:
     """A run's rows, one small batch in memory at a time (read, not memory-mapped: mapped pages
     would count as the process's memory)."""
     with pa.OSFile(path, "rb") as source:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
-            yield from zip(*(batch.column(c).to_pylist() for c in range(3)), strict=True)
+            yield from zip(*(batch.column(c).to_pylist() for c in range(_COLUMNS)), strict=True)
     os.remove(path)  # merged: its disk space is not needed any more
 
 
-def _table_rows(table: pa.Table) -> Iterator[tuple[str, str, str | None]]:
+def _table_rows(table: pa.Table) -> Iterator[tuple]:
     for batch in table.to_batches(max_chunksize=READ_ROWS):
-        yield from zip(*(batch.column(c).to_pylist() for c in range(3)), strict=True)
+        yield from zip(*(batch.column(c).to_pylist() for c in range(_COLUMNS)), strict=True)
 
 
-def _merge(runs: list[Iterator[tuple[str, str, str | None]]]) -> Iterator[tuple]:
+def _merge(runs: list[Iterator[tuple]]) -> Iterator[tuple]:
     # Ties go to the earlier run (heapq.merge is stable across its inputs): input order kept.
     return heapq.merge(*runs, key=lambda row: (row[0], row[1]))
 

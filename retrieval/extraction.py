@@ -24,7 +24,7 @@ from retrieval import plan, storage
 from retrieval.corpus import ShardSpec, iter_corpus, iter_shards
 from retrieval.image_refs import ImageRef
 from retrieval.images import DecodedImage, DecodeLimits, ImageError, decode_image
-from retrieval.redaction import redact
+from retrieval.redaction import SealError, accept_sealing_key, redact
 from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.descriptor_shards import DescriptorRow, ErrorRow
 from retrieval.shards.local_feature_shards import LocalFeatureRow
@@ -62,7 +62,11 @@ def load_image(
         kind, _, message = ref.problem.partition(": ")
         return error_row(ref, "list", kind, message)
     try:
-        data = storage.read_bytes(ref.uri, max_bytes=limits.max_bytes)
+        # The real URI (a signed URL's, unsealed) exists only here, for this one read; every
+        # row records ref.uri, masked.
+        data = storage.read_bytes(ref.location, max_bytes=limits.max_bytes)
+    except SealError as exc:  # a plan from another run: its next run lists the input anew
+        return error_row(ref, "read", "read_failed", str(exc))
     except Exception as exc:
         return read_error(ref, exc)
     try:
@@ -107,7 +111,7 @@ def descriptor_row(loaded: LoadedImage, descriptor: np.ndarray) -> DescriptorRow
     image = loaded.image
     notes = redact("; ".join(image.notes)) if image.notes else None
     return DescriptorRow(
-        ref.id, ref.uri, loaded.sha256, image.width, image.height, descriptor, notes
+        ref.id, redact(ref.uri), loaded.sha256, image.width, image.height, descriptor, notes
     )
 
 
@@ -201,7 +205,7 @@ def local_feature_row(
         message = f"{type(exc).__name__}: {exc}"
         return error_row(loaded.ref, LOCAL_FEATURES_STAGE, "model_error", message)
     ref = loaded.ref
-    return LocalFeatureRow(ref.id, ref.uri, features, time.perf_counter() - start)
+    return LocalFeatureRow(ref.id, redact(ref.uri), features, time.perf_counter() - start)
 
 
 def decode_sides(gem: GeMConfig, local_image_size: int | None) -> tuple[int, tuple[int, ...]]:
@@ -381,7 +385,7 @@ def plan_extraction(
         )
     log.info(
         "%s: %d images in %d shards, %d to do",
-        source,
+        redact(source),
         run_plan.inputs,
         len(run_plan.shards),
         len(pending),
@@ -518,6 +522,9 @@ class ShardJob:
     local: LocalFeatureConfig | None = None
     local_output: str | None = None
     local_info: dict[str, Any] | None = None
+    # The launcher's key for the plan's sealed URIs (retrieval.redaction): it travels with the
+    # task, in memory, and is never written by the project.
+    sealing_key: bytes | None = field(default=None, repr=False)
 
     def build_models(self) -> tuple[GeMExtractor, LocalFeatureExtractor | None]:
         """This worker's GeM extractor (sized by its plan) and local-feature extractor."""
@@ -530,6 +537,8 @@ class ShardJob:
         local: LocalFeatureExtractor | None = None,
     ) -> dict[str, Any]:
         """Extract and commit ``shard_id`` with this worker's models; returns its manifest."""
+        if self.sealing_key is not None:
+            accept_sealing_key(self.sealing_key)
         return extract_and_commit_shard(
             self.output,
             shard_id,

@@ -2,7 +2,8 @@
 
 ``retrieval extract`` writes its listing, cut into shards, next to the descriptor shards::
 
-    plan.refs.parquet     shard_id, id, uri, problem     one row per input, by shard then id
+    plan.refs.parquet     shard_id, id, uri, problem,    one row per input, by shard then id
+                          sealed
     plan.shards.parquet   shard_id, inputs, input_digest one row per shard
     plan.json             written last (the commit point): counts, source, file checksums
 
@@ -16,6 +17,10 @@ Workers read their shard's references from ``plan.refs.parquet`` by shard id
 (:func:`read_shard_spec`), touching only the row groups that hold it, so a runner's graph only
 ever carries shard ids. The plan's files are plain Parquet: any runner (Spark, Beam, a script)
 can read them directly.
+
+The plan holds no secret: ``uri`` is recorded masked (``retrieval.redaction``), and an input
+whose real URI carries one (a signed URL) has it in ``sealed``, encrypted with the run's key,
+which only the run's processes hold (in memory). ``source`` is recorded masked too.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from retrieval import shard_manifests, storage
 from retrieval.corpus import ShardSpec
 from retrieval.image_refs import ImageRef
 from retrieval.manifests import ManifestError, check_name, read_manifest, write_manifest
+from retrieval.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +120,12 @@ class _RefsWriter:
         self.rows = 0
         self._schema = schemas.arrow_schema("plan_refs")
         self._writer = pq.ParquetWriter(path, self._schema, compression="zstd")
-        self._columns: tuple[list, list, list, list] = ([], [], [], [])
+        self._columns: tuple[list, list, list, list, list] = ([], [], [], [], [])
         self._last_id: str | None = None
         self._in_order = True
 
     def add(self, spec: ShardSpec) -> None:
-        shard_ids, ids, uris, problems = self._columns
+        shard_ids, ids, uris, problems, sealed = self._columns
         for ref in spec.refs:
             if ref.problem is None:
                 if self._last_id is not None and ref.id <= self._last_id:
@@ -131,14 +137,21 @@ class _RefsWriter:
             ids.append(ref.id)
             uris.append(ref.uri)
             problems.append(ref.problem)
+            sealed.append(ref.sealed)
             if len(ids) == ROW_GROUP_ROWS:
                 self._flush()
 
     def _flush(self) -> None:
-        shard_ids, ids, uris, problems = self._columns
+        shard_ids, ids, uris, problems, sealed = self._columns
         if ids:
             table = pa.table(
-                {"shard_id": shard_ids, "id": ids, "uri": uris, "problem": problems},
+                {
+                    "shard_id": shard_ids,
+                    "id": ids,
+                    "uri": uris,
+                    "problem": problems,
+                    "sealed": sealed,
+                },
                 schema=self._schema,
             )
             self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
@@ -188,6 +201,7 @@ def write_extraction_plan(
         finally:
             writer.close()
         refs = (writer.path, writer.rows)
+        source = redact(source)
         written = write_plan(
             directory, shards, refs_file=refs, stage="extract", source=source,
             shard_size=shard_size,
@@ -235,6 +249,8 @@ def write_plan(
         "files": files,
         **details,
     }
+    # A listing with sealed URIs is never the same twice (each run seals with its own key), so
+    # its plan is rewritten: the refs a run's workers read are always sealed with their key.
     existing = _existing_plan(directory, body)
     if existing is not None:  # a re-run with the same listing: leave the plan untouched
         return RunPlan(directory, tuple(shards), existing)
@@ -338,7 +354,10 @@ def read_shard_spec(directory: str, shard_id: str) -> ShardSpec:
 
     table = storage.with_retries(read, what=f"read {uri}")
     rows = [] if table is None else table.filter(pc.equal(table["shard_id"], shard_id)).to_pylist()
-    spec = ShardSpec(shard_id, tuple(ImageRef(r["id"], r["uri"], r["problem"]) for r in rows))
+    spec = ShardSpec(
+        shard_id,
+        tuple(ImageRef(r["id"], r["uri"], r["problem"], r.get("sealed")) for r in rows),
+    )
     if len(spec.refs) != shard.inputs or spec.input_digest != shard.input_digest:
         _refs_file.cache_clear()
         raise PlanError(

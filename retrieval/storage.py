@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 import schemas
-from retrieval.redaction import redact
+from retrieval.redaction import has_credentials, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -236,6 +236,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` (client retries off, stall timeout set) and the path
     within it."""
     protocol = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if has_credentials(uri):
+        raise CredentialsInURIError(
+            f"{redact(uri)}: credentials in a URI are refused (they would be copied into plans, "
+            "shards, results and logs); give them to the store's client instead: AWS_* / "
+            "GOOGLE_APPLICATION_CREDENTIALS and profiles for s3:// and gs://, fsspec's "
+            "configuration for http(s):// (README, Failure handling: secrets)"
+        )
     try:
         fs, path = url_to_fs(uri, **_client_options(protocol))
     except (ImportError, ValueError) as exc:
@@ -250,6 +257,10 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 class UnsupportedURIError(ValueError):
     """A URI whose scheme no installed filesystem handles."""
+
+
+class CredentialsInURIError(ValueError):
+    """A URI with user info (``scheme://user:password@...``): see ``retrieval.redaction``."""
 
 
 def is_local(uri: str) -> bool:
@@ -542,9 +553,22 @@ def local_copy(uri: str, directory: str) -> str:
     fs, path = filesystem(uri)
     if _is_local_fs(fs):
         return path
-    target = os.path.join(directory, posixpath.basename(path.rstrip("/")))
-    with_retries(lambda: fs.get(path, target, recursive=True), what=f"copy {uri}")
+    name = posixpath.basename(path.rstrip("/"))
+    if redact(name) != name:  # a signed URL's query: its signature must not name a file
+        name = name.split("?", 1)[0] or "copy"
+    target = os.path.join(directory, name)
+    if _is_web_fs(fs):
+        # An http(s) URL names one file: ``get`` would take it for a folder (a page of links)
+        # and file the copy under the URL's last part, a signed URL's signature included.
+        with_retries(lambda: fs.get_file(path, target), what=f"copy {uri}")
+    else:
+        with_retries(lambda: fs.get(path, target, recursive=True), what=f"copy {uri}")
     return target
+
+
+def _is_web_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool({"http", "https"} & set(protocols))
 
 
 def upload(local_path: str, uri: str) -> None:

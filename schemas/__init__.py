@@ -26,14 +26,15 @@ CURRENT_VERSIONS = {
     "errors": 1,
     "idmap": 1,
     "manifest": 2,
-    "plan_refs": 1,
+    "plan_refs": 2,
     "plan_shards": 1,
     "local_features": 1,
 }
 
 # Older versions this code still reads (each is a subset of the current one: readers of an
-# older file see the columns it has; ``descriptors`` v1 has no ``notes``).
-OLDER_READABLE_VERSIONS = {"descriptors": (1,)}
+# older file see the columns it has; ``descriptors`` v1 has no ``notes``, ``plan_refs`` v1 no
+# ``sealed``).
+OLDER_READABLE_VERSIONS = {"descriptors": (1,), "plan_refs": (1,)}
 
 
 def readable_versions(name: str) -> tuple[int, ...]:

@@ -766,3 +766,161 @@ def run_pipeline(corpus: str, root: str, config, benchmark: Path | None = None) 
         assert accounting["inputs"] == accounting["indexed"] + accounting["failed"]
         out["report"] = written
     return out
+
+
+# --- secrets: a server that needs them, and a scan for them -------------------------------------
+
+
+class GuardedFiles:
+    """Files served over HTTP only to a client that shows a secret, as real stores ask for one:
+    a path under ``/auth/`` needs the Basic credentials ``basic_auth`` (user, password); a path
+    listed in ``signed`` needs every query parameter given there, with its value (a signed URL:
+    ``{"/signed/a.jpg": {"X-Amz-Signature": "..."}}``); a wrong or missing secret is a 401 or
+    403. HEAD and single ``Range: bytes=a-b`` requests are answered as object stores do.
+    ``granted`` counts the requests served per path, ``refused`` those refused."""
+
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        *,
+        basic_auth: tuple[str, str],
+        signed: dict[str, dict[str, str]],
+    ) -> None:
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qsl, urlsplit
+
+        self.files = files
+        self.granted: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        expected_auth = "Basic " + base64.b64encode(":".join(basic_auth).encode()).decode()
+        guarded = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self, with_body: bool) -> None:
+                parts = urlsplit(self.path)
+                query = dict(parse_qsl(parts.query))
+                path = parts.path
+                status = 200
+                if path.startswith("/auth/") and self.headers.get("Authorization") != expected_auth:
+                    status = 401
+                needed = signed.get(path)
+                if needed is not None and any(query.get(k) != v for k, v in needed.items()):
+                    status = 403
+                data = guarded.files.get(path)
+                if status == 200 and data is None:
+                    status = 404
+                book = guarded.granted if status == 200 else guarded.refused
+                book[path] = book.get(path, 0) + 1
+                if status != 200:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start, end = 0, len(data) - 1
+                wanted = self.headers.get("Range", "")
+                if wanted.startswith("bytes="):
+                    first, _, last = wanted.removeprefix("bytes=").partition("-")
+                    start = int(first or 0)
+                    end = min(int(last), end) if last else end
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start : end + 1]
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._answer(True)
+
+            def do_HEAD(self) -> None:
+                self._answer(False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def _strings(value) -> Iterator[str]:
+    """Every string (or bytes, decoded) inside a value read from Parquet: lists, structs, maps."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, bytes):
+        yield value.decode("utf-8", "replace")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
+def _has_text(data_type) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
+        return True
+    if pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type):
+        return True
+    if pa.types.is_dictionary(data_type):
+        return _has_text(data_type.value_type)
+    return any(_has_text(data_type.field(i).type) for i in range(data_type.num_fields))
+
+
+def scan_for_secrets(
+    folders: list[Path], secrets: list[str], texts: dict[str, str] | None = None
+) -> list[str]:
+    """Where any of ``secrets`` appears: in the name or the raw bytes of any file under
+    ``folders`` (JSON, text, logs, indexes...), in any string of a Parquet file (every column
+    holding text, read with pyarrow: the raw bytes are compressed) and in its metadata, and in
+    each of ``texts`` (captured stdout, stderr, logs: name -> text). Returns one line per find
+    (empty: nothing leaked); a folder that does not exist is a find too, so a typo cannot make
+    the scan pass."""
+    import pyarrow.parquet as pq
+
+    needles = [s for s in secrets if s]
+    found: list[str] = []
+
+    def look(where: str, text: str) -> None:
+        found.extend(f"{where}: {s!r}" for s in needles if s in text)
+
+    for folder in folders:
+        if not folder.is_dir():
+            found.append(f"{folder}: not a folder")
+            continue
+        for path in sorted(p for p in folder.rglob("*")):
+            look(f"{path} (name)", str(path.relative_to(folder)))
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            look(f"{path} (bytes)", data.decode("utf-8", "replace"))
+            if data[:4] == b"PAR1":
+                parquet = pq.ParquetFile(path)
+                metadata = parquet.schema_arrow.metadata or {}
+                look(f"{path} (metadata)", " ".join(map(str, _strings(dict(metadata)))))
+                table = parquet.read()
+                for name in table.column_names:
+                    if _has_text(table.schema.field(name).type):
+                        column = table.column(name).to_pylist()
+                        look(f"{path} (column {name})", "\n".join(_strings(column)))
+    for name, text in (texts or {}).items():
+        look(name, text)
+    return found

@@ -210,7 +210,19 @@ def _mistakes(tmp_path: Path) -> dict[str, list[str]]:
     empty = tmp_path / "empty"
     empty.mkdir(exist_ok=True)
     out = str(tmp_path / "out")
+    # A CSV manifest whose third line holds a field over the csv module's limit (128 KiB).
+    big = tmp_path / "big.csv"
+    big.write_text("id,uri\na,a.jpg\nb," + "x" * 200_000 + ".jpg\nc,c.jpg\n")
+    nested = tmp_path / "nested"  # a gt.json nested far deeper than the recursion limit
+    nested.mkdir(exist_ok=True)
+    (nested / "gt.json").write_text("[" * 100_000 + "]" * 100_000)
+    no_queries = tmp_path / "no-queries"
+    (no_queries / "images").mkdir(parents=True, exist_ok=True)
+    (no_queries / "gt.json").write_text('{"images": ["a", "b"], "queries": []}')
     return {
+        "manifest field over the csv limit": ["extract", "--input", str(big), "--output", out],
+        "nested gt.json": ["evaluate", "--benchmark", str(nested), "--out", out],
+        "gt.json without queries": ["evaluate", "--benchmark", str(no_queries), "--out", out],
         "missing input": ["extract", "--input", str(tmp_path / "nonexistent"), "--output", out],
         "unknown scheme": ["extract", "--input", "foo://bucket/photos", "--output", out],
         "unknown config key": [
@@ -229,6 +241,9 @@ def _mistakes(tmp_path: Path) -> dict[str, list[str]]:
 
 
 EXPECTED_MESSAGES = {
+    "manifest field over the csv limit": "big.csv: line 3: field larger than field limit",
+    "nested gt.json": "gt.json: nested too deeply to be a ground truth",
+    "gt.json without queries": "gt.json has no queries: there is nothing to evaluate",
     "missing input": "nonexistent: no such folder or prefix",
     "unknown scheme": "unknown or unavailable URI scheme 'foo://'",
     "unknown config key": "unknown settings ['imagesize']",

@@ -107,9 +107,26 @@ def test_image_id():
     "rel", ["a.jpg", "y/z.jpg", "./a.jpg", "a//b.jpg", "../a.jpg", "y/../a.jpg", "a/./b", "..a"]
 )
 def test_image_id_is_relpath(root: str, rel: str):
-    # The fast path (a normal path under the root) must give exactly what relpath gives.
+    # The fast path (a normal path under the root) must give exactly what relpath gives; an
+    # input outside the root gets its own (absolute, normal) path, never a climbing relpath.
     for uri in (root.rstrip("/") + "/" + rel, root + "/" + rel, "/elsewhere/" + rel, rel):
-        assert image_id(uri, root) == posixpath.relpath(uri, root.rstrip("/") or "/"), uri
+        relative = posixpath.relpath(uri, root.rstrip("/") or "/")
+        climbs = relative == ".." or relative.startswith("../")
+        expected = posixpath.normpath(posixpath.abspath(uri)) if climbs else relative
+        assert image_id(uri, root) == expected, uri
+        assert ".." not in image_id(uri, root).split("/"), uri
+
+
+def test_ids_never_climb():
+    assert image_id("/elsewhere/a.jpg", "/data/x") == "/elsewhere/a.jpg"
+    assert image_id("/data/x/../../etc/a.jpg", "/data/x") == "/etc/a.jpg"
+    assert image_id("gs://other/a.jpg", "gs://bucket/dir") == "other/a.jpg"
+    assert image_id("gs://bucket/a.jpg", "gs://bucket/dir") == "bucket/a.jpg"
+    assert image_id("s3://bucket/dir/a.jpg", "gs://bucket/dir") == "bucket/dir/a.jpg"
+    # A signed URL's id is its path: the signature is no part of what the image is called.
+    signed = "https://host/p/a.jpg?X-Amz-Date=1&X-Amz-Signature=abc#f"
+    assert image_id(signed, "/lists") == "host/p/a.jpg"
+    assert image_id(signed, "https://host/p") == "a.jpg"
 
 
 def test_image_id_of_bucket_uri_in_local_manifest_ignores_current_folder(tmp_path, monkeypatch):
@@ -176,10 +193,101 @@ def test_manifest_paths_are_confined(tmp_path: Path):
         "id,uri\nup,../secret.jpg\ndeep,a/../../x.jpg\nok,a/../b.jpg\nabs,/etc/hosts\n"
     )
     refs = {r.id: r for r in list_corpus(str(manifest))}
-    assert refs["up"].problem.startswith("unsafe_uri: ")
-    assert refs["deep"].problem.startswith("unsafe_uri: ")
+    assert refs["!refused/row-1"].problem.startswith("unsafe_uri: ")  # up
+    assert refs["!refused/row-2"].problem.startswith("unsafe_uri: ")  # deep
     assert refs["ok"] == ImageRef("ok", str(tmp_path / "lists" / "b.jpg"))
     assert refs["abs"].problem is None  # a local manifest may name local files
+
+
+def test_file_uris_follow_the_rules_of_local_paths(tmp_path: Path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "x.jpg").write_bytes(b"x")  # what file://../x.jpg would read
+    manifest = tmp_path / "lists" / "m.csv"
+    manifest.write_text(
+        "id,uri\n"
+        "up2,file://../../x.jpg\n"
+        "up1,file://../x.jpg\n"
+        "win,file://..\\x.jpg\n"
+        "in,file://sub/a.jpg\n"
+        "abs,file:///abs/b.jpg\n"
+    )
+    refs = {r.id: r for r in list_corpus(str(manifest))}
+    for row, name in ((1, "up2"), (2, "up1"), (3, "win")):
+        problem = refs[f"!refused/row-{row}"].problem
+        assert problem.startswith("unsafe_uri: a relative path that leaves"), name
+        assert problem.endswith(f"(row {row}, id {name!r})")
+    assert refs["in"] == ImageRef("in", str(tmp_path / "lists" / "sub" / "a.jpg"))
+    assert refs["abs"] == ImageRef("abs", "file:///abs/b.jpg")  # a local manifest may name them
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "file:///etc/hosts",
+        "file://x.jpg",
+        "file://../x.jpg",
+        "/etc/hosts",
+        "../x.jpg",
+        "gs://bucket/lists/../../other/x.jpg",
+        "s3://bucket/a/../x.jpg",
+        "https://host/a/../../x.jpg",
+    ],
+)
+def test_one_confinement_rule_for_every_scheme_in_a_bucket_manifest(written: str):
+    from retrieval.corpus import resolve_manifest_uri
+
+    _, problem = resolve_manifest_uri(written, "gs://bucket/lists", remote=True)
+    assert problem is not None and problem.startswith("unsafe_uri: "), written
+    assert resolve_manifest_uri("x.jpg", "gs://bucket/lists", remote=True) == (
+        "gs://bucket/lists/x.jpg",
+        None,
+    )
+
+
+def test_refused_rows_claim_no_id(tmp_path: Path):
+    (tmp_path / "good.jpg").write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,uri\n"
+        "same,../escape.jpg\n"  # refused: leaves the folder
+        "same,\n"  # refused: empty
+        "same,good.jpg\n"
+        "!refused/row-5,good.jpg\n"  # a reserved id: refused, under its own row's id
+        "../up,good.jpg\n"  # a climbing id
+    )
+    refs = list_corpus(str(manifest))
+    by_id = {r.id: r for r in refs}
+    assert by_id["same"] == ImageRef("same", str(tmp_path / "good.jpg"))  # not a duplicate
+    assert by_id["!refused/row-1"].problem == (
+        "unsafe_uri: a relative path that leaves the manifest's folder (row 1, id 'same')"
+    )
+    assert by_id["!refused/row-2"].problem == "unsafe_uri: empty uri (row 2, id 'same')"
+    assert by_id["!refused/row-4"].problem.startswith("unsafe_id: ")
+    assert by_id["!refused/row-5"].problem.startswith("unsafe_id: ")
+    assert len(by_id) == len(refs) == 5
+    assert not any(r.problem and r.problem.startswith("duplicate_id") for r in refs)
+
+
+def test_refused_rows_do_not_cost_a_valid_row_in_the_run(tmp_path: Path):
+    """Through planning: the valid row is planned (no duplicate), each refused row is one
+    planned input with its problem, under an id no image can have."""
+    from retrieval.corpus import iter_shards
+    from retrieval.plan import read_shard_spec, write_extraction_plan
+
+    (tmp_path / "good.jpg").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("id,uri\nsame,../escape.jpg\nsame,good.jpg\n")
+    source = str(tmp_path / "m.csv")
+    out = str(tmp_path / "out")
+    from retrieval.corpus import iter_corpus
+
+    run = write_extraction_plan(
+        out, iter_shards(iter_corpus(source), 8), source=source, shard_size=8
+    )
+    [spec] = [read_shard_spec(out, s) for s in run.shard_ids]
+    assert [(r.id, r.problem is None) for r in spec.refs] == [
+        ("!refused/row-1", False),
+        ("same", True),
+    ]
 
 
 def test_manifest_needs_uri_column(tmp_path: Path):

@@ -46,7 +46,8 @@ def test_plan_round_trip_and_reading_one_shard(tmp_path: Path, monkeypatch):
 
     # Plain Parquet: any runner can build its own table from it.
     refs = pq.read_table(tmp_path / plan.REFS_FILE)
-    assert refs.column_names == ["shard_id", "id", "uri", "problem"] and refs.num_rows == 50
+    assert refs.column_names == ["shard_id", "id", "uri", "problem", "sealed"]
+    assert refs.num_rows == 50
     assert pq.ParquetFile(tmp_path / plan.REFS_FILE).metadata.num_row_groups == 8
 
 

@@ -92,6 +92,7 @@ def test_streamed_plan_file_is_byte_identical_to_a_whole_table_write(tmp_path: P
             "id": [r.id for s in specs for r in s.refs],
             "uri": [r.uri for s in specs for r in s.refs],
             "problem": [r.problem for s in specs for r in s.refs],
+            "sealed": [r.sealed for s in specs for r in s.refs],
         },
         schema=schemas.arrow_schema("plan_refs"),
     )

@@ -6,6 +6,12 @@ starts that many SDK worker processes (``multi_processing``), each running its o
 with ``threads`` threads (``--direct_running_mode=multi_threading`` in ``extra_args`` runs them
 as threads of the launcher instead). Anything else (``--runner=DataflowRunner --project=...``)
 is passed through untouched as ``extra_args``.
+
+Secret-looking options (``--aws_secret_access_key=...``) reach Beam as given (a runner may need
+them), but never a log line: Beam logs the options it does not know ("Discarding unparseable
+args: [...]", then each one alone, "Unparseable argument: VALUE"), so its options logger masks
+secrets, and their values are registered to be masked wherever they appear
+(``retrieval.redaction``).
 """
 
 from __future__ import annotations
@@ -15,11 +21,18 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from retrieval.redaction import mask_option_values, redact_logger
+
+# The logger of Beam's option parsing (its warnings about unknown options quote them).
+BEAM_OPTIONS_LOGGER = "apache_beam.options.pipeline_options"
+redact_logger(BEAM_OPTIONS_LOGGER)
+
 
 def pipeline_options(workers: int = 1, extra_args: Sequence[str] | str = ()) -> PipelineOptions:
     if isinstance(extra_args, str):
         extra_args = shlex.split(extra_args)
     args = list(extra_args)
+    mask_option_values(args)
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=FnApiRunner")
         args.append(f"--direct_num_workers={max(1, workers)}")

@@ -13,6 +13,7 @@ import builtins
 import logging
 import os
 import sys
+import types
 import warnings
 
 from pipelines.cli.commands import COMMANDS
@@ -53,10 +54,13 @@ def _quiet_native_logs(verbose: bool) -> None:
 
 
 def _configure_logging(verbose: bool) -> None:
+    from retrieval.redaction import redact_handlers
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact_handlers()  # no log line carries a secret, whichever library logs it
     if not verbose:
         # Local Beam workers forward their start-up notices as warnings; errors still show.
         logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
@@ -73,11 +77,25 @@ def _no_absl_notices(record: logging.LogRecord) -> bool:
     return record.name != "absl" or record.levelno >= logging.ERROR
 
 
+def _redacting_excepthook(
+    kind: type[BaseException], value: BaseException, traceback: types.TracebackType | None
+) -> None:
+    """A traceback that ends the process, with its secrets masked (a URI in an exception's
+    message, a signed URL in a frame's line)."""
+    import traceback as tb
+
+    from retrieval.redaction import redact
+
+    sys.stderr.write(redact("".join(tb.format_exception(kind, value, traceback))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(attach_beam_args(sys.argv[1:] if argv is None else argv))
     _quiet_native_logs(bool(args.verbose))
     _configure_logging(bool(args.verbose))
+    if sys.excepthook is sys.__excepthook__:  # a bug's traceback, printed on the way out
+        sys.excepthook = _redacting_excepthook
     try:
         try:
             return COMMANDS[args.command](args)
@@ -92,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             import traceback
 
-            traceback.print_exc()
+            sys.stderr.write(redact(traceback.format_exc()))
         message = redact(str(exc) or type(exc).__name__)
         hint = "" if args.verbose else " (run with --verbose for the traceback)"
         print(f"retrieval: error: {message}{hint}", file=sys.stderr)

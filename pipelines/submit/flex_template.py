@@ -95,10 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from retrieval.descriptors.gem import model_info
     from retrieval.extraction import ShardJob, plan_extraction
     from retrieval.local_features.extractor import local_info_for
+    from retrieval.redaction import mask_option_values, redact_handlers, sealing_key
     from retrieval.runtimes.device import plan_worker
 
     logging.basicConfig(level=logging.INFO)
+    redact_handlers()
     args, pipeline_args = parse(sys.argv[1:] if argv is None else argv)
+    mask_option_values(pipeline_args)
     config = build_config({s.name: getattr(args, s.name) for s in settings.template_settings()})
     info = model_info(config.gem)
     local = config.local if args.local_output and config.local.enabled else None
@@ -133,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 local=local,
                 local_output=local_output,
                 local_info=local_info,
+                # Travels in the job's graph to the workers (the plan's sealed URIs).
+                sealing_key=sealing_key(),
             )
         ),
         plan.pending_ids,

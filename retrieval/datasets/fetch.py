@@ -31,6 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from retrieval.datasets.registry import DatasetSpec, RemoteFile
+from retrieval.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,14 @@ def download(
             return dest
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             if isinstance(exc, urllib.error.HTTPError) and exc.code in (403, 404, 410):
-                raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+                raise FetchError(f"{redact(url)}: HTTP {exc.code} {exc.reason}") from None
             last_error = exc
-            log.warning("download of %s interrupted (%s); resuming", url, exc)
+            # A mirror may be a signed URL: the warning names it masked, its error too.
+            log.warning("download of %s interrupted (%s); resuming", redact(url), redact(str(exc)))
             time.sleep(min(2**attempt * 0.2, 5))
-    raise FetchError(f"{url}: failed after {attempts} attempts: {last_error}")
+    raise FetchError(
+        f"{redact(url)}: failed after {attempts} attempts: {redact(str(last_error))}"
+    ) from None
 
 
 def _download_once(url: str, part: Path, *, progress: bool, opener: Callable[..., Any]) -> None:
@@ -147,7 +151,9 @@ def _download_once(url: str, part: Path, *, progress: bool, opener: Callable[...
             total = _total_from_content_range(response.headers.get("Content-Range"))
             start = _start_from_content_range(response.headers.get("Content-Range"))
             if start != offset:
-                raise FetchError(f"{url}: asked for bytes from {offset}, server sent from {start}")
+                raise FetchError(
+                    f"{redact(url)}: asked for bytes from {offset}, server sent from {start}"
+                )
             mode = "ab"
         else:  # 200 (or FTP): the whole file from the start
             length = response.headers.get("Content-Length")
@@ -257,7 +263,9 @@ def fetch_dataset(
         digest, check = verify(path, remote.sha256, sums.get(remote.filename))
         sums[remote.filename] = digest
         _write_sums(downloads, sums)
-        files.append({"file": remote.filename, "url": url, "sha256": digest, "check": check})
+        files.append(
+            {"file": remote.filename, "url": redact(url), "sha256": digest, "check": check}
+        )
         log.info("%s: %s (%s)", remote.filename, digest, check)
 
     raw = out / "raw"

@@ -26,6 +26,7 @@ from retrieval.backbones import (
 )
 from retrieval.descriptors.pooling import gem, l2_normalize
 from retrieval.images import DecodedImage
+from retrieval.redaction import redact
 from retrieval.runtimes import (
     DEFAULT_RUNTIME,
     BackboneRunner,
@@ -99,8 +100,9 @@ def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dic
     """
     identity = identity or backbone_identity(config.backbone)
     info = {
-        "id": config.model_id,
-        "config": config.as_dict(),
+        # Recorded in every manifest and summary: a URI in the spec is masked (redaction).
+        "id": redact(config.model_id),
+        "config": {k: redact(v) if isinstance(v, str) else v for k, v in config.as_dict().items()},
         "config_hash": config.config_hash(),
         "weights_sha256": identity["weights_sha256"],
         "preprocessing": {
@@ -114,7 +116,7 @@ def model_info(config: GeMConfig, identity: dict[str, Any] | None = None) -> dic
     sample = _calibration(config)
     if sample is not None:
         info["calibration"] = {
-            "source": sample.source,
+            "source": redact(sample.source),
             "images": len(sample.uris),
             "sha256": sample.fingerprint(),
         }

@@ -154,6 +154,10 @@ def load_benchmark(path: str | Path) -> Benchmark:
         raise FileNotFoundError(f"no {GT_FILENAME} in {root}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{gt_file}: not valid JSON: {exc}") from exc
+    except RecursionError:
+        # json's decoder recurses once per nesting level: a gt.json nested ~1,000 deep ends
+        # the interpreter's recursion, which no ground truth (3 levels) comes near.
+        raise ValueError(f"{gt_file}: nested too deeply to be a ground truth") from None
     return parse_benchmark(data, name=root.name, root=root, source=str(gt_file))
 
 

@@ -196,10 +196,11 @@ def calibration_sample(
         if len(uris) == count:
             break
         try:
-            data = storage.read_bytes(refs[i].uri)
+            location = refs[i].location  # a signed URL's real URI: kept in memory only
+            data = storage.read_bytes(location)
             decode_image(data, max_side=image_size)
         except Exception:  # a broken calibration image is skipped, deterministically
             continue
-        uris.append(refs[i].uri)
+        uris.append(location)
         digests.append(storage.sha256_bytes(data))
     return CalibrationSample(source, tuple(uris), tuple(digests), image_size, seed)
