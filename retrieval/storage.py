@@ -205,7 +205,10 @@ def _client_options(protocol: str) -> dict[str, Any]:
         import aiohttp  # fsspec's HTTP client
 
         stalls = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-        return {"client_kwargs": {"timeout": stalls}}
+        # Given here, client_kwargs replaces the whole dict of fsspec's configuration
+        # (FSSPEC_HTTP: where users put their Authorization header), so that one is kept.
+        configured = fsspec.config.conf.get(protocol, {}).get("client_kwargs", {})
+        return {"client_kwargs": {**configured, "timeout": stalls}}
     return {}
 
 
