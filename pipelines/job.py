@@ -557,7 +557,7 @@ class BundleSearch:
                 k,
                 self.rerank,
                 query_features,
-                self.store.get,
+                self.store,
                 inlier_cache,
             )
         scores, found = self.index.search_expanded(
@@ -630,7 +630,7 @@ def search_bundle(
     if searcher.store is not None:
         query_store = searcher.store if query_local is None else LocalFeatureStore(query_local)
     ranked = searcher.rank(
-        query_ids, vectors, min(k, searcher.index.ntotal), query_store.get if query_store else None
+        query_ids, vectors, min(k, searcher.index.ntotal), query_store if query_store else None
     )
     table = reranked_table(searcher.index, query_ids, ranked)
     verified = searcher.rerank is not None and query_store is not None

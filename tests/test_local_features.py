@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from conftest import OXFORD_IMAGES
 
 import schemas
-from retrieval import plan
+from retrieval import plan, shard_manifests, storage
 from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.images import decode_image
 from retrieval.local_features.features import LocalFeatureConfig, LocalFeatures
@@ -99,7 +98,8 @@ def test_local_feature_shard_round_trip(tmp_path, dtype):
     manifest = local_feature_shards.write_shard(str(tmp_path), spec, rows, errors, info)
     assert manifest["rows"] == 3 and manifest["errors"] == 1 and manifest["features"] == 57
 
-    table = pq.read_table(tmp_path / "part-00000.parquet")
+    table = pa.ipc.open_file(str(tmp_path / "part-00000.arrow")).read_all()  # any Arrow reader
+    assert table.num_rows == 3
     assert table.schema.field("descriptors").type == pa.list_(getattr(pa, dtype)())
     schemas.check_schema("local_features", table.schema)
 
@@ -133,3 +133,91 @@ def test_reader_refuses_another_schema_version():
     newer = schema.with_metadata({**schema.metadata, schemas.METADATA_VERSION: b"2"})
     with pytest.raises(schemas.SchemaMismatchError, match="version 2"):
         schemas.check_schema("local_features", newer)
+
+
+def _committed_shard(directory, n=6, seed=3, dtype="float16"):
+    rng = np.random.default_rng(seed)
+    info = RootSIFTExtractor(LocalFeatureConfig(dtype=dtype)).info()
+    refs = tuple(ImageRef(f"img{i}", f"/x/img{i}.jpg") for i in range(n))
+    spec = ShardSpec("part-00000", refs)
+    plan.write_extraction_plan(str(directory), [spec], source="/x", shard_size=n)
+    written = {r.id: _random_features(rng, 20 + 30 * i) for i, r in enumerate(refs)}
+    rows = [LocalFeatureRow(i, f"/x/{i}.jpg", f) for i, f in written.items()]
+    manifest = local_feature_shards.write_shard(str(directory), spec, rows, [], info)
+    return manifest, written
+
+
+def test_read_by_image_returns_what_the_shard_holds_reading_only_that_image(tmp_path):
+    manifest, _ = _committed_shard(tmp_path)
+    whole = local_feature_shards.read_shard(str(tmp_path), manifest)
+    file_bytes = manifest["files"]["data"]["bytes"]
+    for position, image_id in enumerate(manifest["ids"]):
+        store = LocalFeatureStore(str(tmp_path))
+        one = store.get(image_id)
+        expected = whole[image_id]
+        np.testing.assert_array_equal(one.locations, expected.locations)
+        np.testing.assert_array_equal(one.scales, expected.scales)
+        np.testing.assert_array_equal(one.descriptors, expected.descriptors)
+        assert (one.image_width, one.image_height) == (expected.image_width, expected.image_height)
+        start, end, _ = manifest["batches"][position]
+        assert store.bytes_read == end - start < file_bytes / 2
+
+
+def test_a_corrupted_image_is_detected_and_the_others_still_read(tmp_path):
+    manifest, _ = _committed_shard(tmp_path)
+    start, end, _ = manifest["batches"][2]
+    path = tmp_path / "part-00000.arrow"
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store = LocalFeatureStore(str(tmp_path))
+    with pytest.raises(storage.ChecksumMismatchError, match="img2"):
+        store.get("img2")
+    assert len(store.get("img1")) == 50 and len(store.get("img3")) == 110
+
+
+def test_a_truncated_file_is_detected(tmp_path):
+    manifest, _ = _committed_shard(tmp_path)
+    path = tmp_path / "part-00000.arrow"
+    last_start = manifest["batches"][-1][0]
+    path.write_bytes(path.read_bytes()[: last_start + 10])
+    with pytest.raises(storage.ChecksumMismatchError, match="shorter"):
+        LocalFeatureStore(str(tmp_path)).get(manifest["ids"][-1])
+
+
+def test_prefetch_reads_each_image_once_and_the_cache_is_bounded(tmp_path):
+    manifest, written = _committed_shard(tmp_path, n=8)
+    spans = {i: b - a for i, (a, b, _) in zip(manifest["ids"], manifest["batches"], strict=True)}
+    store = LocalFeatureStore(str(tmp_path), threads=4)
+    store.prefetch(["img1", "img5", "img7", "img1", "not-there"])
+    assert store.bytes_read == spans["img1"] + spans["img5"] + spans["img7"]
+    before = store.bytes_read
+    assert len(store.get("img5")) == len(written["img5"])
+    assert store.bytes_read == before  # served from the cache
+
+    one_image = 4 * len(written["img7"]) * (2 + 1 + 128) + 64  # float32 in memory
+    small = LocalFeatureStore(str(tmp_path), cache_bytes=one_image)
+    small.get("img7")
+    small.get("img6")  # evicts img7
+    small.get("img7")
+    assert small.bytes_read == 2 * spans["img7"] + spans["img6"]
+
+
+def test_shards_of_the_parquet_layout_are_still_read(tmp_path):
+    """Folders written before the one-batch-per-image layout keep working (read whole)."""
+    manifest, written = _committed_shard(tmp_path)
+    table = pa.ipc.open_file(str(tmp_path / "part-00000.arrow")).read_all()
+    data = storage.write_parquet(str(tmp_path / "part-00000.parquet"), table)
+    (tmp_path / "part-00000.arrow").unlink()
+    legacy = {k: v for k, v in manifest.items() if k not in ("format", "batches", "checksum")}
+    legacy["files"] = {
+        **manifest["files"],
+        "data": shard_manifests.file_entry(
+            str(tmp_path / "part-00000.parquet"), data, manifest["rows"]
+        ),
+    }
+    shard_manifests.commit(str(tmp_path), "part-00000", legacy)
+    store = LocalFeatureStore(str(tmp_path))
+    for image_id, original in written.items():
+        np.testing.assert_allclose(store.get(image_id).descriptors, original.descriptors, atol=1e-3)
+    assert store.bytes_read == len(data)  # the whole shard, once
