@@ -367,12 +367,15 @@ class LocalFeatureStore:
 
     def prefetch(self, image_ids: Iterable[str]) -> None:
         """Fetch the features of ``image_ids`` not yet cached, ``threads`` reads at a time."""
+        todo: dict[tuple[str, str, int], None] = {}
         with self._lock:
-            todo = {
-                self._where[i]
-                for i in image_ids
-                if i in self._where and i not in self._cache
-            }
+            for image_id in image_ids:
+                where = self._where.get(image_id)
+                if where is None or image_id in self._cache:
+                    continue
+                if self._manifests[where[:2]].get("format") != BATCH_PER_IMAGE:
+                    where = (*where[:2], -1)  # a shard read whole: once for all its images
+                todo[where] = None
         if len(todo) < 2 or self._threads < 2:
             for where in todo:
                 self._fetch(where)
