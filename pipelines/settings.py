@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from retrieval.local_features.features import DESCRIPTOR_DTYPES
 from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 SIZE = re.compile(r"\s*\d+(\.\d+)?\s*[KMGT]?i?B?\s*", re.IGNORECASE)
@@ -143,8 +144,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("local_max_features", "int", "local.max_features", EXTRACT, "local", "descriptor",
        "at most N local features per image, strongest first", metavar="N", template=True),
     _s("local_dtype", "str", "local.dtype", EXTRACT, "local", "descriptor",
-       "how local descriptors are stored (float16: half the bytes)",
-       choices=("float16", "float32")),
+       "how local descriptors are stored: q15 (codes of 1/15 steps, a quarter of float16's "
+       "bytes; RootSIFT only), float16, float32, or auto (q15 for RootSIFT, float16 for DELF)",
+       choices=DESCRIPTOR_DTYPES),
     _s("max_pixels", "int", "limits.max_pixels", EXTRACT, "extract", "descriptor",
        "reject images whose declared width x height exceeds N", metavar="N"),
     _s("max_bytes", "int", "limits.max_bytes", EXTRACT, "extract", "descriptor",

@@ -12,7 +12,12 @@ import schemas
 from retrieval import plan, shard_manifests, storage
 from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.images import decode_image
-from retrieval.local_features.features import LocalFeatureConfig, LocalFeatures
+from retrieval.local_features.features import (
+    LocalFeatureConfig,
+    LocalFeatures,
+    decode_descriptors,
+    encode_descriptors,
+)
 from retrieval.local_features.rootsift import RootSIFTExtractor, root_normalize
 from retrieval.rerank.spatial import VerificationConfig, count_inliers, rerank_by_inliers
 from retrieval.shards import local_feature_shards
@@ -80,7 +85,7 @@ def _random_features(rng: np.random.Generator, n: int) -> LocalFeatures:
     )
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["q15", "float16", "float32"])
 def test_local_feature_shard_round_trip(tmp_path, dtype):
     rng = np.random.default_rng(1)
     config = LocalFeatureConfig(dtype=dtype)
@@ -100,17 +105,20 @@ def test_local_feature_shard_round_trip(tmp_path, dtype):
 
     table = pa.ipc.open_file(str(tmp_path / "part-00000.arrow")).read_all()  # any Arrow reader
     assert table.num_rows == 3
-    assert table.schema.field("descriptors").type == pa.list_(getattr(pa, dtype)())
+    element = {"q15": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[dtype]
+    assert table.schema.field("descriptors").type == pa.list_(element)
     schemas.check_schema("local_features", table.schema)
 
     read = local_feature_shards.read_shard(str(tmp_path), manifest)
     assert sorted(read) == ["img0", "img1", "img3"]
-    tolerance = 1e-3 if dtype == "float16" else 0
+    tolerance = {"q15": 0.04, "float16": 1e-3, "float32": 0}[dtype]  # q15: half a step, rescaled
     for image_id, original in written.items():
         back = read[image_id]
         np.testing.assert_array_equal(back.locations, original.locations)
         np.testing.assert_array_equal(back.scales, original.scales)
         np.testing.assert_allclose(back.descriptors, original.descriptors, atol=tolerance)
+        if len(back):
+            np.testing.assert_allclose(np.linalg.norm(back.descriptors, axis=1), 1, rtol=1e-3)
         assert back.descriptors.shape == (len(original), 128)
         assert (back.image_width, back.image_height) == (640, 480)
 
@@ -130,8 +138,8 @@ def test_local_feature_shard_refuses_lost_inputs(tmp_path):
 
 def test_reader_refuses_another_schema_version():
     schema = schemas.arrow_schema("local_features", dim=128, element="float16")
-    newer = schema.with_metadata({**schema.metadata, schemas.METADATA_VERSION: b"2"})
-    with pytest.raises(schemas.SchemaMismatchError, match="version 2"):
+    newer = schema.with_metadata({**schema.metadata, schemas.METADATA_VERSION: b"3"})
+    with pytest.raises(schemas.SchemaMismatchError, match="version 3"):
         schemas.check_schema("local_features", newer)
 
 
@@ -221,3 +229,40 @@ def test_shards_of_the_parquet_layout_are_still_read(tmp_path):
     for image_id, original in written.items():
         np.testing.assert_allclose(store.get(image_id).descriptors, original.descriptors, atol=1e-3)
     assert store.bytes_read == len(data)  # the whole shard, once
+
+
+def test_q15_codes_are_a_quarter_of_float16_and_match_the_same_features():
+    """q15 keeps RootSIFT matching: the nearest neighbour of every feature (ratio test passed)
+    under float32 is the same under q15, and codes take a byte each, before compression."""
+    rng = np.random.default_rng(5)
+    sift = rng.gamma(0.3, size=(300, 128)).astype(np.float32)  # sparse histograms, like SIFT
+    a = root_normalize(
+        np.minimum(np.round(sift / np.linalg.norm(sift, axis=1, keepdims=True) * 512), 255)
+    )
+    b = a[rng.permutation(300)] + rng.normal(scale=0.01, size=a.shape).astype(np.float32)
+    b = np.abs(b) / np.linalg.norm(b, axis=1, keepdims=True)
+    codes_a, codes_b = (encode_descriptors(x, "q15") for x in (a, b))
+    assert codes_a.dtype == np.uint8 and codes_a.max() <= 15
+    qa, qb = decode_descriptors(codes_a), decode_descriptors(codes_b)
+
+    def matches(x, y):
+        d = np.linalg.norm(x[:, None] - y[None], axis=2)
+        first, second = np.sort(d, axis=1)[:, :2].T
+        return {(i, j) for i, j in enumerate(d.argmin(axis=1)) if first[i] < 0.8 * second[i]}
+
+    exact, quantised = matches(a, b), matches(qa, qb)
+    assert len(exact & quantised) >= 0.95 * len(exact)
+
+
+def test_q15_is_refused_for_signed_descriptors_and_auto_picks_by_method():
+    assert LocalFeatureConfig().dtype == "q15"
+    assert LocalFeatureConfig(method="delf:/models/delf").dtype == "float16"
+    with pytest.raises(ValueError, match="signed"):
+        LocalFeatureConfig(method="delf:/models/delf", dtype="q15")
+
+
+def test_version_1_tables_are_still_read_and_cannot_hold_codes():
+    v1 = schemas.arrow_schema("local_features", dim=128, element="float16", version=1)
+    schemas.check_schema("local_features", v1)
+    with pytest.raises(ValueError, match="cannot hold q15"):
+        schemas.arrow_schema("local_features", dim=128, element="q15", version=1)

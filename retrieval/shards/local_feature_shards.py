@@ -31,7 +31,11 @@ import schemas
 from retrieval import plan, storage
 from retrieval import shard_manifests as manifests
 from retrieval.corpus import ShardSpec
-from retrieval.local_features.features import LocalFeatures
+from retrieval.local_features.features import (
+    LocalFeatures,
+    decode_descriptors,
+    encode_descriptors,
+)
 from retrieval.manifests import check_name
 from retrieval.shards.descriptor_shards import ErrorRow, data_uri, error_table, errors_uri
 
@@ -71,7 +75,7 @@ def _flat_list(arrays: Sequence[np.ndarray], dtype: str) -> pa.ListArray:
     counts = np.asarray([a.size for a in arrays], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    values = pa.array(flat.astype(dtype, copy=False))
+    values = pa.array(encode_descriptors(flat, dtype))
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
@@ -224,7 +228,7 @@ def _features(table: pa.Table | pa.RecordBatch, dim: int) -> dict[str, LocalFeat
         image_id: LocalFeatures(
             locations[i].astype(np.float32),
             scales[i].reshape(-1).astype(np.float32),
-            descriptors[i].astype(np.float32),
+            decode_descriptors(descriptors[i]),
             widths[i],
             heights[i],
         )
