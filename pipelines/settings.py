@@ -144,8 +144,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("local_max_features", "int", "local.max_features", EXTRACT, "local", "descriptor",
        "at most N local features per image, strongest first", metavar="N", template=True),
     _s("local_dtype", "str", "local.dtype", EXTRACT, "local", "descriptor",
-       "how local descriptors are stored: q15 (codes of 1/15 steps, a quarter of float16's "
-       "bytes; RootSIFT only), float16, float32, or auto (q15 for RootSIFT, float16 for DELF)",
+       "how local descriptors are stored: float16 (half of float32's bytes, the same matches), "
+       "float32, or q15 (codes in 1/15 steps, RootSIFT only: a quarter of float16's bytes, "
+       "weaker pair mining; see the README)",
        choices=DESCRIPTOR_DTYPES),
     _s("max_pixels", "int", "limits.max_pixels", EXTRACT, "extract", "descriptor",
        "reject images whose declared width x height exceeds N", metavar="N"),

@@ -254,9 +254,8 @@ def test_q15_codes_are_a_quarter_of_float16_and_match_the_same_features():
     assert len(exact & quantised) >= 0.95 * len(exact)
 
 
-def test_q15_is_refused_for_signed_descriptors_and_auto_picks_by_method():
-    assert LocalFeatureConfig().dtype == "q15"
-    assert LocalFeatureConfig(method="delf:/models/delf").dtype == "float16"
+def test_q15_is_refused_for_signed_descriptors():
+    assert LocalFeatureConfig(dtype="q15").dtype == "q15"
     with pytest.raises(ValueError, match="signed"):
         LocalFeatureConfig(method="delf:/models/delf", dtype="q15")
 

@@ -20,13 +20,15 @@ DEFAULT_LOCAL_IMAGE_SIZE = 640
 DEFAULT_MAX_FEATURES = 1000
 # How descriptors are stored. ``q15``: each value rounded to a multiple of 1/15 and kept as a
 # uint8 code (RootSIFT values lie in [0, 0.34]: codes 0-5, which zstd packs into ~2 bits), read
-# back L2-normalised. Measured on oxford-dev: a quarter of float16's bytes (40 KB an image with
-# ~900 features, float16 180 KB) for -0.3 mAP of spatial verification, within the noise between
-# equivalent settings; finer steps (1/22, 1/30) cost more bytes than the 45 KiB budget allows
-# (README, "Local features at scale"). Only for non-negative descriptors (RootSIFT); ``auto``
-# picks q15 for RootSIFT and float16 for DELF, whose PCA-projected descriptors are signed.
+# back L2-normalised: 40.7 KB an image on oxford-dev against float16's 183 KB, for -0.3 mAP of
+# spatial verification alone. It is not the default: coarser descriptors make the ratio test
+# reject more matches, so pair mining verifies fewer pairs (90 against 112 on oxford-dev), the
+# whitening learned from them is weaker and the default pipeline loses 1.7 mAP (64.13 against
+# 65.81); finer steps (1/22, 1/30) keep more pairs but cost more bytes than the 45 KiB budget
+# (benchmarks/README.md, "Compact local features"). Only for non-negative descriptors
+# (RootSIFT): DELF's PCA-projected descriptors are signed.
 Q15 = 15.0
-DESCRIPTOR_DTYPES = ("auto", "q15", "float16", "float32")
+DESCRIPTOR_DTYPES = ("float16", "float32", "q15")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class LocalFeatureConfig:
     method: str = "rootsift"
     image_size: int = DEFAULT_LOCAL_IMAGE_SIZE  # longer side in pixels
     max_features: int = DEFAULT_MAX_FEATURES
-    dtype: str = "auto"  # how descriptors are stored (see DESCRIPTOR_DTYPES): resolved here
+    dtype: str = "float16"  # how descriptors are stored (float16 halves the bytes, same matches)
 
     def __post_init__(self) -> None:
         if (
@@ -82,8 +84,6 @@ class LocalFeatureConfig:
             raise ValueError("max_features must be at least 1")
         if self.dtype not in DESCRIPTOR_DTYPES:
             raise ValueError(f"local descriptor dtype must be one of {DESCRIPTOR_DTYPES}")
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", "q15" if self.method == "rootsift" else "float16")
         if self.dtype == "q15" and self.method.startswith("delf:"):
             raise ValueError(
                 "local descriptor dtype q15 stores non-negative descriptors (RootSIFT); DELF's "
