@@ -143,10 +143,14 @@ SETTINGS: tuple[Setting, ...] = (
        template=True),
     _s("local_max_features", "int", "local.max_features", EXTRACT, "local", "descriptor",
        "at most N local features per image, strongest first", metavar="N", template=True),
+    _s("local_pca_dim", "int", "local.pca_dim", EXTRACT, "local", "descriptor",
+       "project RootSIFT onto its first N principal components (learned on scikit-image's "
+       "public-domain photos; 0: not projected; with --local-dtype int8: 40 is DELF's choice)",
+       metavar="N"),
     _s("local_dtype", "str", "local.dtype", EXTRACT, "local", "descriptor",
        "how local descriptors are stored: float16 (half of float32's bytes, the same matches), "
-       "float32, or q15 (codes in 1/15 steps, RootSIFT only: a quarter of float16's bytes, "
-       "weaker pair mining; see the README)",
+       "float32, int8 (codes of 1/127 steps) or q15 (codes of 1/15 steps, unprojected RootSIFT "
+       "only); see the README, \"Compact local features\"",
        choices=DESCRIPTOR_DTYPES),
     _s("max_pixels", "int", "limits.max_pixels", EXTRACT, "extract", "descriptor",
        "reject images whose declared width x height exceeds N", metavar="N"),

@@ -63,11 +63,16 @@ _SIMPLE_TYPES = {
 
 
 _LIST_TYPES = {"list<float32>": pa.list_(pa.float32())}
-_DESCRIPTOR_ELEMENTS = {"float16": pa.float16(), "float32": pa.float32(), "q15": pa.uint8()}
+_DESCRIPTOR_ELEMENTS = {
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "q15": pa.uint8(),
+    "int8": pa.int8(),
+}
 # Local descriptor column types (by schema version) -> the stored dtypes they hold.
 _ELEMENT_CHOICES = {
     "list<float16|float32>": ("float16", "float32"),
-    "list<float16|float32|uint8>": ("float16", "float32", "q15"),
+    "list<float16|float32|uint8|int8>": ("float16", "float32", "q15", "int8"),
 }
 
 
@@ -114,15 +119,15 @@ def descriptor_dim(schema: pa.Schema) -> int:
 
 
 def local_descriptor_element(schema: pa.Schema) -> str:
-    """float16, float32 or q15: the stored dtype of a local-feature table's descriptors column."""
+    """float16, float32, q15 or int8: the stored dtype of a local-feature descriptors column."""
     field_type = schema.field("descriptors").type
     if pa.types.is_list(field_type):
         for name, arrow in _DESCRIPTOR_ELEMENTS.items():
             if field_type.value_type.equals(arrow):
                 return name
     raise SchemaMismatchError(
-        f"local descriptors column has type {field_type}, expected a list of float16, float32 "
-        "or uint8"
+        f"local descriptors column has type {field_type}, expected a list of float16, float32, "
+        "uint8 or int8"
     )
 
 

@@ -85,7 +85,7 @@ def _random_features(rng: np.random.Generator, n: int) -> LocalFeatures:
     )
 
 
-@pytest.mark.parametrize("dtype", ["q15", "float16", "float32"])
+@pytest.mark.parametrize("dtype", ["q15", "int8", "float16", "float32"])
 def test_local_feature_shard_round_trip(tmp_path, dtype):
     rng = np.random.default_rng(1)
     config = LocalFeatureConfig(dtype=dtype)
@@ -105,13 +105,20 @@ def test_local_feature_shard_round_trip(tmp_path, dtype):
 
     table = pa.ipc.open_file(str(tmp_path / "part-00000.arrow")).read_all()  # any Arrow reader
     assert table.num_rows == 3
-    element = {"q15": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[dtype]
+    element = {
+        "q15": pa.uint8(),
+        "int8": pa.int8(),
+        "float16": pa.float16(),
+        "float32": pa.float32(),
+    }[dtype]
     assert table.schema.field("descriptors").type == pa.list_(element)
     schemas.check_schema("local_features", table.schema)
 
     read = local_feature_shards.read_shard(str(tmp_path), manifest)
     assert sorted(read) == ["img0", "img1", "img3"]
-    tolerance = {"q15": 0.04, "float16": 1e-3, "float32": 0}[dtype]  # q15: half a step, rescaled
+    tolerance = {"q15": 0.04, "int8": 0.01, "float16": 1e-3, "float32": 0}[
+        dtype
+    ]  # q15: half a step, rescaled
     for image_id, original in written.items():
         back = read[image_id]
         np.testing.assert_array_equal(back.locations, original.locations)
@@ -265,3 +272,27 @@ def test_version_1_tables_are_still_read_and_cannot_hold_codes():
     schemas.check_schema("local_features", v1)
     with pytest.raises(ValueError, match="cannot hold q15"):
         schemas.arrow_schema("local_features", dim=128, element="q15", version=1)
+
+
+def test_rootsift_projection_is_deterministic_orthonormal_and_fingerprinted():
+    from retrieval.local_features.extractor import local_info_for
+    from retrieval.local_features.rootsift import rootsift_pca
+
+    basis = rootsift_pca()
+    np.testing.assert_allclose(basis.components @ basis.components.T, np.eye(64), atol=1e-5)
+    rootsift_pca.cache_clear()
+    again = rootsift_pca()
+    assert again.sha256 == basis.sha256  # learned again, the same basis
+    config = LocalFeatureConfig(pca_dim=40, dtype="int8")
+    extractor = RootSIFTExtractor(config)
+    image = decode_image(sorted(OXFORD_IMAGES.glob("*.jpg"))[0].read_bytes(), max_side=640)
+    features = extractor.extract(image)
+    assert features.descriptors.shape == (len(features), 40) and extractor.dim == 40
+    np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1, rtol=1e-5)
+    info = local_info_for(config)
+    assert info["dim"] == 40 and basis.sha256[:16] in info["weights_sha256"]
+    assert info == extractor.info()
+    # Unprojected settings keep the fingerprint they had before projections existed.
+    assert "pca_dim" not in LocalFeatureConfig().as_dict()
+    with pytest.raises(ValueError, match="RootSIFT only"):
+        LocalFeatureConfig(method="delf:/m", pca_dim=40)

@@ -28,7 +28,9 @@ DEFAULT_MAX_FEATURES = 1000
 # (benchmarks/README.md, "Compact local features"). Only for non-negative descriptors
 # (RootSIFT): DELF's PCA-projected descriptors are signed.
 Q15 = 15.0
-DESCRIPTOR_DTYPES = ("float16", "float32", "q15")
+# ``int8``: each value of a unit vector (signed: a PCA projection's) x127, rounded, as int8.
+INT8 = 127.0
+DESCRIPTOR_DTYPES = ("float16", "float32", "q15", "int8")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class LocalFeatureConfig:
     image_size: int = DEFAULT_LOCAL_IMAGE_SIZE  # longer side in pixels
     max_features: int = DEFAULT_MAX_FEATURES
     dtype: str = "float16"  # how descriptors are stored (float16 halves the bytes, same matches)
+    # RootSIFT projected onto its first N principal components (0: not projected), learned on
+    # scikit-image's public-domain photos (``rootsift.rootsift_pca``), as DELF keeps 40 of its.
+    pca_dim: int = 0
 
     def __post_init__(self) -> None:
         if (
@@ -84,11 +89,13 @@ class LocalFeatureConfig:
             raise ValueError("max_features must be at least 1")
         if self.dtype not in DESCRIPTOR_DTYPES:
             raise ValueError(f"local descriptor dtype must be one of {DESCRIPTOR_DTYPES}")
-        if self.dtype == "q15" and self.method.startswith("delf:"):
+        if self.dtype == "q15" and (self.method.startswith("delf:") or self.pca_dim):
             raise ValueError(
                 "local descriptor dtype q15 stores non-negative descriptors (RootSIFT); DELF's "
-                "are signed: use float16 or float32"
+                "and projected ones are signed: use int8, float16 or float32"
             )
+        if self.pca_dim and (self.method != "rootsift" or not 1 <= self.pca_dim <= 64):
+            raise ValueError("local pca_dim projects RootSIFT only, onto 1 to 64 components")
 
     @property
     def enabled(self) -> bool:
@@ -96,10 +103,14 @@ class LocalFeatureConfig:
 
     @property
     def model_id(self) -> str:
-        return f"{self.method}@{self.image_size}x{self.max_features}"
+        projected = f"-pca{self.pca_dim}" if self.pca_dim else ""
+        return f"{self.method}{projected}@{self.image_size}x{self.max_features}"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        settings = asdict(self)
+        if not self.pca_dim:  # unprojected: the settings (and config hash) of before pca_dim
+            del settings["pca_dim"]
+        return settings
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -109,14 +120,17 @@ def encode_descriptors(descriptors: np.ndarray, dtype: str) -> np.ndarray:
     """Descriptors as stored: float16/float32 values, or q15 codes (uint8)."""
     if dtype == "q15":
         return np.clip(np.rint(descriptors * Q15), 0, 255).astype(np.uint8)
+    if dtype == "int8":
+        return np.clip(np.rint(descriptors * INT8), -127, 127).astype(np.int8)
     return descriptors.astype(dtype, copy=False)
 
 
 def decode_descriptors(stored: np.ndarray) -> np.ndarray:
-    """Stored descriptors (n, d) as float32; q15 codes (uint8) back to unit-length vectors."""
-    if stored.dtype != np.uint8:
+    """Stored descriptors (n, d) as float32; q15 (uint8) and int8 codes back to unit-length
+    vectors."""
+    if stored.dtype not in (np.uint8, np.int8):
         return stored.astype(np.float32)
-    values = stored.astype(np.float32) / Q15
+    values = stored.astype(np.float32) / (Q15 if stored.dtype == np.uint8 else INT8)
     norms = np.linalg.norm(values, axis=1, keepdims=True)
     return values / np.maximum(norms, 1e-12)
 
