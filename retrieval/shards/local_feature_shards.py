@@ -378,7 +378,10 @@ class LocalFeatureStore:
                 if where is None or image_id in self._cache:
                     continue
                 if self._manifests[where[:2]].get("format") != BATCH_PER_IMAGE:
-                    where = (*where[:2], -1)  # a shard read whole: once for all its images
+                    # A shard of the older layout is read whole when first asked for: fetching
+                    # a shortlist's shards ahead would overflow the cache (256 images each)
+                    # and read them twice.
+                    continue
                 todo[where] = None
         if len(todo) < 2 or self._threads < 2:
             for where in todo:
