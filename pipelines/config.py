@@ -28,7 +28,7 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     local_features = "rootsift"    # or "delf:<handle or path>", or "none"
     local_image_size = 640
     local_max_features = 1000
-    local_dtype = "float16"
+    local_dtype = "float16"        # or "float32", or "q15" (RootSIFT: 4x smaller)
     [rerank]
     shortlist = 100               # top-K verified by matching + RANSAC (0: no verification)
     min_inliers = 20

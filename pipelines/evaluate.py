@@ -144,7 +144,7 @@ def rank_queries_reranked(
     queries = np.stack([vectors_by_id[q] for q in present])
     k = min(index.ntotal, MAX_RANKING)
     reranked = rerank_search(
-        index, present, queries, k, rerank, query_store.get, store.get, inlier_cache
+        index, present, queries, k, rerank, query_store, store, inlier_cache
     )
     rankings.update(zip(present, index.ranked_ids_list(reranked.found), strict=True))
     return rankings, reranked.stats
@@ -165,7 +165,7 @@ def rank_with_bundle(
         return rankings, None
     queries = np.stack([vectors_by_id[q] for q in present])
     k = min(searcher.index.ntotal, MAX_RANKING)
-    lookup = query_store.get if query_store is not None else None
+    lookup = query_store
     ranked = searcher.rank(present, queries, k, lookup, inlier_cache)
     rankings.update(zip(present, searcher.index.ranked_ids_list(ranked.found), strict=True))
     return rankings, ranked.stats or None

@@ -26,16 +26,18 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from pipelines import stages
+from pipelines import runners, stages
 from pipelines.config import RunConfig, build_config, bundle_settings
-from retrieval import storage, versions
-from retrieval.index.search import SearchableIndex, load_index
+from pipelines.runners import WorkerTask
+from retrieval import shard_manifests, storage, versions
+from retrieval.index.search import INDEX_KIND, INDEX_MANIFEST, SearchableIndex, load_index
 from retrieval.learning.whitening import (
     INFO_FILE,
     InsufficientPairsError,
@@ -43,7 +45,7 @@ from retrieval.learning.whitening import (
     load_whitening,
     whitened_model_info,
 )
-from retrieval.manifests import utc_now
+from retrieval.manifests import read_manifest, utc_now
 from retrieval.plan import PlanError
 from retrieval.rerank.shortlist import RerankConfig, Reranked, rerank_search, reranked_table
 from retrieval.shards import descriptor_shards, local_feature_shards
@@ -501,6 +503,18 @@ class Bundle:
         return build_config(overrides, config) if overrides else config
 
 
+def check_query_models(bundle: Bundle, query_models: Sequence[dict[str, Any]]) -> None:
+    """Refuse query descriptors of another model than the bundle's."""
+    wanted = bundle.record["model"]["config_hash"]
+    others = {m["config_hash"] for m in query_models} - {wanted}
+    if others:
+        raise ValueError(
+            f"query descriptors of another model ({sorted(others)}) than the bundle's "
+            f"({bundle.record['model']['id']}, {wanted}): describe the queries with "
+            "`retrieval search --query-images`, which uses the bundle's model"
+        )
+
+
 class BundleSearch:
     """Search over a bundle with its defaults: raw query descriptors of the bundle's model are
     whitened with the bundle's whitening, the global shortlist is verified against the bundle's
@@ -528,14 +542,7 @@ class BundleSearch:
 
     def check_queries(self, query_models: Sequence[dict[str, Any]]) -> None:
         """Refuse query descriptors of another model than the bundle's."""
-        wanted = self.bundle.record["model"]["config_hash"]
-        others = {m["config_hash"] for m in query_models} - {wanted}
-        if others:
-            raise ValueError(
-                f"query descriptors of another model ({sorted(others)}) than the bundle's "
-                f"({self.bundle.record['model']['id']}, {wanted}): describe the queries with "
-                "`retrieval search --query-images`, which uses the bundle's model"
-            )
+        check_query_models(self.bundle, query_models)
 
     def rank(
         self,
@@ -557,7 +564,7 @@ class BundleSearch:
                 k,
                 self.rerank,
                 query_features,
-                self.store.get,
+                self.store,
                 inlier_cache,
             )
         scores, found = self.index.search_expanded(
@@ -609,6 +616,104 @@ def run_query_job(
     )
 
 
+RESULT_PARTS = "parts"  # under a search's output: one committed results part per query shard
+RESULTS_PART_KIND = "search_results"
+
+
+class SearchQueryShards(WorkerTask):
+    """Search on a runner's workers: each item a committed shard of query descriptors, answered
+    with the bundle's defaults (:meth:`BundleSearch.rank`: whitening, global shortlist, spatial
+    verification reading only that shard's shortlists' local features, verified QE) and
+    committed as its own results part. The bundle's index, whitening and stores are opened
+    once per worker."""
+
+    def __init__(
+        self,
+        bundle_root: str,
+        queries: str,
+        query_local: str | None,
+        parts: str,
+        config: RunConfig,
+        k: int,
+        digests: dict[str, str],
+    ):
+        self.bundle_root = bundle_root
+        self.queries = queries
+        self.query_local = query_local
+        self.parts = parts
+        self.config = config
+        self.k = k
+        self.digests = digests
+
+    def setup(self) -> tuple[BundleSearch, LocalFeatureStore | None]:
+        searcher = BundleSearch(Bundle.read(self.bundle_root), self.config)
+        query_store = None
+        if searcher.store is not None:
+            query_store = (
+                searcher.store if self.query_local is None else LocalFeatureStore(self.query_local)
+            )
+        return searcher, query_store
+
+    def setup_key(self) -> Hashable:
+        return ("search", self.bundle_root, self.query_local, self.config)
+
+    def run(self, state: tuple[BundleSearch, LocalFeatureStore | None], item: str) -> None:
+        searcher, query_store = state
+        manifest = shard_manifests.read(self.queries, item)
+        if manifest is None:
+            raise FileNotFoundError(f"{self.queries}: query shard {item} is not committed")
+        shard = descriptor_shards.read_shard(self.queries, manifest)
+        k = min(self.k, searcher.index.ntotal)
+        ranked = searcher.rank(shard.ids, shard.vectors, k, query_store)
+        table = reranked_table(searcher.index, shard.ids, ranked)
+        uri = storage.join(self.parts, f"{item}.parquet")
+        data = storage.write_parquet(uri, table)
+        shard_manifests.commit(
+            self.parts,
+            item,
+            {
+                "kind": RESULTS_PART_KIND,
+                "input_digest": self.digests[item],
+                "queries": len(shard.ids),
+                "stats": ranked.stats,
+                "files": {"data": shard_manifests.file_entry(uri, data, table.num_rows)},
+            },
+        )
+
+
+def _part_digest(query_manifest: dict[str, Any], bundle: Bundle, config: RunConfig, k: int) -> str:
+    """What a results part answers: the query shard's bytes, the bundle (its record names the
+    index, whitening and local features) and the search settings. A part committed for the same
+    digest is skipped by a re-run; any change answers the shard again."""
+    what = {
+        "queries": query_manifest["files"]["data"]["sha256"],
+        "bundle": bundle.record,
+        "k": k,
+        "expansion": asdict(config.expansion),
+        "rerank": config.rerank.as_dict(),
+        "nprobe": config.nprobe,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def combine_rerank_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """One query set's re-ranking statistics from its parts' (sums, and per-pair and per-query
+    times weighted by pairs and queries)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    summed = ("queries", "pairs_in_shortlists", "pairs_verified", "queries_with_verified_results",
+              "queries_expanded")  # fmt: skip
+    combined: dict[str, Any] = {key: sum(p.get(key, 0) for p in parts) for key in summed}
+    pairs = combined["pairs_verified"]
+    queries = max(combined["queries"], 1)
+    verify_ms = sum((p.get("verify_ms_per_pair") or 0) * p.get("pairs_verified", 0) for p in parts)
+    combined["verify_ms_per_pair"] = round(verify_ms / pairs, 2) if pairs else None
+    rerank_ms = sum(p.get("rerank_ms_per_query", 0) * p.get("queries", 0) for p in parts)
+    combined["rerank_ms_per_query"] = round(rerank_ms / queries, 1)
+    return combined
+
+
 def search_bundle(
     bundle: Bundle,
     queries: str,
@@ -621,29 +726,59 @@ def search_bundle(
     """The search stage over a bundle: every descriptor under ``queries`` (raw, of the
     bundle's model) answered with the bundle's defaults -> ``output``/results.parquet.
     ``query_local``: the queries' local features (default: the bundle's own, for queries that
-    are images of the corpus)."""
+    are images of the corpus).
+
+    Each shard of queries is answered on the run's runner (:class:`SearchQueryShards`) and
+    committed as ``output``/parts/<shard>.parquet; the launcher then joins the parts in shard
+    order. A worker reads only its own queries' shortlists' local features (by image, see
+    ``LocalFeatureStore``), so verification spreads over the workers like extraction does.
+    """
     start = time.perf_counter()
-    searcher = BundleSearch(bundle, config)
-    searcher.check_queries([m["model"] for m in descriptor_shards.list_shards(queries)])
-    query_ids, _, vectors = descriptor_shards.read_all(queries)
-    query_store = None
-    if searcher.store is not None:
-        query_store = searcher.store if query_local is None else LocalFeatureStore(query_local)
-    ranked = searcher.rank(
-        query_ids, vectors, min(k, searcher.index.ntotal), query_store.get if query_store else None
+    query_manifests = descriptor_shards.list_shards(queries)
+    check_query_models(bundle, [m["model"] for m in query_manifests])
+    parts = storage.join(output, RESULT_PARTS)
+    digests = {m["shard"]: _part_digest(m, bundle, config, k) for m in query_manifests}
+    todo = [
+        shard
+        for shard, digest in digests.items()
+        if shard_manifests.committed(
+            parts, shard, expect={"kind": RESULTS_PART_KIND, "input_digest": digest}
+        )
+        is None
+    ]
+    task = SearchQueryShards(bundle.root, queries, query_local, parts, config, k, digests)
+    runners.runner_for(config, items=len(todo)).map(
+        task, todo, label="search", progress_dir=parts, already=len(digests) - len(todo)
     )
-    table = reranked_table(searcher.index, query_ids, ranked)
-    verified = searcher.rerank is not None and query_store is not None
+    tables, stats, answered = [], [], 0
+    for shard, digest in digests.items():
+        manifest = shard_manifests.committed(
+            parts, shard, expect={"kind": RESULTS_PART_KIND, "input_digest": digest}
+        )
+        if manifest is None:
+            raise RuntimeError(f"{parts}: results of query shard {shard} not committed")
+        tables.append(
+            storage.read_parquet(
+                storage.join(parts, f"{shard}.parquet"),
+                expect_sha256=manifest["files"]["data"]["sha256"],
+            )
+        )
+        stats.append(manifest["stats"])
+        answered += manifest["queries"]
+    table = pa.concat_tables(tables)
+    index_manifest = read_manifest(storage.join(bundle.index, INDEX_MANIFEST), kind=INDEX_KIND)
+    rerank_stats = combine_rerank_stats(stats)
+    ntotal = index_manifest["ntotal"]
     return stages.write_results(
         output,
         table,
-        len(query_ids),
+        answered,
         start,
-        k=min(k, searcher.index.ntotal),
+        k=min(k, ntotal),
         bundle=bundle.root,
         index=bundle.index,
-        whitening=searcher.index.manifest["model"].get("whitening"),
+        whitening=index_manifest["model"].get("whitening"),
         query_expansion={"n": config.expansion.n, "alpha": config.expansion.alpha},
-        rerank=searcher.rerank.as_dict() if verified and searcher.rerank else None,
-        rerank_stats=ranked.stats or None,
+        rerank=config.rerank.as_dict() if rerank_stats else None,
+        rerank_stats=rerank_stats,
     )

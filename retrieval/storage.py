@@ -395,6 +395,28 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
 
 
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of an object: one ranged request on object stores,
+    a seek and a read on a local disk. A short answer (the object is smaller than expected) is
+    an error, not a silently shorter result."""
+
+    def read() -> bytes:
+        fs, path = filesystem(uri)
+        data = fs.cat_file(path, start=start, end=end)
+        if len(data) != end - start:
+            raise ChecksumMismatchError(
+                f"{uri}: bytes {start}-{end} asked, {len(data)} read (the file is shorter)"
+            )
+        return data
+
+    return with_retries(read, what=f"read {uri} [{start}:{end}]")
+
+
+class ChecksumMismatchError(OSError):
+    """Bytes read do not match the checksum or size their manifest recorded: the file was cut
+    short or altered after it was committed. Not retried: reading again gives the same bytes."""
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write an object atomically: readers see the old state or the whole new object.
 
@@ -450,7 +472,9 @@ def read_parquet(
     """Read one Parquet object; optionally check its checksum and its project schema."""
     data = read_bytes(uri)
     if expect_sha256 is not None and sha256_bytes(data) != expect_sha256:
-        raise OSError(f"{uri}: checksum does not match its manifest (partial or altered file)")
+        raise ChecksumMismatchError(
+            f"{uri}: checksum does not match its manifest (partial or altered file)"
+        )
     table = pq.read_table(io.BytesIO(data))
     if schema is not None:
         schemas.check_schema(schema, table.schema, source=uri)

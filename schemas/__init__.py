@@ -28,13 +28,13 @@ CURRENT_VERSIONS = {
     "manifest": 2,
     "plan_refs": 2,
     "plan_shards": 1,
-    "local_features": 1,
+    "local_features": 2,
 }
 
 # Older versions this code still reads (each is a subset of the current one: readers of an
 # older file see the columns it has; ``descriptors`` v1 has no ``notes``, ``plan_refs`` v1 no
-# ``sealed``).
-OLDER_READABLE_VERSIONS = {"descriptors": (1,), "plan_refs": (1,)}
+# ``sealed``; ``local_features`` v1 is Parquet whose descriptors are float16 or float32).
+OLDER_READABLE_VERSIONS = {"descriptors": (1,), "plan_refs": (1,), "local_features": (1,)}
 
 
 def readable_versions(name: str) -> tuple[int, ...]:
@@ -64,15 +64,27 @@ _SIMPLE_TYPES = {
 
 
 _LIST_TYPES = {"list<float32>": pa.list_(pa.float32())}
-_DESCRIPTOR_ELEMENTS = {"float16": pa.float16(), "float32": pa.float32()}
+_DESCRIPTOR_ELEMENTS = {
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "q15": pa.uint8(),
+    "int8": pa.int8(),
+}
+# Local descriptor column types (by schema version) -> the stored dtypes they hold.
+_ELEMENT_CHOICES = {
+    "list<float16|float32>": ("float16", "float32"),
+    "list<float16|float32|uint8|int8>": ("float16", "float32", "q15", "int8"),
+}
 
 
 def _arrow_type(field: dict[str, Any], dim: int | None, element: str | None = None) -> pa.DataType:
     if field["type"] in _LIST_TYPES:
         return _LIST_TYPES[field["type"]]
-    if field["type"] == "list<float16|float32>":
-        if element not in _DESCRIPTOR_ELEMENTS:
-            raise ValueError(f"schema field {field['name']!r} needs float16 or float32")
+    if field["type"] in _ELEMENT_CHOICES:
+        if element not in _ELEMENT_CHOICES[field["type"]]:
+            raise ValueError(
+                f"schema field {field['name']!r} of type {field['type']} cannot hold {element}"
+            )
         return pa.list_(_DESCRIPTOR_ELEMENTS[element])
     if field["type"] == "fixed_size_list<float32>":
         if dim is None:
@@ -108,14 +120,15 @@ def descriptor_dim(schema: pa.Schema) -> int:
 
 
 def local_descriptor_element(schema: pa.Schema) -> str:
-    """float16 or float32: the element type of a local-feature table's descriptors column."""
+    """float16, float32, q15 or int8: the stored dtype of a local-feature descriptors column."""
     field_type = schema.field("descriptors").type
     if pa.types.is_list(field_type):
         for name, arrow in _DESCRIPTOR_ELEMENTS.items():
             if field_type.value_type.equals(arrow):
                 return name
     raise SchemaMismatchError(
-        f"local descriptors column has type {field_type}, expected list<float16 or float32>"
+        f"local descriptors column has type {field_type}, expected a list of float16, float32, "
+        "uint8 or int8"
     )
 
 

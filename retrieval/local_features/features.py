@@ -18,7 +18,19 @@ from retrieval.images import DecodedImage
 # Chosen by measured cost and gain on oxford-dev and ukbench-56 (README, "Re-ranking").
 DEFAULT_LOCAL_IMAGE_SIZE = 640
 DEFAULT_MAX_FEATURES = 1000
-DESCRIPTOR_DTYPES = ("float16", "float32")
+# How descriptors are stored. ``q15``: each value rounded to a multiple of 1/15 and kept as a
+# uint8 code (RootSIFT values lie in [0, 0.34]: codes 0-5, which zstd packs into ~2 bits), read
+# back L2-normalised: 40.7 KB an image on oxford-dev against float16's 183 KB, for -0.3 mAP of
+# spatial verification alone. It is not the default: coarser descriptors make the ratio test
+# reject more matches, so pair mining verifies fewer pairs (90 against 112 on oxford-dev), the
+# whitening learned from them is weaker and the default pipeline loses 1.7 mAP (64.13 against
+# 65.81); finer steps (1/22, 1/30) keep more pairs but cost more bytes than the 45 KiB budget
+# (benchmarks/README.md, "Compact local features"). Only for non-negative descriptors
+# (RootSIFT): DELF's PCA-projected descriptors are signed.
+Q15 = 15.0
+# ``int8``: each value of a unit vector (signed: a PCA projection's) x127, rounded, as int8.
+INT8 = 127.0
+DESCRIPTOR_DTYPES = ("float16", "float32", "q15", "int8")
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class LocalFeatureConfig:
     image_size: int = DEFAULT_LOCAL_IMAGE_SIZE  # longer side in pixels
     max_features: int = DEFAULT_MAX_FEATURES
     dtype: str = "float16"  # how descriptors are stored (float16 halves the bytes, same matches)
+    # RootSIFT projected onto its first N principal components (0: not projected), learned on
+    # scikit-image's public-domain photos (``rootsift.rootsift_pca``), as DELF keeps 40 of its.
+    pca_dim: int = 0
 
     def __post_init__(self) -> None:
         if (
@@ -74,6 +89,13 @@ class LocalFeatureConfig:
             raise ValueError("max_features must be at least 1")
         if self.dtype not in DESCRIPTOR_DTYPES:
             raise ValueError(f"local descriptor dtype must be one of {DESCRIPTOR_DTYPES}")
+        if self.dtype == "q15" and (self.method.startswith("delf:") or self.pca_dim):
+            raise ValueError(
+                "local descriptor dtype q15 stores non-negative descriptors (RootSIFT); DELF's "
+                "and projected ones are signed: use int8, float16 or float32"
+            )
+        if self.pca_dim and (self.method != "rootsift" or not 1 <= self.pca_dim <= 64):
+            raise ValueError("local pca_dim projects RootSIFT only, onto 1 to 64 components")
 
     @property
     def enabled(self) -> bool:
@@ -81,13 +103,36 @@ class LocalFeatureConfig:
 
     @property
     def model_id(self) -> str:
-        return f"{self.method}@{self.image_size}x{self.max_features}"
+        projected = f"-pca{self.pca_dim}" if self.pca_dim else ""
+        return f"{self.method}{projected}@{self.image_size}x{self.max_features}"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        settings = asdict(self)
+        if not self.pca_dim:  # unprojected: the settings (and config hash) of before pca_dim
+            del settings["pca_dim"]
+        return settings
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encode_descriptors(descriptors: np.ndarray, dtype: str) -> np.ndarray:
+    """Descriptors as stored: float16/float32 values, or q15 codes (uint8)."""
+    if dtype == "q15":
+        return np.clip(np.rint(descriptors * Q15), 0, 255).astype(np.uint8)
+    if dtype == "int8":
+        return np.clip(np.rint(descriptors * INT8), -127, 127).astype(np.int8)
+    return descriptors.astype(dtype, copy=False)
+
+
+def decode_descriptors(stored: np.ndarray) -> np.ndarray:
+    """Stored descriptors (n, d) as float32; q15 (uint8) and int8 codes back to unit-length
+    vectors."""
+    if stored.dtype not in (np.uint8, np.int8):
+        return stored.astype(np.float32)
+    values = stored.astype(np.float32) / (Q15 if stored.dtype == np.uint8 else INT8)
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    return values / np.maximum(norms, 1e-12)
 
 
 class LocalFeatureExtractor(Protocol):

@@ -30,6 +30,15 @@ DEFAULT_VERIFIED_QE = 10
 FeatureLookup = Callable[[str], LocalFeatures | None]
 
 
+def prefetch(lookup: FeatureLookup, image_ids: set[str]) -> None:
+    """Ask a lookup that can fetch many images at once (a ``LocalFeatureStore``: parallel ranged
+    reads) for ``image_ids`` before they are verified one pair at a time; a plain function or a
+    dict's ``get`` has nothing to prefetch."""
+    fetch = getattr(lookup, "prefetch", None)
+    if fetch is not None and image_ids:
+        fetch(image_ids)
+
+
 class GlobalIndex(Protocol):
     """What re-ranking uses of the global index (``retrieval.index.search.SearchableIndex``).
 
@@ -112,6 +121,8 @@ def rerank_search(
     cache = inlier_cache if inlier_cache is not None else {}
     todo = [p for p in dict.fromkeys(pairs) if p not in cache]
     verify_start = time.perf_counter()
+    prefetch(query_features, {a for a, _ in todo})
+    prefetch(database_features, {b for _, b in todo})
     new = verify_pairs(todo, query_features, verification, database_features)
     verify_s = time.perf_counter() - verify_start
     cache.update(zip(todo, new.tolist(), strict=True))

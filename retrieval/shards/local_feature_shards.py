@@ -1,16 +1,25 @@
-"""Local-feature shards: ``part-XXXXX.parquet`` (one row of keypoints and descriptors per image),
+"""Local-feature shards: ``part-XXXXX.arrow`` (the keypoints and descriptors of each image),
 ``part-XXXXX.errors.parquet`` and the manifest, written in that order, in their own folder.
 
 Local features are ~100x larger than a global descriptor, so they live apart from the descriptor
 shards (a search over global descriptors never reads them) but are cut from the same shard plan:
-the same shard ids, the same inputs, every input a row or an error. Spatial verification reads
-them back by image id through :class:`LocalFeatureStore`, which loads a shard when first needed.
+the same shard ids, the same inputs, every input a row or an error.
+
+They are read by image, not by shard: spatial verification needs the features of a query's
+shortlist, a hundred images spread over as many shards. So the features file is an Arrow IPC
+file (the ``local_features`` schema) with one record batch per image, and the manifest records
+each image's byte range and that range's SHA-256: :class:`LocalFeatureStore` fetches one image
+with one ranged read of about its own size, and checks it. A Parquet file with one row group per
+image would need its footer first (~170 KB for 256 images, several times one image's features)
+before any ranged read. Any Arrow reader still reads the whole file as one table. Shards written
+before this layout (``part-XXXXX.parquet``, no ``format`` in the manifest) are read whole.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from threading import Lock
 from typing import Any
@@ -22,10 +31,24 @@ import schemas
 from retrieval import plan, storage
 from retrieval import shard_manifests as manifests
 from retrieval.corpus import ShardSpec
-from retrieval.local_features.features import LocalFeatures
+from retrieval.local_features.features import (
+    LocalFeatures,
+    decode_descriptors,
+    encode_descriptors,
+)
+from retrieval.manifests import check_name
 from retrieval.shards.descriptor_shards import ErrorRow, data_uri, error_table, errors_uri
 
 KIND = "local_features"
+# The manifest ``format`` of shards whose features file holds one Arrow record batch per image.
+BATCH_PER_IMAGE = "arrow-ipc/batch-per-image"
+# Features kept in memory by a store (decoded, float32): about 1,000 images of RootSIFT.
+DEFAULT_CACHE_BYTES = 512 << 20
+# Ranged reads in flight at once when a store prefetches a shortlist.
+FETCH_THREADS = 16
+_IPC_MAGIC = b"ARROW1\x00\x00"
+# zstd per buffer: float16 descriptors barely compress, locations and scales do.
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
 @dataclass(frozen=True)
@@ -52,7 +75,7 @@ def _flat_list(arrays: Sequence[np.ndarray], dtype: str) -> pa.ListArray:
     counts = np.asarray([a.size for a in arrays], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    values = pa.array(flat.astype(dtype, copy=False))
+    values = pa.array(encode_descriptors(flat, dtype))
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
@@ -88,7 +111,12 @@ def write_shard(
     local_info: dict[str, Any],
 ) -> dict[str, Any]:
     """Write a shard's two tables, then commit its manifest (refusing a shard that does not
-    account for every planned input exactly once). Returns the manifest."""
+    account for every planned input exactly once). Returns the manifest.
+
+    The features go to ``part-XXXXX.arrow``, an Arrow IPC file holding one record batch per
+    image; the manifest records each image's byte range in it and the range's SHA-256, so a
+    reader fetches (and checks) one image's bytes with one ranged read (see the module doc).
+    """
     planned = [r.id for r in spec.refs]
     order = {ref_id: i for i, ref_id in enumerate(planned)}
     produced = [r.id for r in rows] + [e.id for e in errors]
@@ -101,10 +129,11 @@ def write_shard(
     errors = sorted(errors, key=lambda e: order[e.id])
     dim, dtype = int(local_info["dim"]), local_info["config"]["dtype"]
     data_path, errors_path = (
-        data_uri(directory, spec.shard_id),
+        features_uri(directory, spec.shard_id),
         errors_uri(directory, spec.shard_id),
     )
-    data = storage.write_parquet(data_path, local_feature_table(rows, local_info["id"], dim, dtype))
+    data, spans = image_batches_file(local_feature_table(rows, local_info["id"], dim, dtype))
+    storage.write_bytes(data_path, data)
     error_data = storage.write_parquet(errors_path, error_table(errors))
     features = sum(len(r.features) for r in rows)
     return manifests.commit(
@@ -120,6 +149,9 @@ def write_shard(
             "dim": dim,
             "extract_s": round(sum(r.seconds for r in rows), 4),
             "ids": [r.id for r in rows],  # lets a store find an image's shard from manifests
+            "format": BATCH_PER_IMAGE,
+            # Per image (in ``ids`` order): [first byte, end byte, SHA-256 of those bytes].
+            "batches": [[a, b, storage.sha256_bytes(data[a:b])] for a, b in spans],
             "files": {
                 "data": manifests.file_entry(data_path, data, len(rows)),
                 "errors": manifests.file_entry(errors_path, error_data, len(errors)),
@@ -129,22 +161,64 @@ def write_shard(
     )
 
 
-def _unflatten(column: pa.ChunkedArray, width: int) -> list[np.ndarray]:
-    array = column.combine_chunks()
+def image_batches_file(table: pa.Table) -> tuple[bytes, list[tuple[int, int]]]:
+    """``table`` as an Arrow IPC file with one record batch per row (zstd-compressed buffers),
+    and each batch's byte range in it.
+
+    The IPC file is the stream format (the schema message, then one message per batch) between
+    a magic header and a footer. The writer emits the schema with the first batch, so the first
+    batch starts after the header and the schema message; every other one where the previous one
+    ended. Each range is checked to parse as a one-row batch before the file is returned.
+    """
+    sink = pa.BufferOutputStream()
+    ranges: list[tuple[int, int]] = []
+    with pa.ipc.new_file(sink, table.schema, options=_IPC_OPTIONS) as writer:
+        start = len(_IPC_MAGIC) + table.schema.serialize().size
+        for batch in table.to_batches(max_chunksize=1):
+            if ranges:
+                start = ranges[-1][1]
+            writer.write_batch(batch)
+            ranges.append((start, sink.tell()))
+    data = sink.getvalue().to_pybytes()
+    if len(ranges) != table.num_rows:  # to_batches skips nothing, but an empty table has none
+        raise RuntimeError(f"{len(ranges)} batches for {table.num_rows} rows")
+    for start, end in ranges:
+        if decode_image_batch(data[start:end], table.schema).num_rows != 1:
+            raise RuntimeError(f"bytes {start}-{end} of a local-feature file are not one image")
+    return data, ranges
+
+
+def decode_image_batch(data: bytes, schema: pa.Schema) -> pa.RecordBatch:
+    """One image's record batch from its bytes in a local-feature file."""
+    return pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), schema)
+
+
+def file_schema(manifest: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema a shard's data file was written with (from its manifest)."""
+    element = manifest["model"]["config"]["dtype"]
+    return schemas.arrow_schema("local_features", dim=int(manifest["dim"]), element=element)
+
+
+def features_uri(directory: str, shard_id: str) -> str:
+    return storage.join(directory, f"{check_name(shard_id, what='shard id')}.arrow")
+
+
+def data_file_uri(directory: str, manifest: dict[str, Any]) -> str:
+    """The shard's features file: ``.arrow`` (one batch per image), or ``.parquet`` for shards
+    written before that layout."""
+    if manifest.get("format") == BATCH_PER_IMAGE:
+        return features_uri(directory, manifest["shard"])
+    return data_uri(directory, manifest["shard"])
+
+
+def _unflatten(column: pa.ChunkedArray | pa.Array, width: int) -> list[np.ndarray]:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     offsets = array.offsets.to_numpy()
     values = array.values.to_numpy(zero_copy_only=False)
     return [values[offsets[i] : offsets[i + 1]].reshape(-1, width) for i in range(len(offsets) - 1)]
 
 
-def read_shard(directory: str, manifest: dict[str, Any]) -> dict[str, LocalFeatures]:
-    """Image id -> local features (descriptors as float32) of one committed shard."""
-    shard_id = manifest["shard"]
-    table = storage.read_parquet(
-        data_uri(directory, shard_id),
-        schema="local_features",
-        expect_sha256=manifest["files"]["data"]["sha256"],
-    )
-    dim = int(manifest["dim"])
+def _features(table: pa.Table | pa.RecordBatch, dim: int) -> dict[str, LocalFeatures]:
     locations = _unflatten(table.column("locations"), 2)
     scales = _unflatten(table.column("scales"), 1)
     descriptors = _unflatten(table.column("descriptors"), dim)
@@ -154,12 +228,54 @@ def read_shard(directory: str, manifest: dict[str, Any]) -> dict[str, LocalFeatu
         image_id: LocalFeatures(
             locations[i].astype(np.float32),
             scales[i].reshape(-1).astype(np.float32),
-            descriptors[i].astype(np.float32),
+            decode_descriptors(descriptors[i]),
             widths[i],
             heights[i],
         )
         for i, image_id in enumerate(table.column("id").to_pylist())
     }
+
+
+def read_shard(directory: str, manifest: dict[str, Any]) -> dict[str, LocalFeatures]:
+    """Image id -> local features (descriptors as float32) of one committed shard, read whole
+    (its file checked against the manifest's checksum)."""
+    uri = data_file_uri(directory, manifest)
+    expected = manifest["files"]["data"]["sha256"]
+    if manifest.get("format") != BATCH_PER_IMAGE:
+        table = storage.read_parquet(uri, schema="local_features", expect_sha256=expected)
+        return _features(table, int(manifest["dim"]))
+    data = storage.read_bytes(uri)
+    if storage.sha256_bytes(data) != expected:
+        raise storage.ChecksumMismatchError(
+            f"{uri}: checksum does not match its manifest (partial or altered file)"
+        )
+    table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+    schemas.check_schema("local_features", table.schema, source=uri)
+    return _features(table, int(manifest["dim"]))
+
+
+def read_image(
+    directory: str, manifest: dict[str, Any], position: int
+) -> tuple[str, LocalFeatures, int]:
+    """(id, features, bytes read) of the ``position``-th image of a committed shard: one ranged
+    read of that image's bytes, checked against the manifest's SHA-256 of them."""
+    start, end, expected = manifest["batches"][position]
+    uri = data_file_uri(directory, manifest)
+    data = storage.read_range(uri, int(start), int(end))
+    if storage.sha256_bytes(data) != expected:
+        raise storage.ChecksumMismatchError(
+            f"{uri}: bytes {start}-{end} ({manifest['ids'][position]}) do not match their "
+            "checksum in the manifest (altered file)"
+        )
+    ((image_id, features),) = _features(
+        decode_image_batch(data, file_schema(manifest)), int(manifest["dim"])
+    ).items()
+    if image_id != manifest["ids"][position]:
+        raise storage.ChecksumMismatchError(
+            f"{uri}: bytes {start}-{end} hold {image_id!r}, the manifest says "
+            f"{manifest['ids'][position]!r}"
+        )
+    return image_id, features, len(data)
 
 
 def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
@@ -188,10 +304,23 @@ def shard_bytes(manifests_: Sequence[dict[str, Any]]) -> tuple[int, int]:
 class LocalFeatureStore:
     """Local features by image id over one shard folder, or several layered ones (a re-index
     keeps each run's extraction in its own folder: a later folder's row for an id shadows an
-    earlier one's, e.g. a changed image's). Shards are read when first needed and the
-    ``cache_shards`` most recently used stay in memory (thread-safe lookups)."""
+    earlier one's, e.g. a changed image's).
 
-    def __init__(self, directory: str | Sequence[str], *, cache_shards: int = 64):
+    An image's features are fetched on first use by one ranged read of its own bytes (checked
+    against the manifest), never its whole shard; :meth:`prefetch` fetches a query's shortlist
+    on ``threads`` threads at once (object stores answer in parallel what they answer slowly in
+    series). Fetched features stay in a least-recently-used cache of at most ``cache_bytes``.
+    Shards written before the one-batch-per-image layout are read whole, as they always were.
+    Lookups are thread-safe. ``bytes_read`` counts the feature bytes read so far.
+    """
+
+    def __init__(
+        self,
+        directory: str | Sequence[str],
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        threads: int = FETCH_THREADS,
+    ):
         self.directories = [directory] if isinstance(directory, str) else list(directory)
         self.directory = self.directories[-1]
         self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
@@ -204,30 +333,93 @@ class LocalFeatureStore:
         if len(models) > 1:
             raise ValueError(f"{self.directory}: local-feature shards of several models {models}")
         self.model = next(iter(self._manifests.values()))["model"]
-        self._shard_of: dict[str, tuple[str, str]] = {}
-        for key, manifest in self._manifests.items():  # in layer order: later layers win
-            self._shard_of.update(dict.fromkeys(manifest["ids"], key))
-        self._cache: OrderedDict[tuple[str, str], dict[str, LocalFeatures]] = OrderedDict()
-        self._cache_shards = cache_shards
+        # id -> (folder, shard, position in the shard), in layer order: later layers win.
+        self._where: dict[str, tuple[str, str, int]] = {}
+        for key, manifest in self._manifests.items():
+            self._where.update({image_id: (*key, i) for i, image_id in enumerate(manifest["ids"])})
+        self._cache: OrderedDict[str, tuple[LocalFeatures | None, int]] = OrderedDict()
+        self._cached_bytes = 0
+        self._cache_bytes = cache_bytes
+        self._threads = threads
         self._lock = Lock()
+        self.bytes_read = 0
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self._shard_of
+        return image_id in self._where
 
     def __len__(self) -> int:
-        return len(self._shard_of)
+        return len(self._where)
+
+    def __call__(self, image_id: str) -> LocalFeatures | None:
+        return self.get(image_id)
 
     def get(self, image_id: str) -> LocalFeatures | None:
-        key = self._shard_of.get(image_id)
-        if key is None:
+        """The image's features (None for an image without any in the store)."""
+        where = self._where.get(image_id)
+        if where is None:
             return None
         with self._lock:
-            shard = self._cache.get(key)
-            if shard is None:
-                shard = read_shard(key[0], self._manifests[key])
-                self._cache[key] = shard
-                while len(self._cache) > self._cache_shards:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(key)
-        return shard[image_id]
+            cached = self._cache.get(image_id)
+            if cached is not None:
+                self._cache.move_to_end(image_id)
+                return cached[0]
+        self._fetch(where)
+        with self._lock:
+            cached = self._cache.get(image_id)
+        # Only an image larger than the whole cache is not in it after its fetch.
+        return cached[0] if cached is not None else self._read(where)[image_id]
+
+    def prefetch(self, image_ids: Iterable[str]) -> None:
+        """Fetch the features of ``image_ids`` not yet cached, ``threads`` reads at a time."""
+        todo: dict[tuple[str, str, int], None] = {}
+        with self._lock:
+            for image_id in image_ids:
+                where = self._where.get(image_id)
+                if where is None or image_id in self._cache:
+                    continue
+                if self._manifests[where[:2]].get("format") != BATCH_PER_IMAGE:
+                    # A shard of the older layout is read whole when first asked for: fetching
+                    # a shortlist's shards ahead would overflow the cache (256 images each)
+                    # and read them twice.
+                    continue
+                todo[where] = None
+        if len(todo) < 2 or self._threads < 2:
+            for where in todo:
+                self._fetch(where)
+            return
+        with ThreadPoolExecutor(min(self._threads, len(todo)), "local-features") as pool:
+            list(pool.map(self._fetch, todo))
+
+    def _read(self, where: tuple[str, str, int]) -> dict[str, LocalFeatures]:
+        folder, shard, position = where
+        manifest = self._manifests[(folder, shard)]
+        if manifest.get("format") == BATCH_PER_IMAGE:
+            image_id, features, size = read_image(folder, manifest, position)
+            found = {image_id: features}
+        else:  # an older shard: one Parquet file, read whole
+            found = read_shard(folder, manifest)
+            size = manifest["files"]["data"]["bytes"]
+        with self._lock:
+            self.bytes_read += size
+        return found
+
+    def _fetch(self, where: tuple[str, str, int]) -> None:
+        found = self._read(where)
+        with self._lock:
+            for image_id, features in found.items():
+                if self._where.get(image_id, where)[:2] != where[:2]:
+                    continue  # shadowed by a later layer's row for the same id
+                size = _nbytes(features)
+                if size > self._cache_bytes or image_id in self._cache:
+                    continue
+                self._cache[image_id] = (features, size)
+                self._cached_bytes += size
+            while self._cached_bytes > self._cache_bytes and self._cache:
+                _, (_, size) = self._cache.popitem(last=False)
+                self._cached_bytes -= size
+
+
+def _nbytes(features: LocalFeatures) -> int:
+    return (
+        features.locations.nbytes + features.scales.nbytes + features.descriptors.nbytes + 64
+    )
