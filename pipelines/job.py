@@ -221,12 +221,9 @@ def _fingerprint(*parts: Any) -> str:
 
 def _folder_fingerprint(directory: str, kind: str) -> list[str]:
     """The data checksums of a committed shard folder, in shard order (what a stage read)."""
-    listing = (
-        descriptor_shards.list_shards(directory)
-        if kind == "descriptors"
-        else local_feature_shards.list_shards(directory)
-    )
-    return [m["files"]["data"]["sha256"] for m in listing]
+    if kind == "descriptors":  # a reference's rows: its source's file less the ids it drops
+        return [descriptor_shards.shard_digest(m) for m in descriptor_shards.list_shards(directory)]
+    return [m["files"]["data"]["sha256"] for m in local_feature_shards.list_shards(directory)]
 
 
 def learn_whitening_once(

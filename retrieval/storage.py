@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 import schemas
+from retrieval import checksums
 from retrieval.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ def read_parquet(
     """Read one Parquet object; optionally check its checksum and its project schema."""
     data = read_bytes(uri)
     if expect_sha256 is not None and sha256_bytes(data) != expect_sha256:
-        raise OSError(f"{uri}: checksum does not match its manifest (partial or altered file)")
+        raise checksums.mismatch(uri)
     table = pq.read_table(io.BytesIO(data))
     if schema is not None:
         schemas.check_schema(schema, table.schema, source=uri)

@@ -20,6 +20,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from retrieval.checksums import ChecksumMismatchError
     from retrieval.plan import PlanError
 
-    return (*USER_ERRORS, PlanError, CommandError)
+    # A damaged file is no bug: the line names it and the command that writes it again.
+    return (*USER_ERRORS, PlanError, ChecksumMismatchError, CommandError)

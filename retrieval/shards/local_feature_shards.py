@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import plan, storage
+from retrieval import checksums, plan, storage
 from retrieval import shard_manifests as manifests
 from retrieval.corpus import ShardSpec
 from retrieval.local_features.features import LocalFeatures
@@ -139,10 +139,8 @@ def _unflatten(column: pa.ChunkedArray, width: int) -> list[np.ndarray]:
 def read_shard(directory: str, manifest: dict[str, Any]) -> dict[str, LocalFeatures]:
     """Image id -> local features (descriptors as float32) of one committed shard."""
     shard_id = manifest["shard"]
-    table = storage.read_parquet(
-        data_uri(directory, shard_id),
-        schema="local_features",
-        expect_sha256=manifest["files"]["data"]["sha256"],
+    table = _read_checked(
+        data_uri(directory, shard_id), manifest["files"]["data"], "local_features"
     )
     dim = int(manifest["dim"])
     locations = _unflatten(table.column("locations"), 2)
@@ -164,12 +162,20 @@ def read_shard(directory: str, manifest: dict[str, Any]) -> dict[str, LocalFeatu
 
 def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
     shard_id = manifest["shard"]
-    table = storage.read_parquet(
-        errors_uri(directory, shard_id),
-        schema="errors",
-        expect_sha256=manifest["files"]["errors"]["sha256"],
-    )
+    table = _read_checked(errors_uri(directory, shard_id), manifest["files"]["errors"], "errors")
     return [ErrorRow(**row) for row in table.to_pylist()]
+
+
+def _read_checked(uri: str, entry: dict[str, Any], schema_name: str) -> pa.Table:
+    try:
+        return storage.read_parquet(uri, schema=schema_name, expect_sha256=entry["sha256"])
+    except checksums.ChecksumMismatchError as exc:
+        raise checksums.with_remedy(exc, checksums.REEXTRACT) from None
+
+
+def damaged(directory: str, manifest: dict[str, Any]) -> list[str]:
+    """The shard's files whose size or SHA-256 no longer match its manifest (empty: intact)."""
+    return manifests.damaged_files(directory, manifest["files"])
 
 
 def list_shards(directory: str) -> list[dict[str, Any]]:
