@@ -21,7 +21,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from retrieval.checksums import ChecksumMismatchError
+    from retrieval.leases import LeaseError
     from retrieval.plan import PlanError
 
-    # A damaged file is no bug: the line names it and the command that writes it again.
-    return (*USER_ERRORS, PlanError, ChecksumMismatchError, CommandError)
+    # A damaged file is no bug: the line names it and the command that writes it again. A
+    # place another run writes to: the line names that run.
+    return (*USER_ERRORS, PlanError, ChecksumMismatchError, LeaseError, CommandError)
