@@ -376,12 +376,30 @@ def acquire(
 def hold(
     place: str, *, what: str, wait_s: float = 0.0, ttl: float | None = None
 ) -> Iterator[Lease]:
-    """``place``'s lease for the ``with`` block (released on the way out, also on errors)."""
+    """``place``'s lease for the ``with`` block (released on the way out, also on errors). A
+    run that fails before writing anything to a place that did not exist leaves nothing
+    behind (a mistyped input must not leave an output folder holding a lease)."""
+    existed = storage.exists(place)
     lease = acquire(place, what=what, wait_s=wait_s, ttl=ttl)
     try:
         yield lease
-    finally:
+    except BaseException:
         lease.release()
+        if not existed and _only_leases(place):
+            storage.remove(place, recursive=True)
+        raise
+    lease.release()
+
+
+def _only_leases(place: str) -> bool:
+    fs, path = storage.filesystem(place)
+    prefix = storage.filesystem(lease_dir(place))[1].rstrip("/") + "/"
+    try:
+        fs.invalidate_cache(path)
+        found = fs.find(path)
+    except Exception:  # best effort: the error being raised matters more
+        return False
+    return all(p.startswith(prefix) for p in found)
 
 
 @contextlib.contextmanager

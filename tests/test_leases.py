@@ -135,3 +135,14 @@ def test_a_lease_of_a_killed_process_of_this_machine_is_taken_over_at_once(tmp_p
     lease = leases.acquire(place, what="next run", wait_s=0)
     assert lease.seq == record["seq"] + 1
     lease.release()
+
+
+def test_a_run_failing_before_it_writes_leaves_no_folder(tmp_path: Path):
+    place = tmp_path / "new-output"
+    with pytest.raises(ValueError, match="mistyped"), leases.hold(str(place), what="run"):
+        raise ValueError("a mistyped input")
+    assert not place.exists()  # the lease was its only file: nothing is left behind
+    (place / "data").mkdir(parents=True)
+    with pytest.raises(ValueError), leases.hold(str(place), what="run"):
+        raise ValueError("a later failure")
+    assert (place / "data").is_dir() and (place / "_lease").is_dir()  # a folder in use stays
