@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import storage
+from retrieval import checksums, storage
 from retrieval.descriptors.pooling import l2_normalize
 
 WHITENING_VERSION = 1
@@ -141,7 +141,10 @@ def load_whitening(directory: str) -> LearnedWhitening:
         )
     data = storage.read_bytes(storage.join(directory, ARRAYS_FILE))
     if storage.sha256_bytes(data) != record["sha256"]:
-        raise OSError(f"{directory}: {ARRAYS_FILE} does not match whitening.json's checksum")
+        raise checksums.mismatch(
+            storage.join(directory, ARRAYS_FILE),
+            "learn it again (`retrieval learn`, or the job or `retrieval reindex` that made it)",
+        )
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return LearnedWhitening(arrays["mean"], arrays["projection"], record)
 
