@@ -34,7 +34,7 @@ import numpy as np
 
 from pipelines import stages
 from pipelines.config import RunConfig, build_config, bundle_settings
-from retrieval import storage, versions
+from retrieval import leases, storage, versions
 from retrieval.index.search import SearchableIndex, load_index
 from retrieval.learning.whitening import (
     INFO_FILE,
@@ -312,7 +312,30 @@ def run_index_job(
     (written to ``output``/descriptors by the caller); ``keep_whitening()`` names a whitening
     folder to keep instead of learning one (None: learn); ``keep_codebook(index_input)`` names
     a codebook to keep for the vectors the index is built on (None: train).
+
+    Holds ``output``'s lease (``retrieval/leases.py``): two jobs into one folder would build
+    one index from each other's shards. A re-index holds its root's lease instead.
     """
+    if prepared is not None:
+        return _run_index_job(
+            source, output, config, announce, prepared, keep_whitening, keep_codebook, extra
+        )
+    with leases.hold(output, what="retrieval job", wait_s=config.lease_wait):
+        return _run_index_job(
+            source, output, config, announce, prepared, keep_whitening, keep_codebook, extra
+        )
+
+
+def _run_index_job(
+    source: str,
+    output: str,
+    config: RunConfig,
+    announce: Announce,
+    prepared: PreparedCorpus | None,
+    keep_whitening: Callable[[], str | None] | None,
+    keep_codebook: Callable[[str], str | None] | None,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
     layout = JobLayout(output)
     chosen = stages_for(config)
     timings: dict[str, float] = {}

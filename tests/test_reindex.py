@@ -303,3 +303,43 @@ def test_current_only_moves_forward_and_a_name_is_claimed_once(tmp_path: Path):
         versions.set_current(root, "v000001")  # a slower run finishing after a newer one
     assert versions.current(root) == "v000002"
     assert versions.rollback(root) == "v000001"  # moving back is rollback's alone
+
+
+def test_a_version_from_before_shared_data_is_carried_once(tmp_path: Path, config):
+    """A live version whose descriptors are its own shards (the layout before versions shared
+    data, which pruning would delete with it): the next re-index writes them once into its
+    batch (data/vN/carried) and refers to them from then on."""
+    from retrieval import plan
+    from retrieval.corpus import ImageRef, plan_shards
+
+    corpus, root = _corpus(tmp_path, 12)
+    reindex(str(corpus), str(root), config)
+    v1 = root / "versions" / "v000001" / "descriptors"
+    rows, info = [], None
+    for manifest in descriptor_shards.list_shards(str(v1)):
+        shard = descriptor_shards.read_shard(str(v1), manifest)
+        info = manifest["model"]
+        for i, image_id in enumerate(shard.ids):
+            row = descriptor_shards.DescriptorRow(
+                image_id, shard.uris[i], "0" * 64, 48, 64, shard.vectors[i]
+            )
+            rows.append(row)
+    for path in v1.iterdir():  # the old layout: rows of its own, an extraction plan
+        path.unlink()
+    specs = plan_shards([ImageRef(r.id, r.uri) for r in rows], 8)
+    for spec in specs:
+        descriptor_shards.write_shard(str(v1), spec, rows[: len(spec.refs)], [], info)
+        rows = rows[len(spec.refs) :]
+    plan.write_extraction_plan(str(v1), specs, source="reindex", shard_size=8)
+
+    (corpus / "img005.png").unlink()
+    second = reindex(str(corpus), str(root), config, keep=1)
+    assert (second["deleted"], second["indexed"]) == (1, 11)
+    carried = root / "data" / "v000002" / "carried"
+    ids, _, _ = descriptor_shards.read_all(str(carried))
+    assert sorted(ids) == _corpus_ids(corpus)  # written once, less the deleted image
+    assert not (root / "versions" / "v000001").exists()  # pruned: its rows live on in data/
+    v2 = root / "versions" / "v000002" / "descriptors"
+    ids, _, _ = descriptor_shards.read_all(str(v2))
+    assert sorted(ids) == _corpus_ids(corpus)
+    assert [p.name for p in v2.glob("*.parquet")] == ["plan.shards.parquet"]  # references
