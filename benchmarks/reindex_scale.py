@@ -248,7 +248,12 @@ def run(images: int, changed: float, workdir: Path, local_bytes: int) -> dict[st
         "whitening": second["whitening_reason"],
         "codebook": second["retrain_reason"],
         "full_build": {**full_written, "seconds": round(full_s, 1), "indexed": full["indexed"]},
-        "reindex": {**re_written, "seconds": round(second_s, 1), "indexed": second["indexed"]},
+        "reindex": {
+            **re_written,
+            "seconds": round(second_s, 1),
+            "indexed": second["indexed"],
+            "timings": second["timings"],
+        },
         "ratio": round(ratio, 5),
         "target": 0.05,
         "meets_target": ratio <= 0.05,

@@ -24,7 +24,7 @@ from retrieval import corpus_state, storage, versions
 from retrieval.index.search import load_index
 from retrieval.shards import descriptor_shards
 
-ROUNDS = (0, 120, 0)  # --lease-wait of each round: stop at once, wait, stop at once
+ROUNDS = (0, 600, 0)  # --lease-wait of each round: stop at once, wait, stop at once
 HELD = "is being written by another run"
 
 
@@ -74,7 +74,7 @@ def _run_pair(commands: list[list[str]]) -> list[subprocess.CompletedProcess[str
     ]
     done = []
     for argv, process in zip(commands, started, strict=True):
-        out, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=800)
         done.append(subprocess.CompletedProcess(argv, process.returncode, out, err))
     return done
 
