@@ -85,6 +85,9 @@ class RunConfig:
     master: str | None = None  # Spark master URL; None: local[workers]
     spark_conf: tuple[tuple[str, str], ...] = ()  # extra Spark settings, (key, value) pairs
     verbose: bool = False  # runners' own logs (Spark's JVM log, Beam workers' notices)
+    # Seconds a run waits for another run writing the same output folder or re-index root to
+    # finish (its lease, retrieval/leases.py); 0: stop at once with one line naming it.
+    lease_wait: float = 0.0
     gem: GeMConfig = field(default_factory=GeMConfig)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     shard_size: int = DEFAULT_SHARD_SIZE

@@ -36,7 +36,7 @@ import pyarrow as pa
 from pipelines import runners, stages
 from pipelines.config import RunConfig, build_config, bundle_settings
 from pipelines.runners import WorkerTask
-from retrieval import shard_manifests, storage, versions
+from retrieval import leases, shard_manifests, storage, versions
 from retrieval.index.search import INDEX_KIND, INDEX_MANIFEST, SearchableIndex, load_index
 from retrieval.learning.whitening import (
     INFO_FILE,
@@ -223,12 +223,9 @@ def _fingerprint(*parts: Any) -> str:
 
 def _folder_fingerprint(directory: str, kind: str) -> list[str]:
     """The data checksums of a committed shard folder, in shard order (what a stage read)."""
-    listing = (
-        descriptor_shards.list_shards(directory)
-        if kind == "descriptors"
-        else local_feature_shards.list_shards(directory)
-    )
-    return [m["files"]["data"]["sha256"] for m in listing]
+    if kind == "descriptors":  # a reference's rows: its source's file less the ids it drops
+        return [descriptor_shards.shard_digest(m) for m in descriptor_shards.list_shards(directory)]
+    return [m["files"]["data"]["sha256"] for m in local_feature_shards.list_shards(directory)]
 
 
 def learn_whitening_once(
@@ -317,7 +314,30 @@ def run_index_job(
     (written to ``output``/descriptors by the caller); ``keep_whitening()`` names a whitening
     folder to keep instead of learning one (None: learn); ``keep_codebook(index_input)`` names
     a codebook to keep for the vectors the index is built on (None: train).
+
+    Holds ``output``'s lease (``retrieval/leases.py``): two jobs into one folder would build
+    one index from each other's shards. A re-index holds its root's lease instead.
     """
+    if prepared is not None:
+        return _run_index_job(
+            source, output, config, announce, prepared, keep_whitening, keep_codebook, extra
+        )
+    with leases.hold(output, what="retrieval job", wait_s=config.lease_wait):
+        return _run_index_job(
+            source, output, config, announce, prepared, keep_whitening, keep_codebook, extra
+        )
+
+
+def _run_index_job(
+    source: str,
+    output: str,
+    config: RunConfig,
+    announce: Announce,
+    prepared: PreparedCorpus | None,
+    keep_whitening: Callable[[], str | None] | None,
+    keep_codebook: Callable[[str], str | None] | None,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
     layout = JobLayout(output)
     chosen = stages_for(config)
     timings: dict[str, float] = {}

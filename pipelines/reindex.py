@@ -1,19 +1,28 @@
 """``retrieval reindex``: bring a versioned index up to date with its corpus by running the
 default job (``pipelines.job``) incrementally, and ``retrieval rollback``.
 
-    list corpus + content keys ─► diff with the live version's state ─► new / changed / deleted
+    take ROOT's lease (one writer per root), remove versions interrupted runs left
          │
-         ├─► extract new + changed only, global and local features (the job's extract stage, on
-         │   a manifest of them) into ROOT/data/vNNNNNN/: this run's batch
-         ├─► descriptors of the new version = unchanged rows of the live version + the batch's;
-         │   local features = the live version's layers + the batch's (never copied: a later
-         │   layer's row for an image shadows an earlier one's, deleted images are never asked)
+    check what the live version reuses (its shards' files against their manifests)
+         │
+    list corpus + content keys ─► diff with the live version's state ─► new / changed / deleted
+         │                                         (images of damaged shards count as new)
+         │
+         ├─► claim a version name (created exclusively), extract new + changed only, global and
+         │   local features (the job's extract stage, on a manifest of them) into
+         │   ROOT/data/vNNNNNN/: this run's batch
+         ├─► descriptors of the new version = references to the batch shards it shares with the
+         │   live version (less the ids changed, deleted or extracted again) + to the batch's
+         │   (``retrieval/version_data.py``: manifests only, no descriptor is copied); local
+         │   features = the live version's layers + the batch's (a later layer's row for an
+         │   image shadows an earlier one's, deleted images are never asked)
          ├─► learn: the live whitening is kept unless the rule below says to learn again
          ├─► whiten, train (the live codebook is kept unless drift, ``retrieval/index/drift.py``,
          │   a corpus size that calls for another index type, or a new whitening makes it
          │   stale), index, merge: the job's own stages
          └─► versions/vNNNNNN/ complete (bundle.json, version.json) ─► CURRENT moved atomically
-             ─► keep the last N versions, and the batches a kept version still reads
+             (forward only, and only while the lease is still this run's) ─► keep the last N
+             versions, and the batches a kept version still reads
 
 The whitening rule: it is learned again when there is none yet (or it was skipped for too few
 verified pairs), when the model or the learning settings changed, or when the images added,
@@ -35,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines import stages
 from pipelines.config import RunConfig
@@ -48,8 +56,8 @@ from pipelines.job import (
     learns,
     run_index_job,
 )
-from retrieval import corpus_state, plan, storage, versions
-from retrieval.corpus import SEALED_COLUMN, ImageRef, iter_corpus, plan_shards
+from retrieval import corpus_state, leases, storage, version_data, versions
+from retrieval.corpus import SEALED_COLUMN, iter_corpus
 from retrieval.descriptors.gem import model_info
 from retrieval.index import factory as factories
 from retrieval.index.codebook import load_codebook, read_codebook_manifest
@@ -57,7 +65,6 @@ from retrieval.index.drift import DRIFT_THRESHOLD, drift_ratio, quantization_err
 from retrieval.local_features.extractor import local_info_for
 from retrieval.manifests import read_manifest, write_manifest
 from retrieval.shards import descriptor_shards, local_feature_shards
-from retrieval.shards.descriptor_shards import DescriptorRow
 from retrieval.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -69,49 +76,6 @@ DATA_DIR = versions.DATA_DIR
 # Learn the whitening again once this fraction of the corpus it was learned on has been added,
 # changed or deleted (the codebook's drift rule, for the whitening: see the module doc).
 RELEARN_FRACTION = 0.25
-
-
-def _descriptor_rows(directory: str, drop: set[str] | None = None) -> list[DescriptorRow]:
-    """Rows of a descriptor folder's plan (less the ids in ``drop``), in plan order."""
-    rows = []
-    for manifest in descriptor_shards.list_shards(directory):
-        table = storage.read_parquet(
-            descriptor_shards.data_uri(directory, manifest["shard"]),
-            schema="descriptors",
-            expect_sha256=manifest["files"]["data"]["sha256"],
-        )
-        if drop:
-            gone = pc.is_in(table.column("id"), pa.array(sorted(drop), pa.string()))
-            table = table.filter(pc.invert(gone))
-        dim = table.schema.field("descriptor").type.list_size
-        vectors = table.column("descriptor").combine_chunks().values.to_numpy().reshape(-1, dim)
-        for i, row in enumerate(table.drop(["descriptor"]).to_pylist()):
-            rows.append(
-                DescriptorRow(
-                    row["id"],
-                    row["uri"],
-                    row["sha256"],
-                    row["width"],
-                    row["height"],
-                    vectors[i],
-                    row.get("notes"),  # absent from version-1 shards
-                )
-            )
-    return rows
-
-
-def _write_descriptors(
-    directory: str, rows: list[DescriptorRow], info: dict[str, Any], shard_size: int
-) -> None:
-    """``rows`` as a complete descriptor folder (shards, manifests, plan), sorted by id."""
-    rows = sorted(rows, key=lambda r: r.id)
-    by_id = {r.id: r for r in rows}
-    specs = plan_shards([ImageRef(r.id, r.uri) for r in rows], shard_size)
-    for spec in specs:
-        descriptor_shards.write_shard(
-            directory, spec, [by_id[ref.id] for ref in spec.refs], [], info
-        )
-    plan.write_extraction_plan(directory, specs, source="reindex", shard_size=shard_size)
 
 
 def _needs_training(
@@ -188,9 +152,27 @@ def reindex(
     drift_threshold: float = DRIFT_THRESHOLD,
     relearn_fraction: float = RELEARN_FRACTION,
 ) -> dict[str, Any]:
-    """Re-index ``corpus`` into a new version under ``root``; returns its summary."""
+    """Re-index ``corpus`` into a new version under ``root``; returns its summary. Holds the
+    root's lease throughout (``retrieval/leases.py``): a second run on the same root waits up
+    to ``config.lease_wait`` seconds, then stops with one line naming this one."""
+    with leases.hold(root, what="retrieval reindex", wait_s=config.lease_wait) as lease:
+        return _reindex(corpus, root, config, lease, keep, drift_threshold, relearn_fraction)
+
+
+def _reindex(
+    corpus: str,
+    root: str,
+    config: RunConfig,
+    lease: leases.Lease,
+    keep: int,
+    drift_threshold: float,
+    relearn_fraction: float,
+) -> dict[str, Any]:
     start = time.perf_counter()
     timings: dict[str, float] = {}
+    removed = versions.remove_incomplete(root, lease)  # interrupted runs: no live lease holds them
+    if removed:
+        log.warning("removed incomplete versions (interrupted runs): %s", ", ".join(removed))
     live = versions.current(root)
     live_dir = versions.version_dir(root, live) if live else None
     info = model_info(config.gem)
@@ -212,12 +194,36 @@ def reindex(
             log.warning("%s predates bundles: every image is extracted again", live)
             compare_previous = False
 
+    # What this version reuses is checked first: the images of a shard whose files no longer
+    # match (descriptors or local features) are extracted again, as if they were new.
+    reused: list[version_data.Reference] = []
+    live_layers: list[str] = []
+    suspects: set[str] = set()
+    if live_dir and compare_previous:
+        t = time.perf_counter()
+        live_descriptors = storage.join(live_dir, FOLDERS["descriptors"])
+        reused, damaged = version_data.check_references(live_descriptors)
+        damaged_ids = version_data.ids_of_damaged(live_descriptors, damaged)
+        if local_info:
+            live_layers = list(Bundle.read(live_dir).local_features or [])
+            damaged_ids.update(version_data.damaged_local_ids(live_layers))
+        for where, ids in damaged_ids.items():
+            log.warning(
+                "%s: its files no longer match their manifest: its %d images are extracted again",
+                where,
+                len(ids),
+            )
+            suspects.update(ids)
+        timings["check_s"] = time.perf_counter() - t
+
     # A merge join of two id-sorted streams (the corpus listing, the last indexed state): the
     # corpus is never held as Python objects, only the changes are.
     scratch_dir = tempfile.TemporaryDirectory(prefix="retrieval-reindex-")
     scratch = scratch_dir.name
     now_state = corpus_state.StateWriter(os.path.join(scratch, "state-now.parquet"))
     previous = corpus_state.iter_state(live_dir, scratch) if compare_previous else iter(())
+    if suspects:  # not indexed as far as the comparison knows: new if still in the corpus
+        previous = (row for row in previous if row[0] not in suspects)
     now = (
         (r.id, r.uri, corpus_state.content_key(r.location), r.sealed)
         for r in iter_corpus(corpus, scratch=scratch)
@@ -229,12 +235,12 @@ def reindex(
         now_state.close()
     timings["list_s"] = time.perf_counter() - start
 
-    name = versions.next_name(root)
+    name = versions.claim(root, lease.owner)  # a name no other run can take
     vdir = versions.version_dir(root, name)
     batch = storage.join(root, DATA_DIR, name)  # this run's extraction, shared by later versions
     batch_descriptors = storage.join(batch, FOLDERS["descriptors"])
     batch_local = storage.join(batch, FOLDERS["local_features"]) if local_info else None
-    extracted_rows: list[DescriptorRow] = []
+    extracted_ids: set[str] = set()
     failures = 0
     extract_summary = None
     if changes.to_extract:
@@ -258,35 +264,35 @@ def reindex(
             manifest_uri, batch_descriptors, config, local_output=batch_local
         )
         timings["extract_s"] = time.perf_counter() - t
-        extracted_rows = _descriptor_rows(batch_descriptors)
+        extracted_ids = _ids_in(batch_descriptors)
         failures = extract_summary["failed"]
 
+    # The new version refers to the shards it shares with the live one (less what changed,
+    # went away or is extracted again) and to this run's batch: it copies no descriptor.
     t = time.perf_counter()
-    carried = (
-        _descriptor_rows(
-            storage.join(live_dir, FOLDERS["descriptors"]),
-            drop=set(changes.changed + changes.deleted),
-        )
-        if live_dir and compare_previous and changes.unchanged
-        else []
-    )
-    rows = carried + extracted_rows
-    if not rows:
-        raise ValueError(f"{corpus}: nothing to index (no images, or every one failed)")
+    drop = set(changes.changed) | set(changes.deleted) | suspects
+    reused, carried = version_data.carry_legacy(reused, drop, batch, config.shard_size)
+    batches = [f for f in (carried, batch_descriptors if extracted_ids else None) if f]
     layout = JobLayout(vdir)
-    _write_descriptors(layout.descriptors, rows, info, config.shard_size)
+    indexed, used = version_data.compose_descriptors(layout.descriptors, reused, drop, batches)
+    if not indexed:
+        raise ValueError(f"{corpus}: nothing to index (no images, or every one failed)")
+    live_ids = {i for ref in reused for i in ref.ids if i not in drop} | extracted_ids
+    if carried:
+        live_ids |= _ids_in(carried)
+    if len(live_ids) != indexed:
+        raise RuntimeError(f"{vdir}: {indexed} descriptors for {len(live_ids)} images")
     layers: list[str] = []
     if local_info:
-        live_bundle = Bundle.read(live_dir) if live_dir and compare_previous else None
-        layers = list((live_bundle.local_features or []) if live_bundle else [])
-        if batch_local and extracted_rows:
+        layers = list(live_layers)
+        if batch_local and extracted_ids:
             layers.append(batch_local)
-        layers = _layers_in_use(layers, {r.id for r in rows})
+        layers = _layers_in_use(layers, live_ids)
     timings["compose_s"] = time.perf_counter() - t
     composed = {
         "model": info,
         "inputs": now_state.rows,
-        "indexed": len(rows),
+        "indexed": indexed,
         "failed": failures,
         "local_features": {"model": local_info} if local_info else None,
     }
@@ -312,9 +318,8 @@ def reindex(
         if stale:
             decision.update(retrain=True, why=stale, ratio=None)
             return None
-        ids = {r.id for r in extracted_rows}
-        new_vectors = _vectors_of(index_input, ids, int(info["dim"]))
-        n, d = len(rows), _dim_of(index_input)
+        new_vectors = _vectors_of(index_input, extracted_ids, int(info["dim"]))
+        n, d = indexed, _dim_of(index_input)
         retrain, why, ratio = _needs_training(
             read_codebook_manifest(live_codebook),
             new_vectors,
@@ -343,23 +348,24 @@ def reindex(
         whitening_record = kept_record or {
             "sha256": learning["sha256"],
             "learned_in": name,
-            "learned_on_images": len(rows),
+            "learned_on_images": indexed,
             "changed_since_learned": 0,
             "settings": {"dim": config.whitening_dim, "shrinkage": config.whitening_shrinkage},
         }
 
-    extracted_ids = {r.id for r in extracted_rows}
     failed_ids = {i for i in changes.to_extract if i not in extracted_ids}
     state_rows = corpus_state.write_state(vdir, now_state.path, leave_out=failed_ids)
     scratch_dir.cleanup()
-    if state_rows != len(rows):
-        raise RuntimeError(f"{vdir}: state of {state_rows} images, index of {len(rows)}")
+    if state_rows != indexed:
+        raise RuntimeError(f"{vdir}: state of {state_rows} images, index of {indexed}")
     timings["total_s"] = time.perf_counter() - start
+    repaired = len(set(changes.new) & suspects)  # indexed before, extracted again
     counts = {
-        "new": len(changes.new),
+        "new": len(changes.new) - repaired,
         "changed": len(changes.changed),
         "deleted": len(changes.deleted),
         "unchanged": changes.unchanged,
+        "repaired": repaired,
         "failed": failures,
     }
     # inputs (the corpus now) = indexed + failed
@@ -367,7 +373,7 @@ def reindex(
         vdir,
         "reindex",
         inputs=now_state.rows,
-        indexed=len(rows),
+        indexed=indexed,
         failed=failures,
         timings=timings,
         **{k: v for k, v in counts.items() if k != "failed"},
@@ -393,14 +399,24 @@ def reindex(
             "local_model": local_info,
             "whitening": whitening_record or None,
             # Shared data this version reads outside its own folder (pruning keeps it).
-            "uses": sorted({_batch_of(root, layer) for layer in layers}),
+            "uses": sorted(set(used) | {_batch_of(root, layer) for layer in layers}),
             **counts,
-            "indexed": len(rows),
+            "indexed": indexed,
         },
     )
+    lease.check()  # a run whose lease was taken over never moves CURRENT
     versions.set_current(root, name)
     summary["pruned"] = versions.prune(root, keep)
     return summary
+
+
+def _ids_in(directory: str) -> set[str]:
+    """The ids of the descriptors of a committed folder (this run's batch: O(changes))."""
+    return {
+        i
+        for m in descriptor_shards.list_shards(directory)
+        for i in descriptor_shards.read_table(directory, m).column("id").to_pylist()
+    }
 
 
 def _layers_in_use(layers: list[str], live_ids: set[str]) -> list[str]:

@@ -109,6 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("spark_conf", "table", "spark_conf", ["run"], "spark_conf", "runner",
        "a Spark setting, repeatable, e.g. --spark-conf spark.executor.memory=8g (over "
        "[spark_conf] in --config)", metavar="KEY=VALUE", show_default=False),
+    _s("lease_wait", "float", "lease_wait", ["run"], "", "lease",
+       "seconds to wait for another run writing the same output folder or re-index root (its "
+       "lease) before stopping with one line naming it", metavar="SECONDS"),
     # descriptor
     _s("backbone", "str", "gem.backbone", EXTRACT, "extract", "descriptor",
        "efficientnet-lite0 (offline ImageNet weights), keras:<Application>[@weights], "

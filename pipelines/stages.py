@@ -15,7 +15,7 @@ from typing import Any
 from pipelines import runners
 from pipelines.config import RunConfig
 from pipelines.runners import WorkerTask
-from retrieval import storage, versions
+from retrieval import leases, storage, versions
 from retrieval.descriptors.gem import model_info, prepare_runtime
 from retrieval.extraction import ShardJob, plan_extraction, summarize_extraction
 from retrieval.index import group_index
@@ -87,6 +87,23 @@ def extract(
     With ``local_output`` (and local features not turned off in ``config``) the same pass
     also extracts local features into their own shards there.
     """
+    local_output = local_output if config.local.enabled else None
+    # One writer per output: a second run into the same folders (another corpus, say) would
+    # replace this one's plan and shards under it, and one of the two would report counts the
+    # folders do not hold.
+    with leases.hold_all(
+        [output, local_output], what="retrieval extract", wait_s=config.lease_wait
+    ) as held:
+        return _extract(source, output, config, local_output, held)
+
+
+def _extract(
+    source: str,
+    output: str,
+    config: RunConfig,
+    local_output: str | None,
+    held: list[leases.Lease],
+) -> dict[str, Any]:
     start = time.perf_counter()
     info = model_info(config.gem)
     local_config = config.local if config.local.enabled and local_output else None
@@ -124,6 +141,8 @@ def extract(
             already=len(plan.shards) - len(plan.pending),
         )
     timings = {"extract_s": time.perf_counter() - run_start, "total_s": time.perf_counter() - start}
+    for lease in held:  # a run whose lease was taken over reports nothing
+        lease.check()
     summary = summarize_extraction(
         plan, info, timings, local_output=local_output, local_info=local_info
     )

@@ -311,7 +311,9 @@ class ExtractionPlan:
     """The run plan of an extraction (written to ``output``), and which shards still need work.
 
     ``retried`` are committed shards extracted again because they hold transient errors
-    (``read_failed``, ``model_error``): waiting may have fixed those.
+    (``read_failed``, ``model_error``): waiting may have fixed those. ``repaired`` are committed
+    shards extracted again because their files no longer match their manifests (size or
+    SHA-256, descriptor or local-feature shard): a re-run never skips a damaged shard.
     """
 
     input: str
@@ -319,6 +321,7 @@ class ExtractionPlan:
     run_plan: plan.RunPlan
     pending: list[plan.PlannedShard] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def shards(self) -> tuple[plan.PlannedShard, ...]:
@@ -354,19 +357,34 @@ def plan_extraction(
         shard_size=shard_size,
         also_to=[local_output] if local_output is not None else [],
     )
-    pending, retried = [], []
+    todo, retried, skipped = set(), [], []
+    with_local = local_output is not None and local_info is not None
     for shard in run_plan.shards:
         manifest = descriptor_shards.committed_manifest(output, shard, model_info)
-        local_missing = (
-            local_output is not None
-            and local_info is not None
-            and not local_feature_shards.is_committed(local_output, shard, local_info)
+        local_manifest = (
+            local_feature_shards.committed_manifest(local_output, shard, local_info)
+            if local_output is not None and local_info is not None
+            else None
         )
-        if manifest is None or local_missing:
-            pending.append(shard)
+        if manifest is None or (with_local and local_manifest is None):
+            todo.add(shard.shard_id)
         elif manifest.get("transient_errors"):
-            pending.append(shard)
+            todo.add(shard.shard_id)
             retried.append(shard.shard_id)
+        else:
+            skipped.append((shard.shard_id, manifest, local_manifest))
+    damaged = _damaged_shards(output, local_output, skipped)
+    todo.update(damaged)
+    pending = [s for s in run_plan.shards if s.shard_id in todo]
+    repaired = [shard_id for shard_id, _, _ in skipped if shard_id in damaged]
+    if repaired:
+        log.warning(
+            "%d committed shard(s) whose files no longer match their manifests are extracted "
+            "again: %s",
+            len(repaired),
+            "; ".join(f"{i}: {', '.join(damaged[i])}" for i in repaired[:5])
+            + ("; ..." if len(repaired) > 5 else ""),
+        )
     if retried:
         log.warning(
             "%d committed shard(s) hold transient errors (read_failed, model_error) and are "
@@ -390,7 +408,32 @@ def plan_extraction(
         len(run_plan.shards),
         len(pending),
     )
-    return ExtractionPlan(source, output, run_plan, pending, retried)
+    return ExtractionPlan(source, output, run_plan, pending, retried, repaired)
+
+
+VERIFY_THREADS = 8  # committed shards checked at once (object stores: latency, not bandwidth)
+
+
+def _damaged_shards(
+    output: str,
+    local_output: str | None,
+    committed: Sequence[tuple[str, dict[str, Any], dict[str, Any] | None]],
+) -> dict[str, list[str]]:
+    """{shard id: its damaged files} among committed shards a re-run would skip: each shard's
+    files are checked against its manifest (size, then SHA-256), its local-feature shard's
+    too. What a re-run skips must be intact, not only committed."""
+
+    def check(item: tuple[str, dict[str, Any], dict[str, Any] | None]) -> list[str]:
+        _, manifest, local_manifest = item
+        problems = descriptor_shards.damaged(output, manifest)
+        if local_manifest is not None and local_output is not None:
+            damaged_local = local_feature_shards.damaged(local_output, local_manifest)
+            problems += [f"local features {p}" for p in damaged_local]
+        return problems
+
+    with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="verify") as pool:
+        found = list(pool.map(check, committed))
+    return {item[0]: problems for item, problems in zip(committed, found, strict=True) if problems}
 
 
 def summarize_extraction(
@@ -434,6 +477,7 @@ def summarize_extraction(
         shards=len(extraction.shards),
         shards_skipped=len(extraction.shards) - len(extraction.pending),
         shards_retried=len(extraction.retried),
+        shards_repaired=len(extraction.repaired),
         stale_shards_ignored=len(extraction.run_plan.stale_shard_ids()),
         failures_by_kind=dict(kinds),
         # Described, but something was odd (a broken EXIF block): the `notes` column says what.

@@ -99,6 +99,29 @@ def _get(manifest: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def damaged_files(directory: str, files: dict[str, dict[str, Any]]) -> list[str]:
+    """The files of a manifest's ``files`` (in ``directory``) whose bytes no longer match it:
+    missing, another size (a stat), or another SHA-256 (read back, only when the size
+    matches). What a re-run checks before it skips a committed shard: a manifest says the shard
+    was committed, this says it is still intact. Each entry as ``name (why)``."""
+    problems = []
+    for entry in files.values():
+        name = check_name(entry["name"], what="file name")
+        uri = storage.join(directory, name)
+        fs, path = storage.filesystem(uri)
+        fs.invalidate_cache(path)  # a listing cached before a rewrite would give the old size
+        try:
+            size = storage.with_retries(lambda fs=fs, path=path: fs.size(path), what=f"stat {uri}")
+        except FileNotFoundError:
+            problems.append(f"{name} (missing)")
+            continue
+        if size != entry["bytes"]:
+            problems.append(f"{name} ({size} bytes, its manifest says {entry['bytes']})")
+        elif storage.sha256_file(uri) != entry["sha256"]:
+            problems.append(f"{name} (checksum)")
+    return problems
+
+
 def shard_ids_on_disk(directory: str) -> list[str]:
     """Shard ids of every manifest file under ``directory`` (committed by this run or another)."""
     names = [uri.rsplit("/", 1)[-1] for uri in storage.list_files(directory)]

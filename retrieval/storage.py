@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 import schemas
+from retrieval import checksums
 from retrieval.redaction import has_credentials, redact
 
 log = logging.getLogger(__name__)
@@ -404,7 +405,7 @@ def read_range(uri: str, start: int, end: int) -> bytes:
         fs, path = filesystem(uri)
         data = fs.cat_file(path, start=start, end=end)
         if len(data) != end - start:
-            raise ChecksumMismatchError(
+            raise checksums.ChecksumMismatchError(
                 f"{uri}: bytes {start}-{end} asked, {len(data)} read (the file is shorter)"
             )
         return data
@@ -412,9 +413,6 @@ def read_range(uri: str, start: int, end: int) -> bytes:
     return with_retries(read, what=f"read {uri} [{start}:{end}]")
 
 
-class ChecksumMismatchError(OSError):
-    """Bytes read do not match the checksum or size their manifest recorded: the file was cut
-    short or altered after it was committed. Not retried: reading again gives the same bytes."""
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -472,9 +470,7 @@ def read_parquet(
     """Read one Parquet object; optionally check its checksum and its project schema."""
     data = read_bytes(uri)
     if expect_sha256 is not None and sha256_bytes(data) != expect_sha256:
-        raise ChecksumMismatchError(
-            f"{uri}: checksum does not match its manifest (partial or altered file)"
-        )
+        raise checksums.mismatch(uri)
     table = pq.read_table(io.BytesIO(data))
     if schema is not None:
         schemas.check_schema(schema, table.schema, source=uri)

@@ -429,9 +429,13 @@ class FaultyProxy:
         handler.wfile.write(data)
 
 
-def start_gcs_emulator(tmp_dir: Path, bucket: str) -> tuple[subprocess.Popen, str]:
+def start_gcs_emulator(
+    tmp_dir: Path, bucket: str, *, preconditions: bool = False
+) -> tuple[subprocess.Popen, str]:
     """gcp-storage-emulator (in memory, bucket ``bucket``) on a free port; fails the test, never
-    skips, if it cannot start."""
+    skips, if it cannot start. With ``preconditions``, started through
+    ``tests/gcs_preconditions.py``, which answers an upload with ``ifGenerationMatch=0`` onto
+    an existing object with 412, as GCS does (the emulator itself ignores it)."""
     import sys
 
     emulator = Path(sys.executable).parent / "gcp-storage-emulator"
@@ -439,9 +443,12 @@ def start_gcs_emulator(tmp_dir: Path, bucket: str) -> tuple[subprocess.Popen, st
         pytest.fail(f"gcp-storage-emulator is not installed in {emulator.parent}")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    command = [str(emulator)]
+    if preconditions:
+        command = [sys.executable, str(Path(__file__).with_name("gcs_preconditions.py"))]
     server = subprocess.Popen(
         [
-            str(emulator),
+            *command,
             "start",
             "--host",
             "127.0.0.1",

@@ -9,7 +9,7 @@ import pytest
 from conftest import OXFORD_IMAGES
 
 import schemas
-from retrieval import plan, shard_manifests, storage
+from retrieval import checksums, plan, shard_manifests, storage
 from retrieval.corpus import ImageRef, ShardSpec
 from retrieval.images import decode_image
 from retrieval.local_features.features import (
@@ -186,7 +186,7 @@ def test_a_corrupted_image_is_detected_and_the_others_still_read(tmp_path):
     data[(start + end) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     store = LocalFeatureStore(str(tmp_path))
-    with pytest.raises(storage.ChecksumMismatchError, match="img2"):
+    with pytest.raises(checksums.ChecksumMismatchError, match="img2"):
         store.get("img2")
     assert len(store.get("img1")) == 50 and len(store.get("img3")) == 110
 
@@ -196,7 +196,7 @@ def test_a_truncated_file_is_detected(tmp_path):
     path = tmp_path / "part-00000.arrow"
     last_start = manifest["batches"][-1][0]
     path.write_bytes(path.read_bytes()[: last_start + 10])
-    with pytest.raises(storage.ChecksumMismatchError, match="shorter"):
+    with pytest.raises(checksums.ChecksumMismatchError, match="shorter"):
         LocalFeatureStore(str(tmp_path)).get(manifest["ids"][-1])
 
 

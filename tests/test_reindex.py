@@ -165,3 +165,181 @@ def test_drift_is_measured_against_the_training_sample():
     assert drift_ratio(quantization_error(index, other), base) > DRIFT_THRESHOLD
     flat = faiss.index_factory(d, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
     assert quantization_error(flat, other) == 0.0
+
+
+def _corpus(tmp_path: Path, n: int) -> tuple[Path, Path]:
+    corpus, root = tmp_path / "corpus", tmp_path / "root"
+    corpus.mkdir()
+    for i in range(n):
+        _image(corpus / f"img{i:03d}.png", seed=i)
+    return corpus, root
+
+
+def _corpus_ids(corpus: Path) -> list[str]:
+    return sorted(p.name for p in corpus.iterdir())
+
+
+def test_versions_share_descriptors_instead_of_copying_them(tmp_path: Path, config):
+    corpus, root = _corpus(tmp_path, 24)
+    reindex(str(corpus), str(root), config)
+    v1_ids, _, v1_vectors = descriptor_shards.read_all(str(root / "versions/v000001/descriptors"))
+    _image(corpus / "img003.png", seed=1003)  # changed
+    _image(corpus / "img100.png", seed=100)  # new
+    (corpus / "img010.png").unlink()  # deleted
+    second = reindex(str(corpus), str(root), config)
+    assert (second["new"], second["changed"], second["deleted"]) == (1, 1, 1)
+
+    v2 = root / "versions" / "v000002" / "descriptors"
+    assert not list(v2.glob("part-*.parquet")) and not list(v2.glob("*-part-*.parquet"))
+    sources = set()
+    for manifest in descriptor_shards.list_shards(str(v2)):  # references, no rows of its own
+        folder, shard = descriptor_shards.source_of(str(v2), manifest)
+        sources.add(Path(folder).relative_to(root).as_posix())
+        assert (Path(folder) / f"{shard}.parquet").exists()
+    assert sources == {"data/v000001/descriptors", "data/v000002/descriptors"}
+    version = json.loads((root / "versions" / "v000002" / "version.json").read_text())
+    assert version["uses"] == ["v000001", "v000002"]
+
+    ids, _, vectors = descriptor_shards.read_all(str(v2))  # every reader sees the kept rows
+    assert sorted(ids) == _corpus_ids(corpus)
+    before = dict(zip(v1_ids, v1_vectors, strict=True))
+    for image_id, vector in zip(ids, vectors, strict=True):
+        if image_id not in ("img003.png", "img100.png"):
+            np.testing.assert_array_equal(vector, before[image_id])  # shared, not re-extracted
+    assert sorted(load_index(versions.resolve_index(str(root))).ids) == _corpus_ids(corpus)
+
+    _image(corpus / "img101.png", seed=101)
+    third = reindex(str(corpus), str(root), config, keep=1)  # v1 and v2 pruned...
+    assert third["pruned"] == ["v000001", "v000002"] and versions.versions(str(root)) == ["v000003"]
+    used = json.loads((root / "versions" / "v000003" / "version.json").read_text())["uses"]
+    assert used == ["v000001", "v000002", "v000003"]
+    assert all((root / "data" / name / "descriptors").is_dir() for name in used)  # ...not data
+    ids, _, _ = descriptor_shards.read_all(str(root / "versions" / "v000003" / "descriptors"))
+    assert sorted(ids) == _corpus_ids(corpus)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_shard_is_extracted_again_by_the_next_reindex(tmp_path: Path, config):
+    from pipelines.job import Bundle
+    from retrieval.shards.local_feature_shards import LocalFeatureStore
+
+    corpus, root = _corpus(tmp_path, 20)
+    reindex(str(corpus), str(root), config)
+    v1 = root / "versions" / "v000001" / "descriptors"
+    read = descriptor_shards.list_shards(str(v1))[
+        1
+    ]  # the file the version reads its 2nd shard from
+    source = read.get("source")
+    data = (v1 / source["folder"]) / f"{source['shard']}.parquet" if source else None
+    _flip(data or v1 / f"{read['shard']}.parquet")  # 8 images
+    second = reindex(str(corpus), str(root), config)
+    assert (second["repaired"], second["extracted"], second["new"]) == (8, 8, 0)
+    v2 = root / "versions" / "v000002" / "descriptors"
+    sources = {
+        descriptor_shards.source_of(str(v2), m) for m in descriptor_shards.list_shards(str(v2))
+    }
+    assert (str(root / "data" / "v000001" / "descriptors"), "part-00001") not in sources
+    ids, _, _ = descriptor_shards.read_all(str(v2))
+    assert sorted(ids) == _corpus_ids(corpus)
+
+    _flip(root / "data" / "v000001" / "local_features" / "part-00000.parquet")
+    third = reindex(str(corpus), str(root), config)
+    assert (third["repaired"], third["extracted"]) == (8, 8)
+    bundle = Bundle.read(versions.version_dir(str(root), "v000003"))
+    store = LocalFeatureStore(bundle.local_features)
+    assert all(store.get(i) is not None for i in _corpus_ids(corpus))  # none read from damage
+
+
+def test_an_interrupted_reindex_is_cleaned_up_by_the_next(tmp_path: Path, config, monkeypatch):
+    from pipelines import reindex as reindex_module
+    from retrieval import leases
+
+    corpus, root = _corpus(tmp_path, 12)
+    reindex(str(corpus), str(root), config)
+    _image(corpus / "img100.png", seed=100)
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reindex_module, "run_index_job", interrupted)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            reindex(str(corpus), str(root), config)
+    assert (root / "versions" / "v000002").is_dir() and (root / "data" / "v000002").is_dir()
+    assert not (root / "versions" / "v000002" / "version.json").exists()
+
+    # While another run holds the root's lease, its versions are left alone.
+    held = leases.acquire(str(root), what="another run")
+    with pytest.raises(leases.LeaseHeldError, match="another run"):
+        reindex(str(corpus), str(root), config)
+    assert (root / "versions" / "v000002").is_dir()
+    mine = versions.claim(str(root), held.owner)
+    assert versions.remove_incomplete(str(root), held) == ["v000002"]
+    assert (root / "versions" / mine).is_dir()  # the lease holder's own claim stays
+    held.release()
+
+    third = reindex(str(corpus), str(root), config)
+    assert third["version"] == "v000004" and versions.current(str(root)) == "v000004"
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000001", "v000004"]
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["v000001", "v000004"]
+
+
+def test_current_only_moves_forward_and_a_name_is_claimed_once(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = str(tmp_path / "root")
+    with ThreadPoolExecutor(6) as pool:
+        names = list(pool.map(lambda i: versions.claim(root, f"run-{i}"), range(6)))
+    assert sorted(names) == [f"v{i:06d}" for i in range(1, 7)]  # six runs, six names
+    for name in ("v000001", "v000002"):
+        (tmp_path / "root" / "versions" / name / "version.json").write_text("{}")
+    versions.set_current(root, "v000002")
+    with pytest.raises(ValueError, match="only moves forward"):
+        versions.set_current(root, "v000001")  # a slower run finishing after a newer one
+    assert versions.current(root) == "v000002"
+    assert versions.rollback(root) == "v000001"  # moving back is rollback's alone
+
+
+def test_a_version_from_before_shared_data_is_carried_once(tmp_path: Path, config):
+    """A live version whose descriptors are its own shards (the layout before versions shared
+    data, which pruning would delete with it): the next re-index writes them once into its
+    batch (data/vN/carried) and refers to them from then on."""
+    from retrieval import plan
+    from retrieval.corpus import ImageRef, plan_shards
+
+    corpus, root = _corpus(tmp_path, 12)
+    reindex(str(corpus), str(root), config)
+    v1 = root / "versions" / "v000001" / "descriptors"
+    rows, info = [], None
+    for manifest in descriptor_shards.list_shards(str(v1)):
+        shard = descriptor_shards.read_shard(str(v1), manifest)
+        info = manifest["model"]
+        for i, image_id in enumerate(shard.ids):
+            row = descriptor_shards.DescriptorRow(
+                image_id, shard.uris[i], "0" * 64, 48, 64, shard.vectors[i]
+            )
+            rows.append(row)
+    for path in v1.iterdir():  # the old layout: rows of its own, an extraction plan
+        path.unlink()
+    specs = plan_shards([ImageRef(r.id, r.uri) for r in rows], 8)
+    for spec in specs:
+        descriptor_shards.write_shard(str(v1), spec, rows[: len(spec.refs)], [], info)
+        rows = rows[len(spec.refs) :]
+    plan.write_extraction_plan(str(v1), specs, source="reindex", shard_size=8)
+
+    (corpus / "img005.png").unlink()
+    second = reindex(str(corpus), str(root), config, keep=1)
+    assert (second["deleted"], second["indexed"]) == (1, 11)
+    carried = root / "data" / "v000002" / "carried"
+    ids, _, _ = descriptor_shards.read_all(str(carried))
+    assert sorted(ids) == _corpus_ids(corpus)  # written once, less the deleted image
+    assert not (root / "versions" / "v000001").exists()  # pruned: its rows live on in data/
+    v2 = root / "versions" / "v000002" / "descriptors"
+    ids, _, _ = descriptor_shards.read_all(str(v2))
+    assert sorted(ids) == _corpus_ids(corpus)
+    assert [p.name for p in v2.glob("*.parquet")] == ["plan.shards.parquet"]  # references

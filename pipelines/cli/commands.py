@@ -158,7 +158,7 @@ def reindex(args: argparse.Namespace) -> int:
 def rollback(args: argparse.Namespace) -> int:
     from retrieval.versions import rollback as rollback_root
 
-    print(f"CURRENT -> {rollback_root(args.root)}")
+    print(f"CURRENT -> {rollback_root(args.root, lease_wait=config_from_args(args).lease_wait)}")
     return 0
 
 

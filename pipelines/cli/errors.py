@@ -20,13 +20,24 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from retrieval.checksums import ChecksumMismatchError
+    from retrieval.leases import LeaseError
     from retrieval.plan import PlanError
     from retrieval.storage import StorageRefusedError
 
     # A full disk or quota, a read-only folder: not the user's typing, but what ends the run is
     # the same, one line naming the URI and exit status 2 (the scheduler must not retry blindly
-    # either: a person frees space, then re-runs, which keeps what was committed).
-    return (*USER_ERRORS, PlanError, StorageRefusedError, CommandError)
+    # either: a person frees space, then re-runs, which keeps what was committed). A damaged
+    # file is no bug: the line names it and the command that writes it again. A place another
+    # run writes to: the line names that run.
+    return (
+        *USER_ERRORS,
+        PlanError,
+        StorageRefusedError,
+        ChecksumMismatchError,
+        LeaseError,
+        CommandError,
+    )
 
 
 def as_refused(exc: OSError) -> OSError:

@@ -24,7 +24,12 @@ def runner_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="TOML or JSON file of settings (flags given here override it)",
     )
-    settings.add_flags(group, ["runner"], _defaults())
+    settings.add_flags(group, ["runner", "lease"], _defaults())
+
+
+def lease_options(parser: argparse.ArgumentParser) -> None:
+    """--lease-wait alone, for commands without runner settings (rollback)."""
+    settings.add_flags(parser, ["lease"], _defaults())
 
 
 def extract_options(parser: argparse.ArgumentParser) -> None:

@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one (atomically); `retrieval search --index ROOT` then answers from it.",
     )
     p.add_argument("--root", required=True, metavar="URI", help="versioned index root")
+    options.lease_options(p)
 
     p = sub.add_parser(
         "submit",

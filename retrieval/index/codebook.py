@@ -166,7 +166,7 @@ def train_codebook(
     size = sample_size or settings["sample"]
     # The codebook is a function of these; if a committed one matches, training is skipped.
     inputs_digest = storage.sha256_bytes(
-        "\n".join(m["files"]["data"]["sha256"] for m in shard_manifests).encode()
+        "\n".join(descriptor_shards.shard_digest(m) for m in shard_manifests).encode()
     )
     wanted = {
         "factory": factory,

@@ -16,7 +16,7 @@ import uuid
 import faiss
 import numpy as np
 
-from retrieval import storage
+from retrieval import checksums, storage
 
 
 def index_bytes(index: faiss.Index) -> bytes:
@@ -56,9 +56,9 @@ def read_index(uri: str, *, expect_sha256: str | None = None) -> faiss.Index:
     if storage.is_local(uri):
         path = storage.filesystem(uri)[1]
         if expect_sha256 is not None and storage.sha256_file(uri) != expect_sha256:
-            raise OSError(f"{uri}: checksum does not match its manifest")
+            raise checksums.mismatch(uri, checksums.REBUILD_INDEX)
         return faiss.read_index(path)
     data = storage.read_bytes(uri)
     if expect_sha256 is not None and storage.sha256_bytes(data) != expect_sha256:
-        raise OSError(f"{uri}: checksum does not match its manifest")
+        raise checksums.mismatch(uri, checksums.REBUILD_INDEX)
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

@@ -66,7 +66,7 @@ class IndexGroupTask:
                 "codebook_id": self.codebook_id,
                 "first_id": self.first_id,
                 "shards": [
-                    [m["shard"], m["files"]["data"]["sha256"]] for m in self.shard_manifests
+                    [m["shard"], descriptor_shards.shard_digest(m)] for m in self.shard_manifests
                 ],
             }
         )

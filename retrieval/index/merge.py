@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
-from retrieval import plan, storage
+from retrieval import checksums, plan, storage
 from retrieval import shard_manifests as manifests
 from retrieval.index import codes as codes_io
 from retrieval.index.codebook import load_codebook
@@ -175,7 +175,7 @@ def _read_input(node: CodesNode, scratch: str) -> tuple[dict[str, Any], str]:
     uri = codes_uri(node.directory, node.node_id)
     local = storage.local_copy(uri, scratch)
     if storage.sha256_file(local) != manifest["files"]["codes"]["sha256"]:
-        raise OSError(f"{uri}: checksum does not match its manifest")
+        raise checksums.mismatch(uri, checksums.REBUILD_INDEX)
     return manifest, local
 
 
@@ -209,7 +209,7 @@ class _IdmapMerger:
         uri = idmap_uri(node.directory, node.node_id)
         local = storage.local_copy(uri, scratch)  # a local file is read in place
         if storage.sha256_file(local) != manifest["files"]["idmap"]["sha256"]:
-            raise OSError(f"{uri}: checksum does not match its manifest (partial or altered file)")
+            raise checksums.mismatch(uri, checksums.REBUILD_INDEX)
         parquet = pq.ParquetFile(local, pre_buffer=False)
         schemas.check_schema("idmap", parquet.schema_arrow, source=uri)
         for group in range(parquet.metadata.num_row_groups):

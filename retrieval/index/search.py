@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from retrieval import storage
+from retrieval import checksums, storage
 from retrieval.index.faiss_io import read_index
 from retrieval.index.merge import INDEX_KIND, INDEX_MANIFEST
 from retrieval.manifests import ManifestError, check_name, read_manifest
@@ -174,7 +174,7 @@ def _load_piece(directory: str, piece: dict[str, Any]) -> faiss.Index:
         if not storage.is_local(directory):
             storage.local_copy(storage.join(directory, name), folder)
         if storage.sha256_file(os.path.join(folder, name)) != piece[key]["sha256"]:
-            raise OSError(f"{directory}/{name}: checksum does not match index.json")
+            raise checksums.mismatch(f"{directory}/{name}", checksums.REBUILD_INDEX)
     return faiss.read_index(
         os.path.join(folder, piece["index"]["name"]), faiss.IO_FLAG_ONDISK_SAME_DIR
     )
@@ -191,14 +191,17 @@ def load_index(directory: str, *, nprobe: int = DEFAULT_NPROBE) -> SearchableInd
     manifest = read_manifest(uri, kind=INDEX_KIND)
     entries = manifest["pieces"]
     pieces = [_load_piece(directory, entry) for entry in entries]
-    idmap = pa.concat_tables(
-        storage.read_parquet(
-            storage.join(directory, e["idmap"]["name"]),
-            schema="idmap",
-            expect_sha256=e["idmap"]["sha256"],
+    try:
+        idmap = pa.concat_tables(
+            storage.read_parquet(
+                storage.join(directory, e["idmap"]["name"]),
+                schema="idmap",
+                expect_sha256=e["idmap"]["sha256"],
+            )
+            for e in entries
         )
-        for e in entries
-    )
+    except checksums.ChecksumMismatchError as exc:
+        raise checksums.with_remedy(exc, checksums.REBUILD_INDEX) from None
     index_ids = idmap.column("index_id").to_numpy()
     if not np.array_equal(index_ids, np.arange(len(index_ids))):
         raise ValueError(f"{directory}: id map is not the dense range 0..{len(index_ids) - 1}")

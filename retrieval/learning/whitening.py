@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import storage
+from retrieval import checksums, storage
 from retrieval.descriptors.pooling import l2_normalize
 
 WHITENING_VERSION = 1
@@ -141,7 +141,10 @@ def load_whitening(directory: str) -> LearnedWhitening:
         )
     data = storage.read_bytes(storage.join(directory, ARRAYS_FILE))
     if storage.sha256_bytes(data) != record["sha256"]:
-        raise OSError(f"{directory}: {ARRAYS_FILE} does not match whitening.json's checksum")
+        raise checksums.mismatch(
+            storage.join(directory, ARRAYS_FILE),
+            "learn it again (`retrieval learn`, or the job or `retrieval reindex` that made it)",
+        )
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return LearnedWhitening(arrays["mean"], arrays["projection"], record)
 
@@ -184,8 +187,8 @@ def whiten_descriptor_folder(source: str, whitening_uri: str, output: str) -> di
     for manifest in descriptor_shards.list_shards(source):
         if info is None:
             info = whitened_model_info(manifest["model"], record, whitening_uri)
-        shard = descriptor_shards.read_shard(source, manifest)
-        table = storage.read_parquet(descriptor_shards.data_uri(source, shard.shard_id))
+        table = descriptor_shards.read_table(source, manifest)  # a reference: the rows it keeps
+        shard = descriptor_shards.shard_of(manifest, table)
         vectors = whitening.apply(shard.vectors)
         flat = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), whitening.dim)
         table = pa.table(
@@ -199,9 +202,14 @@ def whiten_descriptor_folder(source: str, whitening_uri: str, output: str) -> di
         data_path = descriptor_shards.data_uri(output, shard.shard_id)
         errors_path = descriptor_shards.errors_uri(output, shard.shard_id)
         data = storage.write_parquet(data_path, table)
-        errors = storage.read_bytes(descriptor_shards.errors_uri(source, shard.shard_id))
-        storage.write_bytes(errors_path, errors)
-        body = {k: v for k, v in manifest.items() if k not in ("schema_version", "created")}
+        if "errors" in manifest["files"]:
+            errors = storage.read_bytes(descriptor_shards.errors_uri(source, shard.shard_id))
+            storage.write_bytes(errors_path, errors)
+        else:  # a reference lists indexed rows only: its whitened copy has no error rows
+            errors = storage.write_parquet(errors_path, descriptor_shards.error_table([]))
+        # The whitened copy is a shard of its own (its rows written here), never a reference.
+        dropped = ("schema_version", "created", "source", "drop")
+        body = {k: v for k, v in manifest.items() if k not in dropped}
         shard_manifests.commit(
             output,
             shard.shard_id,
@@ -210,9 +218,7 @@ def whiten_descriptor_folder(source: str, whitening_uri: str, output: str) -> di
                 "dim": whitening.dim,
                 "files": {
                     "data": shard_manifests.file_entry(data_path, data, len(vectors)),
-                    "errors": shard_manifests.file_entry(
-                        errors_path, errors, manifest["files"]["errors"]["rows"]
-                    ),
+                    "errors": shard_manifests.file_entry(errors_path, errors, manifest["errors"]),
                 },
                 "model": info,
             },

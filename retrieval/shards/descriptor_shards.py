@@ -1,21 +1,33 @@
 """Descriptor shards: ``part-XXXXX.parquet`` (descriptors), ``part-XXXXX.errors.parquet`` and the
 manifest, written in that order. Every planned input lands in exactly one of the two tables.
+
+A shard may also be a *reference*: a manifest alone, whose ``source`` names a shard committed
+in another folder (``folder`` relative to this one, and its shard id) and whose ``drop`` lists
+the ids of that shard this folder leaves out. A re-index version is made of references to the
+immutable shards of the batches extracted before it (``retrieval/version_data.py``), so a new
+version writes manifests for the images it did not extract instead of copying their
+descriptors. Every reader here (:func:`read_table`, :func:`read_shard`, :func:`read_notes`,
+:func:`read_errors`) reads a reference as the rows it keeps, so the stages never tell the two
+apart; ``rows`` counts the kept rows.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import schemas
-from retrieval import plan, storage
+from retrieval import checksums, plan, storage
 from retrieval import shard_manifests as manifests
 from retrieval.corpus import ShardSpec
-from retrieval.manifests import check_name
+from retrieval.manifests import ManifestError, canonical_digest, check_name
 
 KIND = "descriptors"
 # Error kinds that waiting may fix: a shard holding them is extracted again on a re-run.
@@ -155,18 +167,84 @@ def write_shard(
     )
 
 
-def _read_checked(uri: str, entry: dict[str, Any], schema_name: str) -> pa.Table:
-    return storage.read_parquet(uri, schema=schema_name, expect_sha256=entry["sha256"])
+def is_reference(manifest: dict[str, Any]) -> bool:
+    return bool(manifest.get("source"))
+
+
+def source_of(directory: str, manifest: dict[str, Any]) -> tuple[str, str]:
+    """(folder, shard id) of the files a shard's rows are read from: its own, or for a
+    reference the source's (its relative ``folder`` resolved against ``directory``; only
+    ``..`` and plain names, so a manifest cannot point outside the store it lives in)."""
+    source = manifest.get("source")
+    if not source:
+        return directory, check_name(manifest["shard"], what="shard id")
+    parts = str(source.get("folder", "")).split("/")
+    if not parts or not all(p == ".." or check_name(p, what="source folder") for p in parts):
+        raise ManifestError(f"{directory}: unsafe source folder {source.get('folder')!r}")
+    return _resolve(directory, "/".join(parts)), check_name(source["shard"], what="shard id")
+
+
+def _resolve(directory: str, relative: str) -> str:
+    if storage.is_local(directory) and not directory.startswith("file://"):
+        return os.path.normpath(os.path.join(directory, relative))
+    scheme, _, path = directory.partition("://")
+    bucket = path.split("/", 1)[0]
+    resolved = posixpath.normpath(posixpath.join(path, relative))
+    if resolved.split("/", 1)[0] != bucket:
+        raise ManifestError(f"{directory}: source folder {relative!r} leaves the bucket")
+    return f"{scheme}://{resolved}"
+
+
+def shard_digest(manifest: dict[str, Any]) -> str:
+    """What a shard's rows are, as one string: its data file's SHA-256 and, for a reference,
+    the ids it drops (two versions reading one file without the same rows differ here)."""
+    sha = manifest["files"]["data"]["sha256"]
+    drop = manifest.get("drop") or []
+    return sha if not drop else f"{sha}-{canonical_digest(sorted(drop))[:16]}"
+
+
+def _read_checked(uri: str, entry: dict[str, Any], schema_name: str, remedy: str) -> pa.Table:
+    try:
+        return storage.read_parquet(uri, schema=schema_name, expect_sha256=entry["sha256"])
+    except checksums.ChecksumMismatchError as exc:
+        raise checksums.with_remedy(exc, remedy) from None
+
+
+def _remedy(manifest: dict[str, Any]) -> str:
+    return checksums.REINDEX if is_reference(manifest) else checksums.REEXTRACT
+
+
+def read_table(directory: str, manifest: dict[str, Any]) -> pa.Table:
+    """The shard's descriptor table (checked against its manifest): for a reference, the
+    source's rows less the dropped ids, in the source's order."""
+    folder, shard_id = source_of(directory, manifest)
+    table = _read_checked(
+        data_uri(folder, shard_id), manifest["files"]["data"], "descriptors", _remedy(manifest)
+    )
+    drop = manifest.get("drop")
+    if drop:
+        gone = pc.is_in(table.column("id"), pa.array(sorted(drop), pa.string()))
+        table = table.filter(pc.invert(gone))
+    if is_reference(manifest) and table.num_rows != manifest["rows"]:
+        raise ManifestError(
+            f"{directory}: reference {manifest['shard']} keeps {table.num_rows} rows of "
+            f"{folder}/{shard_id}, its manifest says {manifest['rows']}"
+        )
+    return table
 
 
 def read_shard(directory: str, manifest: dict[str, Any]) -> DescriptorShard:
+    return shard_of(manifest, read_table(directory, manifest))
+
+
+def shard_of(manifest: dict[str, Any], table: pa.Table) -> DescriptorShard:
+    """A shard's rows (a table from :func:`read_table`) as ids, uris and a float32 matrix."""
     shard_id = manifest["shard"]
-    table = _read_checked(data_uri(directory, shard_id), manifest["files"]["data"], "descriptors")
     dim = schemas.descriptor_dim(table.schema)
     column = table.column("descriptor").combine_chunks()
-    vectors = (
-        column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    )
+    # flatten(), not .values: a filtered or sliced list array's values start at its offset
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    vectors = vectors.astype(np.float32, copy=False)
     return DescriptorShard(
         shard_id, table.column("id").to_pylist(), table.column("uri").to_pylist(), vectors, manifest
     )
@@ -176,16 +254,53 @@ def read_notes(directory: str, manifest: dict[str, Any]) -> dict[str, str]:
     """{image id: notes} of the shard's rows that have notes (none in a version-1 file)."""
     if not manifest.get("rows_with_notes"):
         return {}
-    uri = data_uri(directory, manifest["shard"])
-    table = _read_checked(uri, manifest["files"]["data"], "descriptors")
+    table = read_table(directory, manifest)
     noted = table.filter(table.column("notes").is_valid()).select(["id", "notes"])
     return dict(zip(noted.column("id").to_pylist(), noted.column("notes").to_pylist(), strict=True))
 
 
 def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
+    """The shard's error rows (none for a reference: it lists indexed rows only)."""
+    if "errors" not in manifest["files"]:
+        return []
     shard_id = manifest["shard"]
-    table = _read_checked(errors_uri(directory, shard_id), manifest["files"]["errors"], "errors")
+    table = _read_checked(
+        errors_uri(directory, shard_id), manifest["files"]["errors"], "errors", checksums.REEXTRACT
+    )
     return [ErrorRow(**row) for row in table.to_pylist()]
+
+
+def damaged(directory: str, manifest: dict[str, Any]) -> list[str]:
+    """The shard's files (its source's, for a reference) whose size or SHA-256 no longer match
+    its manifest, missing ones included: empty for an intact shard."""
+    folder, _ = source_of(directory, manifest)
+    return manifests.damaged_files(folder, manifest["files"])
+
+
+def reference(
+    source_folder: str, source: dict[str, Any], *, shard_id: str, drop: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The manifest body (uncommitted) of a reference to the committed shard ``source`` of
+    ``source_folder`` (a path relative to the folder it will be committed in), leaving out the
+    ids in ``drop`` (each one a row of the source)."""
+    if is_reference(source):
+        raise ValueError(f"{source['shard']} is itself a reference: refer to its source")
+    rows = source["rows"] - len(drop)
+    body = {
+        "kind": KIND,
+        "inputs": rows,
+        "rows": rows,
+        "errors": 0,
+        "transient_errors": 0,
+        "rows_with_notes": source.get("rows_with_notes", 0),  # at most: notes of kept rows
+        "dim": source["dim"],
+        "files": {"data": source["files"]["data"]},
+        "model": source["model"],
+        "source": {"folder": source_folder, "shard": source["shard"]},
+        "drop": sorted(drop),
+    }
+    body["input_digest"] = canonical_digest([shard_digest(body), shard_id])
+    return body
 
 
 def list_shards(directory: str) -> list[dict[str, Any]]:

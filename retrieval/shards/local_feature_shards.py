@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from retrieval import plan, storage
+from retrieval import checksums, plan, storage
 from retrieval import shard_manifests as manifests
 from retrieval.corpus import ShardSpec
 from retrieval.local_features.features import (
@@ -242,13 +242,11 @@ def read_shard(directory: str, manifest: dict[str, Any]) -> dict[str, LocalFeatu
     uri = data_file_uri(directory, manifest)
     expected = manifest["files"]["data"]["sha256"]
     if manifest.get("format") != BATCH_PER_IMAGE:
-        table = storage.read_parquet(uri, schema="local_features", expect_sha256=expected)
+        table = _read_checked(uri, manifest["files"]["data"], "local_features")
         return _features(table, int(manifest["dim"]))
     data = storage.read_bytes(uri)
     if storage.sha256_bytes(data) != expected:
-        raise storage.ChecksumMismatchError(
-            f"{uri}: checksum does not match its manifest (partial or altered file)"
-        )
+        raise checksums.mismatch(uri, checksums.REEXTRACT)
     table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
     schemas.check_schema("local_features", table.schema, source=uri)
     return _features(table, int(manifest["dim"]))
@@ -263,15 +261,15 @@ def read_image(
     uri = data_file_uri(directory, manifest)
     data = storage.read_range(uri, int(start), int(end))
     if storage.sha256_bytes(data) != expected:
-        raise storage.ChecksumMismatchError(
+        raise checksums.ChecksumMismatchError(
             f"{uri}: bytes {start}-{end} ({manifest['ids'][position]}) do not match their "
-            "checksum in the manifest (altered file)"
+            f"checksum in the manifest (altered file); {checksums.REEXTRACT}"
         )
     ((image_id, features),) = _features(
         decode_image_batch(data, file_schema(manifest)), int(manifest["dim"])
     ).items()
     if image_id != manifest["ids"][position]:
-        raise storage.ChecksumMismatchError(
+        raise checksums.ChecksumMismatchError(
             f"{uri}: bytes {start}-{end} hold {image_id!r}, the manifest says "
             f"{manifest['ids'][position]!r}"
         )
@@ -280,12 +278,20 @@ def read_image(
 
 def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
     shard_id = manifest["shard"]
-    table = storage.read_parquet(
-        errors_uri(directory, shard_id),
-        schema="errors",
-        expect_sha256=manifest["files"]["errors"]["sha256"],
-    )
+    table = _read_checked(errors_uri(directory, shard_id), manifest["files"]["errors"], "errors")
     return [ErrorRow(**row) for row in table.to_pylist()]
+
+
+def _read_checked(uri: str, entry: dict[str, Any], schema_name: str) -> pa.Table:
+    try:
+        return storage.read_parquet(uri, schema=schema_name, expect_sha256=entry["sha256"])
+    except checksums.ChecksumMismatchError as exc:
+        raise checksums.with_remedy(exc, checksums.REEXTRACT) from None
+
+
+def damaged(directory: str, manifest: dict[str, Any]) -> list[str]:
+    """The shard's files whose size or SHA-256 no longer match its manifest (empty: intact)."""
+    return manifests.damaged_files(directory, manifest["files"])
 
 
 def list_shards(directory: str) -> list[dict[str, Any]]:
