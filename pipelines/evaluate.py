@@ -143,9 +143,7 @@ def rank_queries_reranked(
         return rankings, {}
     queries = np.stack([vectors_by_id[q] for q in present])
     k = min(index.ntotal, MAX_RANKING)
-    reranked = rerank_search(
-        index, present, queries, k, rerank, query_store, store, inlier_cache
-    )
+    reranked = rerank_search(index, present, queries, k, rerank, query_store, store, inlier_cache)
     rankings.update(zip(present, index.ranked_ids_list(reranked.found), strict=True))
     return rankings, reranked.stats
 

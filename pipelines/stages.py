@@ -227,9 +227,7 @@ def search(
         database = LocalFeatureStore(local)
         query_store = database if not query_local or query_local == local else None
         query_store = query_store or LocalFeatureStore(query_local)
-        reranked = rerank_search(
-            index, query_ids, vectors, k, rerank, query_store, database
-        )
+        reranked = rerank_search(index, query_ids, vectors, k, rerank, query_store, database)
         table = reranked_table(index, query_ids, reranked)
         rerank_stats = reranked.stats
     else:

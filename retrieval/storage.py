@@ -413,8 +413,6 @@ def read_range(uri: str, start: int, end: int) -> bytes:
     return with_retries(read, what=f"read {uri} [{start}:{end}]")
 
 
-
-
 def write_bytes(uri: str, data: bytes) -> None:
     """Write an object atomically: readers see the old state or the whole new object.
 

@@ -426,6 +426,4 @@ class LocalFeatureStore:
 
 
 def _nbytes(features: LocalFeatures) -> int:
-    return (
-        features.locations.nbytes + features.scales.nbytes + features.descriptors.nbytes + 64
-    )
+    return features.locations.nbytes + features.scales.nbytes + features.descriptors.nbytes + 64
