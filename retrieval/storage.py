@@ -378,7 +378,7 @@ class StorageRefusedError(OSError):
 
 
 @contextlib.contextmanager
-def _refused_for_good(uri: str) -> Iterator[None]:
+def refused_for_good(uri: str) -> Iterator[None]:
     """Turn an OS error that ends the run (:data:`FINAL_ERRNOS`) into a
     :class:`StorageRefusedError` naming ``uri`` (a bare ENOSPC names no file)."""
     try:
@@ -439,7 +439,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             with fs.open(path, "wb") as f:
                 f.write(data)
 
-    with _refused_for_good(uri):
+    with refused_for_good(uri):
         with_retries(write, what=f"write {uri}")
 
 
@@ -489,7 +489,7 @@ def is_dir(uri: str) -> bool:
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if _is_local_fs(fs):
-        with _refused_for_good(uri):
+        with refused_for_good(uri):
             os.makedirs(path, exist_ok=True)
 
 
@@ -596,7 +596,7 @@ def upload(local_path: str, uri: str) -> None:
     """Copy a local file to ``uri`` (streamed by fsspec; atomic rename on a local disk, the
     temporary file removed if the copy fails)."""
     fs, path = filesystem(uri)
-    with _refused_for_good(uri):
+    with refused_for_good(uri):
         if not _is_local_fs(fs):
             with_retries(lambda: fs.put_file(local_path, path), what=f"upload {uri}")
             return

@@ -79,7 +79,7 @@ def test_a_rerun_extracts_a_damaged_descriptor_shard_again(tmp_path: Path, corpu
 def test_a_rerun_extracts_a_damaged_local_feature_shard_again(tmp_path: Path, corpus, config):
     out, local = tmp_path / "desc", tmp_path / "local"
     stages.extract(str(corpus), str(out), config, local_output=str(local))
-    data = local / "part-00002.parquet"
+    data = local / "part-00002.arrow"
     data.write_bytes(data.read_bytes()[:-10])  # cut short: the size tells, nothing is read
 
     again = stages.extract(str(corpus), str(out), config, local_output=str(local))

@@ -247,7 +247,7 @@ def test_a_damaged_shard_is_extracted_again_by_the_next_reindex(tmp_path: Path, 
     ids, _, _ = descriptor_shards.read_all(str(v2))
     assert sorted(ids) == _corpus_ids(corpus)
 
-    _flip(root / "data" / "v000001" / "local_features" / "part-00000.parquet")
+    _flip(root / "data" / "v000001" / "local_features" / "part-00000.arrow")
     third = reindex(str(corpus), str(root), config)
     assert (third["repaired"], third["extracted"]) == (8, 8)
     bundle = Bundle.read(versions.version_dir(str(root), "v000003"))
