@@ -94,22 +94,14 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     fs, path = storage.filesystem(uri)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        # A full disk is final and names the lease (one line); the temporary file never stays.
+        # A hard link of a complete file: readers never see it half-written. A full disk is
+        # final and names the lease (one line); the temporary file never stays.
         with storage.refused_for_good(uri):
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, path)
+                storage.publish_local(path, lambda f: f.write(data), publish=os.link)
                 return True
             except FileExistsError:
                 return False
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
     if protocol not in _ATOMIC_CREATE:
         log.warning("%s: no atomic create on %s://, the lease is best effort", uri, protocol)
     try:

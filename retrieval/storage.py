@@ -27,6 +27,7 @@ import logging
 import os
 import posixpath
 import random
+import shutil
 import stat
 import time
 import types
@@ -413,6 +414,27 @@ def read_range(uri: str, start: int, end: int) -> bytes:
     return with_retries(read, what=f"read {uri} [{start}:{end}]")
 
 
+def publish_local(
+    path: str,
+    fill: Callable[[IO[bytes]], Any],
+    publish: Callable[[str, str], None] = os.replace,
+) -> None:
+    """Write a local file whole or not at all: ``fill`` writes a temporary file beside
+    ``path``, which is flushed to disk and then published under ``path`` (``os.replace``, or
+    ``os.link`` for a create that fails if ``path`` exists). The temporary file is removed
+    whatever happens (a full disk must not fill up further)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        _remove_quietly(tmp)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write an object atomically: readers see the old state or the whole new object.
 
@@ -424,17 +446,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     def write() -> None:
         fs, path = filesystem(uri)
         if _is_local_fs(fs):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                _remove_quietly(tmp)
-                raise
+            publish_local(path, lambda f: f.write(data))
         else:
             with fs.open(path, "wb") as f:
                 f.write(data)
@@ -600,18 +612,8 @@ def upload(local_path: str, uri: str) -> None:
         if not _is_local_fs(fs):
             with_retries(lambda: fs.put_file(local_path, path), what=f"upload {uri}")
             return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
+        with open(local_path, "rb") as src:
+            publish_local(path, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 
 
 def remove(uri: str, *, recursive: bool = False) -> None:
