@@ -19,7 +19,12 @@ from retrieval.local_features.features import (
     encode_descriptors,
 )
 from retrieval.local_features.rootsift import RootSIFTExtractor, root_normalize
-from retrieval.rerank.spatial import VerificationConfig, count_inliers, rerank_by_inliers
+from retrieval.rerank.spatial import (
+    VerificationConfig,
+    count_inliers,
+    match_features,
+    rerank_by_inliers,
+)
 from retrieval.shards import local_feature_shards
 from retrieval.shards.descriptor_shards import ErrorRow
 from retrieval.shards.local_feature_shards import LocalFeatureRow, LocalFeatureStore
@@ -66,6 +71,41 @@ def test_ransac_inliers_separate_a_real_matching_pair_from_a_non_matching_one():
     assert same >= 60, same  # measured: ~230
     assert different < config.min_inliers, different
     assert same > 4 * max(different, 1)
+
+
+def _opencv_matches(a: LocalFeatures, b: LocalFeatures, ratio: float) -> np.ndarray:
+    """The reference: OpenCV's brute-force matcher, two nearest neighbours, Lowe's ratio test."""
+    import cv2
+
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a.descriptors, b.descriptors, k=2)
+    kept = [(m.queryIdx, m.trainIdx) for m, n in knn if m.distance < ratio * n.distance]
+    return np.asarray(kept, np.int64).reshape(-1, 2)
+
+
+def test_matching_finds_what_opencvs_brute_force_matcher_finds():
+    """The BLAS matcher against cv2.BFMatcher: real photos (a matching and a non-matching
+    pair), and random features, some of them noisy copies of the other image's."""
+    pairs = [(_features(SAME_A), _features(SAME_B)), (_features(SAME_A), _features(OTHER))]
+    rng = np.random.default_rng(0)
+    base = rng.random((300, 128), np.float32)
+    noisy = np.concatenate([base[:120] + rng.normal(0, 0.02, (120, 128)), rng.random((80, 128))])
+    unit = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in (base, noisy)]
+    a, b = (
+        LocalFeatures(
+            np.zeros((len(d), 2), np.float32),
+            np.ones(len(d), np.float32),
+            d.astype(np.float32),
+            10,
+            10,
+        )
+        for d in unit
+    )
+    pairs.append((a, b))
+    for a, b in pairs:
+        for ratio in (0.8, 0.9):
+            np.testing.assert_array_equal(match_features(a, b, ratio), _opencv_matches(a, b, ratio))
+    assert len(match_features(*pairs[0], 0.8)) > 150  # the matching photos match
+    assert len(match_features(a, b, 0.8)) >= 110  # the noisy copies find their originals
 
 
 def test_rerank_by_inliers_moves_verified_images_first_by_inliers():
