@@ -34,7 +34,8 @@ import numpy as np
 from pipelines import job, stages
 from pipelines.config import RunConfig
 from pipelines.job import Bundle
-from retrieval import storage
+from retrieval import plan as run_plan
+from retrieval import shard_manifests, storage
 from retrieval.evaluation import protocols as protocol_rules
 from retrieval.evaluation.ground_truth import Benchmark, load_benchmark
 from retrieval.evaluation.metrics import evaluate_rankings
@@ -49,6 +50,7 @@ from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search
 from retrieval.shards import descriptor_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
+from retrieval.version_data import relative
 
 log = logging.getLogger(__name__)
 
@@ -169,22 +171,75 @@ def rank_with_bundle(
     return rankings, ranked.stats or None
 
 
+def rank_on_runner(
+    bundle: Bundle,
+    config: RunConfig,
+    benchmark: Benchmark,
+    queries: str,
+    query_local: str | None,
+    results: str,
+) -> tuple[dict[str, list[str]], dict[str, Any] | None]:
+    """Full rankings from the search stage on the run's runner (``job.search_bundle``: each
+    shard of queries answered on a worker, reading only its shortlists' local features), read
+    back from ``results``/results.parquet: the default row as ``retrieval search`` answers it."""
+    query_ids = sorted({q.id for q in benchmark.queries})
+    rankings: dict[str, list[str]] = {q: [] for q in query_ids}
+    if not descriptor_shards.list_shards(queries):
+        return rankings, None
+    summary = job.search_bundle(
+        bundle, queries, results, config, k=MAX_RANKING, query_local=query_local
+    )
+    table = storage.read_parquet(storage.join(results, "results.parquet"))
+    table = table.select(["query_id", "rank", "id"]).sort_by(
+        [("query_id", "ascending"), ("rank", "ascending")]
+    )
+    for query_id, found in zip(
+        table.column("query_id").to_pylist(), table.column("id").to_pylist(), strict=True
+    ):
+        rankings.setdefault(query_id, []).append(found)
+    return rankings, summary.get("rerank_stats")
+
+
+def corpus_query_shards(descriptors: str, query_ids: set[str], target: str) -> str:
+    """The query side of a benchmark whose queries are corpus images, as a descriptor folder
+    the search stage reads: for each corpus shard holding queries, a reference to it keeping
+    only the query rows (no descriptor copied; re-index versions share shards the same way)."""
+    planned = []
+    for manifest in descriptor_shards.list_shards(descriptors):
+        ids = descriptor_shards.read_shard(descriptors, manifest).ids
+        if query_ids.isdisjoint(ids):
+            continue
+        body = descriptor_shards.reference(
+            relative(target, descriptors),
+            manifest,
+            shard_id=manifest["shard"],
+            drop=[i for i in ids if i not in query_ids],
+        )
+        planned.append((manifest["shard"], body))
+    for shard_id, body in planned:
+        shard_manifests.commit(target, shard_id, body)
+    shards = [run_plan.PlannedShard(i, b["rows"], b["input_digest"]) for i, b in planned]
+    run_plan.write_plan(target, shards, stage="queries")
+    return target
+
+
 def query_vectors(
     benchmark: Benchmark,
     database: dict[str, np.ndarray],
     out: str,
     bundle: Bundle,
     config: RunConfig,
-) -> tuple[dict[str, np.ndarray], dict[str, str], str | None]:
-    """Query descriptors by query id, {query id: reason} for queries without one, and the
-    queries' local-feature folder (None when the queries are corpus images: the bundle's own).
+) -> tuple[dict[str, np.ndarray], dict[str, str], str | None, str | None]:
+    """Query descriptors by query id, {query id: reason} for queries without one, the
+    queries' local-feature folder (None when the queries are corpus images: the bundle's own)
+    and their descriptor folder (None likewise: the corpus's).
 
     Database descriptors serve when every query is a whole database image; otherwise each
     query's own (cropped) image is written and described by the job's describe stage (the
     bundle's model), as ``retrieval search --query-images`` would.
     """
     if not benchmark.needs_query_inputs:
-        return database, {}, None  # the queries are corpus images: the corpus's own features
+        return database, {}, None, None  # the queries are corpus images: the corpus's own
     written, problems = write_query_inputs(benchmark, storage.join(out, "query_inputs"))
     # A manifest names each query input by its query id (a folder listing would not).
     rows = io.StringIO()
@@ -200,7 +255,7 @@ def query_vectors(
     found = dict(zip(ids, vectors, strict=True))
     for error in failures(descriptors):
         problems.setdefault(error.id, f"{error.error_kind}: {error.message}")
-    return found, problems, query_local
+    return found, problems, query_local, descriptors
 
 
 def default_row_name(bundle: Bundle, config: RunConfig) -> str:
@@ -253,7 +308,7 @@ def evaluate_benchmark(
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     vectors_by_id = dict(zip(ids, vectors, strict=True))
     with _timed(timings, "queries_s"):
-        queries_by_id, query_problems, query_local = query_vectors(
+        queries_by_id, query_problems, query_local, query_descriptors = query_vectors(
             benchmark, vectors_by_id, out, bundle, config
         )
     searcher = job.BundleSearch(bundle, bundle.config(config))
@@ -332,9 +387,24 @@ def evaluate_benchmark(
     with _timed(timings, "search_and_score_s"):
         # results[0]: the bundle answering with its own defaults, as `retrieval search` does.
         row_start = time.perf_counter()
-        rankings, stats = rank_with_bundle(
-            searcher, benchmark, queries_by_id, query_store, inlier_cache
-        )
+        if config.runner == "local":
+            rankings, stats = rank_with_bundle(
+                searcher, benchmark, queries_by_id, query_store, inlier_cache
+            )
+        else:  # the search stage on the runner's workers, as `retrieval search` runs it
+            if query_descriptors is None:
+                wanted = {q.id for q in benchmark.queries}
+                query_descriptors = corpus_query_shards(
+                    descriptors, wanted, layout.query_descriptors
+                )
+            rankings, stats = rank_on_runner(
+                bundle,
+                searcher.config,
+                benchmark,
+                query_descriptors,
+                query_local if searcher.store is not None else None,
+                layout.results,
+            )
         score(
             default_name,
             searcher.index,
