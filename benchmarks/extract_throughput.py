@@ -21,6 +21,21 @@ none inherits another's thread pools):
   stay the headline ones; both are reported, and ``pipeline_cost_model`` solves the pipeline's
   time as ``fixed_s + images / steady_images_per_s`` from the two sizes (only meaningful when
   the machine's load is steady across the run).
+* ``global_job`` and ``default_job`` (``--jobs``, on by default; 0 turns them off): whole
+  indexing jobs (``pipelines.job.run_index_job``, the one declaration every entry point runs, on
+  Beam with T workers) on ``--jobs`` augmented copies of every image (``copy0`` the original,
+  the others cropped, rescaled and re-encoded: distinct files that are near-duplicates of each
+  other, as a real corpus holds; at least 4,000 images with the default 8). ``global_job`` is
+  extract -> train -> index -> merge with global descriptors only; ``default_job`` is the whole
+  default job (GeM + local features, mining + learned whitening, whiten, train, index, merge),
+  with a mining sample of 1/8 of the images (what a 40,000-image corpus sees at the default
+  sample of 5,000). Both in images/s of corpus, with each stage's seconds, and
+  ``default_cost_ratio = global_job / default_job``. ``default_cost_ratio_at_1m`` models the
+  same ratio for a million images: each stage's measured seconds per image (extract, whiten,
+  index, merge) or per verified pair (learn: 5,000 sampled images x their neighbours), train as
+  the same fixed cost in both jobs (its sample is capped), and says so in ``model``.
+  ``--also-local-image-size N`` adds ``default_job_localN``: the default job with local features
+  at N px instead, in the same run (how the default's size was compared).
 * with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
   the int8 runtimes calibrate on their built-in sample unless ``--calibration URI`` is given.
 
@@ -43,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +84,125 @@ def _repeated_manifest(folder: Path, repeat: int, scratch: Path) -> Path:
             for path in sorted(folder.iterdir()):
                 writer.writerow([f"copy{k}/{path.name}", str(path.resolve())])
     return manifest
+
+
+def _augmented_folder(folder: Path, copies: int, scratch: Path) -> Path:
+    """``copies`` versions of every image of ``folder`` as JPEG files: ``copy0`` the original
+    (linked), ``copy1``... each a seeded crop (80-100% of each side), rescale (60-100%) and
+    re-encode (quality 80-95): distinct bytes and pixels, near-duplicates of each other."""
+    import numpy as np
+    from PIL import Image
+
+    target = scratch / f"augmented{copies}"
+    rng = np.random.default_rng(0)
+    for path in sorted(folder.iterdir()):
+        for k in range(copies):
+            out = target / f"copy{k}" / path.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if k == 0:
+                out.symlink_to(path.resolve())
+                continue
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                w, h = image.size
+                cw, ch = (round(side * rng.uniform(0.8, 1.0)) for side in (w, h))
+                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                scale = rng.uniform(0.6, 1.0)
+                image = image.crop((x, y, x + cw, y + ch)).resize(
+                    (max(1, round(cw * scale)), max(1, round(ch * scale))), Image.LANCZOS
+                )
+                image.save(out.with_suffix(".jpg"), quality=int(rng.integers(80, 96)))
+    return target
+
+
+def run_job(
+    images: str, threads: int, output: str, which: str, local_image_size: int | None = None
+) -> dict:
+    """One whole indexing job on Beam with ``threads`` workers: ``global`` (local features
+    off, so no learning) or ``default`` (every default, mining sample = 1/8 of the images)."""
+    start = time.perf_counter()
+    import dataclasses
+
+    import apache_beam  # noqa: F401  (part of every job's cost, as for the pipeline side)
+
+    from pipelines.config import RunConfig
+    from pipelines.job import run_index_job
+    from retrieval.corpus import list_corpus
+    from retrieval.local_features.features import LocalFeatureConfig
+
+    images_listed = sum(1 for _ in list_corpus(images))
+    config = RunConfig(runner="beam", workers=threads)
+    if which == "global":
+        config = dataclasses.replace(config, local=LocalFeatureConfig(method="none"))
+    else:
+        mining = dataclasses.replace(config.mining, sample_size=max(1, images_listed // 8))
+        config = dataclasses.replace(config, mining=mining)
+        if local_image_size:  # a comparison row, not the default
+            local = dataclasses.replace(config.local, image_size=local_image_size)
+            config = dataclasses.replace(config, local=local)
+    record = run_index_job(images, output, config)
+    seconds = time.perf_counter() - start
+    indexed = record["accounting"]["indexed"]
+    learning = record.get("learning", {})
+    mining = learning.get("mining", {})
+    return {
+        "job": which,
+        "images": indexed,
+        "seconds": seconds,
+        "images_per_s": indexed / seconds,
+        "stages_s": record.get("timings", {}),
+        "mining_sample": config.mining.sample_size if which == "default" else 0,
+        "local_image_size": config.local.image_size if config.local.enabled else None,
+        "mining": mining,
+        "learning_skipped": learning.get("skipped"),
+        "workers": threads,
+    }
+
+
+def _job_cost_model(global_job: dict, default_job: dict, corpus: int = 1_000_000) -> dict:
+    """``global_job / default_job`` in images/s modelled for ``corpus`` images from the two
+    measured jobs: per-image stages scale with the corpus, learn with its verified pairs (the
+    default sample of 5,000 images x their neighbours), train is a fixed cost in both."""
+    from retrieval.learning.mining import MiningConfig
+
+    def per_image(job: dict) -> float:
+        stages = job["stages_s"]
+        fixed = stages.get("train_s", 0.0) + stages.get("learn_s", 0.0)
+        return (job["seconds"] - fixed) / job["images"]
+
+    pairs = default_job["mining"].get("proposed_pairs") or 0
+    if not pairs or default_job["learning_skipped"]:  # nothing measured to model from
+        return {"corpus": corpus, "ratio": None, "why": default_job["learning_skipped"]}
+    mining = default_job["mining"]
+    # The proposals' exact kNN (every sampled image against the whole corpus) grows with both
+    # the sample and the corpus; the rest of learn (verification, whitening) with the pairs.
+    knn_s = max(0.0, mining["mining_s"] - mining["verify_ms_per_pair"] * pairs / 1000)
+    per_pair = (default_job["stages_s"]["learn_s"] - knn_s) / pairs
+    defaults = MiningConfig()
+    pairs_at = min(defaults.sample_size, corpus) * defaults.neighbours
+    train_g = global_job["stages_s"].get("train_s", 0.0)
+    train_d = default_job["stages_s"].get("train_s", 0.0)
+    global_s = corpus * per_image(global_job) + train_g
+    knn_at = (
+        knn_s
+        * (corpus / default_job["images"])
+        * (min(defaults.sample_size, corpus) / default_job["mining_sample"])
+    )
+    default_s = corpus * per_image(default_job) + train_d + pairs_at * per_pair + knn_at
+    return {
+        "corpus": corpus,
+        "global_s": global_s,
+        "default_s": default_s,
+        "ratio": default_s / global_s,
+        "learn_s_per_proposed_pair": per_pair,
+        "mining_knn_s": knn_at,
+        "model": "seconds = images x (each job's measured seconds per image outside train and "
+        "learn, start-up included: an overestimate for both) + train (measured, as fixed) + "
+        "learn (default only: measured seconds per proposed pair, mining and learning the "
+        f"whitening included, x {defaults.sample_size} sampled images x "
+        f"{defaults.neighbours} neighbours; plus the proposals' exact kNN, measured and scaled "
+        "by corpus x sample)",
+    }
 
 
 def run_bare(images: str, threads: int, runtime: str, calibration: str | None = None) -> dict:
@@ -153,9 +288,13 @@ def _child(
     output: str = "",
     runtime: str = "",
     calibration: str | None = None,
+    job: str = "",
+    local_size: int = 0,
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--images", images]
     cmd += ["--threads", str(threads), "--output", output, "--runtime", runtime]
+    if job:
+        cmd += ["--job", job, "--local-image-size", str(local_size)]
     if calibration:
         cmd += ["--calibration", calibration]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -186,6 +325,26 @@ def _sides(images: str, threads: int, rounds: int, scratch: Path) -> dict:
     return sides
 
 
+def _jobs(images: str, threads: int, scratch: Path, local_sizes: Sequence[int] = ()) -> dict:
+    """global_job then default_job on the same images, each in a fresh process (and the
+    default job with other local-feature image sizes, for comparison)."""
+    jobs = {
+        f"{which}_job": _child("job", images, threads, output=str(scratch / which), job=which)
+        for which in ("global", "default")
+    }
+    for size in local_sizes:
+        output = str(scratch / f"default-{size}")
+        row = _child("job", images, threads, output=output, job="default", local_size=size)
+        jobs[f"default_job_local{size}"] = row
+    jobs["default_cost_ratio"] = (
+        jobs["global_job"]["images_per_s"] / jobs["default_job"]["images_per_s"]
+    )
+    model = _job_cost_model(jobs["global_job"], jobs["default_job"])
+    jobs["default_cost_ratio_at_1m"] = model["ratio"]
+    jobs["default_cost_model_at_1m"] = model
+    return jobs
+
+
 def _cost_model(small: dict, big: dict) -> dict:
     """The pipeline's seconds as ``fixed_s + images / per_image_rate``, solved from the two set
     sizes (medians): what a run costs before its first image, and its rate once running."""
@@ -195,6 +354,33 @@ def _cost_model(small: dict, big: dict) -> dict:
         return {}
     rate = (n2 - n1) / (t2 - t1) if t2 > t1 else float("inf")
     return {"fixed_s": t1 - n1 / rate, "steady_images_per_s": rate}
+
+
+JOB_KEYS = (
+    "global_job",
+    "default_job",
+    "default_cost_ratio",
+    "default_cost_ratio_at_1m",
+    "default_cost_model_at_1m",
+)
+
+
+def _print_jobs(results: dict) -> None:
+    names = ["global_job", "default_job"] + [n for n in results if n.startswith("default_job_")]
+    for name in names:
+        job = results[name]
+        stages = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in job["stages_s"].items())
+        print(
+            f"{name:>13}: {job['images_per_s']:7.2f} images/s ({job['images']} images; {stages} s)",
+            flush=True,
+        )
+    at_1m = results["default_cost_ratio_at_1m"]
+    modelled = f"{at_1m:.2f}" if at_1m is not None else "not modelled: no pairs were mined"
+    print(
+        f"default_cost_ratio: {results['default_cost_ratio']:.2f} "
+        f"(modelled at 1M images: {modelled})",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -207,7 +393,9 @@ def main() -> None:
     parser.add_argument(
         "--out", default=str(REPO / "benchmarks" / "results" / "extract_throughput.json")
     )
-    parser.add_argument("--child", choices=["bare", "pipeline", "decode"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["bare", "pipeline", "decode", "job"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternating rounds of the three sides (median)"
@@ -223,6 +411,16 @@ def main() -> None:
         help="also measure on the images listed K times (steady state; 0: off)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=8,
+        metavar="K",
+        help="global_job and default_job on K augmented copies of every image (0: off)",
+    )
+    parser.add_argument(
+        "--only-jobs", action="store_true", help="measure the two jobs alone (development)"
+    )
+    parser.add_argument(
         "--steady-rounds", type=int, default=1, help="alternating rounds on the larger set"
     )
     parser.add_argument(
@@ -231,6 +429,16 @@ def main() -> None:
         help="images the int8 runtimes calibrate on (default: their built-in sample)",
     )
     parser.add_argument("--runtime", help=argparse.SUPPRESS)
+    parser.add_argument("--job", choices=["global", "default"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--also-local-image-size",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="also run the default job with local features at N px (repeatable; comparison)",
+    )
+    parser.add_argument("--local-image-size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child == "bare":
@@ -243,6 +451,10 @@ def main() -> None:
     if args.child == "decode":
         print(json.dumps(run_decode(args.images, args.threads)))
         return
+    if args.child == "job":
+        job = run_job(args.images, args.threads, args.output, args.job, args.local_image_size)
+        print(json.dumps(job))
+        return
 
     from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
@@ -250,6 +462,16 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = _image_folder(Path(args.images), args.limit, Path(scratch))
+        if args.jobs > 0:
+            augmented = _augmented_folder(folder, args.jobs, Path(scratch))
+            jobs_dir = Path(scratch) / "jobs"
+            jobs = _jobs(str(augmented), args.threads, jobs_dir, args.also_local_image_size)
+            results.update(jobs)
+            _print_jobs(results)
+        if args.only_jobs:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            return
         results.update(_sides(str(folder), args.threads, args.rounds, Path(scratch) / "small"))
         results["decode"] = _child("decode", str(folder), 1)
         results["decode_fan_in"] = _child("decode", str(folder), args.threads)
@@ -266,6 +488,8 @@ def main() -> None:
             results["steady"] = {"repeat": args.repeat, **steady}
             results["pipeline_cost_model"] = _cost_model(results["pipeline"], steady["pipeline"])
     for name, result in results.items():
+        if name in JOB_KEYS or name.startswith("default_job_local"):
+            continue
         if name not in ("runtimes", "steady", "speedup", "efficiency", "pipeline_cost_model"):
             print(f"{name:>13}: {result['images_per_s']:7.2f} images/s", flush=True)
     for name, result in results.get("runtimes", {}).items():

@@ -26,9 +26,10 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     qe_alpha = 3.0
     [local]
     local_features = "rootsift"    # or "delf:<handle or path>", or "none"
-    local_image_size = 640
+    local_image_size = 448
     local_max_features = 1000
-    local_dtype = "float16"        # or "float32", or "q15" (RootSIFT: 4x smaller)
+    local_pca_dim = 56             # RootSIFT's principal components kept (0: all 128)
+    local_dtype = "auto"           # int8 when projected, else float16; or float32, q15
     [rerank]
     shortlist = 100               # top-K verified by matching + RANSAC (0: no verification)
     min_inliers = 20
@@ -176,6 +177,10 @@ def flat_settings(config: RunConfig) -> dict[str, Any]:
 
 def bundle_settings(config: RunConfig) -> dict[str, Any]:
     flat = flat_settings(config)
+    # What "auto" chose, not "auto": a query is described as the corpus was, whatever later
+    # versions choose by default.
+    flat["local_pca_dim"] = config.local.projection_dim
+    flat["local_dtype"] = config.local.stored_dtype
     return {k: flat[k] for k in QUERY_SETTINGS}
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from retrieval.local_features.features import DESCRIPTOR_DTYPES
+from retrieval.local_features.features import AUTO, DESCRIPTOR_DTYPES
 from retrieval.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 SIZE = re.compile(r"\s*\d+(\.\d+)?\s*[KMGT]?i?B?\s*", re.IGNORECASE)
@@ -148,13 +148,15 @@ SETTINGS: tuple[Setting, ...] = (
        "at most N local features per image, strongest first", metavar="N", template=True),
     _s("local_pca_dim", "int", "local.pca_dim", EXTRACT, "local", "descriptor",
        "project RootSIFT onto its first N principal components (learned on scikit-image's "
-       "public-domain photos; 0: not projected; with --local-dtype int8: 40 is DELF's choice)",
-       metavar="N"),
+       "public-domain photos; 0: not projected; default: 56 for RootSIFT, 0 with "
+       "--local-dtype q15 and for DELF)",
+       metavar="N", show_default=False),
     _s("local_dtype", "str", "local.dtype", EXTRACT, "local", "descriptor",
-       "how local descriptors are stored: float16 (half of float32's bytes, the same matches), "
-       "float32, int8 (codes of 1/127 steps) or q15 (codes of 1/15 steps, unprojected RootSIFT "
-       "only); see the README, \"Compact local features\"",
-       choices=DESCRIPTOR_DTYPES),
+       "how local descriptors are stored: auto (int8 when projected, else float16), float16 "
+       "(half of float32's bytes, the same matches), float32, int8 (codes of 1/127 steps) or "
+       "q15 (codes of 1/15 steps, unprojected RootSIFT only); see the README, \"Compact local "
+       "features\"",
+       choices=(AUTO, *DESCRIPTOR_DTYPES)),
     _s("max_pixels", "int", "limits.max_pixels", EXTRACT, "extract", "descriptor",
        "reject images whose declared width x height exceeds N", metavar="N"),
     _s("max_bytes", "int", "limits.max_bytes", EXTRACT, "extract", "descriptor",

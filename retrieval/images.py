@@ -110,7 +110,7 @@ def decode_image(
     """Decode ``data`` to RGB, applying EXIF orientation, and shrink it to ``max_side`` pixels.
 
     ``also_sides``: smaller longer sides another model wants (GeM's 362 px beside the local
-    features' 640 px); each gets its own copy in ``copies``, resized from the decoded image
+    features' 448 px); each gets its own copy in ``copies``, resized from the decoded image
     rather than from the ``max_side`` copy, so no model sees an image resampled twice.
 
     The image is only ever shrunk (never enlarged), keeping its aspect ratio, as in the usual

@@ -63,8 +63,8 @@ def test_extract_writes_local_features_in_the_same_pass(unlabelled_corpus):
     assert summary["inputs"] == summary["indexed"] == len(PHOTOS)
     assert local["rows"] == len(PHOTOS) and local["failed"] == 0
     assert 300 < local["features_per_image"] <= 1000
-    assert local["bytes_per_image"] > 100 * 128  # float16 descriptors of hundreds of features
-    assert local["model"]["id"] == "rootsift@640x1000"
+    assert local["bytes_per_image"] > 100 * 56  # int8 codes of hundreds of features
+    assert local["model"]["id"] == "rootsift-pca56@448x1000"
 
 
 def test_learn_mines_pairs_without_labels_and_whitening_applies_at_search(

@@ -52,7 +52,7 @@ def test_rootsift_is_the_square_root_of_l1_normalized_sift():
 
 
 def test_rootsift_on_a_real_photo_keeps_the_strongest_features():
-    config = LocalFeatureConfig(image_size=512, max_features=300)
+    config = LocalFeatureConfig(image_size=512, max_features=300, pca_dim=0)
     features = _features(SAME_A, config)
     assert 100 < len(features) <= 300
     assert max(features.image_width, features.image_height) == 512
@@ -128,7 +128,7 @@ def _random_features(rng: np.random.Generator, n: int) -> LocalFeatures:
 @pytest.mark.parametrize("dtype", ["q15", "int8", "float16", "float32"])
 def test_local_feature_shard_round_trip(tmp_path, dtype):
     rng = np.random.default_rng(1)
-    config = LocalFeatureConfig(dtype=dtype)
+    config = LocalFeatureConfig(dtype=dtype, pca_dim=0)
     info = RootSIFTExtractor(config).info()
     refs = tuple(ImageRef(f"img{i}", f"/x/img{i}.jpg") for i in range(4))
     spec = ShardSpec("part-00000", refs)
@@ -176,7 +176,7 @@ def test_local_feature_shard_round_trip(tmp_path, dtype):
 
 
 def test_local_feature_shard_refuses_lost_inputs(tmp_path):
-    info = RootSIFTExtractor().info()
+    info = RootSIFTExtractor(LocalFeatureConfig(pca_dim=0)).info()
     spec = ShardSpec("part-00000", (ImageRef("a", "/a.jpg"), ImageRef("b", "/b.jpg")))
     rows = [LocalFeatureRow("a", "/a.jpg", _random_features(np.random.default_rng(0), 3))]
     with pytest.raises(RuntimeError, match="accounting"):
@@ -192,7 +192,7 @@ def test_reader_refuses_another_schema_version():
 
 def _committed_shard(directory, n=6, seed=3, dtype="float16"):
     rng = np.random.default_rng(seed)
-    info = RootSIFTExtractor(LocalFeatureConfig(dtype=dtype)).info()
+    info = RootSIFTExtractor(LocalFeatureConfig(dtype=dtype, pca_dim=0)).info()
     refs = tuple(ImageRef(f"img{i}", f"/x/img{i}.jpg") for i in range(n))
     spec = ShardSpec("part-00000", refs)
     plan.write_extraction_plan(str(directory), [spec], source="/x", shard_size=n)
@@ -335,6 +335,25 @@ def test_rootsift_projection_is_deterministic_orthonormal_and_fingerprinted():
     assert info["dim"] == 40 and basis.sha256[:16] in info["weights_sha256"]
     assert info == extractor.info()
     # Unprojected settings keep the fingerprint they had before projections existed.
-    assert "pca_dim" not in LocalFeatureConfig().as_dict()
+    assert "pca_dim" not in LocalFeatureConfig(pca_dim=0, dtype="float16").as_dict()
     with pytest.raises(ValueError, match="RootSIFT only"):
         LocalFeatureConfig(method="delf:/m", pca_dim=40)
+
+
+def test_the_default_projects_rootsift_to_56_int8_and_auto_follows_the_method():
+    default = LocalFeatureConfig()
+    assert (default.projection_dim, default.stored_dtype) == (56, "int8")
+    assert default.model_id == "rootsift-pca56@448x1000"
+    # "auto" hashes as the explicit settings it stands for: the same features, the same model.
+    explicit = LocalFeatureConfig(pca_dim=56, dtype="int8")
+    assert default.config_hash() == explicit.config_hash()
+    assert default.as_dict() == explicit.as_dict()
+    assert RootSIFTExtractor(default).dim == 56
+    # q15 codes are for unprojected RootSIFT, DELF is projected by its own model: neither
+    # gets the RootSIFT projection by default, and neither is refused for it.
+    q15 = LocalFeatureConfig(dtype="q15")
+    assert (q15.projection_dim, q15.stored_dtype) == (0, "q15")
+    delf = LocalFeatureConfig(method="delf:/models/delf")
+    assert (delf.projection_dim, delf.stored_dtype) == (0, "float16")
+    unprojected = LocalFeatureConfig(pca_dim=0)
+    assert (unprojected.stored_dtype, unprojected.model_id) == ("float16", "rootsift@448x1000")

@@ -30,7 +30,7 @@ def build_local_extractor(config: LocalFeatureConfig) -> LocalFeatureExtractor:
 
 def local_info_for(config: LocalFeatureConfig) -> dict[str, Any]:
     """Manifest model info without building the extractor where that is cheap (RootSIFT)."""
-    if config.method == "rootsift" and not config.pca_dim:
+    if config.method == "rootsift" and not config.projection_dim:
         from retrieval.local_features.rootsift import ROOTSIFT_DIM, rootsift_identity
 
         return local_model_info(config, ROOTSIFT_DIM, rootsift_identity())

@@ -16,7 +16,7 @@ import numpy as np
 from retrieval.images import DecodedImage
 
 # Chosen by measured cost and gain on oxford-dev and ukbench-56 (README, "Re-ranking").
-DEFAULT_LOCAL_IMAGE_SIZE = 640
+DEFAULT_LOCAL_IMAGE_SIZE = 448
 DEFAULT_MAX_FEATURES = 1000
 # How descriptors are stored. ``q15``: each value rounded to a multiple of 1/15 and kept as a
 # uint8 code (RootSIFT values lie in [0, 0.34]: codes 0-5, which zstd packs into ~2 bits), read
@@ -31,6 +31,12 @@ Q15 = 15.0
 # ``int8``: each value of a unit vector (signed: a PCA projection's) x127, rounded, as int8.
 INT8 = 127.0
 DESCRIPTOR_DTYPES = ("float16", "float32", "q15", "int8")
+# The default: RootSIFT projected onto its first 56 principal components, stored as int8 codes:
+# 41.9 KB an image on oxford-dev (161 KB as 128 float16 values), default pipeline 66.00 against
+# 66.47, spatial verification's gain 0.52 lower (benchmarks/README.md, "The local features'
+# cost"); 40 and 48 components lost more (-0.66, -0.60 on verification; 48: default 65.04).
+DEFAULT_ROOTSIFT_PCA_DIM = 56
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,28 @@ class LocalFeatureConfig:
     method: str = "rootsift"
     image_size: int = DEFAULT_LOCAL_IMAGE_SIZE  # longer side in pixels
     max_features: int = DEFAULT_MAX_FEATURES
-    dtype: str = "float16"  # how descriptors are stored (float16 halves the bytes, same matches)
+    # How descriptors are stored; "auto": int8 codes when projected, else float16 (half of
+    # float32's bytes, the same matches). See :attr:`stored_dtype`.
+    dtype: str = AUTO
     # RootSIFT projected onto its first N principal components (0: not projected), learned on
     # scikit-image's public-domain photos (``rootsift.rootsift_pca``), as DELF keeps 40 of its.
-    pca_dim: int = 0
+    # None: DEFAULT_ROOTSIFT_PCA_DIM for RootSIFT (unless stored as q15), 0 for the others.
+    # See :attr:`projection_dim`.
+    pca_dim: int | None = None
+
+    @property
+    def projection_dim(self) -> int:
+        """The principal components RootSIFT is projected onto (0: not projected)."""
+        if self.pca_dim is not None:
+            return self.pca_dim
+        return DEFAULT_ROOTSIFT_PCA_DIM if self.method == "rootsift" and self.dtype != "q15" else 0
+
+    @property
+    def stored_dtype(self) -> str:
+        """How descriptors are stored, "auto" resolved."""
+        if self.dtype != AUTO:
+            return self.dtype
+        return "int8" if self.projection_dim else "float16"
 
     def __post_init__(self) -> None:
         if (
@@ -87,14 +111,17 @@ class LocalFeatureConfig:
             raise ValueError("local-feature image_size must be at least 32 pixels")
         if self.max_features < 1:
             raise ValueError("max_features must be at least 1")
-        if self.dtype not in DESCRIPTOR_DTYPES:
-            raise ValueError(f"local descriptor dtype must be one of {DESCRIPTOR_DTYPES}")
-        if self.dtype == "q15" and (self.method.startswith("delf:") or self.pca_dim):
+        if self.dtype != AUTO and self.dtype not in DESCRIPTOR_DTYPES:
+            raise ValueError(
+                f"local descriptor dtype must be {AUTO!r} or one of {DESCRIPTOR_DTYPES}"
+            )
+        if self.dtype == "q15" and (self.method.startswith("delf:") or self.projection_dim):
             raise ValueError(
                 "local descriptor dtype q15 stores non-negative descriptors (RootSIFT); DELF's "
                 "and projected ones are signed: use int8, float16 or float32"
             )
-        if self.pca_dim and (self.method != "rootsift" or not 1 <= self.pca_dim <= 64):
+        dim = self.projection_dim
+        if dim and (self.method != "rootsift" or not 1 <= dim <= 64):
             raise ValueError("local pca_dim projects RootSIFT only, onto 1 to 64 components")
 
     @property
@@ -103,12 +130,15 @@ class LocalFeatureConfig:
 
     @property
     def model_id(self) -> str:
-        projected = f"-pca{self.pca_dim}" if self.pca_dim else ""
+        projected = f"-pca{self.projection_dim}" if self.projection_dim else ""
         return f"{self.method}{projected}@{self.image_size}x{self.max_features}"
 
     def as_dict(self) -> dict[str, Any]:
+        """The settings as the features were made ("auto" resolved: what the config hash and
+        the shards record; an explicit value hashes as its automatic twin)."""
         settings = asdict(self)
-        if not self.pca_dim:  # unprojected: the settings (and config hash) of before pca_dim
+        settings["dtype"], settings["pca_dim"] = self.stored_dtype, self.projection_dim
+        if not self.projection_dim:  # unprojected: the settings (and hash) of before pca_dim
             del settings["pca_dim"]
         return settings
 

@@ -95,8 +95,8 @@ class RootSIFTExtractor:
 
         self.config = config or LocalFeatureConfig()
         self._sift = cv2.SIFT_create(nfeatures=self.config.max_features)
-        self.dim = self.config.pca_dim or ROOTSIFT_DIM
-        self._basis = rootsift_pca() if self.config.pca_dim else None
+        self.dim = self.config.projection_dim or ROOTSIFT_DIM
+        self._basis = rootsift_pca() if self.config.projection_dim else None
 
     def info(self) -> dict[str, Any]:
         identity = rootsift_identity()
