@@ -34,8 +34,8 @@ none inherits another's thread pools):
   same ratio for a million images: each stage's measured seconds per image (extract, whiten,
   index, merge) or per verified pair (learn: 5,000 sampled images x their neighbours), train as
   the same fixed cost in both jobs (its sample is capped), and says so in ``model``.
-  ``--also-local-image-size N`` adds ``default_job_localN``: the default job with local features
-  at N px instead, in the same run (how the default's size was compared).
+  ``--also-local PX[:PCA_DIM:DTYPE]`` adds ``default_job_local...``: the default job with other
+  local features in the same run (``640:0:float16`` is the former default).
 * with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
   the int8 runtimes calibrate on their built-in sample unless ``--calibration URI`` is given.
 
@@ -115,9 +115,7 @@ def _augmented_folder(folder: Path, copies: int, scratch: Path) -> Path:
     return target
 
 
-def run_job(
-    images: str, threads: int, output: str, which: str, local_image_size: int | None = None
-) -> dict:
+def run_job(images: str, threads: int, output: str, which: str, local: str = "") -> dict:
     """One whole indexing job on Beam with ``threads`` workers: ``global`` (local features
     off, so no learning) or ``default`` (every default, mining sample = 1/8 of the images)."""
     start = time.perf_counter()
@@ -137,9 +135,16 @@ def run_job(
     else:
         mining = dataclasses.replace(config.mining, sample_size=max(1, images_listed // 8))
         config = dataclasses.replace(config, mining=mining)
-        if local_image_size:  # a comparison row, not the default
-            local = dataclasses.replace(config.local, image_size=local_image_size)
-            config = dataclasses.replace(config, local=local)
+        if local:  # a comparison row, not the default: PX[:PCA_DIM:DTYPE]
+            size, _, rest = local.partition(":")
+            pca_dim, _, dtype = rest.partition(":")
+            changes: dict = {"image_size": int(size)}
+            if pca_dim:
+                changes["pca_dim"] = int(pca_dim)
+            if dtype:
+                changes["dtype"] = dtype
+            local_config = dataclasses.replace(config.local, **changes)
+            config = dataclasses.replace(config, local=local_config)
     record = run_index_job(images, output, config)
     seconds = time.perf_counter() - start
     indexed = record["accounting"]["indexed"]
@@ -152,7 +157,8 @@ def run_job(
         "images_per_s": indexed / seconds,
         "stages_s": record.get("timings", {}),
         "mining_sample": config.mining.sample_size if which == "default" else 0,
-        "local_image_size": config.local.image_size if config.local.enabled else None,
+        "local_model": config.local.model_id if config.local.enabled else None,
+        "local_dtype": config.local.stored_dtype if config.local.enabled else None,
         "mining": mining,
         "learning_skipped": learning.get("skipped"),
         "workers": threads,
@@ -289,12 +295,12 @@ def _child(
     runtime: str = "",
     calibration: str | None = None,
     job: str = "",
-    local_size: int = 0,
+    local: str = "",
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--images", images]
     cmd += ["--threads", str(threads), "--output", output, "--runtime", runtime]
     if job:
-        cmd += ["--job", job, "--local-image-size", str(local_size)]
+        cmd += ["--job", job, "--local", local]
     if calibration:
         cmd += ["--calibration", calibration]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -325,17 +331,18 @@ def _sides(images: str, threads: int, rounds: int, scratch: Path) -> dict:
     return sides
 
 
-def _jobs(images: str, threads: int, scratch: Path, local_sizes: Sequence[int] = ()) -> dict:
+def _jobs(images: str, threads: int, scratch: Path, local_specs: Sequence[str] = ()) -> dict:
     """global_job then default_job on the same images, each in a fresh process (and the
     default job with other local-feature image sizes, for comparison)."""
     jobs = {
         f"{which}_job": _child("job", images, threads, output=str(scratch / which), job=which)
         for which in ("global", "default")
     }
-    for size in local_sizes:
-        output = str(scratch / f"default-{size}")
-        row = _child("job", images, threads, output=output, job="default", local_size=size)
-        jobs[f"default_job_local{size}"] = row
+    for spec in local_specs:
+        name = spec.replace(":", "_")
+        output = str(scratch / f"default-{name}")
+        row = _child("job", images, threads, output=output, job="default", local=spec)
+        jobs[f"default_job_local{name}"] = row
     jobs["default_cost_ratio"] = (
         jobs["global_job"]["images_per_s"] / jobs["default_job"]["images_per_s"]
     )
@@ -431,14 +438,14 @@ def main() -> None:
     parser.add_argument("--runtime", help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=["global", "default"], help=argparse.SUPPRESS)
     parser.add_argument(
-        "--also-local-image-size",
-        type=int,
+        "--also-local",
         action="append",
         default=[],
-        metavar="N",
-        help="also run the default job with local features at N px (repeatable; comparison)",
+        metavar="PX[:PCA_DIM:DTYPE]",
+        help="also run the default job with these local features, e.g. 640:0:float16 (the "
+        "former default; repeatable; a comparison row)",
     )
-    parser.add_argument("--local-image-size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--local", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child == "bare":
@@ -452,7 +459,7 @@ def main() -> None:
         print(json.dumps(run_decode(args.images, args.threads)))
         return
     if args.child == "job":
-        job = run_job(args.images, args.threads, args.output, args.job, args.local_image_size)
+        job = run_job(args.images, args.threads, args.output, args.job, args.local)
         print(json.dumps(job))
         return
 
@@ -465,7 +472,7 @@ def main() -> None:
         if args.jobs > 0:
             augmented = _augmented_folder(folder, args.jobs, Path(scratch))
             jobs_dir = Path(scratch) / "jobs"
-            jobs = _jobs(str(augmented), args.threads, jobs_dir, args.also_local_image_size)
+            jobs = _jobs(str(augmented), args.threads, jobs_dir, args.also_local)
             results.update(jobs)
             _print_jobs(results)
         if args.only_jobs:
