@@ -225,7 +225,7 @@ def _reindex(
     if suspects:  # not indexed as far as the comparison knows: new if still in the corpus
         previous = (row for row in previous if row[0] not in suspects)
     now = (
-        (r.id, r.uri, corpus_state.content_key(r.location), r.sealed)
+        (r.id, r.uri, corpus_state.content_key_or_reason(r.location), r.sealed)
         for r in iter_corpus(corpus, scratch=scratch)
         if not r.problem
     )
@@ -234,6 +234,13 @@ def _reindex(
     finally:
         now_state.close()
     timings["list_s"] = time.perf_counter() - start
+    if changes.kept_unreadable:
+        log.warning(
+            "%d indexed images could not be read to tell whether they changed (e.g. %s): kept "
+            "as indexed; the next run looks again",
+            len(changes.kept_unreadable),
+            changes.kept_unreadable[0],
+        )
 
     name = versions.claim(root, lease.owner)  # a name no other run can take
     vdir = versions.version_dir(root, name)
@@ -365,6 +372,8 @@ def _reindex(
         "changed": len(changes.changed),
         "deleted": len(changes.deleted),
         "unchanged": changes.unchanged,
+        # of the unchanged: could not be read to tell (an outage), kept as indexed
+        "kept_unreadable": len(changes.kept_unreadable),
         "repaired": repaired,
         "failed": failures,
     }

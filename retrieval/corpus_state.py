@@ -25,6 +25,14 @@ STATE_ROW_GROUP_ROWS = 65_536
 STATE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("content_key", pa.string())])
 
 
+# The content key of an image that could not be read to key it (it is never a real key: those
+# start with the scheme of the store's version or ``sha256:``).
+UNREADABLE = "unreadable:"  # for good (not a regular file, a link loop, permission): extracted,
+# where it becomes an error row with its reason (and leaves the index if it was in it)
+UNREADABLE_NOW = "unreadable-now:"  # transient (an outage outlasting the retries): kept as it
+# was indexed if it was, else extracted (an error row the next run retries)
+
+
 def content_key(uri: str, info: dict | None = None) -> str:
     """A string that changes whenever the object's content does (see module doc)."""
     fs, path = storage.filesystem(uri)
@@ -38,6 +46,19 @@ def content_key(uri: str, info: dict | None = None) -> str:
     return f"sha256:{storage.sha256_file(uri)}"
 
 
+def content_key_or_reason(uri: str) -> str:
+    """:func:`content_key`, or for an image that cannot be read a key saying so (one image,
+    not the run: a FIFO, a link loop or an outage in the corpus never stops a re-index)."""
+    try:
+        return content_key(uri)
+    except Exception as exc:
+        if storage.is_transient(exc):
+            return f"{UNREADABLE_NOW}{type(exc).__name__}"
+        if isinstance(exc, OSError):  # not a regular file, ELOOP, permission, vanished
+            return f"{UNREADABLE}{type(exc).__name__}"
+        raise
+
+
 @dataclass
 class CorpusChanges:
     """How the corpus differs from the last indexed state. Only the changes are listed (their
@@ -47,6 +68,8 @@ class CorpusChanges:
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     unchanged: int = 0
+    # Indexed images that could not be read to key them this time (an outage): kept as indexed.
+    kept_unreadable: list[str] = field(default_factory=list)
     uris: dict[str, str] = field(default_factory=dict)  # URI of every new and changed image
     # The sealed real URI of those whose recorded URI is masked (a signed URL: redaction).
     sealed: dict[str, str] = field(default_factory=dict)
@@ -120,13 +143,21 @@ def compare(
     old = iter(previous)
     before = next(old, None)
     for row in now:
-        now_state.add(row)
         image_id = row[0]
         while before is not None and before[0] < image_id:
             changes.deleted.append(before[0])
             before = next(old, None)
+        if before is not None and before[0] == image_id and row[2].startswith(UNREADABLE_NOW):
+            # Whether it changed cannot be told now: it stays as indexed (its state row too,
+            # so the next run compares with the key it was indexed under).
+            now_state.add(before)
+            changes.unchanged += 1
+            changes.kept_unreadable.append(image_id)
+            before = next(old, None)
+            continue
+        now_state.add(row)
         if before is not None and before[0] == image_id:
-            if before[1:3] == row[1:3]:
+            if before[1:3] == row[1:3] and not row[2].startswith(UNREADABLE):
                 changes.unchanged += 1
             else:
                 changes.changed.append(image_id)

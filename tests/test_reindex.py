@@ -343,3 +343,52 @@ def test_a_version_from_before_shared_data_is_carried_once(tmp_path: Path, confi
     ids, _, _ = descriptor_shards.read_all(str(v2))
     assert sorted(ids) == _corpus_ids(corpus)
     assert [p.name for p in v2.glob("*.parquet")] == ["plan.shards.parquet"]  # references
+
+
+def test_an_unreadable_image_is_an_error_row_and_an_outage_keeps_what_was_indexed(
+    tmp_path: Path, config, monkeypatch
+):
+    """A FIFO and a symbolic-link loop in the corpus do not stop the nightly run: each is an
+    error row with its reason. An indexed image that cannot be read to key it (an outage
+    outlasting the retries) stays as it was indexed, and the next run looks again."""
+    import os
+
+    from retrieval import corpus_state, storage
+
+    corpus, root = _corpus(tmp_path, 12)
+    os.mkfifo(corpus / "pipe.png")
+    (corpus / "loop-a.png").symlink_to("loop-b.png")
+    (corpus / "loop-b.png").symlink_to("loop-a.png")
+    first = reindex(str(corpus), str(root), config)
+    assert (first["indexed"], first["failed"]) == (12, 3)
+    v1 = root / "versions" / "v000001"
+    kinds = {
+        e.id: e.error_kind
+        for m in descriptor_shards.list_shards(str(root / "data/v000001/descriptors"))
+        for e in descriptor_shards.read_errors(str(root / "data/v000001/descriptors"), m)
+    }
+    assert kinds == {"pipe.png": "not_a_file", "loop-a.png": "symlink_loop",
+                     "loop-b.png": "symlink_loop"}  # fmt: skip
+    assert sorted(descriptor_shards.read_all(str(v1 / "descriptors"))[0]) == [
+        f"img{i:03d}.png" for i in range(12)
+    ]
+
+    real = corpus_state.content_key
+    down = str(corpus / "img004.png")
+
+    def outage(uri: str, info: dict | None = None) -> str:
+        if uri == down:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(uri, info)
+
+    monkeypatch.setattr(corpus_state, "content_key", outage)
+    monkeypatch.setattr(storage, "with_retries", lambda fn, **_: fn())  # no backoff in a test
+    _image(corpus / "img004.png", seed=1004)  # it did change, but cannot be read now
+    second = reindex(str(corpus), str(root), config)
+    assert (second["kept_unreadable"], second["changed"], second["indexed"]) == (1, 0, 12)
+    v2_ids = descriptor_shards.read_all(str(root / "versions/v000002/descriptors"))[0]
+    assert "img004.png" in v2_ids  # kept as indexed, not lost for an outage
+
+    monkeypatch.setattr(corpus_state, "content_key", real)
+    third = reindex(str(corpus), str(root), config)  # back: the change is seen now
+    assert (third["kept_unreadable"], third["changed"], third["indexed"]) == (0, 1, 12)
