@@ -549,7 +549,7 @@ def worker_models(
         return worker_extractor(config, worker), None
     from retrieval.local_features.extractor import build_local_extractor
 
-    return worker_extractor(config, worker), build_local_extractor(local)
+    return worker_extractor(config, worker), build_local_extractor(local, worker.inference_threads)
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,12 @@ class RootSIFTBasis:
     sha256: str
 
     def project(self, descriptors: np.ndarray, dim: int) -> np.ndarray:
-        """(n, 128) RootSIFT -> (n, dim) unit vectors."""
-        projected = (descriptors - self.mean) @ self.components[:dim].T
+        """(n, 128) RootSIFT -> (n, dim) unit vectors.
+
+        Through ``einsum``'s own loop, not BLAS: ~1.4 ms an image on one thread, where a BLAS
+        product (0.2 ms) leaves OpenBLAS's threads spinning on the cores SIFT then needs
+        (measured: +60 ms of CPU per image, the workers' extraction slower than unprojected)."""
+        projected = np.einsum("ij,kj->ik", descriptors - self.mean, self.components[:dim])
         norms = np.linalg.norm(projected, axis=1, keepdims=True)
         return (projected / np.maximum(norms, 1e-12)).astype(np.float32)
 
