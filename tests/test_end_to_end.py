@@ -126,7 +126,8 @@ def test_rerun_skips_committed_shards(ukbench_run):
 def test_oxford_dev_default_pipeline_keeps_its_figures(tmp_path):
     """In the default suite so the README's figures can't rot: results[0] on oxford-dev (local
     features, whitening learned from mined pairs, spatial verification, verified QE) must reach
-    the acceptance figure (64; README: 66.0) and stay far above the global-only floor."""
+    65 (README: 66.00; the int8 model is converted again on each machine, which has moved the
+    figure by up to 0.3) and stay far above the global-only floor."""
     folder = _require("oxford-dev")
     args = ["evaluate", "--benchmark", str(folder), "--out", str(tmp_path), "--default-only"]
     assert cli.main(args) == 0
@@ -134,5 +135,5 @@ def test_oxford_dev_default_pipeline_keeps_its_figures(tmp_path):
     assert report["accounting"] == {"inputs": 502, "indexed": 502, "failed": 0}
     default, floor = report["results"]
     assert floor["name"] == "global"
-    assert default["mAP"] >= 64.0
+    assert default["mAP"] >= 65.0
     assert default["mAP"] >= floor["mAP"] + 5
