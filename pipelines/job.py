@@ -519,7 +519,13 @@ class Bundle:
         """The run configuration that describes queries as the corpus was described and
         answers them as the job was built to: the bundle's settings over ``base`` (runner and
         cluster settings), then ``overrides`` (flat names; None: not given)."""
-        config = build_config(self.record["settings"], base or RunConfig())
+        settings = dict(self.record["settings"])
+        # A bundle made before projections existed records no local_pca_dim: its features
+        # were unprojected (its local model's config says how they were made).
+        made = (self.record.get("local_model") or {}).get("config") or {}
+        if made and "local_pca_dim" not in settings:
+            settings["local_pca_dim"] = made.get("pca_dim", 0)
+        config = build_config(settings, base or RunConfig())
         return build_config(overrides, config) if overrides else config
 
 

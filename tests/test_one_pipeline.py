@@ -284,3 +284,29 @@ def timing_keys(summary: dict) -> dict:
     """The re-ranking statistics that are times (they differ from run to run)."""
     stats = summary["rerank_stats"]
     return {k: stats[k] for k in ("verify_ms_per_pair", "rerank_ms_per_query")}
+
+
+def test_a_bundle_describes_queries_with_the_local_features_it_was_built_with():
+    """A bundle records what "auto" chose, so queries are described like its corpus whatever
+    the default becomes; one made before projections existed (no local_pca_dim in its
+    settings) was unprojected, whatever today's default is."""
+    from dataclasses import replace
+
+    from pipelines.config import RunConfig, bundle_settings
+    from pipelines.job import Bundle
+    from retrieval.local_features.features import LocalFeatureConfig
+
+    config = RunConfig()
+    made = LocalFeatureConfig()
+    record = {"settings": bundle_settings(config), "local_model": {"config": made.as_dict()}}
+    assert record["settings"]["local_pca_dim"] == 56
+    assert record["settings"]["local_dtype"] == "int8"
+    assert Bundle("b", record).config().local.as_dict() == made.as_dict()
+
+    before = LocalFeatureConfig(image_size=640, pca_dim=0, dtype="float16")
+    settings = bundle_settings(replace(config, local=before))
+    del settings["local_pca_dim"]  # what bundles wrote before the setting existed
+    old = {"settings": settings, "local_model": {"config": before.as_dict()}}
+    described = Bundle("b", old).config().local
+    assert (described.projection_dim, described.stored_dtype) == (0, "float16")
+    assert described.config_hash() == before.config_hash()
