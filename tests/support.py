@@ -250,6 +250,31 @@ def start_moto(tmp_dir: Path) -> tuple[subprocess.Popen, str]:
     return server, endpoint
 
 
+@contextmanager
+def moto_s3(tmp_dir: Path):
+    """A moto S3 server with s3fs pointed at it through the environment (test credentials, no
+    region or profile of the machine's); yields (endpoint, use): ``use(url)`` points s3fs at
+    another endpoint (a proxy in front of the server). Stopped on exit."""
+    server, endpoint = start_moto(tmp_dir)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                env.delenv(name, raising=False)
+            import s3fs
+
+            def use(url: str) -> None:
+                env.setenv("AWS_ENDPOINT_URL", url)  # read by botocore (also in Beam workers)
+                s3fs.S3FileSystem.clear_instance_cache()
+
+            use(endpoint)
+            yield endpoint, use
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        stop_server(server)
+
+
 class FaultyProxy:
     """An HTTP proxy in front of a storage server that fails a fraction of requests.
 

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 from support import (
     FaultyProxy,
+    moto_s3,
     pattern_images,
     run_pipeline,
     save_tiny_saved_model,
-    start_moto,
-    stop_server,
     write_tiny_benchmark,
 )
 
@@ -37,24 +36,8 @@ N_IMAGES = 20
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto on a free port, and a function pointing s3fs at an endpoint (the server or a proxy)."""
-    server, endpoint = start_moto(tmp_path_factory.mktemp("moto"))
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("AWS_ACCESS_KEY_ID", "testing")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-                env.delenv(name, raising=False)
-            import s3fs
-
-            def use(url: str) -> None:
-                env.setenv("AWS_ENDPOINT_URL", url)  # read by botocore (also in Beam workers)
-                s3fs.S3FileSystem.clear_instance_cache()
-
-            use(endpoint)
-            yield endpoint, use
-            s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        stop_server(server)
+    with moto_s3(tmp_path_factory.mktemp("moto")) as (endpoint, use):
+        yield endpoint, use
 
 
 @pytest.fixture

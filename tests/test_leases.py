@@ -15,29 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from support import start_gcs_emulator, start_moto, stop_server, use_gcs_emulator
+from support import moto_s3, start_gcs_emulator, stop_server, use_gcs_emulator
 
 from retrieval import leases, storage
 
 
 @pytest.fixture(scope="module")
 def s3_bucket(tmp_path_factory):
-    server, endpoint = start_moto(tmp_path_factory.mktemp("moto"))
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("AWS_ACCESS_KEY_ID", "testing")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-                env.delenv(name, raising=False)
-            env.setenv("AWS_ENDPOINT_URL", endpoint)
-            import s3fs
+    with moto_s3(tmp_path_factory.mktemp("moto")):
+        import s3fs
 
-            s3fs.S3FileSystem.clear_instance_cache()
-            s3fs.S3FileSystem().mkdir("leases")
-            yield "s3://leases"
-            s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        stop_server(server)
+        s3fs.S3FileSystem().mkdir("leases")
+        yield "s3://leases"
 
 
 @pytest.fixture(scope="module")
