@@ -34,8 +34,11 @@ none inherits another's thread pools):
   same ratio for a million images: each stage's measured seconds per image (extract, whiten,
   index, merge) or per verified pair (learn: 5,000 sampled images x their neighbours), train as
   the same fixed cost in both jobs (its sample is capped), and says so in ``model``.
+  ``default_job_extract`` is the default job with ``--local-at extract`` (every image's local
+  features made with its descriptor, the former default), in the same run; the default computes
+  them on first use, for the images mining (and later searches) ask for.
   ``--also-local PX[:PCA_DIM:DTYPE]`` adds ``default_job_local...``: the default job with other
-  local features in the same run (``640:0:float16`` is the former default).
+  local features in the same run (``640:0:float16`` is the former default's former features).
 * with ``--all-runtimes``: the bare loop of every runtime (``runtimes``), for the README's table;
   the int8 runtimes calibrate on their built-in sample unless ``--calibration URI`` is given.
 
@@ -115,6 +118,9 @@ def _augmented_folder(folder: Path, copies: int, scratch: Path) -> Path:
     return target
 
 
+EXTRACT_ROW = "extract"  # --also-local's name for the default job with --local-at extract
+
+
 def run_job(images: str, threads: int, output: str, which: str, local: str = "") -> dict:
     """One whole indexing job on Beam with ``threads`` workers: ``global`` (local features
     off, so no learning) or ``default`` (every default, mining sample = 1/8 of the images)."""
@@ -135,7 +141,9 @@ def run_job(images: str, threads: int, output: str, which: str, local: str = "")
     else:
         mining = dataclasses.replace(config.mining, sample_size=max(1, images_listed // 8))
         config = dataclasses.replace(config, mining=mining)
-        if local:  # a comparison row, not the default: PX[:PCA_DIM:DTYPE]
+        if local == EXTRACT_ROW:  # local features of every image, at extract
+            config = dataclasses.replace(config, local_at="extract")
+        elif local:  # a comparison row, not the default: PX[:PCA_DIM:DTYPE]
             size, _, rest = local.partition(":")
             pca_dim, _, dtype = rest.partition(":")
             changes: dict = {"image_size": int(size)}
@@ -159,6 +167,7 @@ def run_job(images: str, threads: int, output: str, which: str, local: str = "")
         "mining_sample": config.mining.sample_size if which == "default" else 0,
         "local_model": config.local.model_id if config.local.enabled else None,
         "local_dtype": config.local.stored_dtype if config.local.enabled else None,
+        "local_at": config.local_at if config.local.enabled else None,
         "mining": mining,
         "learning_skipped": learning.get("skipped"),
         "workers": threads,
@@ -180,12 +189,18 @@ def _job_cost_model(global_job: dict, default_job: dict, corpus: int = 1_000_000
     if not pairs or default_job["learning_skipped"]:  # nothing measured to model from
         return {"corpus": corpus, "ratio": None, "why": default_job["learning_skipped"]}
     mining = default_job["mining"]
+    # First use: learn computes the local features of the proposed pairs' images, a cost per
+    # image (at most sample x (1 + neighbours) images at 1M), not per pair.
+    local_s = mining.get("local_features_s") or 0.0
+    local_images = mining.get("images_proposed") or 0
+    per_local_image = local_s / local_images if local_images else 0.0
     # The proposals' exact kNN (every sampled image against the whole corpus) grows with both
     # the sample and the corpus; the rest of learn (verification, whitening) with the pairs.
-    knn_s = max(0.0, mining["mining_s"] - mining["verify_ms_per_pair"] * pairs / 1000)
-    per_pair = (default_job["stages_s"]["learn_s"] - knn_s) / pairs
+    knn_s = max(0.0, mining["mining_s"] - local_s - mining["verify_ms_per_pair"] * pairs / 1000)
+    per_pair = (default_job["stages_s"]["learn_s"] - knn_s - local_s) / pairs
     defaults = MiningConfig()
     pairs_at = min(defaults.sample_size, corpus) * defaults.neighbours
+    local_images_at = min(corpus, min(defaults.sample_size, corpus) * (defaults.neighbours + 1))
     train_g = global_job["stages_s"].get("train_s", 0.0)
     train_d = default_job["stages_s"].get("train_s", 0.0)
     global_s = corpus * per_image(global_job) + train_g
@@ -194,7 +209,8 @@ def _job_cost_model(global_job: dict, default_job: dict, corpus: int = 1_000_000
         * (corpus / default_job["images"])
         * (min(defaults.sample_size, corpus) / default_job["mining_sample"])
     )
-    default_s = corpus * per_image(default_job) + train_d + pairs_at * per_pair + knn_at
+    local_at = local_images_at * per_local_image
+    default_s = corpus * per_image(default_job) + train_d + pairs_at * per_pair + knn_at + local_at
     return {
         "corpus": corpus,
         "global_s": global_s,
@@ -202,12 +218,18 @@ def _job_cost_model(global_job: dict, default_job: dict, corpus: int = 1_000_000
         "ratio": default_s / global_s,
         "learn_s_per_proposed_pair": per_pair,
         "mining_knn_s": knn_at,
+        "first_use_local_s_per_image": per_local_image,
+        "first_use_local_images": local_images_at,
+        "first_use_local_s": local_at,
         "model": "seconds = images x (each job's measured seconds per image outside train and "
         "learn, start-up included: an overestimate for both) + train (measured, as fixed) + "
         "learn (default only: measured seconds per proposed pair, mining and learning the "
         f"whitening included, x {defaults.sample_size} sampled images x "
         f"{defaults.neighbours} neighbours; plus the proposals' exact kNN, measured and scaled "
-        "by corpus x sample)",
+        "by corpus x sample; plus, on first use, the local features of the proposed pairs' "
+        "images: measured seconds per image x at most sample x (1 + neighbours) images). "
+        "Searches then compute those of the shortlisted images they meet, once (not modelled: "
+        "it depends on the queries)",
     }
 
 
@@ -338,11 +360,11 @@ def _jobs(images: str, threads: int, scratch: Path, local_specs: Sequence[str] =
         f"{which}_job": _child("job", images, threads, output=str(scratch / which), job=which)
         for which in ("global", "default")
     }
-    for spec in local_specs:
+    for spec in (EXTRACT_ROW, *local_specs):
         name = spec.replace(":", "_")
         output = str(scratch / f"default-{name}")
         row = _child("job", images, threads, output=output, job="default", local=spec)
-        jobs[f"default_job_local{name}"] = row
+        jobs["default_job_extract" if spec == EXTRACT_ROW else f"default_job_local{name}"] = row
     jobs["default_cost_ratio"] = (
         jobs["global_job"]["images_per_s"] / jobs["default_job"]["images_per_s"]
     )

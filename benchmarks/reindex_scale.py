@@ -130,7 +130,7 @@ def install_synthetic_models(synthetic: Synthetic) -> None:
             local_rows.append(LocalFeatureRow(ref.id, ref.uri, synthetic.local(key)))
         return rows, [], local_rows
 
-    def learn(descriptors, local, output, config, *, inputs=None):
+    def learn(descriptors, local, output, config, *, inputs=None, **_: Any):
         rng = np.random.default_rng(0)
         projection, _ = np.linalg.qr(rng.standard_normal((DESCRIPTOR_DIM, config.whitening_dim)))
         learned = whitening.LearnedWhitening(np.zeros(DESCRIPTOR_DIM), projection.T)
@@ -214,7 +214,9 @@ def run(images: int, changed: float, workdir: Path, local_bytes: int) -> dict[st
     corpus.mkdir(parents=True)
     names = [f"{i:07d}.jpg" for i in range(images)]
     write_corpus(corpus, names, {})
-    config = RunConfig(runner="local", workers=1, local=measured_local_config())
+    # Local features extracted with the descriptors (--local-at extract): the most a re-index
+    # writes. On first use (the default) a version writes only what its mining needs.
+    config = RunConfig(runner="local", workers=1, local=measured_local_config(), local_at="extract")
 
     before = snapshot(root) if root.exists() else {}
     start = time.perf_counter()

@@ -30,6 +30,7 @@ A config file is TOML (or JSON) with the same names as the command-line flags, e
     local_max_features = 1000
     local_pca_dim = 56             # RootSIFT's principal components kept (0: all 128)
     local_dtype = "auto"           # int8 when projected, else float16; or float32, q15
+    local_at = "first-use"         # or "extract": every image's, with its global descriptor
     [rerank]
     shortlist = 100               # top-K verified by matching + RANSAC (0: no verification)
     min_inliers = 20
@@ -72,6 +73,7 @@ from retrieval.rerank.shortlist import DEFAULT_VERIFIED_QE, RerankConfig
 from retrieval.rerank.spatial import VerificationConfig
 
 RUNNERS = tuple(settings.RUNNERS)
+LOCAL_AT = ("first-use", "extract")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ class RunConfig:
     qe: int = 0
     qe_alpha: float = 3.0
     local: LocalFeatureConfig = field(default_factory=LocalFeatureConfig)
+    # When a corpus image's local features are made: "first-use" (mining or a search's
+    # shortlist asks for them; retrieval/local_feature_cache.py) or "extract" (every image).
+    local_at: str = "first-use"
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     verify: bool = True  # spatial verification of the shortlist (needs local features)
     verified_qe: int = DEFAULT_VERIFIED_QE
@@ -131,6 +136,10 @@ class RunConfig:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {self.runner!r}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.local_at not in LOCAL_AT:
+            raise ValueError(
+                f"local_at must be one of {', '.join(LOCAL_AT)}, not {self.local_at!r}"
+            )
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")
 

@@ -23,7 +23,7 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,14 +41,14 @@ from retrieval.evaluation.ground_truth import Benchmark, load_benchmark
 from retrieval.evaluation.metrics import evaluate_rankings
 from retrieval.evaluation.queries import write_query_inputs
 from retrieval.evaluation.report import write_report
-from retrieval.extraction import failures
+from retrieval.extraction import failures, summarize_local_features
 from retrieval.index import factory as factories
 from retrieval.index.codebook import with_id_map
 from retrieval.index.search import NO_EXPANSION, SearchableIndex, load_index
 from retrieval.manifests import utc_now
 from retrieval.rerank.query_expansion import QueryExpansion
-from retrieval.rerank.shortlist import RerankConfig, rerank_search
-from retrieval.shards import descriptor_shards
+from retrieval.rerank.shortlist import RerankConfig, rerank_search, shortlisted_ids
+from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 from retrieval.version_data import relative
 
@@ -258,10 +258,41 @@ def query_vectors(
     return found, problems, query_local, descriptors
 
 
+def complete_for_rows(
+    searcher: job.BundleSearch,
+    benchmark: Benchmark,
+    queries_by_id: dict[str, np.ndarray],
+    whitened_by_id: dict[str, np.ndarray],
+    rows: Sequence[Variant],
+    queries_in_corpus: bool,
+) -> dict[str, Any]:
+    """First use, before the report's searches: the local features of every image the default
+    row and the re-ranked variant rows will verify (each row's own shortlists), and of the
+    queries when they are corpus images, computed in one request on the runner's workers."""
+    present = sorted(q for q in {q.id for q in benchmark.queries} if q in queries_by_id)
+    if not present:
+        return {}
+    raw = np.stack([queries_by_id[q] for q in present])
+    k = min(searcher.index.ntotal, MAX_RANKING)
+    wanted = searcher.shortlisted(present, raw, k)
+    for variant in rows:
+        if variant.rerank is None or variant.rerank.verification is None:
+            continue
+        index = load_index(variant.index_dir, nprobe=searcher.config.nprobe)
+        by_id = whitened_by_id if variant.whitened else queries_by_id
+        vectors = np.stack([by_id[q] for q in present])
+        wanted |= shortlisted_ids(
+            index, present, vectors, min(index.ntotal, MAX_RANKING), variant.rerank.verification
+        )
+    if queries_in_corpus:
+        wanted.update(present)
+    return searcher.complete(wanted, label="evaluate: local features")
+
+
 def default_row_name(bundle: Bundle, config: RunConfig) -> str:
     """The default pipeline's steps, as the report names them (``global+lw+sv+vqe``)."""
     steps = ["global"] + (["lw"] if bundle.whitening else [])
-    if bundle.local_features and config.rerank.enabled:
+    if bundle.verifies and config.rerank.enabled:
         steps += ["sv"] + (["vqe"] if config.verified_qe else [])
     if config.expansion.n:
         steps.append("aqe")
@@ -362,6 +393,12 @@ def evaluate_benchmark(
         whitened_by_id = dict(zip(query_ids, whitened_vectors, strict=True))
     inlier_cache: dict[tuple[str, str], int] = {}
     results, all_rankings = [], {}
+    first_use = None
+    if bundle.first_use_root is not None and store is not None:
+        with _timed(timings, "local_features_first_use_s"):
+            first_use = complete_for_rows(
+                searcher, benchmark, queries_by_id, whitened_by_id, rows, query_local is None
+            )
 
     def score(name: str, index: SearchableIndex, rankings, rerank_stats, search_s, expansion, rr):
         for protocol, scored in scored_as.items():
@@ -443,6 +480,18 @@ def evaluate_benchmark(
             )
 
     local_summary = extract_summary.get("local_features") or {}
+    if bundle.first_use_root is not None:  # the images that needed them: mined or shortlisted
+        layers = bundle.local_features or []
+        local_summary = {
+            "at": "first-use",
+            **(summarize_local_features(layers, bundle.record["local_model"]) if layers else {}),
+            "share_of_corpus": round(
+                sum(m["rows"] for f in layers for m in local_feature_shards.list_shards(f))
+                / max(len(ids), 1),
+                4,
+            ),
+            "search_request": first_use,
+        }
     mining = learning.get("mining") or {}
     default_stats = results[0].get("rerank_stats") or {}
     timings.update(

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -36,7 +36,7 @@ import pyarrow as pa
 from pipelines import runners, stages
 from pipelines.config import RunConfig, build_config, bundle_settings
 from pipelines.runners import WorkerTask
-from retrieval import leases, shard_manifests, storage, versions
+from retrieval import leases, local_feature_cache, shard_manifests, storage, versions
 from retrieval.index.search import INDEX_KIND, INDEX_MANIFEST, SearchableIndex, load_index
 from retrieval.learning.whitening import (
     INFO_FILE,
@@ -45,9 +45,16 @@ from retrieval.learning.whitening import (
     load_whitening,
     whitened_model_info,
 )
+from retrieval.local_features.extractor import local_info_for
 from retrieval.manifests import read_manifest, utc_now
 from retrieval.plan import PlanError
-from retrieval.rerank.shortlist import RerankConfig, Reranked, rerank_search, reranked_table
+from retrieval.rerank.shortlist import (
+    RerankConfig,
+    Reranked,
+    rerank_search,
+    reranked_table,
+    shortlisted_ids,
+)
 from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 
@@ -196,6 +203,8 @@ def stages_for(config: RunConfig, *, queries: bool = False) -> list[Stage]:
                 reads=tuple(r for r in stage.reads if r != "local_features"),
                 writes=tuple(w for w in stage.writes if w != "local_features"),
             )
+        elif first_use(config):
+            stage = FIRST_USE.get(stage.name, stage)
         chosen.append(stage)
     if queries:
         for stage in QUERY_STAGES:
@@ -206,8 +215,43 @@ def stages_for(config: RunConfig, *, queries: bool = False) -> list[Stage]:
                     reads=tuple(r for r in stage.reads if r not in drop),
                     writes=tuple(w for w in stage.writes if w not in drop),
                 )
+            elif first_use(config):
+                stage = FIRST_USE.get(stage.name, stage)
             chosen.append(stage)
     return chosen
+
+
+def first_use(config: RunConfig) -> bool:
+    """Whether corpus images get local features on first use (the default), not at extract."""
+    return config.local.enabled and config.local_at == "first-use"
+
+
+# The stages that differ when local features are computed on first use (``--local-at``).
+FIRST_USE: dict[str, Stage] = {
+    "extract": Stage(
+        "extract",
+        "GeM descriptors (local features come later, for the images that need them)",
+        "workers",
+        ("input",),
+        ("descriptors",),
+    ),
+    "learn": Stage(
+        "learn",
+        "mine pairs by global kNN, compute the local features of their images on first use "
+        "(workers), keep the spatially verified pairs (no labels), learn a whitening",
+        "driver",
+        ("descriptors", "local_features"),
+        ("local_features", "whitening"),
+    ),
+    "search": Stage(
+        "search",
+        "whiten, global shortlist, local features of shortlisted images on first use "
+        "(workers), spatial verification, verified query expansion",
+        "driver",
+        ("index", "query_descriptors", "query_local_features", "local_features"),
+        ("local_features", "results"),
+    ),
+}
 
 
 Announce = Callable[[int, int, Stage], None]
@@ -235,9 +279,16 @@ def learn_whitening_once(
     local features and settings (its ``inputs`` fingerprint). Returns the learning record:
     the whitening's, or ``skipped`` with why (too few verified pairs: small or unrelated
     corpora), in which case the job indexes the raw descriptors."""
+    # First use: the features are made from the images by the local model as mining asks,
+    # and later searches add layers, so the model (not the layers) is what was learned from.
+    local_inputs: Any = (
+        local_info_for(config.local)["config_hash"]
+        if first_use(config)
+        else [_folder_fingerprint(folder, "local_features") for folder in local]
+    )
     inputs = _fingerprint(
         _folder_fingerprint(layout.descriptors, "descriptors"),
-        [_folder_fingerprint(folder, "local_features") for folder in local],
+        local_inputs,
         config.mining.as_dict(),
         config.verification.as_dict(),
         config.whitening_dim,
@@ -252,7 +303,12 @@ def learn_whitening_once(
     start = time.perf_counter()
     try:
         record = stages.learn(
-            layout.descriptors, list(local), layout.whitening, config, inputs=inputs
+            layout.descriptors,
+            list(local),
+            layout.whitening,
+            config,
+            inputs=inputs,
+            first_use_root=layout.local_features if first_use(config) else None,
         )
     except InsufficientPairsError as exc:
         log.warning("learned whitening skipped: %s", exc)
@@ -344,7 +400,7 @@ def _run_index_job(
     summaries: dict[str, Any] = {}
     learning: dict[str, Any] = {"enabled": learns(config)}
     index_input = layout.descriptors
-    local = layout.local_features if config.local.enabled else None
+    local = layout.local_features if config.local.enabled and not first_use(config) else None
     local_layers: tuple[str, ...] = (local,) if local else ()
     for number, stage in enumerate(chosen, start=1):
         announce(number, len(chosen), stage)
@@ -356,7 +412,7 @@ def _run_index_job(
                 )
             else:
                 summaries["extract"] = prepared.extract_summary
-                local_layers = prepared.local_features if config.local.enabled else ()
+                local_layers = prepared.local_features if local else ()
         elif stage.name == "learn":
             kept = keep_whitening() if keep_whitening is not None else None
             if kept is not None:
@@ -390,6 +446,7 @@ def _run_index_job(
         timings=timings,
         summaries=summaries,
         local_features=local_layers,
+        first_use_root=layout.local_features if first_use(config) else None,
         extra=extra,
     )
 
@@ -427,22 +484,30 @@ def write_bundle(
     timings: dict[str, float],
     summaries: dict[str, Any] | None = None,
     local_features: Sequence[str] = (),
+    first_use_root: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Commit the job: ``bundle.json``, what search needs to answer like the job was built to
     (paths relative to the bundle's folder, or absolute URIs for data it shares with other
-    versions)."""
+    versions). ``first_use_root``: where corpus images' local features are computed on first
+    use (``retrieval/local_feature_cache.py``), when they are."""
     layout = JobLayout(output)
     layers = [_relative(output, folder) for folder in local_features]
+    local_model = (extract_summary.get("local_features") or {}).get("model")
+    if first_use_root is not None:
+        local_model = local_info_for(config.local)
     record = {
         "kind": BUNDLE_KIND,
         "version": BUNDLE_VERSION,
         "index": FOLDERS["index"],
         "whitening": FOLDERS["whitening"] if whitened else None,
         "local_features": layers or None,
+        "local_features_first_use": (
+            _relative(output, first_use_root) if first_use_root is not None else None
+        ),
         "descriptors": FOLDERS["descriptors"],
         "model": extract_summary["model"],
-        "local_model": (extract_summary.get("local_features") or {}).get("model"),
+        "local_model": local_model,
         # The settings that describe a query as the corpus was described, and answer it as the
         # job was built to (flat names, as on the command line and in config files).
         "settings": bundle_settings(config),
@@ -506,10 +571,35 @@ class Bundle:
         return self.path("index") or ""
 
     @property
+    def first_use_root(self) -> str | None:
+        """Where corpus images' local features are computed on first use (None: they were
+        all extracted up front, or there are none)."""
+        return self.path("local_features_first_use")
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the bundle has (or makes on first use) local features for verification."""
+        return bool(self.record.get("local_features")) or self.first_use_root is not None
+
+    @property
+    def extracted_local_features(self) -> list[str]:
+        """The local-feature folders extracted with the descriptors (none on first use)."""
+        return [self._resolve(layer) for layer in self.record.get("local_features") or []]
+
+    @property
     def local_features(self) -> list[str] | None:
-        """The corpus's local-feature folders (layers: a later one's row for an id wins)."""
-        layers = self.record.get("local_features")
-        return [self._resolve(layer) for layer in layers] if layers else None
+        """The corpus's local-feature folders (layers: a later one's row for an id wins); for
+        first use, the layers computed so far (possibly none)."""
+        layers = self.extracted_local_features
+        if self.first_use_root is not None:
+            layers += local_feature_cache.layers(self.first_use_root)
+        elif not layers:
+            return None
+        return layers
+
+    @property
+    def descriptors(self) -> str:
+        return self.path("descriptors") or ""
 
     @property
     def whitening(self) -> str | None:
@@ -559,12 +649,34 @@ class BundleSearch:
                 raise ValueError(
                     f"{bundle.root}: the index was not built with the bundle's whitening"
                 )
-        self.rerank: RerankConfig | None = config.rerank if bundle.local_features else None
+        self.rerank: RerankConfig | None = config.rerank if bundle.verifies else None
         self.store = (
-            LocalFeatureStore(bundle.local_features)
+            LocalFeatureStore(bundle.local_features or [])
             if self.rerank is not None and self.rerank.enabled
             else None
         )
+
+    def shortlisted(self, query_ids: Sequence[str], vectors: np.ndarray, k: int) -> set[str]:
+        """The corpus images :meth:`rank` would verify for these (raw) queries at ``k``."""
+        if self.store is None or self.rerank is None or self.rerank.verification is None:
+            return set()
+        if self.whitening is not None:
+            vectors = self.whitening.apply(vectors)
+        return shortlisted_ids(self.index, query_ids, vectors, k, self.rerank.verification)
+
+    def complete(self, ids: Iterable[str], *, label: str = "local features") -> dict[str, Any]:
+        """First use: compute the local features of ``ids`` the bundle has none of yet, then
+        read them from this searcher's store. Nothing to do for a bundle that made all of
+        them up front."""
+        root = self.bundle.first_use_root
+        if root is None or self.store is None:
+            return {}
+        record = stages.complete_local_features(
+            root, self.bundle.descriptors, ids, self.config, label=label
+        )
+        if record.get("layer"):
+            self.store.add(local_feature_cache.layers(root))
+        return record
 
     def check_queries(self, query_models: Sequence[dict[str, Any]]) -> None:
         """Refuse query descriptors of another model than the bundle's."""
@@ -612,7 +724,7 @@ def describe_queries(
     (and local features when the bundle verifies) into ``output``; returns the two folders and
     the extraction summary."""
     layout = JobLayout(output)
-    local = layout.query_local_features if bundle.local_features else None
+    local = layout.query_local_features if bundle.verifies else None
     summary = stages.extract(source, layout.query_descriptors, config, local_output=local)
     return layout.query_descriptors, local, summary
 
@@ -740,6 +852,32 @@ def combine_rerank_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any] | No
     return combined
 
 
+def complete_shortlists(
+    bundle: Bundle,
+    config: RunConfig,
+    queries: str,
+    shards: Sequence[str],
+    k: int,
+    *,
+    queries_in_corpus: bool,
+) -> dict[str, Any]:
+    """First use, before a search: the local features of every corpus image the queries of
+    ``shards`` will verify (their shortlists, by the same global search), and of the queries
+    themselves when they are corpus images, computed once on the runner's workers. Each
+    search worker then only reads, and no two workers compute one image."""
+    searcher = BundleSearch(bundle, config)
+    wanted: set[str] = set()
+    for shard in shards:
+        manifest = shard_manifests.read(queries, shard)
+        if manifest is None:
+            raise FileNotFoundError(f"{queries}: query shard {shard} is not committed")
+        rows = descriptor_shards.read_shard(queries, manifest)
+        wanted |= searcher.shortlisted(rows.ids, rows.vectors, min(k, searcher.index.ntotal))
+        if queries_in_corpus:
+            wanted.update(rows.ids)
+    return searcher.complete(wanted, label="search: local features")
+
+
 def search_bundle(
     bundle: Bundle,
     queries: str,
@@ -772,6 +910,11 @@ def search_bundle(
         )
         is None
     ]
+    first_use = None
+    if todo and bundle.first_use_root is not None and config.rerank.enabled:
+        first_use = complete_shortlists(
+            bundle, config, queries, todo, k, queries_in_corpus=query_local is None
+        )
     task = SearchQueryShards(bundle.root, queries, query_local, parts, config, k, digests)
     runners.runner_for(config, items=len(todo)).map(
         task, todo, label="search", progress_dir=parts, already=len(digests) - len(todo)
@@ -807,4 +950,5 @@ def search_bundle(
         query_expansion={"n": config.expansion.n, "alpha": config.expansion.alpha},
         rerank=config.rerank.as_dict() if rerank_stats else None,
         rerank_stats=rerank_stats,
+        local_features_first_use=first_use,
     )

@@ -52,6 +52,7 @@ from pipelines.job import (
     Bundle,
     JobLayout,
     PreparedCorpus,
+    first_use,
     is_bundle,
     learns,
     run_index_job,
@@ -177,6 +178,9 @@ def _reindex(
     live_dir = versions.version_dir(root, live) if live else None
     info = model_info(config.gem)
     local_info = local_info_for(config.local) if config.local.enabled else None
+    # Local features extracted with the descriptors, layered over the versions; on first use
+    # each version computes those it needs under its own folder (pipelines/job.py).
+    upfront_local = local_info is not None and not first_use(config)
     compare_previous = live_dir is not None
     live_manifest = None
     if live_dir:
@@ -193,6 +197,13 @@ def _reindex(
         elif not is_bundle(live_dir):  # a version from before the job's bundle: no local features
             log.warning("%s predates bundles: every image is extracted again", live)
             compare_previous = False
+        elif upfront_local and Bundle.read(live_dir).first_use_root is not None:
+            log.warning(
+                "%s computed local features on first use and this run extracts them with the "
+                "descriptors (--local-at extract): every image is extracted again",
+                live,
+            )
+            compare_previous = False
 
     # What this version reuses is checked first: the images of a shard whose files no longer
     # match (descriptors or local features) are extracted again, as if they were new.
@@ -204,8 +215,8 @@ def _reindex(
         live_descriptors = storage.join(live_dir, FOLDERS["descriptors"])
         reused, damaged = version_data.check_references(live_descriptors)
         damaged_ids = version_data.ids_of_damaged(live_descriptors, damaged)
-        if local_info:
-            live_layers = list(Bundle.read(live_dir).local_features or [])
+        if upfront_local:
+            live_layers = Bundle.read(live_dir).extracted_local_features
             damaged_ids.update(version_data.damaged_local_ids(live_layers))
         for where, ids in damaged_ids.items():
             log.warning(
@@ -246,7 +257,7 @@ def _reindex(
     vdir = versions.version_dir(root, name)
     batch = storage.join(root, DATA_DIR, name)  # this run's extraction, shared by later versions
     batch_descriptors = storage.join(batch, FOLDERS["descriptors"])
-    batch_local = storage.join(batch, FOLDERS["local_features"]) if local_info else None
+    batch_local = storage.join(batch, FOLDERS["local_features"]) if upfront_local else None
     extracted_ids: set[str] = set()
     failures = 0
     extract_summary = None
@@ -290,7 +301,7 @@ def _reindex(
     if len(live_ids) != indexed:
         raise RuntimeError(f"{vdir}: {indexed} descriptors for {len(live_ids)} images")
     layers: list[str] = []
-    if local_info:
+    if upfront_local:
         layers = list(live_layers)
         if batch_local and extracted_ids:
             layers.append(batch_local)

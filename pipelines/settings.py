@@ -141,6 +141,12 @@ SETTINGS: tuple[Setting, ...] = (
        "local features for spatial verification and mining: rootsift (OpenCV, offline), "
        "delf:<TF-Hub handle | SavedModel folder | gs:// or s3:// copy>, or none (turns off "
        "learn, whiten and verification everywhere)", metavar="METHOD", template=True),
+    _s("local_at", "str", "local_at", ("extract", "learn", "search"), "local", "descriptor",
+       "when a corpus image's local features are computed: first-use (when mining or a "
+       "search's shortlist first needs them, then kept: an image never mined nor shortlisted "
+       "never pays for them) or extract (every image, with its global descriptor: for corpora "
+       "whose images cannot be read again later, e.g. signed URLs)",
+       choices=("first-use", "extract")),
     _s("local_image_size", "int", "local.image_size", EXTRACT, "local", "descriptor",
        "longer image side for local features (measured cost and gain)", metavar="PX",
        template=True),

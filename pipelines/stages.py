@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from pipelines import runners
 from pipelines.config import RunConfig
 from pipelines.runners import WorkerTask
-from retrieval import leases, storage, versions
+from retrieval import leases, local_feature_cache, storage, versions
 from retrieval.descriptors.gem import model_info, prepare_runtime
-from retrieval.extraction import ShardJob, plan_extraction, summarize_extraction
+from retrieval.extraction import (
+    LocalShardJob,
+    ShardJob,
+    decode_sides,
+    plan_extraction,
+    summarize_extraction,
+)
 from retrieval.index import group_index
 from retrieval.index.codebook import train_codebook
 from retrieval.index.merge import MergeTask, finish_merge, plan_merge, run_merge_task
@@ -31,10 +37,11 @@ from retrieval.learning.whitening import (
     whiten_descriptor_folder,
 )
 from retrieval.local_features.extractor import local_info_for
+from retrieval.plan import read_plan
 from retrieval.redaction import sealing_key
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search, reranked_table
-from retrieval.shards import descriptor_shards
+from retrieval.shards import descriptor_shards, local_feature_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 from retrieval.summary import format_accounting, write_summary
 
@@ -59,6 +66,23 @@ class ExtractShards(WorkerTask):
 
     def run(self, state: Any, item: str) -> None:
         self.job.run(item, *state)
+
+
+class ExtractLocalShards(WorkerTask):
+    """First-use local features on a runner's workers: each item a planned shard of a layer,
+    computed and committed by ``LocalShardJob.run`` with the worker's extractor."""
+
+    def __init__(self, job: LocalShardJob):
+        self.job = job
+
+    def setup(self) -> Any:
+        return self.job.build_model()
+
+    def setup_key(self) -> Hashable:
+        return ("local", self.job.local, self.job.worker)
+
+    def run(self, state: Any, item: str) -> None:
+        self.job.run(item, state)
 
 
 class BuildIndexGroups(WorkerTask):
@@ -150,6 +174,64 @@ def _extract(
     return summary
 
 
+def complete_local_features(
+    root: str, descriptors: str, ids: Iterable[str], config: RunConfig, *, label: str
+) -> dict[str, Any]:
+    """First use: compute the local features of those of ``ids`` that ``root`` has none of
+    yet (a new layer, on the run's runner; ``retrieval/local_feature_cache.py``) and return
+    what the request came to. ``descriptors``: the corpus's descriptor folder, whose plans
+    say where each image is read from."""
+    start = time.perf_counter()
+    request = local_feature_cache.plan_request(root, descriptors, ids)
+    record: dict[str, Any] = {
+        "requested": request.requested,
+        "cached": request.cached,
+        "failed_before": request.failed_before,
+        "not_in_corpus": len(request.unknown),
+        "computed": 0,
+        "failed": 0,
+    }
+    if request.layer is not None:
+        local_info = local_info_for(config.local)
+        with leases.hold(request.layer, what="retrieval local features", wait_s=config.lease_wait):
+            pending = local_feature_cache.write_layer_plan(
+                request, descriptors, config.shard_size, local_info
+            )
+            runner = runners.runner_for(config, items=len(pending))
+            side, _ = decode_sides(config.gem, config.local.image_size)
+            job = LocalShardJob(
+                request.layer,
+                config.local,
+                local_info,
+                config.limits,
+                runner.worker_plan(side),
+                side,
+                sealing_key=sealing_key(),
+            )
+            total = len(read_plan(request.layer).shards)
+            runner.map(
+                ExtractLocalShards(job),
+                pending,
+                label=label,
+                progress_dir=request.layer,
+                already=total - len(pending),
+            )
+            made = local_feature_shards.list_shards(request.layer)  # all committed, or raises
+        record["computed"] = sum(m["rows"] for m in made)
+        record["failed"] = sum(m["errors"] for m in made)
+        record["layer"] = request.layer
+        if record["failed"]:
+            log.warning(
+                "%s: %d of %d images have no local features (error rows in %s)",
+                label,
+                record["failed"],
+                request.to_compute,
+                request.layer,
+            )
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
 def train(descriptors: str, output: str, config: RunConfig) -> dict[str, Any]:
     return train_codebook(
         descriptors,
@@ -224,9 +306,10 @@ def search(
         vectors = whitening.apply(vectors)
     rerank_stats = None
     if rerank is not None and rerank.enabled and local:
-        database = LocalFeatureStore(local)
+        # A job's local_features/ holds first-use layers, an extract run's folder its shards.
+        database = LocalFeatureStore(local_feature_cache.folders(local))
         query_store = database if not query_local or query_local == local else None
-        query_store = query_store or LocalFeatureStore(query_local)
+        query_store = query_store or LocalFeatureStore(local_feature_cache.folders(query_local))
         reranked = rerank_search(index, query_ids, vectors, k, rerank, query_store, database)
         table = reranked_table(index, query_ids, reranked)
         rerank_stats = reranked.stats
@@ -273,16 +356,41 @@ def learn(
     config: RunConfig,
     *,
     inputs: str | None = None,
+    first_use_root: str | None = None,
 ) -> dict[str, Any]:
     """Mine verified pairs in the corpus (no labels) and learn a whitening from them.
 
     Writes ``whitening.npz`` + ``whitening.json`` (with the mining figures, and ``inputs``: a
     fingerprint of what it was learned from, by which a re-run knows to keep it) to ``output``.
+    With ``first_use_root``, the local features of the proposed pairs' images are computed
+    there first (on the runner's workers), for those images only.
     """
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     base_model = descriptor_shards.list_shards(descriptors)[0]["model"]
-    store = LocalFeatureStore(local)
-    mined = mine_pairs(ids, vectors, store.get, config.mining, config.verification)
+    folders = local_feature_cache.folders(local) if isinstance(local, str) else local
+    store = LocalFeatureStore(folders)
+    first_use: dict[str, Any] = {}
+
+    def provide(needed: list[str]) -> LocalFeatureStore:
+        assert first_use_root is not None
+        first_use.update(
+            complete_local_features(
+                first_use_root, descriptors, needed, config, label="learn: local features"
+            )
+        )
+        store.add(local_feature_cache.layers(first_use_root))
+        return store
+
+    mined = mine_pairs(
+        ids,
+        vectors,
+        store.get,
+        config.mining,
+        config.verification,
+        provide=provide if first_use_root is not None else None,
+    )
+    if first_use:
+        mined.stats["local_features_first_use"] = first_use
     log.info("mined %s", mined.stats)
     needed = config.mining.min_pairs
     if len(mined.pairs) < needed:
@@ -304,7 +412,7 @@ def learn(
         descriptors=descriptors,
         local_features=local,
         base_model={k: base_model[k] for k in ("id", "config_hash", "weights_sha256")},
-        local_model=store.model["id"],
+        local_model=store.model["id"] if store.model else local_info_for(config.local)["id"],
         inputs=inputs,
     )
 

@@ -488,9 +488,13 @@ def summarize_extraction(
     )
 
 
-def summarize_local_features(local_output: str, local_info: dict[str, Any]) -> dict[str, Any]:
-    """Rows, errors, features and bytes per image of a committed local-feature folder."""
-    manifests = local_feature_shards.list_shards(local_output)
+def summarize_local_features(
+    local_output: str | Sequence[str], local_info: dict[str, Any]
+) -> dict[str, Any]:
+    """Rows, errors, features and bytes per image of a committed local-feature folder (or of
+    several: the layers of first-use features)."""
+    folders = [local_output] if isinstance(local_output, str) else list(local_output)
+    manifests = [m for f in folders for m in local_feature_shards.list_shards(f)]
     data_bytes, rows = local_feature_shards.shard_bytes(manifests)
     seconds = sum(m.get("extract_s", 0.0) for m in manifests)
     return {
@@ -605,3 +609,66 @@ def failures(output: str) -> Sequence[ErrorRow]:
         if m["errors"]
         for e in descriptor_shards.read_errors(output, m)
     ]
+
+
+def extract_local_shard(
+    spec: ShardSpec,
+    extractor: LocalFeatureExtractor,
+    limits: DecodeLimits,
+    *,
+    decode_side: int,
+    decode_threads: int = 1,
+) -> tuple[list[LocalFeatureRow], list[ErrorRow]]:
+    """Local features alone for every input of a shard (first use: the global descriptors
+    exist already). Each image is decoded at ``decode_side``, the side the extract stage
+    decodes at when it makes both (:func:`decode_sides`), so the features are the ones that
+    stage would have made."""
+    rows: list[LocalFeatureRow] = []
+    errors: list[ErrorRow] = []
+    for loaded in load_images(
+        spec.refs,
+        max_side=decode_side,
+        limits=limits,
+        threads=decode_threads,
+        prefetch=4 * max(decode_threads, 1),
+    ):
+        if isinstance(loaded, ErrorRow):
+            errors.append(loaded)
+            continue
+        result = local_feature_row(loaded, extractor)
+        (errors if isinstance(result, ErrorRow) else rows).append(result)
+    return rows, errors
+
+
+@dataclass(frozen=True)
+class LocalShardJob:
+    """What a worker needs to compute and commit the local features of any planned shard of a
+    first-use layer (``retrieval/local_feature_cache.py``): the local-feature counterpart of
+    :class:`ShardJob`, shipped to the workers once."""
+
+    output: str
+    local: LocalFeatureConfig
+    local_info: dict[str, Any]
+    limits: DecodeLimits
+    worker: WorkerPlan
+    decode_side: int
+    sealing_key: bytes | None = field(default=None, repr=False)
+
+    def build_model(self) -> LocalFeatureExtractor:
+        from retrieval.local_features.extractor import build_local_extractor
+
+        return build_local_extractor(self.local, self.worker.inference_threads)
+
+    def run(self, shard_id: str, extractor: LocalFeatureExtractor) -> dict[str, Any]:
+        """Compute and commit ``shard_id``'s local features; returns its manifest."""
+        if self.sealing_key is not None:
+            accept_sealing_key(self.sealing_key)
+        spec = plan.read_shard_spec(self.output, shard_id)
+        rows, errors = extract_local_shard(
+            spec,
+            extractor,
+            self.limits,
+            decode_side=self.decode_side,
+            decode_threads=self.worker.decode_threads,
+        )
+        return local_feature_shards.write_shard(self.output, spec, rows, errors, self.local_info)

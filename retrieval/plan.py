@@ -367,6 +367,23 @@ def read_shard_spec(directory: str, shard_id: str) -> ShardSpec:
     return spec
 
 
+def read_refs(directory: str, ids: Iterable[str]) -> list[ImageRef]:
+    """The references of ``ids`` in ``directory``'s extraction plan (those it has), by id.
+
+    The whole refs file is read and checked against the plan (a driver's lookup, once per
+    request: about 100 bytes an input), then filtered."""
+    plan = read_plan(directory)
+    entry = plan.manifest["files"].get("refs")
+    if entry is None:
+        raise PlanError(f"{directory}: this plan has no input references (not an extract plan)")
+    table = storage.read_parquet(
+        storage.join(directory, REFS_FILE), schema="plan_refs", expect_sha256=entry["sha256"]
+    )
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    rows = table.filter(pc.is_in(table["id"], value_set=wanted)).to_pylist()
+    return [ImageRef(r["id"], r["uri"], r["problem"], r.get("sealed")) for r in rows]
+
+
 def committed_manifests(directory: str, *, kind: str) -> list[dict[str, Any]]:
     """The committed manifests of exactly the shards of ``directory``'s plan, in plan order.
 

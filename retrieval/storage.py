@@ -519,6 +519,25 @@ def list_files(prefix: str, *, suffixes: Iterable[str] | None = None) -> list[st
     return sorted(uris)
 
 
+def list_folders(uri: str) -> list[str]:
+    """The folders (object-store prefixes) directly under ``uri``, as full URIs, sorted; none
+    when ``uri`` does not exist."""
+    fs, path = filesystem(uri)
+
+    def ls() -> list[str]:
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return []
+        entries = fs.ls(path, detail=True)
+        return [
+            e["name"]
+            for e in entries
+            if e["type"] == "directory" and e["name"].rstrip("/") != path.rstrip("/")
+        ]
+
+    return sorted(with_scheme(fs, p.rstrip("/")) for p in with_retries(ls, what=f"list {uri}"))
+
+
 LIST_THREADS = 8  # folders (prefixes) listed at once by iter_files
 
 

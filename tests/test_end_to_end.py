@@ -61,7 +61,11 @@ def test_evaluate_writes_a_complete_report(ukbench_run):
     html = (ukbench_run / "report.html").read_text()
     assert html.count("<img") >= 10 and "data:image/" in html
     assert "| global |" in (ukbench_run / "report.md").read_text()
-    assert report["local_features"]["rows"] == 56  # extracted in the same pass
+    # Computed on first use by mining: its sample (5,000) holds all 56 images.
+    assert report["local_features"]["at"] == "first-use"
+    assert (
+        report["local_features"]["rows"] == 56 and report["local_features"]["share_of_corpus"] == 1
+    )
 
 
 def _search(ukbench_run, out, *flags) -> list[dict]:

@@ -48,7 +48,8 @@ def test_spark_cluster_submission_answers_like_evaluate(spark_cluster, ukbench_r
     argv += ["--input", str(folder / "images"), "--queries", str(folder / "images")]
     assert cli.main([*argv, "--output", str(out)]) == 0
     bundle = json.loads((out / "bundle.json").read_text())
-    assert bundle["whitening"] == "whitening" and bundle["local_features"] == ["local_features"]
+    assert bundle["whitening"] == "whitening" and bundle["local_features"] is None
+    assert bundle["local_features_first_use"] == "local_features"  # computed where needed
     default = evaluate_default(ukbench_run)
     assert default["name"] == "global+lw+sv+vqe"
     assert results_map(out / "results" / "results.parquet", folder) == pytest.approx(
@@ -129,8 +130,9 @@ def _group_benchmark(folder: Path, images: dict[str, Path]) -> Path:
 
 def test_reindex_keeps_the_whole_default(tmp_path):
     """40 images, then 10 added, 3 changed, 5 deleted: exactly the 13 new and changed images
-    get global and local features, and the new version answers `search --query-images` within
-    0.5 mAP of a full rebuild of the same images."""
+    get global descriptors (local features on first use, by the version's mining and
+    searches), and the new version answers `search --query-images` within 0.5 mAP of a full
+    rebuild of the same images."""
     from pipelines.config import RunConfig
     from pipelines.reindex import reindex
 
@@ -159,7 +161,9 @@ def test_reindex_keeps_the_whole_default(tmp_path):
     counts = {k: second[k] for k in ("new", "changed", "deleted", "unchanged", "failed")}
     assert counts == {"new": 10, "changed": 3, "deleted": 5, "unchanged": 32, "failed": 0}
     batch = json.loads((root / "data" / "v000002" / "descriptors" / "summary.json").read_text())
-    assert batch["inputs"] == 13 and batch["local_features"]["rows"] == 13
+    assert batch["inputs"] == 13 and batch.get("local_features") is None
+    version = json.loads((root / "versions" / "v000002" / "bundle.json").read_text())
+    assert version["local_features_first_use"] == "local_features"
 
     benchmark = _group_benchmark(
         tmp_path / "bench", {Path(name).stem: path for name, path in content.items()}

@@ -4,6 +4,7 @@ with a full rebuild, versions roll back; and the drift measure behind retraining
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -48,6 +49,9 @@ def config(tmp_path_factory):
             "runner": "local",
             "workers": 1,
             "shard_size": 8,
+            # These tests follow local features extracted with the descriptors, layered over
+            # the versions; first use (the default) is test_reindex_first_use_*.
+            "local_at": "extract",
         }
     )
 
@@ -129,6 +133,46 @@ def test_reindex_extracts_only_changes_and_rolls_back(tmp_path: Path, config):
     table = pq.read_table(tmp_path / "search" / "results.parquet")
     assert set(table.column("id").to_pylist()) <= {f"img{i:03d}.png" for i in range(40)}
     assert any(i in deleted for i in table.column("id").to_pylist())  # v1 still had them
+
+
+def test_reindex_first_use_computes_local_features_in_each_version(tmp_path: Path, config):
+    """First use (the default): a re-index extracts only global descriptors of the changes;
+    each version computes the local features its mining and searches need under its own
+    folder, and searching the root computes only the shortlisted images' not yet there."""
+    import pyarrow.parquet as pq
+
+    from pipelines.job import Bundle
+    from retrieval.shards.local_feature_shards import LocalFeatureStore
+
+    first_use = replace(config, local_at="first-use")
+    corpus, root = tmp_path / "corpus", tmp_path / "root"
+    corpus.mkdir()
+    for i in range(12):
+        _image(corpus / f"img{i:03d}.png", seed=i)
+    reindex(str(corpus), str(root), first_use)
+    _image(corpus / "img100.png", seed=100)
+    second = reindex(str(corpus), str(root), first_use)
+    assert second["extracted"] == 1
+    batch = root / "data" / "v000002"
+    assert not (batch / "local_features").exists()  # nothing extracted but the descriptor
+    extracted = json.loads((batch / "descriptors" / "summary.json").read_text())
+    assert extracted.get("local_features") is None
+    v2 = root / "versions" / "v000002"
+    bundle = Bundle.read(str(v2))
+    assert bundle.record["local_features"] is None
+    assert bundle.first_use_root == str(v2 / "local_features")
+    # Mining proposed every image (the sample is larger than the corpus): all 13 computed,
+    # in this version's folder, whether or not enough pairs were verified to learn.
+    made = LocalFeatureStore(bundle.local_features or [])
+    assert len(made) == 13
+    queries = str(v2 / "descriptors")
+    out = tmp_path / "search"
+    argv = ["search", "--index", str(root), "--queries", queries, "--output", str(out)]
+    assert cli.main([*argv, "--k", "5"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    request = summary["local_features_first_use"]
+    assert (request["requested"], request["cached"], request["computed"]) == (13, 13, 0)
+    assert pq.read_table(out / "results.parquet").num_rows == 13 * 5
 
 
 def test_old_versions_are_pruned_and_never_the_live_one(tmp_path: Path, config):

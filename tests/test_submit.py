@@ -99,7 +99,8 @@ def test_dataflow_dry_run_prints_every_stage_with_its_options(tmp_path, capsys):
         ("describe", "workers"),
         ("search", "driver"),
     ]
-    assert "writes gs://acme/run1/descriptors, gs://acme/run1/local_features" in out
+    assert "writes gs://acme/run1/descriptors\n" in out  # local features: on first use
+    assert "writes gs://acme/run1/local_features, gs://acme/run1/whitening" in out  # by learn
     assert "reads gs://acme/queries" in out
     assert "gs://acme/run1/bundle.json" in out
     # each stage's settings, from their declarations (pipelines/settings.py)
@@ -350,12 +351,13 @@ def test_spark_submission_runs_the_whole_job(tmp_path, capsys):
     assert code == 0, printed
     summary = json.loads((out / "descriptors" / "summary.json").read_text())
     assert (summary["inputs"], summary["indexed"], summary["shards"]) == (8, 8, 2)
-    assert summary["local_features"]["rows"] == 8  # the default job: local features too
+    assert summary.get("local_features") is None  # the default job: on first use
     merged = json.loads((out / "index" / "summary.json").read_text())
     assert merged["inputs"] == merged["indexed"] == 8
     assert (out / "index" / "index.faissindex").exists()
     bundle = json.loads((out / "bundle.json").read_text())
-    assert bundle["local_features"] == ["local_features"]
+    assert bundle["local_features_first_use"] == "local_features"
+    assert bundle["local_model"]["id"] == "rootsift-pca56@448x1000"
 
 
 def test_flex_template_program_runs_the_extraction(tmp_path):

@@ -179,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--local",
         metavar="URI",
-        help="local-feature folder of the indexed images (from `extract --local-output`), for a "
-        "bare index folder: turns on spatial verification and verified query expansion (a "
-        "bundle knows its own)",
+        help="local-feature folder of the indexed images (from `extract --local-output`, or a "
+        "job's local_features/ with the layers computed on first use), for a bare index "
+        "folder: turns on spatial verification and verified query expansion (a bundle knows "
+        "its own, and computes missing ones on first use)",
     )
     p.add_argument(
         "--query-local",

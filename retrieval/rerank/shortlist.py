@@ -89,6 +89,40 @@ class Reranked:
     stats: dict[str, Any]
 
 
+def search_depth(index: GlobalIndex, k: int, verification: VerificationConfig) -> int:
+    """How deep the global search of a re-ranked search goes (the shortlist, or ``k``)."""
+    return min(max(k, verification.shortlist), index.ntotal)
+
+
+def shortlist_pairs(
+    index: GlobalIndex, query_ids: Sequence[str], found: np.ndarray, shortlist: int
+) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
+    """(query id, image id) pairs to verify: each query's top ``shortlist`` but itself, and
+    where each sits in ``found`` (query row, rank)."""
+    pairs, where = [], []
+    for q, qid in enumerate(query_ids):
+        for r, faiss_id in enumerate(found[q, :shortlist]):
+            if faiss_id >= 0 and index.ids[faiss_id] != qid:
+                pairs.append((qid, str(index.ids[faiss_id])))
+                where.append((q, r))
+    return pairs, where
+
+
+def shortlisted_ids(
+    index: GlobalIndex,
+    query_ids: Sequence[str],
+    queries: np.ndarray,
+    k: int,
+    verification: VerificationConfig,
+) -> set[str]:
+    """The corpus images :func:`rerank_search` would verify for these queries (the same
+    search): what must have local features before it runs."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    _, found = index.search(queries, search_depth(index, k, verification))
+    pairs, _ = shortlist_pairs(index, query_ids, found, verification.shortlist)
+    return {image_id for _, image_id in pairs}
+
+
 def rerank_search(
     index: GlobalIndex,
     query_ids: Sequence[str],
@@ -109,15 +143,9 @@ def rerank_search(
     verification = config.verification
     start = time.perf_counter()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    depth = min(max(k, verification.shortlist), index.ntotal)
+    depth = search_depth(index, k, verification)
     scores, found = index.search(queries, depth)
-
-    pairs, where = [], []
-    for q, qid in enumerate(query_ids):
-        for r, faiss_id in enumerate(found[q, : verification.shortlist]):
-            if faiss_id >= 0 and index.ids[faiss_id] != qid:
-                pairs.append((qid, str(index.ids[faiss_id])))
-                where.append((q, r))
+    pairs, where = shortlist_pairs(index, query_ids, found, verification.shortlist)
     cache = inlier_cache if inlier_cache is not None else {}
     todo = [p for p in dict.fromkeys(pairs) if p not in cache]
     verify_start = time.perf_counter()

@@ -37,7 +37,13 @@ from retrieval.local_features.features import (
     encode_descriptors,
 )
 from retrieval.manifests import check_name
-from retrieval.shards.descriptor_shards import ErrorRow, data_uri, error_table, errors_uri
+from retrieval.shards.descriptor_shards import (
+    TRANSIENT_ERROR_KINDS,
+    ErrorRow,
+    data_uri,
+    error_table,
+    errors_uri,
+)
 
 KIND = "local_features"
 # The manifest ``format`` of shards whose features file holds one Arrow record batch per image.
@@ -149,6 +155,11 @@ def write_shard(
             "dim": dim,
             "extract_s": round(sum(r.seconds for r in rows), 4),
             "ids": [r.id for r in rows],  # lets a store find an image's shard from manifests
+            # Which inputs failed, and which of those a later run should try again (a read
+            # that timed out): what first-use computation (retrieval/local_feature_cache.py)
+            # must not ask for again, read from manifests alone.
+            "error_ids": [e.id for e in errors],
+            "retry_ids": [e.id for e in errors if e.error_kind in TRANSIENT_ERROR_KINDS],
             "format": BATCH_PER_IMAGE,
             # Per image (in ``ids`` order): [first byte, end byte, SHA-256 of those bytes].
             "batches": [[a, b, storage.sha256_bytes(data[a:b])] for a, b in spans],
@@ -328,27 +339,48 @@ class LocalFeatureStore:
         threads: int = FETCH_THREADS,
     ):
         self.directories = [directory] if isinstance(directory, str) else list(directory)
-        self.directory = self.directories[-1]
+        self.directory = self.directories[-1] if self.directories else None
         self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
-        for folder in self.directories:
-            listed = list_shards(folder)
-            if not listed:
-                raise FileNotFoundError(f"no committed local-feature shards under {folder}")
-            self._manifests.update({(folder, m["shard"]): m for m in listed})
-        models = {m["model"]["config_hash"] for m in self._manifests.values()}
-        if len(models) > 1:
-            raise ValueError(f"{self.directory}: local-feature shards of several models {models}")
-        self.model = next(iter(self._manifests.values()))["model"]
         # id -> (folder, shard, position in the shard), in layer order: later layers win.
         self._where: dict[str, tuple[str, str, int]] = {}
-        for key, manifest in self._manifests.items():
-            self._where.update({image_id: (*key, i) for i, image_id in enumerate(manifest["ids"])})
+        self.model: dict[str, Any] | None = None  # no folder at all: an empty store
+        self._lock = Lock()
+        self._add(self.directories)
         self._cache: OrderedDict[str, tuple[LocalFeatures | None, int]] = OrderedDict()
         self._cached_bytes = 0
         self._cache_bytes = cache_bytes
         self._threads = threads
-        self._lock = Lock()
         self.bytes_read = 0
+
+    def _add(self, folders: Sequence[str]) -> None:
+        manifests_: dict[tuple[str, str], dict[str, Any]] = {}
+        for folder in folders:
+            listed = list_shards(folder)
+            if not listed:
+                raise FileNotFoundError(f"no committed local-feature shards under {folder}")
+            manifests_.update({(folder, m["shard"]): m for m in listed})
+        models = {m["model"]["config_hash"] for m in manifests_.values()}
+        if self.model is not None:
+            models.add(self.model["config_hash"])
+        if len(models) > 1:
+            raise ValueError(f"{self.directory}: local-feature shards of several models {models}")
+        with self._lock:
+            self._manifests.update(manifests_)
+            for key, manifest in manifests_.items():
+                self._where.update(
+                    {image_id: (*key, i) for i, image_id in enumerate(manifest["ids"])}
+                )
+            if self.model is None and manifests_:
+                self.model = next(iter(manifests_.values()))["model"]
+
+    def add(self, folders: Sequence[str]) -> None:
+        """Also read from those of ``folders`` not read yet (layers computed since: first
+        use), as later layers. Cached features stay."""
+        new = [f for f in folders if f not in self.directories]
+        self._add(new)
+        self.directories += new
+        if self.directories:
+            self.directory = self.directories[-1]
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._where
