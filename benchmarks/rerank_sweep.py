@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval import local_feature_cache
 from retrieval.descriptors.pooling import l2_normalize
 from retrieval.evaluation.ground_truth import load_benchmark
 from retrieval.evaluation.metrics import evaluate_rankings
@@ -40,7 +41,9 @@ def main() -> None:
 
     bench = load_benchmark(args.benchmark)
     ids, _, x = descriptor_shards.read_all(str(Path(args.run) / "descriptors"))
-    store = LocalFeatureStore(str(Path(args.run) / "local_features"))
+    # An evaluate run's local features: its first-use layers (every image of a benchmark smaller
+    # than the mining sample has them), or one extracted folder (--local-at extract).
+    store = LocalFeatureStore(local_feature_cache.folders(str(Path(args.run) / "local_features")))
     position = {i: n for n, i in enumerate(ids)}
     qids = sorted({q.id for q in bench.queries} & set(position))
     cache: dict[tuple[str, str], int] = {}

@@ -1,8 +1,9 @@
 """``retrieval evaluate``: the whole default pipeline on a benchmark folder, then a report.
 
-    images/ ─► extract (GeM + local features, one decode) ─► mine verified pairs ─► learn
-    whitening ─► whiten ─► train ─► index ─► merge ─► search + spatial verification +
-    verified QE ─► metrics; every step also scored as its own row (``global`` = the floor).
+    images/ ─► extract (GeM) ─► mine verified pairs (local features on first use) ─► learn
+    whitening ─► whiten ─► train ─► index ─► merge ─► search + spatial verification (the
+    shortlists' local features on first use) + verified QE ─► metrics; every step also scored
+    as its own row (``global`` = the floor).
 
 ``results[0]`` is what the default pipeline answers (``retrieval search`` over the whitened
 index with ``--local``); the other rows add one step at a time to ``global``, so the report

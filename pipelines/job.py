@@ -1,16 +1,22 @@
 """The default indexing job, declared once, and the bundle it leaves for search.
 
-    corpus ─► extract (GeM + local features, one decode) ─► learn (mine verified pairs, learn a
-    whitening; no labels) ─► whiten ─► train (codebook) ─► index (groups) ─► merge ─► bundle.json
+    corpus ─► extract (GeM) ─► learn (mine pairs, compute their images' local features on first
+    use, keep the verified ones, learn a whitening; no labels) ─► whiten ─► train (codebook) ─►
+    index (groups) ─► merge ─► bundle.json
 
     queries ─► describe (the bundle's own model: GeM + local features) ─► search (whiten, global
-    shortlist, spatial verification, verified query expansion) ─► results/results.parquet
+    shortlist, its images' local features on first use, spatial verification, verified query
+    expansion) ─► results/results.parquet
+
+With ``--local-at extract`` the extract stage makes every corpus image's local features in the
+same pass (one decode) and nothing is computed later (:data:`FIRST_USE` lists what differs).
 
 Everything lands under one output folder (:class:`JobLayout`). ``retrieval evaluate``, ``retrieval
 submit`` (Dataflow and Spark), ``retrieval reindex`` and the demo all run :data:`INDEX_STAGES`
 through :func:`run_index_job`, and search answers with :class:`BundleSearch`, so the number a
 report gives is the number a user's job reproduces. A setting that turns a stage off
-(``--local-features none``, ``--no-learn``) turns it off in every one of them (:func:`stages_for`).
+(``--local-features none``, ``--no-learn``) turns it off in every one of them, and
+``--local-at`` moves local features in every one of them (:func:`stages_for`).
 Every stage is idempotent: a re-run skips committed shards, groups, codebooks and whitenings,
 whichever runner wrote them.
 
@@ -674,8 +680,9 @@ class BundleSearch:
         record = stages.complete_local_features(
             root, self.bundle.descriptors, ids, self.config, label=label
         )
-        if record.get("layer"):
-            self.store.add(local_feature_cache.layers(root))
+        # Also layers another run finished since this store was opened: what the request
+        # counted as there must be readable here.
+        self.store.add(local_feature_cache.layers(root))
         return record
 
     def check_queries(self, query_models: Sequence[dict[str, Any]]) -> None:

@@ -141,7 +141,7 @@ SETTINGS: tuple[Setting, ...] = (
        "local features for spatial verification and mining: rootsift (OpenCV, offline), "
        "delf:<TF-Hub handle | SavedModel folder | gs:// or s3:// copy>, or none (turns off "
        "learn, whiten and verification everywhere)", metavar="METHOD", template=True),
-    _s("local_at", "str", "local_at", ("extract", "learn", "search"), "local", "descriptor",
+    _s("local_at", "str", "local_at", ("learn", "search"), "local", "job",
        "when a corpus image's local features are computed: first-use (when mining or a "
        "search's shortlist first needs them, then kept: an image never mined nor shortlisted "
        "never pays for them) or extract (every image, with its global descriptor: for corpora "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from pipelines import runners
@@ -174,6 +174,11 @@ def _extract(
     return summary
 
 
+# How long a first-use request waits for another run computing the same images (its layer's
+# lease) before it stops with one line naming that run.
+FIRST_USE_LEASE_WAIT_S = 3600.0
+
+
 def complete_local_features(
     root: str, descriptors: str, ids: Iterable[str], config: RunConfig, *, label: str
 ) -> dict[str, Any]:
@@ -193,7 +198,10 @@ def complete_local_features(
     }
     if request.layer is not None:
         local_info = local_info_for(config.local)
-        with leases.hold(request.layer, what="retrieval local features", wait_s=config.lease_wait):
+        # Another run holding this layer's lease is computing exactly these images: wait for
+        # it (then nothing is left to do) rather than stop.
+        wait_s = max(config.lease_wait, FIRST_USE_LEASE_WAIT_S)
+        with leases.hold(request.layer, what="retrieval local features", wait_s=wait_s):
             pending = local_feature_cache.write_layer_plan(
                 request, descriptors, config.shard_size, local_info
             )
@@ -208,17 +216,18 @@ def complete_local_features(
                 side,
                 sealing_key=sealing_key(),
             )
-            total = len(read_plan(request.layer).shards)
-            runner.map(
-                ExtractLocalShards(job),
-                pending,
-                label=label,
-                progress_dir=request.layer,
-                already=total - len(pending),
-            )
+            if pending:  # none: the run that held the lease before this one made them all
+                runner.map(
+                    ExtractLocalShards(job),
+                    pending,
+                    label=label,
+                    progress_dir=request.layer,
+                    already=len(read_plan(request.layer).shards) - len(pending),
+                )
             made = local_feature_shards.list_shards(request.layer)  # all committed, or raises
-        record["computed"] = sum(m["rows"] for m in made)
-        record["failed"] = sum(m["errors"] for m in made)
+        here = [m for m in made if m["shard"] in set(pending)]  # the rest: an earlier run's
+        record["computed"] = sum(m["rows"] for m in here)
+        record["failed"] = sum(m["errors"] for m in here)
         record["layer"] = request.layer
         if record["failed"]:
             log.warning(
@@ -371,15 +380,15 @@ def learn(
     store = LocalFeatureStore(folders)
     first_use: dict[str, Any] = {}
 
-    def provide(needed: list[str]) -> LocalFeatureStore:
-        assert first_use_root is not None
-        first_use.update(
-            complete_local_features(
-                first_use_root, descriptors, needed, config, label="learn: local features"
-            )
-        )
-        store.add(local_feature_cache.layers(first_use_root))
-        return store
+    def provide_in(root: str) -> Callable[[list[str]], LocalFeatureStore]:
+        def provide(needed: list[str]) -> LocalFeatureStore:
+            label = "learn: local features"
+            record = complete_local_features(root, descriptors, needed, config, label=label)
+            first_use.update(record)
+            store.add(local_feature_cache.layers(root))
+            return store
+
+        return provide
 
     mined = mine_pairs(
         ids,
@@ -387,7 +396,7 @@ def learn(
         store.get,
         config.mining,
         config.verification,
-        provide=provide if first_use_root is not None else None,
+        provide=provide_in(first_use_root) if first_use_root is not None else None,
     )
     if first_use:
         mined.stats["local_features_first_use"] = first_use

@@ -144,3 +144,22 @@ def test_first_use_answers_exactly_like_extracting_up_front(ukbench_run, tmp_pat
     assert pq.read_table(ukbench_run / "rankings.parquet").equals(
         pq.read_table(out / "rankings.parquet")
     )
+
+
+def test_two_runs_asking_for_the_same_images_compute_them_once(upfront, tmp_path):
+    """Two searches at once that need the same images: one computes them, the other waits for
+    its layer's lease and then finds them there (it does not stop, nor compute them again)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, out = upfront
+    ids, _, _ = descriptor_shards.read_all(str(out / "descriptors"))
+    root = str(tmp_path / "first_use")
+
+    def request(_: int) -> dict:
+        return stages.complete_local_features(root, str(out / "descriptors"), ids, LOCAL, label="t")
+
+    with ThreadPoolExecutor(2) as pool:
+        records = list(pool.map(request, range(2)))
+    # The second either waited for the first's lease or asked after it had finished.
+    assert sorted(r["computed"] for r in records) == [0, len(ids)]
+    assert len(local_feature_cache.layers(root)) == 1

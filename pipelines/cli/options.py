@@ -49,7 +49,8 @@ def learn_options(group: argparse._ActionsContainer) -> None:
 
 
 def job_options(group: argparse._ActionsContainer) -> None:
-    """Settings that turn stages of the default job off (``--no-learn``)."""
+    """Settings that turn stages of the default job off (``--no-learn``) or say when they run
+    (``--local-at``)."""
     settings.add_flags(group, ["job"], _defaults())
 
 

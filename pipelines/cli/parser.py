@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         `retrieval reindex` leave: bundle.json), a re-index root (its CURRENT version), or a
         bare merged index folder. A bundle answers with its own default pipeline and needs no
         other flag: raw query descriptors are whitened with the bundle's whitening, the global
-        shortlist is verified against the corpus's local features (spatial verification) and
-        expanded with verified neighbours. Flags given here override the bundle's defaults.
+        shortlist is verified against the corpus's local features (spatial verification;
+        those of shortlisted images not yet computed are computed first, once, on the
+        runner's workers: local features on first use) and expanded with verified
+        neighbours. Flags given here override the bundle's defaults.
 
         --query-images URI describes the query images first (a folder, prefix or manifest,
         like `extract --input`) with the bundle's own model, global and local features, into
@@ -300,16 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole indexing job on Dataflow or a Spark cluster",
         description=textwrap.dedent("""\
         Run the default job on a cluster, the same stages `retrieval evaluate` measures:
-        extract (GeM + local features) -> learn (mined pairs -> whitening) -> whiten -> train ->
-        index -> merge, into --output, which ends as a bundle (bundle.json) that `retrieval
-        search --index OUTPUT` answers from with the job's defaults. With --queries, the job
-        then describes the query images with the bundle's model and searches:
-        OUTPUT/results/results.parquet (query_id, rank, id, uri, score, inliers).
+        extract (GeM) -> learn (mined pairs, their images' local features on first use ->
+        whitening) -> whiten -> train -> index -> merge, into --output, which ends as a
+        bundle (bundle.json) that `retrieval search --index OUTPUT` answers from with the job's
+        defaults. With --queries, the job then describes the query images with the bundle's
+        model and searches: OUTPUT/results/results.parquet (query_id, rank, id, uri, score,
+        inliers).
 
-        --runner dataflow: the workers' stages (extract, index, merge) run as Dataflow jobs
-          (pipeline options from the [dataflow] section of --config: project, region,
-          temp_location, machine_type, max_workers, sdk_container_image, gpu_type/gpu_count);
-          learn, whiten and train run here.
+        --runner dataflow: the workers' stages (extract, learn's local features, index,
+          merge) run as Dataflow jobs (pipeline options from the [dataflow] section of
+          --config: project, region, temp_location, machine_type, max_workers,
+          sdk_container_image, gpu_type/gpu_count); learn, whiten and train run here.
         --runner spark: one Spark application (deploy/spark/job.py) runs the job with the
           Spark runner: `spark-submit` (standalone, YARN, Kubernetes) or, when [spark]
           cluster is set, `gcloud dataproc jobs submit pyspark`. The project reaches the
@@ -350,10 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
             description=textwrap.dedent(f"""\
             {helptext[0].upper() + helptext[1:]}.
 
-            Runs extract (GeM + local features, one decode per image) -> learn (mine verified
-            pairs without labels, learn a whitening) -> whiten -> train -> index -> merge ->
-            search every query + spatial verification + verified query expansion -> metrics,
-            and writes report.json, report.md and report.html to --out. A benchmark folder
+            Runs extract (GeM) -> learn (mine pairs by global kNN, compute their images' local
+            features on first use, keep the verified pairs: no labels; learn a whitening) ->
+            whiten -> train -> index -> merge -> search every query + spatial verification +
+            verified query expansion -> metrics, and writes report.json, report.md and
+            report.html to --out. A benchmark folder
             holds images/ and gt.json (see ../shared/benchmarks/README.md): mAP as in Revisited
             Oxford/Paris (junk and the query ignored), mAP per landmark, mP@1/5/10, and the
             UKBench N-S score when every group has 4 images. results[0] is the default
