@@ -73,7 +73,6 @@ from retrieval.rerank.shortlist import DEFAULT_VERIFIED_QE, RerankConfig
 from retrieval.rerank.spatial import VerificationConfig
 
 RUNNERS = tuple(settings.RUNNERS)
-LOCAL_AT = ("first-use", "extract")
 
 
 @dataclass(frozen=True)
@@ -136,9 +135,9 @@ class RunConfig:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {self.runner!r}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
-        if self.local_at not in LOCAL_AT:
+        if self.local_at not in settings.LOCAL_AT:
             raise ValueError(
-                f"local_at must be one of {', '.join(LOCAL_AT)}, not {self.local_at!r}"
+                f"local_at must be one of {', '.join(settings.LOCAL_AT)}, not {self.local_at!r}"
             )
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")

@@ -49,7 +49,7 @@ from retrieval.index.search import NO_EXPANSION, SearchableIndex, load_index
 from retrieval.manifests import utc_now
 from retrieval.rerank.query_expansion import QueryExpansion
 from retrieval.rerank.shortlist import RerankConfig, rerank_search, shortlisted_ids
-from retrieval.shards import descriptor_shards, local_feature_shards
+from retrieval.shards import descriptor_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 from retrieval.version_data import relative
 
@@ -483,14 +483,11 @@ def evaluate_benchmark(
     local_summary = extract_summary.get("local_features") or {}
     if bundle.first_use_root is not None:  # the images that needed them: mined or shortlisted
         layers = bundle.local_features or []
+        made = summarize_local_features(layers, bundle.record["local_model"]) if layers else {}
         local_summary = {
             "at": "first-use",
-            **(summarize_local_features(layers, bundle.record["local_model"]) if layers else {}),
-            "share_of_corpus": round(
-                sum(m["rows"] for f in layers for m in local_feature_shards.list_shards(f))
-                / max(len(ids), 1),
-                4,
-            ),
+            **made,
+            "share_of_corpus": round(made.get("rows", 0) / max(len(ids), 1), 4),
             "search_request": first_use,
         }
     mining = learning.get("mining") or {}

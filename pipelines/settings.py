@@ -32,6 +32,10 @@ RUNNERS: dict[str, str] = {
 }
 
 
+# When a corpus image's local features are made (``--local-at``; RunConfig checks it too).
+LOCAL_AT = ("first-use", "extract")
+
+
 class SettingError(ValueError):
     """A setting with a value of the wrong type or out of its choices (one line, exit 2)."""
 
@@ -146,7 +150,7 @@ SETTINGS: tuple[Setting, ...] = (
        "search's shortlist first needs them, then kept: an image never mined nor shortlisted "
        "never pays for them) or extract (every image, with its global descriptor: for corpora "
        "whose images cannot be read again later, e.g. signed URLs)",
-       choices=("first-use", "extract")),
+       choices=LOCAL_AT),
     _s("local_image_size", "int", "local.image_size", EXTRACT, "local", "descriptor",
        "longer image side for local features (measured cost and gain)", metavar="PX",
        template=True),

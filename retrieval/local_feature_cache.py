@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from retrieval import plan, storage
@@ -46,19 +46,24 @@ UNAVAILABLE = (
 )
 
 
-def layers(root: str) -> list[str]:
-    """The finished layers under ``root`` (every planned shard committed), in name order. A
-    layer still being written is left out: the request that made it finishes it."""
+def finished_layers(root: str) -> list[tuple[str, list[dict]]]:
+    """(folder, its shard manifests) of each finished layer under ``root`` (every planned shard
+    committed), in name order. A layer still being written is left out: the request that made
+    it finishes it."""
     found = []
     for folder in storage.list_folders(root):
         if not folder.rstrip("/").rsplit("/", 1)[-1].startswith(LAYER_PREFIX):
             continue
         try:
-            local_feature_shards.list_shards(folder)
+            found.append((folder, local_feature_shards.list_shards(folder)))
         except (PlanError, FileNotFoundError):
             continue
-        found.append(folder)
     return found
+
+
+def layers(root: str) -> list[str]:
+    """The finished layers' folders under ``root``, in name order."""
+    return [folder for folder, _ in finished_layers(root)]
 
 
 def folders(uri: str) -> list[str]:
@@ -69,14 +74,13 @@ def folders(uri: str) -> list[str]:
     return layers(uri)
 
 
-def known_ids(folders: Sequence[str]) -> tuple[set[str], set[str]]:
-    """(ids with features, ids that failed for good) over ``folders``' manifests."""
+def known_ids(manifests: Iterable[dict]) -> tuple[set[str], set[str]]:
+    """(ids with features, ids that failed for good) over local-feature shard manifests."""
     have: set[str] = set()
     failed: set[str] = set()
-    for folder in folders:
-        for manifest in local_feature_shards.list_shards(folder):
-            have.update(manifest["ids"])
-            failed.update(set(manifest.get("error_ids", ())) - set(manifest.get("retry_ids", ())))
+    for manifest in manifests:
+        have.update(manifest["ids"])
+        failed.update(set(manifest.get("error_ids", ())) - set(manifest.get("retry_ids", ())))
     return have, failed - have
 
 
@@ -117,7 +121,6 @@ class Request:
     """What a request for the features of some images comes to: which were there already,
     which failed before, which are not in the corpus, and the layer that computes the rest."""
 
-    root: str
     requested: int
     cached: int
     failed_before: int
@@ -133,7 +136,7 @@ class Request:
 def plan_request(root: str, descriptors: str, ids: Iterable[str]) -> Request:
     """Which of ``ids`` need their features computed, and the layer that will hold them."""
     wanted = sorted(set(ids))
-    have, failed = known_ids(layers(root))
+    have, failed = known_ids(m for _, listed in finished_layers(root) for m in listed)
     todo = [i for i in wanted if i not in have and i not in failed]
     refs = corpus_refs(descriptors, todo) if todo else {}
     unknown = tuple(i for i in todo if i not in refs)
@@ -149,7 +152,6 @@ def plan_request(root: str, descriptors: str, ids: Iterable[str]) -> Request:
         digest = hashlib.sha256("\n".join(r.id for r in chosen).encode()).hexdigest()[:16]
         layer = storage.join(root, LAYER_PREFIX + digest)
     return Request(
-        root,
         len(wanted),
         sum(i in have for i in wanted),
         sum(i in failed for i in wanted),
