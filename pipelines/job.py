@@ -51,6 +51,7 @@ from retrieval.learning.whitening import (
     load_whitening,
     whitened_model_info,
 )
+from retrieval.local_feature_cache import FirstUse
 from retrieval.local_features.extractor import local_info_for
 from retrieval.manifests import read_manifest, utc_now
 from retrieval.plan import PlanError
@@ -67,6 +68,8 @@ from retrieval.shards.local_feature_shards import LocalFeatureStore
 log = logging.getLogger(__name__)
 
 BUNDLE_FILE = "bundle.json"
+# The first-use layers a re-index version inherits, less what changed (local_feature_cache).
+INHERITED_FILE = "local_features_inherited.parquet"
 BUNDLE_KIND = "retrieval_bundle"
 BUNDLE_VERSION = 1
 
@@ -279,7 +282,11 @@ def _folder_fingerprint(directory: str, kind: str) -> list[str]:
 
 
 def learn_whitening_once(
-    layout: JobLayout, config: RunConfig, timings: dict[str, float], local: Sequence[str]
+    layout: JobLayout,
+    config: RunConfig,
+    timings: dict[str, float],
+    local: Sequence[str],
+    computed_on_first_use: FirstUse | None,
 ) -> dict[str, Any]:
     """The learn stage, skipped when ``whitening.json`` was learned from the same descriptors,
     local features and settings (its ``inputs`` fingerprint). Returns the learning record:
@@ -314,7 +321,7 @@ def learn_whitening_once(
             layout.whitening,
             config,
             inputs=inputs,
-            first_use_root=layout.local_features if first_use(config) else None,
+            first_use=computed_on_first_use,
         )
     except InsufficientPairsError as exc:
         log.warning("learned whitening skipped: %s", exc)
@@ -352,10 +359,13 @@ def whiten_once(layout: JobLayout, whitening_dir: str, timings: dict[str, float]
 class PreparedCorpus:
     """The extract stage's output when a caller made it itself (a re-index: only new and
     changed images extracted, the rest carried over): the descriptor folder the job reads, and
-    the local-feature folders (layers, later ones shadowing earlier ones) of every image."""
+    the local-feature folders (layers, later ones shadowing earlier ones) of every image, or
+    on first use the layers it inherits and where it computes more."""
 
     extract_summary: dict[str, Any]
     local_features: tuple[str, ...] = ()
+    # On first use: where this version computes local features, and the layers it inherits.
+    first_use: FirstUse | None = None
 
 
 def run_index_job(
@@ -408,6 +418,9 @@ def _run_index_job(
     index_input = layout.descriptors
     local = layout.local_features if config.local.enabled and not first_use(config) else None
     local_layers: tuple[str, ...] = (local,) if local else ()
+    computed_on_first_use = None
+    if first_use(config):
+        computed_on_first_use = (prepared and prepared.first_use) or FirstUse(layout.local_features)
     for number, stage in enumerate(chosen, start=1):
         announce(number, len(chosen), stage)
         start = time.perf_counter()
@@ -424,7 +437,9 @@ def _run_index_job(
             if kept is not None:
                 learning = {"enabled": True, **copy_whitening(kept, layout.whitening)}
             else:
-                learning = learn_whitening_once(layout, config, timings, local_layers)
+                learning = learn_whitening_once(
+                    layout, config, timings, local_layers, computed_on_first_use
+                )
         elif stage.name == "whiten":
             if "skipped" in learning:
                 continue
@@ -452,7 +467,7 @@ def _run_index_job(
         timings=timings,
         summaries=summaries,
         local_features=local_layers,
-        first_use_root=layout.local_features if first_use(config) else None,
+        first_use=computed_on_first_use,
         extra=extra,
     )
 
@@ -490,18 +505,25 @@ def write_bundle(
     timings: dict[str, float],
     summaries: dict[str, Any] | None = None,
     local_features: Sequence[str] = (),
-    first_use_root: str | None = None,
+    first_use: FirstUse | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Commit the job: ``bundle.json``, what search needs to answer like the job was built to
     (paths relative to the bundle's folder, or absolute URIs for data it shares with other
-    versions). ``first_use_root``: where corpus images' local features are computed on first
-    use (``retrieval/local_feature_cache.py``), when they are."""
+    versions). ``first_use``: where corpus images' local features are computed on first use
+    (``retrieval/local_feature_cache.py``), when they are, and the layers it inherits."""
     layout = JobLayout(output)
     layers = [_relative(output, folder) for folder in local_features]
     local_model = (extract_summary.get("local_features") or {}).get("model")
-    if first_use_root is not None:
+    first_use_root = first_use.root if first_use is not None else None
+    inherited = None
+    if first_use is not None:
         local_model = local_info_for(config.local)
+        if first_use.inherited:
+            inherited = INHERITED_FILE
+            local_feature_cache.write_inherited(
+                storage.join(output, INHERITED_FILE), first_use.inherited
+            )
     record = {
         "kind": BUNDLE_KIND,
         "version": BUNDLE_VERSION,
@@ -511,6 +533,7 @@ def write_bundle(
         "local_features_first_use": (
             _relative(output, first_use_root) if first_use_root is not None else None
         ),
+        "local_features_inherited": inherited,
         "descriptors": FOLDERS["descriptors"],
         "model": extract_summary["model"],
         "local_model": local_model,
@@ -583,6 +606,24 @@ class Bundle:
         return self.path("local_features_first_use")
 
     @property
+    def first_use(self) -> FirstUse | None:
+        """Where corpus images' local features are computed on first use, with the layers
+        this version inherits from earlier ones (a re-index)."""
+        root = self.first_use_root
+        if root is None:
+            return None
+        inherited = self.path("local_features_inherited")
+        layers = local_feature_cache.read_inherited(inherited) if inherited else ()
+        return FirstUse(root, layers)
+
+    def local_feature_store(self) -> LocalFeatureStore:
+        """The corpus's local features as search reads them (the layers there are now)."""
+        first_use = self.first_use
+        if first_use is None:
+            return LocalFeatureStore(self.extracted_local_features)
+        return first_use.store()
+
+    @property
     def verifies(self) -> bool:
         """Whether the bundle has (or makes on first use) local features for verification."""
         return bool(self.record.get("local_features")) or self.first_use_root is not None
@@ -595,13 +636,13 @@ class Bundle:
     @property
     def local_features(self) -> list[str] | None:
         """The corpus's local-feature folders (layers: a later one's row for an id wins); for
-        first use, the layers computed so far (possibly none)."""
-        layers = self.extracted_local_features
-        if self.first_use_root is not None:
-            layers += local_feature_cache.layers(self.first_use_root)
-        elif not layers:
-            return None
-        return layers
+        first use, the layers there are so far (possibly none), inherited ones first. Read
+        them through :meth:`local_feature_store`: an inherited layer is read less the images
+        that changed since."""
+        first_use = self.first_use
+        if first_use is not None:
+            return first_use.folders()
+        return self.extracted_local_features or None
 
     @property
     def descriptors(self) -> str:
@@ -657,7 +698,7 @@ class BundleSearch:
                 )
         self.rerank: RerankConfig | None = config.rerank if bundle.verifies else None
         self.store = (
-            LocalFeatureStore(bundle.local_features or [])
+            bundle.local_feature_store()
             if self.rerank is not None and self.rerank.enabled
             else None
         )
@@ -674,15 +715,15 @@ class BundleSearch:
         """First use: compute the local features of ``ids`` the bundle has none of yet, then
         read them from this searcher's store. Nothing to do for a bundle that made all of
         them up front."""
-        root = self.bundle.first_use_root
-        if root is None or self.store is None:
+        first_use = self.bundle.first_use
+        if first_use is None or self.store is None:
             return {}
         record = stages.complete_local_features(
-            root, self.bundle.descriptors, ids, self.config, label=label
+            first_use, self.bundle.descriptors, ids, self.config, label=label
         )
         # Also layers another run finished since this store was opened: what the request
         # counted as there must be readable here.
-        self.store.add(local_feature_cache.layers(root))
+        first_use.refresh(self.store)
         return record
 
     def check_queries(self, query_models: Sequence[dict[str, Any]]) -> None:

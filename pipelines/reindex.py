@@ -8,14 +8,16 @@ default job (``pipelines.job``) incrementally, and ``retrieval rollback``.
     list corpus + content keys ─► diff with the live version's state ─► new / changed / deleted
          │                                         (images of damaged shards count as new)
          │
-         ├─► claim a version name (created exclusively), extract new + changed only, global and
-         │   local features (the job's extract stage, on a manifest of them) into
+         ├─► claim a version name (created exclusively), extract new + changed only, global
+         │   (and with --local-at extract local) features (the job's extract stage) into
          │   ROOT/data/vNNNNNN/: this run's batch
          ├─► descriptors of the new version = references to the batch shards it shares with the
          │   live version (less the ids changed, deleted or extracted again) + to the batch's
          │   (``retrieval/version_data.py``: manifests only, no descriptor is copied); local
          │   features = the live version's layers + the batch's (a later layer's row for an
-         │   image shadows an earlier one's, deleted images are never asked)
+         │   image shadows an earlier one's, deleted images are never asked); on first use, the
+         │   layers the live version reads, less every image not unchanged since, and the
+         │   version's own under ROOT/data/vNNNNNN/local_features (``local_feature_cache``)
          ├─► learn: the live whitening is kept unless the rule below says to learn again
          ├─► whiten, train (the live codebook is kept unless drift, ``retrieval/index/drift.py``,
          │   a corpus size that calls for another index type, or a new whitening makes it
@@ -57,7 +59,7 @@ from pipelines.job import (
     learns,
     run_index_job,
 )
-from retrieval import corpus_state, leases, storage, version_data, versions
+from retrieval import corpus_state, leases, local_feature_cache, storage, version_data, versions
 from retrieval.corpus import SEALED_COLUMN, iter_corpus
 from retrieval.descriptors.gem import model_info
 from retrieval.index import factory as factories
@@ -179,7 +181,8 @@ def _reindex(
     info = model_info(config.gem)
     local_info = local_info_for(config.local) if config.local.enabled else None
     # Local features extracted with the descriptors, layered over the versions; on first use
-    # each version computes those it needs under its own folder (pipelines/job.py).
+    # each version computes those it needs under its own batch folder, and inherits what the
+    # live version could read, less what changed (retrieval/local_feature_cache.py).
     upfront_local = local_info is not None and not first_use(config)
     compare_previous = live_dir is not None
     live_manifest = None
@@ -306,6 +309,22 @@ def _reindex(
         if batch_local and extracted_ids:
             layers.append(batch_local)
         layers = _layers_in_use(layers, live_ids)
+    computed_on_first_use = None
+    if local_info is not None and not upfront_local:
+        inherited: list[local_feature_cache.Inherited] = []
+        if live_dir and compare_previous:
+            # Every image whose bytes are not the ones the live version described (changed,
+            # deleted, new or back again, extracted again) is read from no inherited layer.
+            stale = set(changes.to_extract) | set(changes.deleted) | suspects
+            shared = storage.join(root, DATA_DIR)
+            readable = _readable_layers(live_dir)
+            inherited = local_feature_cache.carry_over(
+                readable, stale, live_ids, shared_under=shared
+            )
+        computed_on_first_use = local_feature_cache.FirstUse(
+            storage.join(batch, FOLDERS["local_features"]), tuple(inherited)
+        )
+        layers = [layer.folder for layer in inherited]
     timings["compose_s"] = time.perf_counter() - t
     composed = {
         "model": info,
@@ -355,7 +374,9 @@ def _reindex(
         corpus,
         vdir,
         config,
-        prepared=PreparedCorpus(composed, tuple(layers)),
+        prepared=PreparedCorpus(
+            composed, tuple(layers) if upfront_local else (), computed_on_first_use
+        ),
         keep_whitening=lambda: keep_dir,
         keep_codebook=keep_codebook,
     )
@@ -418,8 +439,13 @@ def _reindex(
             "model": info,
             "local_model": local_info,
             "whitening": whitening_record or None,
-            # Shared data this version reads outside its own folder (pruning keeps it).
-            "uses": sorted(set(used) | {_batch_of(root, layer) for layer in layers}),
+            # Shared data this version reads outside its own folder (pruning keeps it): its
+            # descriptors' batches, its local features' (on first use, where it computes them).
+            "uses": sorted(
+                set(used)
+                | {_batch_of(root, layer) for layer in layers}
+                | ({name} if computed_on_first_use is not None else set())
+            ),
             **counts,
             "indexed": indexed,
         },
@@ -449,6 +475,17 @@ def _layers_in_use(layers: list[str], live_ids: set[str]) -> list[str]:
             kept.append(layer)
             covered |= fresh
     return list(reversed(kept))
+
+
+def _readable_layers(version_dir: str) -> list[local_feature_cache.Inherited]:
+    """The local-feature layers a version reads, in order, each with what it is read without."""
+    bundle = Bundle.read(version_dir)
+    visible = [local_feature_cache.Inherited(f) for f in bundle.extracted_local_features]
+    where = bundle.first_use
+    if where is not None:
+        own = local_feature_cache.layers(where.root)
+        visible += [*where.inherited, *(local_feature_cache.Inherited(f) for f in own)]
+    return visible
 
 
 def _batch_of(root: str, layer: str) -> str:

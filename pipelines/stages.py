@@ -36,6 +36,7 @@ from retrieval.learning.whitening import (
     save_whitening,
     whiten_descriptor_folder,
 )
+from retrieval.local_feature_cache import FirstUse
 from retrieval.local_features.extractor import local_info_for
 from retrieval.plan import read_plan
 from retrieval.redaction import sealing_key
@@ -180,14 +181,15 @@ FIRST_USE_LEASE_WAIT_S = 3600.0
 
 
 def complete_local_features(
-    root: str, descriptors: str, ids: Iterable[str], config: RunConfig, *, label: str
+    first_use: FirstUse, descriptors: str, ids: Iterable[str], config: RunConfig, *, label: str
 ) -> dict[str, Any]:
-    """First use: compute the local features of those of ``ids`` that ``root`` has none of
-    yet (a new layer, on the run's runner; ``retrieval/local_feature_cache.py``) and return
-    what the request came to. ``descriptors``: the corpus's descriptor folder, whose plans
-    say where each image is read from."""
+    """First use: compute the local features of those of ``ids`` that no layer of
+    ``first_use`` has yet (a new layer under its root, on the run's runner;
+    ``retrieval/local_feature_cache.py``) and return what the request came to.
+    ``descriptors``: the corpus's descriptor folder, whose plans say where each image is read
+    from."""
     start = time.perf_counter()
-    request = local_feature_cache.plan_request(root, descriptors, ids)
+    request = local_feature_cache.plan_request(first_use, descriptors, ids)
     record: dict[str, Any] = {
         "requested": request.requested,
         "cached": request.cached,
@@ -365,28 +367,32 @@ def learn(
     config: RunConfig,
     *,
     inputs: str | None = None,
-    first_use_root: str | None = None,
+    first_use: FirstUse | None = None,
 ) -> dict[str, Any]:
     """Mine verified pairs in the corpus (no labels) and learn a whitening from them.
 
     Writes ``whitening.npz`` + ``whitening.json`` (with the mining figures, and ``inputs``: a
     fingerprint of what it was learned from, by which a re-run knows to keep it) to ``output``.
-    With ``first_use_root``, the local features of the proposed pairs' images are computed
-    there first (on the runner's workers), for those images only.
+    With ``first_use``, the local features are read from its layers (``local`` is not read),
+    and those of the proposed pairs' images it has none of are computed first (on the runner's
+    workers), for those images only.
     """
     ids, _, vectors = descriptor_shards.read_all(descriptors)
     base_model = descriptor_shards.list_shards(descriptors)[0]["model"]
-    folders = local_feature_cache.folders(local) if isinstance(local, str) else local
-    store = LocalFeatureStore(folders)
-    first_use: dict[str, Any] = {}
+    if first_use is not None:
+        store = first_use.store()
+    else:
+        store = LocalFeatureStore(
+            local_feature_cache.folders(local) if isinstance(local, str) else local
+        )
+    request: dict[str, Any] = {}
 
-    def provide_in(root: str) -> Callable[[list[str]], LocalFeatureStore]:
+    def provide_in(first_use: FirstUse) -> Callable[[list[str]], LocalFeatureStore]:
         def provide(needed: list[str]) -> LocalFeatureStore:
             label = "learn: local features"
-            record = complete_local_features(root, descriptors, needed, config, label=label)
-            first_use.update(record)
-            store.add(local_feature_cache.layers(root))
-            return store
+            record = complete_local_features(first_use, descriptors, needed, config, label=label)
+            request.update(record)
+            return first_use.refresh(store)
 
         return provide
 
@@ -396,10 +402,10 @@ def learn(
         store.get,
         config.mining,
         config.verification,
-        provide=provide_in(first_use_root) if first_use_root is not None else None,
+        provide=provide_in(first_use) if first_use is not None else None,
     )
-    if first_use:
-        mined.stats["local_features_first_use"] = first_use
+    if request:
+        mined.stats["local_features_first_use"] = request
     log.info("mined %s", mined.stats)
     needed = config.mining.min_pairs
     if len(mined.pairs) < needed:

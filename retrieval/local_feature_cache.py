@@ -15,6 +15,13 @@ bytes and the model, so whichever copy a store reads is the same. A corpus image
 mined nor shortlisted never pays for local features (at a million images, the default mining
 sample and its neighbours are ~5% of the corpus: README, "Cost of the default job").
 
+A re-index version does not start from nothing: it *inherits* the layers the live version could
+read (its own and those it inherited), each less the images whose bytes changed, went away or
+came back since (:func:`carry_over`), listed in the version's ``local_features_inherited.parquet``
+(:class:`FirstUse`). Its own layers go under ``ROOT/data/<version>/local_features``, where the
+versions that inherit them keep them from pruning (``version.json``'s ``uses``). A layer no live
+image reads any more is not inherited.
+
 Images are read again from the corpus's own run plans (the descriptor folder's, and for a
 re-index version the batch folders its shards come from). An input whose URL carried a secret
 was sealed with the key of the run that listed it: a later run cannot open it, and its error row
@@ -26,8 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from retrieval import plan, storage
 from retrieval.corpus import iter_shards
@@ -35,6 +44,7 @@ from retrieval.image_refs import ImageRef
 from retrieval.plan import PlanError
 from retrieval.redaction import SealError, unseal
 from retrieval.shards import descriptor_shards, local_feature_shards
+from retrieval.shards.local_feature_shards import LocalFeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +56,14 @@ UNAVAILABLE = (
 )
 
 
-def finished_layers(root: str) -> list[tuple[str, list[dict]]]:
+def finished_layers(root: str, *, skip: Collection[str] = ()) -> list[tuple[str, list[dict]]]:
     """(folder, its shard manifests) of each finished layer under ``root`` (every planned shard
-    committed), in name order. A layer still being written is left out: the request that made
-    it finishes it."""
+    committed), in name order, but those in ``skip`` (known finished: their manifests are not
+    read again). A layer still being written is left out: the request that made it finishes
+    it."""
     found = []
     for folder in storage.list_folders(root):
-        if not folder.rstrip("/").rsplit("/", 1)[-1].startswith(LAYER_PREFIX):
+        if not folder.rstrip("/").rsplit("/", 1)[-1].startswith(LAYER_PREFIX) or folder in skip:
             continue
         try:
             found.append((folder, local_feature_shards.list_shards(folder)))
@@ -61,9 +72,9 @@ def finished_layers(root: str) -> list[tuple[str, list[dict]]]:
     return found
 
 
-def layers(root: str) -> list[str]:
-    """The finished layers' folders under ``root``, in name order."""
-    return [folder for folder, _ in finished_layers(root)]
+def layers(root: str, *, skip: Collection[str] = ()) -> list[str]:
+    """The finished layers' folders under ``root``, in name order (less ``skip``)."""
+    return [folder for folder, _ in finished_layers(root, skip=skip)]
 
 
 def folders(uri: str) -> list[str]:
@@ -74,14 +85,113 @@ def folders(uri: str) -> list[str]:
     return layers(uri)
 
 
-def known_ids(manifests: Iterable[dict]) -> tuple[set[str], set[str]]:
-    """(ids with features, ids that failed for good) over local-feature shard manifests."""
+def known_ids(
+    manifests: Iterable[dict], excluded: frozenset[str] = frozenset()
+) -> tuple[set[str], set[str]]:
+    """(ids with features, ids that failed for good) over local-feature shard manifests, less
+    ``excluded``."""
     have: set[str] = set()
     failed: set[str] = set()
     for manifest in manifests:
         have.update(manifest["ids"])
         failed.update(set(manifest.get("error_ids", ())) - set(manifest.get("retry_ids", ())))
-    return have, failed - have
+    return have - excluded, failed - have - excluded
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """A layer an earlier version computed (or extracted), less the images that changed since."""
+
+    folder: str
+    excluded: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class FirstUse:
+    """Where a corpus's local features are read and made on first use: the layers inherited
+    from earlier versions (a re-index), then those computed under ``root`` (later ones win)."""
+
+    root: str
+    inherited: tuple[Inherited, ...] = ()
+
+    def folders(self) -> list[str]:
+        return [layer.folder for layer in self.inherited] + layers(self.root)
+
+    def store(self) -> LocalFeatureStore:
+        """A store over every layer there is now (:meth:`refresh` adds later ones)."""
+        excluded = {layer.folder: layer.excluded for layer in self.inherited if layer.excluded}
+        return LocalFeatureStore(self.folders(), excluded=excluded)
+
+    def refresh(self, store: LocalFeatureStore) -> LocalFeatureStore:
+        """``store`` reading the layers finished under ``root`` since it was opened, too
+        (only those new layers' manifests are read: a root holds one layer per request)."""
+        store.add(layers(self.root, skip=set(store.directories)))
+        return store
+
+    def known(self) -> tuple[set[str], set[str]]:
+        """(ids with features, ids that failed for good) over every layer."""
+        have: set[str] = set()
+        failed: set[str] = set()
+        parts = [(local_feature_shards.list_shards(i.folder), i.excluded) for i in self.inherited]
+        parts += [(listed, frozenset()) for _, listed in finished_layers(self.root)]
+        for manifests, excluded in parts:
+            more_have, more_failed = known_ids(manifests, excluded)
+            have |= more_have
+            failed |= more_failed
+        return have, failed - have
+
+
+INHERITED_COLUMNS = pa.schema([("layer", pa.string()), ("excluded", pa.list_(pa.string()))])
+
+
+def write_inherited(uri: str, inherited: Sequence[Inherited]) -> None:
+    """The inherited layers and what each is read without, as one small Parquet file."""
+    storage.write_parquet(
+        uri,
+        pa.table(
+            {
+                "layer": [layer.folder for layer in inherited],
+                "excluded": [sorted(layer.excluded) for layer in inherited],
+            },
+            schema=INHERITED_COLUMNS,
+        ),
+    )
+
+
+def read_inherited(uri: str) -> tuple[Inherited, ...]:
+    table = storage.read_parquet(uri)
+    return tuple(
+        Inherited(folder, frozenset(excluded))
+        for folder, excluded in zip(
+            table.column("layer").to_pylist(), table.column("excluded").to_pylist(), strict=True
+        )
+    )
+
+
+def carry_over(
+    visible: Sequence[Inherited], stale: set[str], live: set[str], *, shared_under: str
+) -> list[Inherited]:
+    """The layers a new version inherits from what the live one reads (``visible``, in layer
+    order): each less the ``stale`` ids (whose bytes changed, went away or came back), kept
+    only if a ``live`` image still reads it. Only layers under ``shared_under`` (the root's
+    data folder, which pruning keeps while a version uses it) can be inherited; an unreadable
+    one is left out, and its images get their features again on first use."""
+    prefix = shared_under.rstrip("/") + "/"
+    kept: list[Inherited] = []
+    for layer in visible:
+        if not layer.folder.startswith(prefix):
+            log.warning("%s: not under %s, so not inherited", layer.folder, shared_under)
+            continue
+        try:
+            manifests = local_feature_shards.list_shards(layer.folder)
+        except (PlanError, FileNotFoundError, ValueError) as exc:
+            log.warning("%s: not inherited (%s)", layer.folder, exc)
+            continue
+        ids = {i for m in manifests for i in (*m["ids"], *m.get("error_ids", ()))}
+        excluded = frozenset((layer.excluded | stale) & ids)
+        if (ids - excluded) & live:
+            kept.append(Inherited(layer.folder, excluded))
+    return kept
 
 
 def corpus_refs(descriptors: str, ids: Iterable[str]) -> dict[str, ImageRef]:
@@ -133,10 +243,12 @@ class Request:
         return len(self.refs)
 
 
-def plan_request(root: str, descriptors: str, ids: Iterable[str]) -> Request:
-    """Which of ``ids`` need their features computed, and the layer that will hold them."""
+def plan_request(first_use: FirstUse, descriptors: str, ids: Iterable[str]) -> Request:
+    """Which of ``ids`` need their features computed, and the layer under ``first_use.root``
+    that will hold them."""
+    root = first_use.root
     wanted = sorted(set(ids))
-    have, failed = known_ids(m for _, listed in finished_layers(root) for m in listed)
+    have, failed = first_use.known()
     todo = [i for i in wanted if i not in have and i not in failed]
     refs = corpus_refs(descriptors, todo) if todo else {}
     unknown = tuple(i for i in todo if i not in refs)

@@ -20,6 +20,7 @@ from pipelines.job import Bundle, run_index_job
 from retrieval import local_feature_cache, storage
 from retrieval.image_refs import ImageRef
 from retrieval.learning.mining import MiningConfig
+from retrieval.local_feature_cache import FirstUse, Inherited
 from retrieval.shards import descriptor_shards
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 
@@ -58,9 +59,10 @@ def test_first_use_features_equal_those_extracted_up_front_and_are_computed_once
     _, out = upfront
     ids, _, _ = descriptor_shards.read_all(str(out / "descriptors"))
     root = str(tmp_path / "first_use")
+    where = FirstUse(root)
     descriptors = str(out / "descriptors")
 
-    first = stages.complete_local_features(root, descriptors, ids[:4], LOCAL, label="t")
+    first = stages.complete_local_features(where, descriptors, ids[:4], LOCAL, label="t")
     assert (first["requested"], first["computed"], first["cached"]) == (4, 4, 0)
     up_front = LocalFeatureStore(str(out / "local"))
     computed = LocalFeatureStore(local_feature_cache.layers(root))
@@ -69,17 +71,37 @@ def test_first_use_features_equal_those_extracted_up_front_and_are_computed_once
         assert same_features(computed.get(image_id), up_front.get(image_id)), image_id
 
     # Asked again with more: only the new ones are computed, in a layer of their own.
-    second = stages.complete_local_features(root, descriptors, ids, LOCAL, label="t")
+    second = stages.complete_local_features(where, descriptors, ids, LOCAL, label="t")
     assert (second["computed"], second["cached"]) == (len(ids) - 4, 4)
-    assert len(local_feature_cache.layers(root)) == 2
-    computed = LocalFeatureStore(local_feature_cache.layers(root))
+    both = local_feature_cache.layers(root)
+    assert len(both) == 2 and local_feature_cache.layers(root, skip=both[:1]) == both[1:]
+    computed = LocalFeatureStore(both)
     for image_id in ids:
         assert same_features(computed.get(image_id), up_front.get(image_id)), image_id
 
     # Everything there: nothing to compute, no new layer.
-    third = stages.complete_local_features(root, descriptors, ids, LOCAL, label="t")
+    third = stages.complete_local_features(where, descriptors, ids, LOCAL, label="t")
     assert third["computed"] == 0 and "layer" not in third
     assert len(local_feature_cache.layers(root)) == 2
+
+
+def test_inherited_layers_are_read_less_what_they_exclude(upfront, tmp_path):
+    """A re-index version's view: layers of an earlier version, read less the images that
+    changed since. Those are computed again (into the version's own root); the rest are not."""
+    _, out = upfront
+    ids, _, _ = descriptor_shards.read_all(str(out / "descriptors"))
+    descriptors = str(out / "descriptors")
+    earlier = FirstUse(str(tmp_path / "v1"))
+    stages.complete_local_features(earlier, descriptors, ids, LOCAL, label="t")
+    (layer,) = local_feature_cache.layers(earlier.root)
+    later = FirstUse(str(tmp_path / "v2"), (Inherited(layer, frozenset({ids[0]})),))
+    store = later.store()
+    assert ids[0] not in store and all(i in store for i in ids[1:])
+    record = stages.complete_local_features(later, descriptors, ids, LOCAL, label="t")
+    assert (record["computed"], record["cached"]) == (1, len(ids) - 1)
+    later.refresh(store)
+    assert ids[0] in store and local_feature_cache.layers(later.root)
+    assert same_features(store.get(ids[0]), LocalFeatureStore(layer).get(ids[0]))
 
 
 def test_an_image_that_fails_for_good_is_not_asked_for_again(upfront, tmp_path):
@@ -92,11 +114,11 @@ def test_an_image_that_fails_for_good_is_not_asked_for_again(upfront, tmp_path):
     storage.write_bytes(uris[0], b"\xff\xd8 no longer a photo")  # replaced since described
     root = str(tmp_path / "first_use")
     record = stages.complete_local_features(
-        root, str(tmp_path / "descriptors"), ids[:2], config, label="t"
+        FirstUse(root), str(tmp_path / "descriptors"), ids[:2], config, label="t"
     )
     assert (record["computed"], record["failed"]) == (1, 1)
     again = stages.complete_local_features(
-        root, str(tmp_path / "descriptors"), ids[:2], config, label="t"
+        FirstUse(root), str(tmp_path / "descriptors"), ids[:2], config, label="t"
     )
     assert (again["cached"], again["failed_before"], again["computed"]) == (1, 1, 0)
 
@@ -156,7 +178,9 @@ def test_two_runs_asking_for_the_same_images_compute_them_once(upfront, tmp_path
     root = str(tmp_path / "first_use")
 
     def request(_: int) -> dict:
-        return stages.complete_local_features(root, str(out / "descriptors"), ids, LOCAL, label="t")
+        return stages.complete_local_features(
+            FirstUse(root), str(out / "descriptors"), ids, LOCAL, label="t"
+        )
 
     with ThreadPoolExecutor(2) as pool:
         records = list(pool.map(request, range(2)))

@@ -163,7 +163,14 @@ def test_reindex_keeps_the_whole_default(tmp_path):
     batch = json.loads((root / "data" / "v000002" / "descriptors" / "summary.json").read_text())
     assert batch["inputs"] == 13 and batch.get("local_features") is None
     version = json.loads((root / "versions" / "v000002" / "bundle.json").read_text())
-    assert version["local_features_first_use"] == "local_features"
+    # Its own first-use layers go to its batch; it reads v1's less the 3 changed, 5 deleted.
+    assert version["local_features_first_use"] == str(root / "data" / "v000002" / "local_features")
+    from pipelines.job import Bundle
+
+    inherited = Bundle.read(str(root / "versions" / "v000002")).first_use.inherited
+    assert inherited and set().union(*(i.excluded for i in inherited)) == {
+        p.name for p in source[0:5] + source[36:40] if p != source[3]
+    }
 
     benchmark = _group_benchmark(
         tmp_path / "bench", {Path(name).stem: path for name, path in content.items()}

@@ -137,12 +137,11 @@ def test_reindex_extracts_only_changes_and_rolls_back(tmp_path: Path, config):
 
 def test_reindex_first_use_computes_local_features_in_each_version(tmp_path: Path, config):
     """First use (the default): a re-index extracts only global descriptors of the changes;
-    each version computes the local features its mining and searches need under its own
+    each version computes the local features its mining and searches need under its own batch
     folder, and searching the root computes only the shortlisted images' not yet there."""
     import pyarrow.parquet as pq
 
     from pipelines.job import Bundle
-    from retrieval.shards.local_feature_shards import LocalFeatureStore
 
     first_use = replace(config, local_at="first-use")
     corpus, root = tmp_path / "corpus", tmp_path / "root"
@@ -154,25 +153,109 @@ def test_reindex_first_use_computes_local_features_in_each_version(tmp_path: Pat
     second = reindex(str(corpus), str(root), first_use)
     assert second["extracted"] == 1
     batch = root / "data" / "v000002"
-    assert not (batch / "local_features").exists()  # nothing extracted but the descriptor
     extracted = json.loads((batch / "descriptors" / "summary.json").read_text())
-    assert extracted.get("local_features") is None
+    assert extracted.get("local_features") is None  # nothing extracted but the descriptor
     v2 = root / "versions" / "v000002"
     bundle = Bundle.read(str(v2))
     assert bundle.record["local_features"] is None
-    assert bundle.first_use_root == str(v2 / "local_features")
-    # Mining proposed every image (the sample is larger than the corpus): all 13 computed,
-    # in this version's folder, whether or not enough pairs were verified to learn.
-    made = LocalFeatureStore(bundle.local_features or [])
-    assert len(made) == 13
+    assert bundle.first_use_root == str(batch / "local_features")
+    # Mining proposed every image (the sample is larger than the corpus): v1 computed its 12,
+    # v2 inherits them and computes only the new image, whether or not it learned again.
+    made = bundle.local_feature_store()
+    assert "img100.png" not in made or second["whitening_reason"]
     queries = str(v2 / "descriptors")
     out = tmp_path / "search"
     argv = ["search", "--index", str(root), "--queries", queries, "--output", str(out)]
     assert cli.main([*argv, "--k", "5"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     request = summary["local_features_first_use"]
-    assert (request["requested"], request["cached"], request["computed"]) == (13, 13, 0)
+    assert (request["requested"], request["cached"]) == (13, 13)
     assert pq.read_table(out / "results.parquet").num_rows == 13 * 5
+
+
+def test_reindex_first_use_inherits_what_did_not_change(tmp_path: Path, config):
+    """A version reads the local features earlier versions computed for images whose bytes
+    did not change, never those of a changed, deleted or re-added image, and keeps the layers
+    it reads when the versions that made them are pruned."""
+    from pipelines.job import Bundle
+    from retrieval.local_feature_cache import layers
+
+    first_use = replace(config, local_at="first-use")
+    corpus, root = tmp_path / "corpus", tmp_path / "root"
+    corpus.mkdir()
+    for i in range(12):
+        _image(corpus / f"img{i:03d}.png", seed=i)
+    reindex(str(corpus), str(root), first_use, keep=1)
+    v1_layers = layers(str(root / "data" / "v000001" / "local_features"))
+    assert v1_layers  # mining computed every image's features in v1
+    old = Bundle.read(str(root / "versions" / "v000001")).local_feature_store()
+    assert len(old) == 12
+    old_features = {i: old.get(i) for i in ("img002.png", "img003.png", "img005.png")}
+
+    _image(corpus / "img003.png", seed=1003)  # changed
+    (corpus / "img005.png").unlink()  # deleted
+    _image(corpus / "img100.png", seed=100)  # new
+    second = reindex(str(corpus), str(root), first_use, keep=1)
+    assert (second["changed"], second["deleted"], second["new"]) == (1, 1, 1)
+    assert versions.versions(str(root)) == ["v000002"]  # v1 pruned, its layers kept
+    assert all(Path(layer).is_dir() for layer in v1_layers)
+    manifest = json.loads((root / "versions" / "v000002" / "version.json").read_text())
+    assert {"v000001", "v000002"} <= set(manifest["uses"])
+
+    bundle = Bundle.read(str(root / "versions" / "v000002"))
+    where = bundle.first_use
+    assert where is not None and where.root == str(root / "data" / "v000002" / "local_features")
+    assert [layer.folder for layer in where.inherited] == v1_layers
+    assert set().union(*(layer.excluded for layer in where.inherited)) == {
+        "img003.png",
+        "img005.png",
+    }
+    store = bundle.local_feature_store()
+    unchanged = {f"img{i:03d}.png" for i in range(12)} - {"img003.png", "img005.png"}
+    assert unchanged <= {i for i in unchanged if i in store}
+    np.testing.assert_array_equal(
+        store.get("img002.png").descriptors, old_features["img002.png"].descriptors
+    )
+
+    # A search asks for every image: the unchanged ones are read from v1's layer, the changed
+    # and the new one computed, the changed one from its new bytes.
+    out = tmp_path / "search"
+    queries = str(root / "versions" / "v000002" / "descriptors")
+    argv = ["search", "--index", str(root), "--queries", queries, "--output", str(out), "--k", "5"]
+    assert cli.main(argv) == 0
+    request = json.loads((out / "summary.json").read_text())["local_features_first_use"]
+    assert request["requested"] == 12
+    assert request["cached"] + request["computed"] == 12
+    assert request["cached"] >= len(unchanged)
+    store = Bundle.read(str(root / "versions" / "v000002")).local_feature_store()
+    assert len(store) == 12 and "img005.png" not in store
+    changed = store.get("img003.png")
+    assert changed is not None
+    assert changed.descriptors.shape != old_features["img003.png"].descriptors.shape or not (
+        np.array_equal(changed.descriptors, old_features["img003.png"].descriptors)
+    )
+
+    # The image comes back with other bytes: not read from the layers that hold its old ones
+    # (here v3's mining computes it again, from its new bytes).
+    _image(corpus / "img005.png", seed=2005)
+    third = reindex(str(corpus), str(root), first_use, keep=1)
+    assert third["new"] == 1
+    latest = Bundle.read(str(root / "versions" / "v000003"))
+    assert latest.first_use is not None
+    from_v1 = [i for i in latest.first_use.inherited if i.folder in v1_layers]
+    assert from_v1 and all("img005.png" in layer.excluded for layer in from_v1)
+    store = latest.local_feature_store()
+    assert "img002.png" in store
+    back = store.get("img005.png")
+    assert back is None or not np.array_equal(
+        back.descriptors[:5], old_features["img005.png"].descriptors[:5]
+    )
+
+    # A version that extracted nothing still keeps the folder its searches compute into.
+    fourth = reindex(str(corpus), str(root), first_use, keep=1)
+    assert fourth["extracted"] == 0
+    manifest = json.loads((root / "versions" / "v000004" / "version.json").read_text())
+    assert "v000004" in manifest["uses"]
 
 
 def test_old_versions_are_pruned_and_never_the_live_one(tmp_path: Path, config):

@@ -18,7 +18,7 @@ before this layout (``part-XXXXX.parquet``, no ``format`` in the manifest) are r
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from threading import Lock
@@ -329,12 +329,16 @@ class LocalFeatureStore:
     series). Fetched features stay in a least-recently-used cache of at most ``cache_bytes``.
     Shards written before the one-batch-per-image layout are read whole, as they always were.
     Lookups are thread-safe. ``bytes_read`` counts the feature bytes read so far.
+
+    ``excluded``: ids a folder's rows are not read for (a layer a re-index version inherits
+    holds the features of images that changed since: ``retrieval/local_feature_cache.py``).
     """
 
     def __init__(
         self,
         directory: str | Sequence[str],
         *,
+        excluded: Mapping[str, Set[str]] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         threads: int = FETCH_THREADS,
     ):
@@ -345,6 +349,7 @@ class LocalFeatureStore:
         self._where: dict[str, tuple[str, str, int]] = {}
         self.model: dict[str, Any] | None = None  # no folder at all: an empty store
         self._lock = Lock()
+        self._excluded = dict(excluded or {})
         self._add(self.directories)
         self._cache: OrderedDict[str, tuple[LocalFeatures | None, int]] = OrderedDict()
         self._cached_bytes = 0
@@ -367,8 +372,13 @@ class LocalFeatureStore:
         with self._lock:
             self._manifests.update(manifests_)
             for key, manifest in manifests_.items():
+                skip = self._excluded.get(key[0], ())
                 self._where.update(
-                    {image_id: (*key, i) for i, image_id in enumerate(manifest["ids"])}
+                    {
+                        image_id: (*key, i)
+                        for i, image_id in enumerate(manifest["ids"])
+                        if image_id not in skip
+                    }
                 )
             if self.model is None and manifests_:
                 self.model = next(iter(manifests_.values()))["model"]
@@ -445,8 +455,8 @@ class LocalFeatureStore:
         found = self._read(where)
         with self._lock:
             for image_id, features in found.items():
-                if self._where.get(image_id, where)[:2] != where[:2]:
-                    continue  # shadowed by a later layer's row for the same id
+                if self._where.get(image_id, ("", "", 0))[:2] != where[:2]:
+                    continue  # shadowed by a later layer's row for the same id, or excluded
                 size = _nbytes(features)
                 if size > self._cache_bytes or image_id in self._cache:
                     continue
