@@ -467,7 +467,7 @@ def _run_index_job(
         timings=timings,
         summaries=summaries,
         local_features=local_layers,
-        first_use=computed_on_first_use,
+        computed_on_first_use=computed_on_first_use,
         extra=extra,
     )
 
@@ -505,24 +505,26 @@ def write_bundle(
     timings: dict[str, float],
     summaries: dict[str, Any] | None = None,
     local_features: Sequence[str] = (),
-    first_use: FirstUse | None = None,
+    computed_on_first_use: FirstUse | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Commit the job: ``bundle.json``, what search needs to answer like the job was built to
     (paths relative to the bundle's folder, or absolute URIs for data it shares with other
-    versions). ``first_use``: where corpus images' local features are computed on first use
-    (``retrieval/local_feature_cache.py``), when they are, and the layers it inherits."""
+    versions). ``computed_on_first_use``: where corpus images' local features are computed on
+    first use (``retrieval/local_feature_cache.py``), when they are, and the layers it
+    inherits."""
     layout = JobLayout(output)
     layers = [_relative(output, folder) for folder in local_features]
     local_model = (extract_summary.get("local_features") or {}).get("model")
-    first_use_root = first_use.root if first_use is not None else None
+    where = computed_on_first_use
+    first_use_root = where.root if where is not None else None
     inherited = None
-    if first_use is not None:
+    if where is not None:
         local_model = local_info_for(config.local)
-        if first_use.inherited:
+        if where.inherited:
             inherited = INHERITED_FILE
             local_feature_cache.write_inherited(
-                storage.join(output, INHERITED_FILE), first_use.inherited
+                storage.join(output, INHERITED_FILE), where.inherited
             )
     record = {
         "kind": BUNDLE_KIND,
@@ -618,10 +620,10 @@ class Bundle:
 
     def local_feature_store(self) -> LocalFeatureStore:
         """The corpus's local features as search reads them (the layers there are now)."""
-        first_use = self.first_use
-        if first_use is None:
+        where = self.first_use
+        if where is None:
             return LocalFeatureStore(self.extracted_local_features)
-        return first_use.store()
+        return where.store()
 
     @property
     def verifies(self) -> bool:
@@ -639,9 +641,9 @@ class Bundle:
         first use, the layers there are so far (possibly none), inherited ones first. Read
         them through :meth:`local_feature_store`: an inherited layer is read less the images
         that changed since."""
-        first_use = self.first_use
-        if first_use is not None:
-            return first_use.folders()
+        where = self.first_use
+        if where is not None:
+            return where.folders()
         return self.extracted_local_features or None
 
     @property
@@ -715,15 +717,15 @@ class BundleSearch:
         """First use: compute the local features of ``ids`` the bundle has none of yet, then
         read them from this searcher's store. Nothing to do for a bundle that made all of
         them up front."""
-        first_use = self.bundle.first_use
-        if first_use is None or self.store is None:
+        where = self.bundle.first_use
+        if where is None or self.store is None:
             return {}
         record = stages.complete_local_features(
-            first_use, self.bundle.descriptors, ids, self.config, label=label
+            where, self.bundle.descriptors, ids, self.config, label=label
         )
         # Also layers another run finished since this store was opened: what the request
         # counted as there must be readable here.
-        first_use.refresh(self.store)
+        where.refresh(self.store)
         return record
 
     def check_queries(self, query_models: Sequence[dict[str, Any]]) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -49,6 +50,7 @@ from retrieval.shards.local_feature_shards import LocalFeatureStore
 log = logging.getLogger(__name__)
 
 LAYER_PREFIX = "first-use-"
+LIST_THREADS = 16  # layers whose manifests are read at once
 UNAVAILABLE = (
     "unavailable: the image's URL carries a secret that only the run which listed it could "
     "open, so its local features cannot be computed later; index with --local-at extract to "
@@ -60,16 +62,30 @@ def finished_layers(root: str, *, skip: Collection[str] = ()) -> list[tuple[str,
     """(folder, its shard manifests) of each finished layer under ``root`` (every planned shard
     committed), in name order, but those in ``skip`` (known finished: their manifests are not
     read again). A layer still being written is left out: the request that made it finishes
-    it."""
-    found = []
-    for folder in storage.list_folders(root):
-        if not folder.rstrip("/").rsplit("/", 1)[-1].startswith(LAYER_PREFIX) or folder in skip:
-            continue
+    it. Layers are listed :data:`LIST_THREADS` at a time (a root holds one per request)."""
+    candidates = [
+        folder
+        for folder in storage.list_folders(root)
+        if folder.rstrip("/").rsplit("/", 1)[-1].startswith(LAYER_PREFIX) and folder not in skip
+    ]
+    return [
+        (f, listed) for f, listed in zip(candidates, _listed(candidates), strict=True) if listed
+    ]
+
+
+def _listed(folders: Sequence[str]) -> list[list[dict] | None]:
+    """Each folder's committed shard manifests (None: not finished, or no layer at all)."""
+
+    def listed(folder: str) -> list[dict] | None:
         try:
-            found.append((folder, local_feature_shards.list_shards(folder)))
+            return local_feature_shards.list_shards(folder)
         except (PlanError, FileNotFoundError):
-            continue
-    return found
+            return None
+
+    if len(folders) < 2:
+        return [listed(folder) for folder in folders]
+    with ThreadPoolExecutor(min(LIST_THREADS, len(folders)), "list-layers") as pool:
+        return list(pool.map(listed, folders))
 
 
 def layers(root: str, *, skip: Collection[str] = ()) -> list[str]:
@@ -132,7 +148,13 @@ class FirstUse:
         """(ids with features, ids that failed for good) over every layer."""
         have: set[str] = set()
         failed: set[str] = set()
-        parts = [(local_feature_shards.list_shards(i.folder), i.excluded) for i in self.inherited]
+        inherited = list(
+            zip(self.inherited, _listed([i.folder for i in self.inherited]), strict=True)
+        )
+        missing = [layer.folder for layer, listed in inherited if not listed]
+        if missing:  # what a store would then fail to open: say so here, not later
+            raise FileNotFoundError(f"inherited local-feature layer(s) unreadable: {missing}")
+        parts = [(listed or [], layer.excluded) for layer, listed in inherited]
         parts += [(listed, frozenset()) for _, listed in finished_layers(self.root)]
         for manifests, excluded in parts:
             more_have, more_failed = known_ids(manifests, excluded)

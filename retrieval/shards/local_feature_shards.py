@@ -350,17 +350,23 @@ class LocalFeatureStore:
         self.model: dict[str, Any] | None = None  # no folder at all: an empty store
         self._lock = Lock()
         self._excluded = dict(excluded or {})
+        self._threads = threads
         self._add(self.directories)
         self._cache: OrderedDict[str, tuple[LocalFeatures | None, int]] = OrderedDict()
         self._cached_bytes = 0
         self._cache_bytes = cache_bytes
-        self._threads = threads
         self.bytes_read = 0
 
     def _add(self, folders: Sequence[str]) -> None:
         manifests_: dict[tuple[str, str], dict[str, Any]] = {}
-        for folder in folders:
-            listed = list_shards(folder)
+        # A first-use store has a layer per request: their manifests are read at once (an
+        # object store answers in parallel what it answers slowly in series).
+        if len(folders) > 1 and self._threads > 1:
+            with ThreadPoolExecutor(min(self._threads, len(folders)), "list-layers") as pool:
+                all_listed = list(pool.map(list_shards, folders))
+        else:
+            all_listed = [list_shards(folder) for folder in folders]
+        for folder, listed in zip(folders, all_listed, strict=True):
             if not listed:
                 raise FileNotFoundError(f"no committed local-feature shards under {folder}")
             manifests_.update({(folder, m["shard"]): m for m in listed})
