@@ -68,19 +68,21 @@ def finished_layers(root: str, *, skip: Collection[str] = ()) -> list[tuple[str,
         for folder in storage.list_folders(root)
         if folder.rstrip("/").rsplit("/", 1)[-1].startswith(LAYER_PREFIX) and folder not in skip
     ]
-    return [
-        (f, listed) for f, listed in zip(candidates, _listed(candidates), strict=True) if listed
-    ]
+    found = zip(candidates, _listed(candidates), strict=True)
+    return [(folder, listed) for folder, listed in found if isinstance(listed, list) and listed]
 
 
-def _listed(folders: Sequence[str]) -> list[list[dict] | None]:
-    """Each folder's committed shard manifests (None: not finished, or no layer at all)."""
+def _listed(
+    folders: Sequence[str], catch: tuple[type[Exception], ...] = (PlanError, FileNotFoundError)
+) -> list[list[dict] | Exception]:
+    """Each folder's committed shard manifests, or the exception of ``catch`` that says why
+    there are none (not finished, no layer at all)."""
 
-    def listed(folder: str) -> list[dict] | None:
+    def listed(folder: str) -> list[dict] | Exception:
         try:
             return local_feature_shards.list_shards(folder)
-        except (PlanError, FileNotFoundError):
-            return None
+        except catch as exc:
+            return exc
 
     if len(folders) < 2:
         return [listed(folder) for folder in folders]
@@ -151,10 +153,11 @@ class FirstUse:
         inherited = list(
             zip(self.inherited, _listed([i.folder for i in self.inherited]), strict=True)
         )
-        missing = [layer.folder for layer, listed in inherited if not listed]
-        if missing:  # what a store would then fail to open: say so here, not later
-            raise FileNotFoundError(f"inherited local-feature layer(s) unreadable: {missing}")
-        parts = [(listed or [], layer.excluded) for layer, listed in inherited]
+        parts: list[tuple[list[dict], frozenset[str]]] = []
+        for layer, listed in inherited:
+            if not isinstance(listed, list):  # a store would fail to open it: say so now
+                raise FileNotFoundError(f"{layer.folder}: inherited layer unreadable: {listed}")
+            parts.append((listed, layer.excluded))
         parts += [(listed, frozenset()) for _, listed in finished_layers(self.root)]
         for manifests, excluded in parts:
             more_have, more_failed = known_ids(manifests, excluded)
@@ -199,15 +202,17 @@ def carry_over(
     data folder, which pruning keeps while a version uses it) can be inherited; an unreadable
     one is left out, and its images get their features again on first use."""
     prefix = shared_under.rstrip("/") + "/"
-    kept: list[Inherited] = []
+    shared = []
     for layer in visible:
-        if not layer.folder.startswith(prefix):
+        if layer.folder.startswith(prefix):
+            shared.append(layer)
+        else:
             log.warning("%s: not under %s, so not inherited", layer.folder, shared_under)
-            continue
-        try:
-            manifests = local_feature_shards.list_shards(layer.folder)
-        except (PlanError, FileNotFoundError, ValueError) as exc:
-            log.warning("%s: not inherited (%s)", layer.folder, exc)
+    kept: list[Inherited] = []
+    found = _listed([layer.folder for layer in shared], (PlanError, FileNotFoundError, ValueError))
+    for layer, manifests in zip(shared, found, strict=True):
+        if not isinstance(manifests, list):
+            log.warning("%s: not inherited (%s)", layer.folder, manifests)
             continue
         ids = {i for m in manifests for i in (*m["ids"], *m.get("error_ids", ()))}
         excluded = frozenset((layer.excluded | stale) & ids)

@@ -104,6 +104,25 @@ def test_inherited_layers_are_read_less_what_they_exclude(upfront, tmp_path):
     assert same_features(store.get(ids[0]), LocalFeatureStore(layer).get(ids[0]))
 
 
+def test_carry_over_keeps_only_readable_shared_layers_that_live_images_read(upfront, tmp_path):
+    _, out = upfront
+    ids, _, _ = descriptor_shards.read_all(str(out / "descriptors"))
+    data = tmp_path / "data"
+    where = FirstUse(str(data / "v1" / "local_features"))
+    stages.complete_local_features(where, str(out / "descriptors"), ids, LOCAL, label="t")
+    (layer,) = local_feature_cache.layers(where.root)
+    visible = [
+        Inherited(str(tmp_path / "elsewhere" / "first-use-0")),  # pruning would not keep it
+        Inherited(str(data / "v0" / "local_features" / "first-use-gone")),  # unreadable
+        Inherited(layer, frozenset({ids[0]})),
+    ]
+    kept = local_feature_cache.carry_over(visible, {ids[1]}, set(ids), shared_under=str(data))
+    assert kept == [Inherited(layer, frozenset({ids[0], ids[1]}))]
+    # A layer whose images all changed or left is not inherited.
+    assert not local_feature_cache.carry_over(kept, set(ids), set(ids), shared_under=str(data))
+    assert not local_feature_cache.carry_over(kept, set(), set(), shared_under=str(data))
+
+
 def test_an_image_that_fails_for_good_is_not_asked_for_again(upfront, tmp_path):
     folder, _ = upfront
     corpus = tmp_path / "corpus"
