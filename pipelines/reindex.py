@@ -310,6 +310,7 @@ def _reindex(
             layers.append(batch_local)
         layers = _layers_in_use(layers, live_ids)
     computed_on_first_use = None
+    compacted: dict[str, Any] | None = None
     if local_info is not None and not upfront_local:
         inherited: list[local_feature_cache.Inherited] = []
         if live_dir and compare_previous:
@@ -324,7 +325,15 @@ def _reindex(
         computed_on_first_use = local_feature_cache.FirstUse(
             storage.join(batch, FOLDERS["local_features"]), tuple(inherited)
         )
-        layers = [layer.folder for layer in inherited]
+        if len(inherited) > local_feature_cache.MAX_INHERITED_LAYERS:
+            # A layer per search request, version after version: copied into one of this
+            # version's own, so a store opens one folder instead of hundreds.
+            t_compact = time.perf_counter()
+            computed_on_first_use, compacted = local_feature_cache.compact(
+                computed_on_first_use, local_info, config.shard_size
+            )
+            timings["compact_s"] = time.perf_counter() - t_compact
+        layers = [layer.folder for layer in computed_on_first_use.inherited]
     timings["compose_s"] = time.perf_counter() - t
     composed = {
         "model": info,
@@ -428,6 +437,7 @@ def _reindex(
         whitening=whitening_record or None,
         whitening_reason=whitening_why if learns(config) else "learning is off",
         local_feature_layers=layers,
+        local_features_compacted=compacted,
         corpus=corpus,
     )
     write_manifest(

@@ -20,7 +20,8 @@ read (its own and those it inherited), each less the images whose bytes changed,
 came back since (:func:`carry_over`), listed in the version's ``local_features_inherited.parquet``
 (:class:`FirstUse`). Its own layers go under ``ROOT/data/<version>/local_features``, where the
 versions that inherit them keep them from pruning (``version.json``'s ``uses``). A layer no live
-image reads any more is not inherited.
+image reads any more is not inherited; past :data:`MAX_INHERITED_LAYERS` a version copies them
+into one layer of its own (:func:`compact`).
 
 Images are read again from the corpus's own run plans (the descriptor folder's, and for a
 re-index version the batch folders its shards come from). An input whose URL carried a secret
@@ -45,6 +46,7 @@ from retrieval.image_refs import ImageRef
 from retrieval.plan import PlanError
 from retrieval.redaction import SealError, unseal
 from retrieval.shards import descriptor_shards, local_feature_shards
+from retrieval.shards.descriptor_shards import ErrorRow
 from retrieval.shards.local_feature_shards import LocalFeatureStore
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,96 @@ def carry_over(
         if (ids - excluded) & live:
             kept.append(Inherited(layer.folder, excluded))
     return kept
+
+
+# Inherited layers a re-index version reads as they are; beyond, it compacts them (compact()).
+MAX_INHERITED_LAYERS = 64
+COMPACT_THREADS = 16  # images read at once while compacting
+
+
+def compact(first_use: FirstUse, local_info: dict, shard_size: int) -> tuple[FirstUse, dict]:
+    """``first_use`` with its inherited layers copied into one layer under its own root, so a
+    store opens one folder where it opened many (a layer per search request, inherited version
+    after version). Each image's stored bytes are copied as they are (checked against their
+    layer's manifest as they are read, never computed again); what a layer excludes is left
+    out, a later layer's copy of an image wins, and the images that failed for good keep their
+    error rows (so they are not asked for again). Returns the new view and what was copied.
+    Resumable: a compaction interrupted and run again keeps the shards it committed."""
+    where: dict[str, tuple[str, dict, int]] = {}  # id -> (layer, manifest, position)
+    failed: dict[str, tuple[str, dict]] = {}  # id -> (layer, manifest) of its error row
+    inherited, kept = [], []
+    listed = _listed([layer.folder for layer in first_use.inherited])
+    for layer, manifests in zip(first_use.inherited, listed, strict=True):
+        if not isinstance(manifests, list):
+            raise FileNotFoundError(f"{layer.folder}: inherited layer unreadable: {manifests}")
+        if any(m.get("format") != local_feature_shards.BATCH_PER_IMAGE for m in manifests):
+            kept.append(layer)  # shards of the older layout, read whole: inherited as they are
+            continue
+        inherited.append(layer)
+        for manifest in manifests:
+            for position, image_id in enumerate(manifest["ids"]):
+                if image_id not in layer.excluded:
+                    where[image_id] = (layer.folder, manifest, position)
+                    failed.pop(image_id, None)
+            for_good = set(manifest.get("error_ids", ())) - set(manifest.get("retry_ids", ()))
+            for image_id in for_good - layer.excluded - where.keys():
+                failed[image_id] = (layer.folder, manifest)
+    ids = sorted(where.keys() | failed.keys())
+    record = {"layers": len(inherited), "images": len(where), "failed": len(failed), "bytes": 0}
+    if not ids:
+        return FirstUse(first_use.root, tuple(kept)), record
+    by_layer: dict[str, set[str]] = {}
+    for image_id in ids:
+        folder = where[image_id][0] if image_id in where else failed[image_id][0]
+        by_layer.setdefault(folder, set()).add(image_id)
+    refs: dict[str, ImageRef] = {}
+    for folder, wanted in by_layer.items():  # a layer's own plan names its images (as listed)
+        refs.update((ref.id, ref) for ref in plan.read_refs(folder, wanted))
+    missing = [i for i in ids if i not in refs]
+    if missing:
+        raise PlanError(
+            f"{len(missing)} image(s) to compact are in no layer's plan (e.g. {missing[0]})"
+        )
+    digest = hashlib.sha256(("compact\n" + "\n".join(ids)).encode()).hexdigest()[:16]
+    target = storage.join(first_use.root, LAYER_PREFIX + digest)
+    run_plan = plan.write_extraction_plan(
+        target,
+        iter_shards([refs[i] for i in ids], shard_size),
+        source=f"compaction of {len(inherited)} inherited local-feature layers",
+        shard_size=shard_size,
+    )
+    errors_of: dict[tuple[str, str], dict[str, ErrorRow]] = {}
+
+    def error_row(image_id: str) -> ErrorRow:
+        folder, manifest = failed[image_id]
+        key = (folder, manifest["shard"])
+        if key not in errors_of:
+            rows = local_feature_shards.read_errors(folder, manifest)
+            errors_of[key] = {row.id: row for row in rows}
+        return errors_of[key][image_id]
+
+    def stored(image_id: str) -> pa.RecordBatch:
+        folder, manifest, position = where[image_id]
+        return local_feature_shards.read_image_batch(folder, manifest, position)
+
+    with ThreadPoolExecutor(COMPACT_THREADS, "compact") as pool:
+        for shard in run_plan.shards:
+            if local_feature_shards.committed_manifest(target, shard, local_info) is not None:
+                continue
+            spec = plan.read_shard_spec(target, shard.shard_id)
+            have = [ref.id for ref in spec.refs if ref.id in where]
+            batches = list(pool.map(stored, have))
+            errors = [error_row(ref.id) for ref in spec.refs if ref.id not in where]
+            schema = local_feature_shards.file_schema(where[have[0]][1]) if have else None
+            table = (
+                pa.Table.from_batches(batches, schema=schema)
+                if schema is not None
+                else local_feature_shards.empty_table(local_info)
+            )
+            manifest = local_feature_shards.write_table(target, spec, table, errors, local_info)
+            record["bytes"] += manifest["files"]["data"]["bytes"]
+    record["layer"] = target
+    return FirstUse(first_use.root, tuple(kept)), record
 
 
 def corpus_refs(descriptors: str, ids: Iterable[str]) -> dict[str, ImageRef]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -121,6 +122,55 @@ def test_carry_over_keeps_only_readable_shared_layers_that_live_images_read(upfr
     # A layer whose images all changed or left is not inherited.
     assert not local_feature_cache.carry_over(kept, set(ids), set(ids), shared_under=str(data))
     assert not local_feature_cache.carry_over(kept, set(), set(), shared_under=str(data))
+
+
+def test_compaction_copies_inherited_layers_into_one(upfront, tmp_path):
+    """Many inherited layers become one layer of the version's own: each image's stored bytes
+    as they were (less what a layer excludes), failures kept as failures, resumable, and a
+    damaged source is refused, not copied."""
+    from retrieval.checksums import ChecksumMismatchError
+    from retrieval.local_features.extractor import local_info_for
+    from retrieval.shards import local_feature_shards
+
+    folder, _ = upfront
+    corpus = tmp_path / "corpus"
+    shutil.copytree(folder, corpus)
+    descriptors = str(tmp_path / "descriptors")
+    stages.extract(str(corpus), descriptors, LOCAL)
+    ids, uris, _ = descriptor_shards.read_all(descriptors)
+    storage.write_bytes(uris[0], b"\xff\xd8 no longer a photo")  # fails for good
+    v1 = FirstUse(str(tmp_path / "data" / "v1" / "local_features"))
+    for part in (ids[:2], ids[2:4], ids[4:]):
+        stages.complete_local_features(v1, descriptors, part, LOCAL, label="t")
+    layers = local_feature_cache.layers(v1.root)
+    assert len(layers) == 3
+    changed = frozenset({ids[-1]})  # changed since: read from no inherited layer
+    inherited = tuple(Inherited(layer, changed) for layer in layers)
+    v2 = FirstUse(str(tmp_path / "data" / "v2" / "local_features"), inherited)
+    before = v2.store()
+    local_info = local_info_for(LOCAL.local)
+    compacted, record = local_feature_cache.compact(v2, local_info, LOCAL.shard_size)
+    assert compacted.inherited == () and len(local_feature_cache.layers(v2.root)) == 1
+    assert (record["layers"], record["images"], record["failed"]) == (3, len(ids) - 2, 1)
+    after = compacted.store()
+    assert len(after) == len(before) == len(ids) - 2 and ids[-1] not in after
+    for image_id in ids[1:-1]:
+        assert same_features(after.get(image_id), before.get(image_id)), image_id
+    have, failed = compacted.known()
+    assert failed == {ids[0]} and ids[-1] not in have  # not asked for again; asked for again
+    # Interrupted and run again: the committed shards are kept, the same layer comes back.
+    again, _ = local_feature_cache.compact(v2, local_info, LOCAL.shard_size)
+    assert local_feature_cache.layers(again.root) == local_feature_cache.layers(v2.root)
+    # A source whose bytes no longer match its manifest stops the compaction.
+    (manifest,) = local_feature_shards.list_shards(layers[1])
+    arrow = Path(layers[1]) / f"{manifest['shard']}.arrow"
+    start, end, _ = manifest["batches"][0]
+    data = bytearray(arrow.read_bytes())
+    data[(start + end) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    v3 = FirstUse(str(tmp_path / "data" / "v3" / "local_features"), inherited)
+    with pytest.raises(ChecksumMismatchError):
+        local_feature_cache.compact(v3, local_info, LOCAL.shard_size)
 
 
 def test_an_image_that_fails_for_good_is_not_asked_for_again(upfront, tmp_path):

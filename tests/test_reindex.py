@@ -173,7 +173,7 @@ def test_reindex_first_use_computes_local_features_in_each_version(tmp_path: Pat
     assert pq.read_table(out / "results.parquet").num_rows == 13 * 5
 
 
-def test_reindex_first_use_inherits_what_did_not_change(tmp_path: Path, config):
+def test_reindex_first_use_inherits_what_did_not_change(tmp_path: Path, config, monkeypatch):
     """A version reads the local features earlier versions computed for images whose bytes
     did not change, never those of a changed, deleted or re-added image, and keeps the layers
     it reads when the versions that made them are pruned."""
@@ -256,6 +256,24 @@ def test_reindex_first_use_inherits_what_did_not_change(tmp_path: Path, config):
     assert fourth["extracted"] == 0
     manifest = json.loads((root / "versions" / "v000004" / "version.json").read_text())
     assert "v000004" in manifest["uses"]
+
+    # Past MAX_INHERITED_LAYERS a version copies the layers it inherits into one of its own.
+    import retrieval.local_feature_cache as cache
+
+    readable = Bundle.read(str(root / "versions" / "v000004")).local_feature_store()
+    monkeypatch.setattr(cache, "MAX_INHERITED_LAYERS", 0)
+    fifth = reindex(str(corpus), str(root), first_use, keep=1)
+    assert fifth["local_features_compacted"]["images"] == len(readable) == 13
+    latest = Bundle.read(str(root / "versions" / "v000005"))
+    assert latest.first_use is not None and latest.first_use.inherited == ()
+    assert len(layers(latest.first_use.root)) == 1
+    store = latest.local_feature_store()
+    assert len(store) == 13
+    for image_id in ("img002.png", "img003.png", "img005.png", "img100.png"):
+        np.testing.assert_array_equal(
+            store.get(image_id).descriptors, readable.get(image_id).descriptors
+        )
+    assert versions.versions(str(root)) == ["v000005"]  # the older layers may go now
 
 
 def test_old_versions_are_pruned_and_never_the_live_one(tmp_path: Path, config):

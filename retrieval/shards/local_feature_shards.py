@@ -123,25 +123,49 @@ def write_shard(
     image; the manifest records each image's byte range in it and the range's SHA-256, so a
     reader fetches (and checks) one image's bytes with one ranged read (see the module doc).
     """
+    order = {ref.id: i for i, ref in enumerate(spec.refs)}
+    if any(r.id not in order for r in rows):
+        raise RuntimeError(f"{spec.shard_id}: local features of an image it does not plan")
+    rows = sorted(rows, key=lambda r: order[r.id])
+    dim, dtype = int(local_info["dim"]), local_info["config"]["dtype"]
+    table = local_feature_table(rows, local_info["id"], dim, dtype)
+    extract_s = round(sum(r.seconds for r in rows), 4)
+    return write_table(directory, spec, table, errors, local_info, extract_s=extract_s)
+
+
+def write_table(
+    directory: str,
+    spec: ShardSpec,
+    table: pa.Table,
+    errors: Sequence[ErrorRow],
+    local_info: dict[str, Any],
+    *,
+    extract_s: float = 0.0,
+) -> dict[str, Any]:
+    """:func:`write_shard` for features already in the file's schema (one row per image: a
+    compaction copies stored images as they are). Rows and errors are put in planned order."""
     planned = [r.id for r in spec.refs]
     order = {ref_id: i for i, ref_id in enumerate(planned)}
-    produced = [r.id for r in rows] + [e.id for e in errors]
+    ids = table.column("id").to_pylist()
+    produced = ids + [e.id for e in errors]
     if sorted(produced) != sorted(planned):
         raise RuntimeError(
             f"{spec.shard_id}: local-feature accounting mismatch: {len(planned)} inputs, "
-            f"{len(rows)} rows + {len(errors)} errors"
+            f"{len(ids)} rows + {len(errors)} errors"
         )
-    rows = sorted(rows, key=lambda r: order[r.id])
+    positions = sorted(range(len(ids)), key=lambda i: order[ids[i]])
+    table = table.take(pa.array(positions, pa.int64()))
     errors = sorted(errors, key=lambda e: order[e.id])
-    dim, dtype = int(local_info["dim"]), local_info["config"]["dtype"]
+    dim = int(local_info["dim"])
     data_path, errors_path = (
         features_uri(directory, spec.shard_id),
         errors_uri(directory, spec.shard_id),
     )
-    data, spans = image_batches_file(local_feature_table(rows, local_info["id"], dim, dtype))
+    data, spans = image_batches_file(table)
     storage.write_bytes(data_path, data)
     error_data = storage.write_parquet(errors_path, error_table(errors))
-    features = sum(len(r.features) for r in rows)
+    features = sum(table.column("num_features").to_pylist())
+    ids = table.column("id").to_pylist()
     return manifests.commit(
         directory,
         spec.shard_id,
@@ -149,12 +173,12 @@ def write_shard(
             "kind": KIND,
             "input_digest": spec.input_digest,
             "inputs": len(planned),
-            "rows": len(rows),
+            "rows": len(ids),
             "errors": len(errors),
             "features": features,
             "dim": dim,
-            "extract_s": round(sum(r.seconds for r in rows), 4),
-            "ids": [r.id for r in rows],  # lets a store find an image's shard from manifests
+            "extract_s": extract_s,
+            "ids": ids,  # lets a store find an image's shard from manifests
             # Which inputs failed, and which of those a later run should try again (a read
             # that timed out): what first-use computation (retrieval/local_feature_cache.py)
             # must not ask for again, read from manifests alone.
@@ -164,7 +188,7 @@ def write_shard(
             # Per image (in ``ids`` order): [first byte, end byte, SHA-256 of those bytes].
             "batches": [[a, b, storage.sha256_bytes(data[a:b])] for a, b in spans],
             "files": {
-                "data": manifests.file_entry(data_path, data, len(rows)),
+                "data": manifests.file_entry(data_path, data, len(ids)),
                 "errors": manifests.file_entry(errors_path, error_data, len(errors)),
             },
             "model": local_info,
@@ -268,6 +292,15 @@ def read_image(
 ) -> tuple[str, LocalFeatures, int]:
     """(id, features, bytes read) of the ``position``-th image of a committed shard: one ranged
     read of that image's bytes, checked against the manifest's SHA-256 of them."""
+    batch = read_image_batch(directory, manifest, position)
+    ((image_id, features),) = _features(batch, int(manifest["dim"])).items()
+    start, end, _ = manifest["batches"][position]
+    return image_id, features, int(end) - int(start)
+
+
+def read_image_batch(directory: str, manifest: dict[str, Any], position: int) -> pa.RecordBatch:
+    """The ``position``-th image of a committed shard as stored (its one-row record batch), by
+    one ranged read checked against the manifest's SHA-256 of those bytes."""
     start, end, expected = manifest["batches"][position]
     uri = data_file_uri(directory, manifest)
     data = storage.read_range(uri, int(start), int(end))
@@ -276,15 +309,20 @@ def read_image(
             f"{uri}: bytes {start}-{end} ({manifest['ids'][position]}) do not match their "
             f"checksum in the manifest (altered file); {checksums.REEXTRACT}"
         )
-    ((image_id, features),) = _features(
-        decode_image_batch(data, file_schema(manifest)), int(manifest["dim"])
-    ).items()
+    batch = decode_image_batch(data, file_schema(manifest))
+    image_id = batch.column("id")[0].as_py()
     if image_id != manifest["ids"][position]:
         raise checksums.ChecksumMismatchError(
             f"{uri}: bytes {start}-{end} hold {image_id!r}, the manifest says "
             f"{manifest['ids'][position]!r}"
         )
-    return image_id, features, len(data)
+    return batch
+
+
+def empty_table(local_info: dict[str, Any]) -> pa.Table:
+    """A shard's features table with no image (every planned input an error row)."""
+    dim, dtype = int(local_info["dim"]), local_info["config"]["dtype"]
+    return local_feature_table([], local_info["id"], dim, dtype)
 
 
 def read_errors(directory: str, manifest: dict[str, Any]) -> list[ErrorRow]:
