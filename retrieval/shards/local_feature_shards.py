@@ -125,7 +125,10 @@ def write_shard(
     """
     order = {ref.id: i for i, ref in enumerate(spec.refs)}
     if any(r.id not in order for r in rows):
-        raise RuntimeError(f"{spec.shard_id}: local features of an image it does not plan")
+        raise RuntimeError(
+            f"{spec.shard_id}: local-feature accounting mismatch: a row for an image it does "
+            "not plan"
+        )
     rows = sorted(rows, key=lambda r: order[r.id])
     dim, dtype = int(local_info["dim"]), local_info["config"]["dtype"]
     table = local_feature_table(rows, local_info["id"], dim, dtype)
