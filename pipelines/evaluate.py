@@ -264,22 +264,22 @@ def complete_for_rows(
     benchmark: Benchmark,
     queries_by_id: dict[str, np.ndarray],
     whitened_by_id: dict[str, np.ndarray],
-    rows: Sequence[Variant],
+    rows: Sequence[tuple[Variant, SearchableIndex]],
     queries_in_corpus: bool,
 ) -> dict[str, Any]:
     """First use, before the report's searches: the local features of every image the default
-    row and the re-ranked variant rows will verify (each row's own shortlists), and of the
-    queries when they are corpus images, computed in one request on the runner's workers."""
+    row and the re-ranked variant rows will verify (each row's own shortlists, on the index
+    that row is scored on), and of the queries when they are corpus images, computed in one
+    request on the runner's workers."""
     present = sorted(q for q in {q.id for q in benchmark.queries} if q in queries_by_id)
     if not present:
         return {}
     raw = np.stack([queries_by_id[q] for q in present])
     k = min(searcher.index.ntotal, MAX_RANKING)
     wanted = searcher.shortlisted(present, raw, k)
-    for variant in rows:
+    for variant, index in rows:
         if variant.rerank is None or variant.rerank.verification is None:
             continue
-        index = load_index(variant.index_dir, nprobe=searcher.config.nprobe)
         by_id = whitened_by_id if variant.whitened else queries_by_id
         vectors = np.stack([by_id[q] for q in present])
         wanted |= shortlisted_ids(
@@ -382,6 +382,12 @@ def evaluate_benchmark(
             )
             rows.append(Variant("global+pq", pq_dir))
     rows = [r for r in rows if r.name != default_name]  # the default row is scored first
+    # Each index the variants use, loaded once: first use asks for the rows' shortlists on the
+    # index each is then scored on.
+    loaded = {
+        d: load_index(d, nprobe=config.nprobe) for d in dict.fromkeys(r.index_dir for r in rows)
+    }
+    indexed_rows = [(r, loaded[r.index_dir]) for r in rows]
 
     store = searcher.store
     query_store = None
@@ -398,7 +404,12 @@ def evaluate_benchmark(
     if bundle.first_use_root is not None and store is not None:
         with _timed(timings, "local_features_first_use_s"):
             first_use = complete_for_rows(
-                searcher, benchmark, queries_by_id, whitened_by_id, rows, query_local is None
+                searcher,
+                benchmark,
+                queries_by_id,
+                whitened_by_id,
+                indexed_rows,
+                query_local is None,
             )
 
     def score(name: str, index: SearchableIndex, rankings, rerank_stats, search_s, expansion, rr):
@@ -452,8 +463,7 @@ def evaluate_benchmark(
             searcher.config.expansion,
             rerank if query_store is not None else None,
         )
-        for variant in rows:
-            index = load_index(variant.index_dir, nprobe=config.nprobe)
+        for variant, index in indexed_rows:
             vectors_for_queries = whitened_by_id if variant.whitened else queries_by_id
             row_start = time.perf_counter()
             rerank_stats = None

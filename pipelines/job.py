@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -607,10 +608,11 @@ class Bundle:
         all extracted up front, or there are none)."""
         return self.path("local_features_first_use")
 
-    @property
+    @cached_property
     def first_use(self) -> FirstUse | None:
         """Where corpus images' local features are computed on first use, with the layers
-        this version inherits from earlier ones (a re-index)."""
+        this version inherits from earlier ones (a re-index; read once: a version's
+        inheritance never changes, the layers under its root are listed when asked)."""
         root = self.first_use_root
         if root is None:
             return None

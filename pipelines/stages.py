@@ -227,7 +227,8 @@ def complete_local_features(
                     already=len(read_plan(request.layer).shards) - len(pending),
                 )
             made = local_feature_shards.list_shards(request.layer)  # all committed, or raises
-        here = [m for m in made if m["shard"] in set(pending)]  # the rest: an earlier run's
+        mine = set(pending)
+        here = [m for m in made if m["shard"] in mine]  # the rest: an earlier run's
         record["computed"] = sum(m["rows"] for m in here)
         record["failed"] = sum(m["errors"] for m in here)
         record["layer"] = request.layer
